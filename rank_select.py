@@ -1,0 +1,105 @@
+"""Choosing the Kronecker rank of each layer from its spectrum σ_1 ≥ σ_2 ≥ … ≥ σ_K.
+
+Two rules and their combination, as SPEC.md fixes them (the paper leaves the details open):
+
+    energy:  r_energy = min { k : Σ_{i≤k} σ_i² ≥ τ·E },  E = ‖W‖_F²  (K + 1 if no k ≤ K reaches it)
+    elbow:   r_elbow  = first i with the largest gap δ_i = σ_i − σ_{i+1}, i = 1 … K−1  (1 if K = 1)
+    rank:    r = clip(min(r_energy, r_elbow), r_min, r_max)
+
+E is the whole energy of W. When only the top K values were computed (randomized KPSVD), pass
+E as `total`: Σ_{i≤K} σ_i² < E then, and the energy rule must not pretend the tail is empty.
+Energies are compared in float64, with a relative slack of 1e-12 so that a spectrum built to sit
+exactly on the threshold is not pushed past it by rounding.
+
+On heavy-tailed spectra (most pretrained weights) the largest gap is often the first one, so
+r_elbow = 1 decides; `explain_rank` keeps both candidates so the per-layer log can show that.
+"""
+from dataclasses import dataclass, asdict
+
+import torch
+
+_SLACK = 1e-12   # relative tolerance on the energy comparison, see above
+
+
+def _as_spectrum(sigma):
+    s = torch.as_tensor(sigma).detach().to("cpu", torch.float64)
+    if s.ndim != 1 or s.numel() == 0:
+        raise ValueError(f"expected a non-empty 1-D spectrum, got shape {tuple(s.shape)}")
+    if not torch.isfinite(s).all():
+        raise ValueError("spectrum has NaN or Inf values")
+    if (s < 0).any():
+        raise ValueError(f"singular values must be ≥ 0, got min {s.min().item():.3g}")
+    if (s[1:] > s[:-1]).any():
+        raise ValueError("singular values must be sorted in descending order")
+    return s
+
+
+def _total_energy(s, total):
+    captured = float((s * s).sum())
+    if total is None:
+        return captured
+    total = float(total)
+    if not total > 0 or total < captured * (1 - 1e-6):
+        raise ValueError(f"total energy {total:.6g} must be positive and at least the spectrum's "
+                         f"own energy Σσ² = {captured:.6g}")
+    return total
+
+
+def _check_tau(tau):
+    if not 0 < tau <= 1:
+        raise ValueError(f"energy threshold tau must lie in (0, 1], got {tau!r}")
+
+
+def energy_rank(sigma, tau, total=None):
+    """Smallest k with Σ_{i≤k} σ_i² ≥ τ·total; K + 1 if the given K values never reach it."""
+    _check_tau(tau)
+    s = _as_spectrum(sigma)
+    E = _total_energy(s, total)
+    cum = torch.cumsum(s * s, 0)                                       # float64
+    reached = (cum >= tau * E * (1 - _SLACK)).nonzero()
+    return int(reached[0]) + 1 if len(reached) else s.numel() + 1
+
+
+def elbow_rank(sigma):
+    """First i (1-based) with the largest gap σ_i − σ_{i+1}; 1 for a single value."""
+    s = _as_spectrum(sigma)
+    if s.numel() == 1:
+        return 1
+    gaps = s[:-1] - s[1:]
+    return int(torch.nonzero(gaps == gaps.max())[0]) + 1             # ties: the first
+
+
+@dataclass(frozen=True)
+class RankChoice:
+    """Why a layer got its rank: both candidates, the clipped result, and the energy it keeps."""
+    r: int
+    r_energy: int
+    r_elbow: int
+    energy_kept: float     # Σ_{i≤r} σ_i² / E, in [0, 1]
+    tau: float
+    r_min: int
+    r_max: int
+    n_values: int          # K, how many singular values the choice saw
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def explain_rank(sigma, tau=0.9, r_min=1, r_max=16, total=None):
+    """select_rank with its reasons: a RankChoice."""
+    _check_tau(tau)
+    if not (isinstance(r_min, int) and isinstance(r_max, int) and 1 <= r_min <= r_max):
+        raise ValueError(f"need integers 1 ≤ r_min ≤ r_max, got r_min={r_min!r}, r_max={r_max!r}")
+    s = _as_spectrum(sigma)
+    E = _total_energy(s, total)
+    r_e, r_b = energy_rank(s, tau, total=E), elbow_rank(s)
+    r = min(max(min(r_e, r_b), r_min), r_max)
+    kept = float((s[:r] ** 2).sum()) / E if E > 0 else 1.0
+    return RankChoice(r=r, r_energy=r_e, r_elbow=r_b, energy_kept=kept, tau=float(tau),
+                      r_min=r_min, r_max=r_max, n_values=s.numel())
+
+
+def select_rank(sigma, tau=0.9, r_min=1, r_max=16, total=None):
+    """r = clip(min(r_energy, r_elbow), r_min, r_max). With a truncated spectrum, give at least
+    r_max + 1 values and the full energy as `total`."""
+    return explain_rank(sigma, tau=tau, r_min=r_min, r_max=r_max, total=total).r
