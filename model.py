@@ -200,8 +200,10 @@ class Transformer(nn.Module):
             positions = (slots - cache.pad[:, None]).clamp(min=0)  # (B, T); padding sits at 0
             L = cache.max_len if torch.is_tensor(start) else start + T
             key = torch.arange(L, device=tokens.device)
-            # Causal, and no padding slots; a padding query sees itself, so no row is empty (SDPA
-            # would return NaN there, and NaN·0 would leak into real rows through the next layer's values).
+            # Causal, and no padding slots. A padding query sees itself, so no row is empty: some SDPA
+            # kernels return NaN for an empty row, and NaN·0 would reach real rows through the next
+            # layer's values. (Rotary is relative, so the per-row position shift changes nothing but
+            # rounding; it keeps each row's numbers those of its unpadded run.)
             mask = (key <= slots[:, None]) & ((key >= cache.pad[:, None, None]) | (key == slots[:, None]))
             mask = mask[:, None]                                   # (B, 1, T, L)
         cos, sin = rotary(positions, self.args.head_dim, self.args.rope_theta)
