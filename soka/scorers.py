@@ -151,22 +151,23 @@ _UNIT_WORDS = (
     "integers points digits edges students people children tickets teachers meals multiples "
     "handshakes games outfits times a.m. p.m."
 ).split()
-_UNIT = r"(?:\\(?:text|mbox|textrm|mathrm|textnormal)\s*\{\s*[A-Za-z][A-Za-z .]*\}|" + \
-        "|".join(re.escape(w) for w in sorted(_UNIT_WORDS, key=len, reverse=True)) + r")"
+# A unit is a \text{words} group after anything, or a known word not glued to letters before it
+# ("5 cm", "5cm"; not the "day" of "Monday").
+_UNIT = r"(?:\\(?:text|mbox|textrm|mathrm|textnormal)\s*\{\s*[A-Za-z][A-Za-z .]*\}|(?<![A-Za-z\\])(?:" + \
+        "|".join(re.escape(w) for w in sorted(_UNIT_WORDS, key=len, reverse=True)) + r"))"
 
 
 def math_normalize(s):
-    r"""The Hendrycks steps (their `strip_string`), plus unit words, \text{} and thousands commas.
+    r"""The Hendrycks steps (their `strip_string`), plus unit words, \text{}, thousands commas.
 
-    Spaces, \left \right, \! and `$` go; tfrac/dfrac become frac; degrees (^\circ), \% and a
-    trailing unit (`\text{ cm}^2`, `inches`) are removed when something precedes them;
-    \text{X} becomes X; `x = 5` becomes 5 when the left side is at most two characters;
-    \frac12 -> \frac{1}{2}, \sqrt2 -> \sqrt{2}; `a/b` of integers -> \frac{a}{b}; `1,000` -> 1000;
-    `.5` -> 0.5; `(C)` -> C; a trailing period goes.
+    Spaces, \left, \right, \! and `$` go; tfrac/dfrac become frac; degrees (^\circ), \% and a
+    trailing unit (`\text{ cm}^2`, `inches`) go when something precedes them; \text{X} becomes X;
+    `x = 5` becomes 5 when the left side is at most two characters; \frac12 -> \frac{1}{2},
+    \sqrt2 -> \sqrt{2}; `a/b` of integers -> \frac{a}{b}; `1,000` -> 1000; `.5` -> 0.5;
+    `(C)` -> C; a trailing period goes. Unlike Hendrycks, `\\` (a row break) stays `\\`.
     """
     s = s.strip().replace("\n", " ").replace("\\!", "")
-    s = re.sub(r"\\[,;: ]", " ", s)
-    s = s.replace("\\\\", "\\")
+    s = re.sub(r"(?<!\\)\\[,;: ]", " ", s)  # thin spaces; not the row break "\\\\ "
     s = s.replace("tfrac", "frac").replace("dfrac", "frac").replace("cfrac", "frac")
     s = s.replace("\\left", "").replace("\\right", "").replace("\\displaystyle", "")
     s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°|\\degree", "", s)
@@ -227,6 +228,15 @@ def _split_top(s, sep=","):
     return parts
 
 
+def _matrix(s):
+    r"""Rows of cells of a \begin{pmatrix} ... \end{pmatrix} (or bmatrix, matrix); None otherwise."""
+    m = re.fullmatch(r"\\begin\{([pbv]?matrix)\}(.*)\\end\{\1\}", s)
+    if not m:
+        return None
+    body = re.sub(r"(\\\\)+$", "", m.group(2))  # a trailing row break ends no row
+    return [row.split("&") for row in body.split("\\\\")]
+
+
 def _structure(s):
     """(open, items, close) for a tuple, interval, set or bare list; None for a single value."""
     o, c, inner = "", "", s
@@ -266,6 +276,11 @@ def _equal(p, g, timeout):
         return True
     if not p or not g:
         return False
+    pm, gm = _matrix(p), _matrix(g)
+    if pm or gm:
+        return (pm is not None and gm is not None and len(pm) == len(gm)
+                and all(len(a) == len(b) and all(_equal(x, y, timeout) for x, y in zip(a, b))
+                        for a, b in zip(pm, gm)))
     pu, gu = _split_top(p, "\\cup"), _split_top(g, "\\cup")
     if len(pu) > 1 or len(gu) > 1:
         return len(pu) == len(gu) and all(_equal(a, b, timeout) for a, b in zip(pu, gu))
