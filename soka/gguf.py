@@ -349,4 +349,4 @@ def load_gguf(path):
                       f"vocabularies are built from GGUF metadata, so the tokenizer is None")
         return params, state_dict, None
     from soka.tokenizer import BPETokenizer
-    return params, state_dict, BPETokenizer.from_gguf(gf.metadata)
+    return params, state_dict, BPETokenizer.from_gguf(gf.metadata, source=str(gf.path))

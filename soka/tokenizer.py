@@ -194,7 +194,7 @@ class BPETokenizer:
         if md.get("tokenizer.ggml.model") != "gpt2":
             raise ValueError(f"{source}: tokenizer.ggml.model is {md.get('tokenizer.ggml.model')!r}, "
                              f"not byte-level BPE ('gpt2')")
-        pre = md.get("tokenizer.ggml.pre", "gpt2")
+        pre = md.get("tokenizer.ggml.pre", "gpt2")  # absent in old files: GGUF's GPT-2 default, as transformers
         if pre not in _PRE_TYPES:
             raise ValueError(f"{source}: pre-tokenizer {pre!r} is not implemented; known: {sorted(_PRE_TYPES)}")
         tokens = md["tokenizer.ggml.tokens"]
