@@ -9,7 +9,8 @@ pipe. Only that exact token counts as a pass: not the exit status (`sys.exit(0)`
 fail), not stdout (which the program may print to, or close).
 
 The child:
-  - is `python -E -B` in a new session (its own process group), killed as a group at the deadline;
+  - is `python -S -E -B -u` (given the parent's sys.path) in a new session, i.e. its own process
+    group, killed as a group at the deadline (or as soon as the token arrives);
   - runs in a fresh temporary directory (also its HOME and TMPDIR), removed afterwards;
   - has stdin on /dev/null, stdout and stderr captured to `output_limit` bytes (the rest drained
     and dropped), and an environment of PATH, HOME, TMPDIR, LANG and one-thread BLAS settings;
@@ -193,8 +194,8 @@ def run_program(code, tests, setup_code="", *, timeout=10.0, memory_mb=MEMORY_MB
         read_fd, write_fd = os.pipe()
         start = time.monotonic()
         try:
-            proc = subprocess.Popen([sys.executable, "-S", "-E", "-B", "-c", _RUNNER, str(write_fd)],
-                                    cwd=root, env=env, stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen([sys.executable, "-S", "-E", "-B", "-u", "-c", _RUNNER,
+                                     str(write_fd)], cwd=root, env=env, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     pass_fds=(write_fd,), start_new_session=True)
         finally:
