@@ -79,29 +79,26 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 def rotary(positions, head_dim, theta):
-    """cos and sin of the rotary angles pos · θ^(-2i/head_dim), i < head_dim/2: (B, T, 1, head_dim/2).
+    """e^{i·pos·θ^(-2j/head_dim)} for j < head_dim/2, as complex64 of shape (B, T, 1, head_dim/2).
 
     Computed from the positions on every call (cheap), so rows of one batch may sit at different
     positions (left padding) and nothing is allocated in __init__.
     """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     angles = positions[..., None].float() * inv_freq        # (B, T, head_dim/2)
-    return angles.cos()[:, :, None], angles.sin()[:, :, None]
+    return torch.polar(torch.ones_like(angles), angles)[:, :, None]
 
 
-def apply_rotary(x, cos, sin):
-    """Meta's interleaved convention: the pair (x[2i], x[2i+1]) is the complex number x[2i] + i·x[2i+1],
-    multiplied by e^{i·angle_i}. (HF checkpoints pair x[i] with x[i + head_dim/2]; their wq/wk rows
+def apply_rotary(x, freqs_cis):
+    """Meta's interleaved convention: the pair (x[2j], x[2j+1]) is the complex number x[2j] + i·x[2j+1],
+    multiplied by e^{i·angle_j}. (HF checkpoints pair x[j] with x[j + head_dim/2]; their wq/wk rows
     are permuted to match, and load_checkpoint undoes that.)"""
-    xf = x.float().unflatten(-1, (-1, 2))                   # (B, T, H, head_dim/2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)                       # (B, T, H, head_dim)
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))   # (B, T, H, head_dim/2) complex
+    return torch.view_as_real(xc * freqs_cis).flatten(-2).type_as(x)  # (B, T, H, head_dim)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,15 +115,15 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask=None, kv=None, slots=None):
+    def forward(self, x, freqs_cis, mask=None, kv=None, slots=None):
         """Without a cache (training): causal attention over x. With one: this call's keys and values
-        go to cache slots `slots` (T,), and the queries attend to the first L slots under `mask`
-        (B, 1, T, L), True = attend."""
+        go to cache slots `slots` (T,), and the queries attend to the first L slots under the additive
+        `mask` (B, 1, T, L): 0 = attend, -inf = not."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, freqs_cis), apply_rotary(k, freqs_cis)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if kv is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_rep > 1)
@@ -138,7 +135,7 @@ class Attention(nn.Module):
             # The n_rep query heads that share a key/value head become n_rep·T query rows of one
             # group, so the cache is read once and never repeated: head g·n_rep + r, token t -> row r·T + t.
             qg = q.reshape(B, self.n_kv_heads, self.n_rep * T, self.head_dim)
-            mg = mask.repeat(1, 1, self.n_rep, 1) if self.n_rep > 1 else mask  # (B, 1, n_rep·T, L)
+            mg = mask.repeat(1, 1, self.n_rep, 1) if self.n_rep > 1 and T > 1 else mask  # (B, 1, n_rep·T or 1, L)
             y = F.scaled_dot_product_attention(qg, k_cache[:, :, :L], v_cache[:, :, :L], attn_mask=mg)
             y = y.reshape(B, self.n_heads, T, self.head_dim)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
@@ -165,8 +162,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, mask=None, kv=None, slots=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, kv, slots)
+    def forward(self, x, freqs_cis, mask=None, kv=None, slots=None):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, mask, kv, slots)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -204,12 +201,14 @@ class Transformer(nn.Module):
             # kernels return NaN for an empty row, and NaN·0 would reach real rows through the next
             # layer's values. (Rotary is relative, so the per-row position shift changes nothing but
             # rounding; it keeps each row's numbers those of its unpadded run.)
-            mask = (key <= slots[:, None]) & ((key >= cache.pad[:, None, None]) | (key == slots[:, None]))
+            allowed = (key <= slots[:, None]) & ((key >= cache.pad[:, None, None]) | (key == slots[:, None]))
+            # additive, built once here rather than converted from bool in every layer's SDPA call
+            mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill_(~allowed, float("-inf"))
             mask = mask[:, None]                                   # (B, 1, T, L)
-        cos, sin = rotary(positions, self.args.head_dim, self.args.rope_theta)
+        freqs_cis = rotary(positions, self.args.head_dim, self.args.rope_theta)
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            h = layer(h, cos, sin, mask, kv, slots)
+            h = layer(h, freqs_cis, mask, kv, slots)
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)
