@@ -267,7 +267,8 @@ def _level(level):
 
 
 def _code(text):
-    return text.replace("\r\n", "\n").strip("\n")
+    """MBPP code uses \\r\\n (and a few lone \\r): plain newlines, no trailing blank space."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").lstrip("\n").rstrip()
 
 
 # --------------------------------------------------------------------------------------- prompts

