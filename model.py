@@ -418,8 +418,10 @@ def _build(args, state_dict, source, *, device, dtype):
     for k, shape in expected.items():
         if tuple(state_dict[k].shape) != shape:
             raise ValueError(f"{source}: {k} has shape {tuple(state_dict[k].shape)}, the config says {shape}")
-    for k in list(state_dict):   # one tensor at a time, so peak memory is one model plus one tensor
-        state_dict[k] = torch.as_tensor(state_dict[k]).to(device=device, dtype=dtype)
+    # One tensor at a time, so peak memory is one model plus one tensor; always a copy, so no weight
+    # stays backed by a memory-mapped file that could change or shrink under the model.
+    for k in list(state_dict):
+        state_dict[k] = torch.as_tensor(state_dict[k]).to(device=device, dtype=dtype, copy=True)
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model
 
