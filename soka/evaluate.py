@@ -68,6 +68,8 @@ def evaluate(model, tokenizer, task, examples, *, batch_size=16, max_new_tokens=
                                temperature=temperature, top_p=top_p, stop=stop,
                                seed=None if seed is None else seed + b0)
             for i, out in zip(rows, outs):
+                out = list(out)
+                out = out[:out.index(tokenizer.eos_id)] if tokenizer.eos_id in out else out
                 completions[i] = _trim(tokenizer.decode(out), stop)
             bar.update(len(rows))
     t1 = time.perf_counter()
@@ -91,7 +93,8 @@ def evaluate(model, tokenizer, task, examples, *, batch_size=16, max_new_tokens=
 
 
 def _trim(text, stop):
-    """Cut the completion at the first stop string (generate returns the ids that complete it)."""
+    """Cut the completion at the first stop string (generate returns the ids that complete it).
+    An EOS inside the ids was cut before decoding: decode() drops it, so its text cannot be found."""
     for s in stop:
         k = text.find(s)
         if k >= 0:

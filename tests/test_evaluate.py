@@ -1,0 +1,152 @@
+"""The evaluation runner: batching by length, scoring per task, the results file; with a fake
+generate function (known completions) and once with model.generate on a tiny random model."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from soka.evaluate import evaluate
+from soka.tasks import format_prompt, load_examples
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} absent")
+
+
+class ChatCharTokenizer:
+    """One id per character (offset 4); <|im_start|> and <|im_end|> are single ids, the latter eos."""
+    has_chat_template, add_bos, end_of_turn = True, False, "<|im_end|>"
+    bos_id, eos_id, pad_id, vocab_size = 1, 2, 2, 0x110000 + 4
+    SPECIAL = {"<|im_start|>": 3, "<|im_end|>": 2}
+
+    def encode(self, text, *, bos=None, eos=False):
+        ids = []
+        for piece in re.split(r"(<\|im_start\|>|<\|im_end\|>)", text):
+            ids += [self.SPECIAL[piece]] if piece in self.SPECIAL else [ord(c) + 4 for c in piece]
+        return ids + [self.eos_id] if eos else ids
+
+    def decode(self, ids):   # like the real ones: bos/eos/pad dropped, other specials kept
+        return "".join("<|im_start|>" if i == 3 else chr(i - 4) if i >= 4 else "" for i in ids)
+
+    def chat_prompt(self, user, *, system=None):
+        return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+class FakeGenerate:
+    """Answers each prompt with a fixed completion, and records how it was called."""
+
+    def __init__(self, tokenizer, answers):
+        self.tok, self.answers, self.calls = tokenizer, answers, []
+
+    def __call__(self, model, tokenizer, prompts, *, max_new_tokens, temperature, top_p, stop, seed):
+        self.calls.append({"lengths": [len(p) for p in prompts], "max_new_tokens": max_new_tokens,
+                           "temperature": temperature, "stop": stop, "seed": seed})
+        return [self.tok.encode(self.answers[self.tok.decode(p)]) for p in prompts]
+
+
+def _run(task, examples, completions, tmp_path, batch_size=4):
+    tok = ChatCharTokenizer()
+    answers = {tok.decode(tok.encode(format_prompt(task, ex, tok))): c
+               for ex, c in zip(examples, completions)}
+    fake = FakeGenerate(tok, answers)
+    out = tmp_path / "results" / f"{task}.json"
+    result = evaluate(None, tok, task, examples, batch_size=batch_size, max_new_tokens=77,
+                      out_path=out, generate_fn=fake, progress=False, info={"split": "test"})
+    return result, fake, out
+
+
+def test_gsm8k_batches_by_length_and_writes_results(tmp_path):
+    examples = load_examples("gsm8k", "test", data_dir=DATA)[:10]
+    right = [i % 3 != 0 for i in range(10)]
+    completions = [f"Work.\n#### {ex['gold'] if ok else int(ex['gold']) + 1}" for ex, ok in zip(examples, right)]
+    completions[1] += "<|im_end|>\n<|im_start|>user\n#### 12345"    # past the end of the turn
+    result, fake, out = _run("gsm8k", examples, completions, tmp_path)
+
+    assert result["n"] == 10 and result["correct"] == sum(right)
+    assert result["accuracy"] == pytest.approx(sum(right) / 10)
+    lengths = [n for call in fake.calls for n in call["lengths"]]
+    assert [len(c["lengths"]) for c in fake.calls] == [4, 4, 2]
+    assert lengths == sorted(lengths, reverse=True)                     # longest first
+    assert sorted(lengths) == sorted(len(ChatCharTokenizer().encode(r["prompt"]))
+                                     for r in result["examples"])
+    assert all(c["max_new_tokens"] == 77 and c["temperature"] == 0.0 and
+               c["stop"] == ("<|im_end|>",) for c in fake.calls)
+    for ex, r, ok, c in zip(examples, result["examples"], right, completions):
+        assert r["id"] == ex["id"] and r["gold"] == ex["gold"] and r["verdict"] is ok
+        assert r["prompt"] == format_prompt("gsm8k", ex, ChatCharTokenizer())
+        assert r["completion"] == c.split("<|im_end|>")[0]
+    assert result["examples"][1]["extracted"] == examples[1]["gold"]   # not the 12345 after the turn
+    assert json.loads(out.read_text()) == result
+    assert result["settings"]["split"] == "test" and result["settings"]["max_new_tokens"] == 77
+    assert [p.name for p in out.parent.iterdir()] == ["gsm8k.json"]     # no temporary left behind
+
+
+class EndOfTurnTextTokenizer(ChatCharTokenizer):
+    """<|im_end|> is an ordinary special (id 0) that decodes to its text; eos is another id."""
+    SPECIAL = {"<|im_start|>": 3, "<|im_end|>": 0}
+
+    def decode(self, ids):
+        return "".join({3: "<|im_start|>", 0: "<|im_end|>"}.get(i, chr(i - 4) if i >= 4 else "")
+                       for i in ids)
+
+
+def test_stop_text_is_trimmed_when_end_of_turn_is_not_eos():
+    tok = EndOfTurnTextTokenizer()
+    examples = load_examples("gsm8k", "test", data_dir=DATA)[:2]
+    completions = [f"#### {examples[0]['gold']}<|im_end|>\n#### 1", "#### 7<|im_end|>"]
+    answers = {tok.decode(tok.encode(format_prompt("gsm8k", ex, tok))): c
+               for ex, c in zip(examples, completions)}
+    result = evaluate(None, tok, "gsm8k", examples, generate_fn=FakeGenerate(tok, answers),
+                      progress=False)
+    assert [r["completion"] for r in result["examples"]] == [f"#### {examples[0]['gold']}", "#### 7"]
+    assert [r["verdict"] for r in result["examples"]] == [True, examples[1]["gold"] == "7"]
+
+
+def test_math_scoring(tmp_path):
+    examples = load_examples("math", "math500", data_dir=DATA)[:6]
+    completions = [f"So the answer is $\\boxed{{{ex['gold']}}}$." for ex in examples[:4]]
+    completions += ["The answer is $\\boxed{\\frac{12345}{7}}$.", "I don't know."]
+    result, _, _ = _run("math", examples, completions, tmp_path, batch_size=8)
+    assert [r["verdict"] for r in result["examples"]] == [True] * 4 + [False] * 2
+    assert result["examples"][4]["extracted"] == "\\frac{12345}{7}"
+    assert result["examples"][5]["extracted"] is None
+
+
+def test_mbpp_scoring_in_sandboxes(tmp_path):
+    examples = load_examples("mbpp", "test", data_dir=DATA)[:6]
+    completions = [f"Here you go:\n```python\n{ex['target']}\n```\nDone." for ex in examples[:3]]
+    completions += ["```python\ndef nothing():\n    pass\n```", "import sys\nsys.exit(0)",
+                    "```python\nwhile True:\n    pass\n```"]
+    tok = ChatCharTokenizer()
+    answers = {tok.decode(tok.encode(format_prompt("mbpp", ex, tok))): c
+               for ex, c in zip(examples, completions)}
+    result = evaluate(None, tok, "mbpp", examples, batch_size=3, max_new_tokens=10,
+                      generate_fn=FakeGenerate(tok, answers), progress=False, timeout=2.0)
+    assert [r["verdict"] for r in result["examples"]] == [True] * 3 + [False] * 3
+    assert result["examples"][0]["extracted"].strip() == examples[0]["target"]
+    assert result["accuracy"] == 0.5
+
+
+def test_with_model_generate_on_a_tiny_model(tmp_path):
+    """The default generate_fn is model.generate, called with the agreed signature."""
+    torch = pytest.importorskip("torch")
+    from model import ModelArgs, Transformer
+    from soka.tokenizer import SentencePieceTokenizer
+    tok = SentencePieceTokenizer(DATA / "llama2-tokenizer" / "tokenizer.model")
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.vocab_size,
+                                  max_seq_len=1024)).eval()
+    examples = load_examples("gsm8k", "test", data_dir=DATA)[:3]
+    a = evaluate(model, tok, "gsm8k", examples, batch_size=2, max_new_tokens=4, progress=False)
+    b = evaluate(model, tok, "gsm8k", examples, batch_size=3, max_new_tokens=4, progress=False)
+    assert a["n"] == 3 and all(isinstance(r["completion"], str) for r in a["examples"])
+    assert [r["completion"] for r in a["examples"]] == [r["completion"] for r in b["examples"]]
+    assert all(len(tok.encode(r["completion"], bos=False)) <= 4 + 1 for r in a["examples"])
+    assert a["settings"]["stop"] == []                                   # no chat template
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate(None, ChatCharTokenizer(), "gsm8k", [], batch_size=0, generate_fn=lambda *a, **k: [])
+    with pytest.raises(ValueError, match="unknown task"):
+        evaluate(None, ChatCharTokenizer(), "gsm9k", [], generate_fn=lambda *a, **k: [])
