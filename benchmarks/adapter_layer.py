@@ -1,0 +1,190 @@
+"""Forward + backward time and memory of one adapted linear layer at LLaMA-2-7B shapes.
+
+    python benchmarks/adapter_layer.py                          # the H100 run: bf16, 4096 tokens, r = 1, 4, 8
+    python benchmarks/adapter_layer.py --device cpu --dtype float32 --tokens 64 \\
+        --shapes 256x256,384x256 --ranks 1,2 --warmup 1 --repeat 3 --out /tmp/adapter_layer.json   # logic check
+
+One step is y = layer(x); y.backward(g) with x requiring grad (backward always reaches the input, as
+inside a model). Methods:
+    frozen     the plain frozen layer: the floor (backward to the input only)
+    soka       SoKALinear as trained here: KronApply, saves only x, recomputes X Vᵀ in backward
+    soka_ref   W_res + kpsvd.kron_apply through autograd (saves the (N, r·n, p) intermediate)
+    lora       LoRALinear (PiSSA costs the same)
+    lokr       PEFT's LoKr (forms the dense Kronecker update every forward), when peft imports
+Time: CUDA events around each step, median of --repeat after --warmup. Memory: peak allocated during
+one step minus what was allocated before it (weights, x, g), and the bytes autograd saves for
+backward beyond x and the parameters (device-independent, so the CPU check shows it too).
+FLOP model (multiply-adds per token, forward + backward): frozen 2·d_out·d_in; SoKA (KronApply)
+r·n·p·(4q + 3m); autograd SoKA 3·r·n·p·(q + m); LoRA 3·r·(d_in + d_out). docs/adapters.md.
+Prints a table and writes JSON (default benchmarks/results/adapter_layer.json).
+"""
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kpsvd import factor_shape, kron_apply                      # noqa: E402
+from soka.adapters import LoRALinear, SoKALinear               # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def build(method, W, r):
+    """(callable x -> y, trainable parameter count) for one method on base weight W (d_out, d_in)."""
+    d_out, d_in = W.shape
+    g = torch.Generator().manual_seed(0)
+    if method == "frozen":
+        return (lambda x: F.linear(x, W)), 0
+    if method in ("soka", "soka_ref"):
+        m, n, p, q = factor_shape(d_out, d_in)
+        sigma, U, V = torch.rand(r, generator=g), torch.randn(r, m, n, generator=g), torch.randn(r, p, q, generator=g)
+        layer = SoKALinear(W, sigma, U, V, subtract=False).to(W.device)
+        if method == "soka":
+            return layer, layer.trainable()
+        return (lambda x: F.linear(x, layer.weight) + kron_apply(x, layer.sigma.to(x.dtype), layer.U.to(x.dtype),
+                                                                 layer.V.to(x.dtype))), layer.trainable()
+    if method == "lora":
+        layer = LoRALinear(W, torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g)).to(W.device)
+        return layer, layer.trainable()
+    if method == "lokr":
+        import peft
+        lin = nn.Linear(d_in, d_out, bias=False, device=W.device, dtype=W.dtype)
+        lin.weight.data.copy_(W)
+        wrapped = peft.get_peft_model(nn.Sequential(lin), peft.LoKrConfig(r=r, alpha=r, target_modules=["0"]))
+        wrapped.to(W.device)
+        return wrapped, sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    raise ValueError(f"adapter_layer.py: unknown method {method!r}")
+
+
+def saved_bytes(fn, x, g, exclude):
+    """Bytes autograd saves for backward in one step, counting each storage once, beyond `exclude`."""
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in exclude:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn(x)
+    y.backward(g)
+    return sum(seen.values())
+
+
+def measure(fn, x, g, *, warmup, repeat, cuda):
+    def step():
+        x.grad = None
+        fn(x).backward(g)
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeat):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append(1e3 * (time.perf_counter() - t0))
+    peak = None
+    if cuda:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+    return statistics.median(times), peak
+
+
+def flops_ratio(method, d_out, d_in, r):
+    """Predicted (method cost) / (frozen cost), multiply-adds per token, forward + backward."""
+    m, n, p, q = factor_shape(d_out, d_in)
+    extra = {"frozen": 0, "soka": r * n * p * (4 * q + 3 * m), "soka_ref": 3 * r * n * p * (q + m),
+             "lora": 3 * r * (d_in + d_out)}.get(method)
+    return None if extra is None else 1 + extra / (2 * d_out * d_in)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008", help="d_out x d_in, comma-separated")
+    ap.add_argument("--ranks", default="1,4,8")
+    ap.add_argument("--methods", default="frozen,soka,soka_ref,lora,lokr")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "adapter_layer.json"))
+    args = ap.parse_args()
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    cuda = device.type == "cuda"
+    methods = args.methods.split(",")
+    if "lokr" in methods:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            print("peft not importable: skipping lokr")
+            methods.remove("lokr")
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    ranks = [int(r) for r in args.ranks.split(",")]
+
+    rows = []
+    print(f"{'d_out×d_in':>11} {'r':>2} {'method':>9} {'(m,n,p,q)':>16} {'trainable':>10} {'ms':>8} "
+          f"{'×frozen':>8} {'FLOP ×':>7} {'peak MiB':>9} {'saved MiB':>9}")
+    for d_out, d_in in shapes:
+        gen = torch.Generator().manual_seed(1)
+        W = (torch.randn(d_out, d_in, generator=gen) / d_in ** 0.5).to(device, dtype)
+        x = torch.randn(args.tokens, d_in, generator=gen).to(device, dtype).requires_grad_(True)
+        g = torch.randn(args.tokens, d_out, generator=gen).to(device, dtype)
+        frozen_ms = None
+        for r in ranks:
+            for method in methods:
+                if method == "frozen" and r != ranks[0]:
+                    continue                   # no rank: measured once per shape
+                fn, trainable = build(method, W, r)
+                params = {p.untyped_storage().data_ptr() for p in getattr(fn, "parameters", lambda: [])()}
+                exclude = params | {x.untyped_storage().data_ptr(), W.untyped_storage().data_ptr()}
+                saved = saved_bytes(fn, x, g, exclude) / 2**20
+                ms, peak = measure(fn, x, g, warmup=args.warmup, repeat=args.repeat, cuda=cuda)
+                if method == "frozen":
+                    frozen_ms = ms
+                row = dict(d_out=d_out, d_in=d_in, r=None if method == "frozen" else r, method=method,
+                           factors=list(factor_shape(d_out, d_in)) if method.startswith("soka") else None,
+                           trainable=trainable, ms=ms, ratio_vs_frozen=ms / frozen_ms if frozen_ms else None,
+                           flop_ratio=flops_ratio(method, d_out, d_in, r), peak_extra_mib=peak, saved_mib=saved)
+                rows.append(row)
+                fac = "-" if row["factors"] is None else "(" + ",".join(map(str, row["factors"])) + ")"
+                f = lambda v, fmt: "-" if v is None else fmt.format(v)   # noqa: E731
+                print(f"{f'{d_out}×{d_in}':>11} {f(row['r'], '{}'):>2} {method:>9} {fac:>16} {trainable:>10,} "
+                      f"{ms:>8.3f} {f(row['ratio_vs_frozen'], '{:.3f}'):>8} {f(row['flop_ratio'], '{:.3f}'):>7} "
+                      f"{f(peak, '{:.1f}'):>9} {saved:>9.1f}")
+                del fn
+                if cuda:
+                    torch.cuda.empty_cache()
+
+    info = dict(device=torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+                torch=torch.__version__, dtype=str(dtype), tokens=args.tokens, warmup=args.warmup,
+                repeat=args.repeat, timing="CUDA events, median" if cuda else "perf_counter, median")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(config=info, results=rows), indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
