@@ -261,9 +261,10 @@ def _group_closes_at_end(s):
 def math_equal(pred, gold, *, timeout=5.0):
     r"""MATH answer equivalence after `math_normalize`; None never matches.
 
-    Tuples and intervals compare element by element with the same brackets; sets (\{...\}) and
-    bare lists ("2, -3") in any order; unions (\cup) part by part. Single values: equal strings,
-    else equal exact rationals ("0.5" vs "\frac{1}{2}"), else sympy with `timeout` seconds.
+    Words ("Evelyn", "odd") compare without case. Tuples and intervals compare element by element,
+    with the same brackets; sets (\{...\}) and bare lists ("2, -3") in any order; unions (\cup)
+    and matrices part by part. Single values: equal strings, else equal exact rationals ("0.5" vs
+    "\frac{1}{2}"), else sympy with `timeout` seconds.
     """
     if pred is None or gold is None:
         return False
@@ -276,6 +277,8 @@ def _equal(p, g, timeout):
         return True
     if not p or not g:
         return False
+    if re.fullmatch(r"[A-Za-z]+", p) and re.fullmatch(r"[A-Za-z]+", g):  # words: "Evelyn", "odd"
+        return p.lower() == g.lower()
     pm, gm = _matrix(p), _matrix(g)
     if pm or gm:
         return (pm is not None and gm is not None and len(pm) == len(gm)

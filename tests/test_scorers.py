@@ -114,6 +114,7 @@ def test_math_last_boxed(text, expected):
     (r"\sqrt[3]{8}", "2"),
     ("1\\,000", "1000"),
     ("Monday", r"\text{Monday}"),                                    # "day" is no unit here
+    ("evelyn", r"\text{Evelyn}"),                                    # words ignore case
     (r"\begin{pmatrix} \frac{1}{2} & 0 \\ 0 & 1 \end{pmatrix}", r"\begin{pmatrix}0.5&0\\0&1\end{pmatrix}"),
 ])
 def test_math_equal(pred, gold):
@@ -128,6 +129,7 @@ def test_math_equal(pred, gold):
     ("0.33", r"\frac{1}{3}"),
     ("1.41421356237", r"\sqrt{2}"),         # a rounded decimal is not the exact value
     ("2x", "3x"),
+    ("odd", r"\text{even}"),
     ("x^2+7x+11", "(x+2)(x+5)"),
     ("2^{2005}", r"\frac{1}{3}"),           # huge values must not overflow into "equal"
     (r"\frac{1}{0}", r"\frac{2}{0}"),
