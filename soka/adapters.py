@@ -63,6 +63,9 @@ class KronApply(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, sigma, U, V):
+        if x.shape[-1] != U.shape[2] * V.shape[2]:
+            raise ValueError(f"adapters.py: x has {x.shape[-1]} features, the factors expect n·q = "
+                             f"{U.shape[2]}·{V.shape[2]}")
         ctx.save_for_backward(x, sigma, U, V)
         Z, Us, shape = KronApply._z(x, sigma, U, V)
         return (Us @ Z).reshape(shape)                       # (N, m, p) -> (..., m·p)
@@ -309,7 +312,6 @@ def lora_factors(d_out, d_in, r, *, seed):
 
 def _find(model, targets):
     """[(name, nn.Linear)] whose last name component is in targets; refuses layers already adapted."""
-    targets = (targets,) if isinstance(targets, str) else tuple(targets)
     found, adapted = [], []
     for name, mod in model.named_modules():
         if name.rsplit(".", 1)[-1] in targets:
@@ -364,6 +366,7 @@ def inject(model, method="soka", targets=DEFAULT_TARGETS, *, rank=None, tau=0.9,
     method "lora" (scale alpha / r, alpha None = r) and "pissa" take `rank`, default LORA_RANK.
     Layer i draws its random numbers from seed + i.
     """
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
     if method not in ("soka", "lora", "pissa"):
         raise ValueError(f"adapters.py: method must be 'soka', 'lora' or 'pissa', got {method!r}")
     if init not in ("kpsvd", "random"):

@@ -265,6 +265,7 @@ def test_factors_option_and_its_errors():
     rows = {r["name"].rsplit(".", 1)[-1]: r for r in report["layers"]}
     assert rows["wq"]["factors"] == [4, 16, 16, 4] and rows["wk"]["factors"] == list(factor_shape(32, 64))
     assert model.layers[0].attention.wq.U.shape == (3, 4, 16)
+    assert len(inject(tiny(), "soka", "wv", rank=1, verbose=False)["layers"]) == 2   # one name as a str
     with pytest.raises(ValueError, match="factors"):
         inject(tiny(), "soka", ("wq",), factors=(4, 4, 16, 4), verbose=False)
     with pytest.raises(ValueError, match="already has an adapter"):
