@@ -15,7 +15,7 @@ The child:
   - has stdin on /dev/null, stdout and stderr captured to `output_limit` bytes (the rest drained
     and dropped), and an environment of PATH, HOME, TMPDIR, LANG and one-thread BLAS settings;
   - has limits on address space (`memory_mb`), CPU seconds (timeout + 1), file size (16 MiB), core
-    files (0) and processes (0 new ones; the kernel ignores this one for root);
+    files (0) and processes (0 new ones, threads included; the kernel ignores this for root);
   - under Landlock (Linux >= 5.13, most distribution kernels): the kernel refuses to create, write,
     truncate, rename or delete any file outside the temporary directory (and /dev/null), and from
     ABI 4 on to open TCP connections, from ABI 6 on to signal processes outside the sandbox;
