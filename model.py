@@ -243,7 +243,7 @@ def sample(logits, *, temperature, top_p, generator=None):
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         p, idx = probs.sort(dim=-1, descending=True)
-        p[(p.cumsum(-1) - p) >= top_p] = 0.0                      # mass before this token already enough
+        p = p.masked_fill((p.cumsum(-1) - p) >= top_p, 0.0)      # mass before it already enough (no host sync)
         probs = torch.zeros_like(probs).scatter_(-1, idx, p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
