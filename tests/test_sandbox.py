@@ -164,7 +164,7 @@ def test_mbpp_reference_solutions_pass_and_a_broken_assert_fails():
     jobs = [(r["code"], r["test_list"], r["test_setup_code"]) for r in tasks]
     jobs += [(r["code"], _break_one(r["test_list"], r["task_id"] % len(r["test_list"])),
               r["test_setup_code"]) for r in tasks]
-    results = run_many(jobs, timeout=60.0)
+    results = run_many(jobs, timeout=60.0, workers=2 * (os.cpu_count() or 1))  # partly start-up waits
     refs, broken = results[:500], results[500:]
     failing = {r["task_id"]: x.status for r, x in zip(tasks, refs) if not x.passed}
     assert failing == {}, failing
