@@ -159,6 +159,16 @@ def test_hf_rope_theta_old_and_new_config_keys(tmp_path, hf_folder):
     assert load_checkpoint(folder)[0].args.rope_theta == 500.0
 
 
+def test_hf_folder_tokenizer_model(tmp_path, hf_folder):
+    tok_file = DATA / "llama2-tokenizer" / "tokenizer.model"
+    if not tok_file.is_file():
+        pytest.skip(f"{tok_file} absent")
+    shutil.copytree(hf_folder[1], tmp_path / "hf")
+    os.symlink(tok_file, tmp_path / "hf" / "tokenizer.model")
+    _, tok = load_checkpoint(tmp_path / "hf")
+    assert tok.encode("Hello world") == [1, 15043, 3186]
+
+
 @pytest.mark.parametrize("n_shards", [1, 2])
 def test_meta_format_same_logits(tmp_path, hf_folder, n_shards):
     hf, folder = hf_folder
