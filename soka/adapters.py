@@ -62,6 +62,7 @@ class KronApply(torch.autograd.Function):
     """
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")   # backward runs under forward's autocast state
     def forward(ctx, x, sigma, U, V):
         if x.shape[-1] != U.shape[2] * V.shape[2]:
             raise ValueError(f"adapters.py: x has {x.shape[-1]} features, the factors expect n·q = "
@@ -81,6 +82,7 @@ class KronApply(torch.autograd.Function):
         return Z, Us, (*x.shape[:-1], m * p)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, gy):
         x, sigma, U, V = ctx.saved_tensors
         r, m, n = U.shape
@@ -88,7 +90,9 @@ class KronApply(torch.autograd.Function):
         Z, Us, _ = KronApply._z(x, sigma, U, V)
         G = gy.reshape(-1, m, p).to(x.dtype)                  # (N, m, p)
         dZ = (Us.T @ G).reshape(-1, r * p)                    # (N·n, r·p)
-        dx = (dZ @ V.reshape(r * p, q).to(x.dtype)).reshape(x.shape) if ctx.needs_input_grad[0] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = (dZ @ V.reshape(r * p, q).to(x.dtype)).reshape(x.shape).to(x.dtype)
         dV = (dZ.T @ x.reshape(-1, q)).reshape(r, p, q).to(V.dtype)                   # (r, p, q)
         dUs = torch.einsum("tab,txb->ax", G, Z).reshape(m, n, r).permute(2, 0, 1).to(U.dtype)
         dsigma = (dUs * U).sum((1, 2))                        # Us_k = σ_k U_k
