@@ -11,10 +11,12 @@ import shutil
 import socket
 import tarfile
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+import soka.tasks as tasks
 from soka.scorers import gsm8k_extract, math_last_boxed
 from soka.tasks import (ANSWER_CUE, FILES, IGNORE_INDEX, MBPP_TASK_IDS, SPLITS, build_examples,
                         download, encode_example, format_prompt, load_examples, math_from_tar,
@@ -111,7 +113,10 @@ def test_math_per_problem_folders_load_the_same(tmp_path):
     assert load_examples("math", "test", data_dir=tmp_path) == load_examples("math", "test", data_dir=DATA)
 
 
-def _tar_of_math(path):
+@pytest.fixture(scope="module")
+def math_tar(tmp_path_factory):
+    """The original release's layout (MATH/{train,test}/<subject>/<n>.json) as a tarball."""
+    path = tmp_path_factory.mktemp("tar") / "MATH.tar"
     with tarfile.open(path, "w") as tar:
         for split in ("train", "test"):
             for line in open(DATA / "math" / f"{split}.jsonl", encoding="utf-8"):
@@ -121,17 +126,17 @@ def _tar_of_math(path):
                 info = tarfile.TarInfo(f"MATH/{uid}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+    return path
 
 
-def test_math_from_tar_reproduces_the_files(tmp_path):
+def test_math_from_tar_reproduces_the_files(tmp_path, math_tar):
     expected = {"train": FILES["math"][0].sha256, "test": FILES["math"][1].sha256}
-    _tar_of_math(tmp_path / "MATH.tar")
-    math_from_tar(tmp_path / "MATH.tar", tmp_path / "out", expected=expected)
+    math_from_tar(math_tar, tmp_path / "out", expected=expected)
     for split in ("train", "test"):
         assert (tmp_path / "out" / f"{split}.jsonl").read_bytes() == \
                (DATA / "math" / f"{split}.jsonl").read_bytes()
     with pytest.raises(ValueError, match="sha256"):   # a tarball whose test split differs
-        math_from_tar(tmp_path / "MATH.tar", tmp_path / "bad", expected={**expected, "test": "0" * 64})
+        math_from_tar(math_tar, tmp_path / "bad", expected={**expected, "test": "0" * 64})
     assert not (tmp_path / "bad" / "test.jsonl").exists()
 
 
@@ -233,6 +238,29 @@ def test_load_examples_can_download(tmp_path, server):
     examples = load_examples("math", "math500", data_dir=tmp_path, download=True, base_url=server.url)
     assert len(examples) == 500 and server.requests == ["/math/train.jsonl", "/math/test.jsonl",
                                                         "/math/math500.jsonl"]
+
+
+def test_download_math_through_the_tarball(tmp_path, math_tar, monkeypatch):
+    """Without a mirror, MATH train/test come from MATH.tar: fetched, converted, checked, removed.
+    The canonical URLs are pointed at loopback copies."""
+    served = tmp_path / "served"
+    served.mkdir()
+    shutil.copy(math_tar, served / "MATH.tar")
+    shutil.copy(DATA / "math" / "math500.jsonl", served / "test.jsonl")
+    s = _Server(served)
+    try:
+        url = {tasks.MATH_TAR_URL: f"{s.url}/MATH.tar"}
+        monkeypatch.setattr(tasks, "FILES", {**FILES, "math": tuple(
+            replace(f, url=url.get(f.url, f"{s.url}/test.jsonl")) for f in FILES["math"])})
+        monkeypatch.setattr(tasks, "MATH_TAR_URL", f"{s.url}/MATH.tar")
+        download("math", data_dir=tmp_path / "data", progress=False)
+    finally:
+        s.close()
+    assert s.requests == ["/MATH.tar", "/test.jsonl"]                   # the tarball only once
+    for name in ("train.jsonl", "test.jsonl", "math500.jsonl"):
+        assert (tmp_path / "data" / "math" / name).read_bytes() == (DATA / "math" / name).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "data" / "math").iterdir()) == \
+           ["math500.jsonl", "test.jsonl", "train.jsonl"]                # MATH.tar removed
 
 
 def test_unknown_task_or_split():
