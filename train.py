@@ -439,7 +439,7 @@ def main(argv=None):
             model.eval()
             r = evaluate(model, tok, cfg.task, test, batch_size=cfg.eval_batch_size,
                          max_new_tokens=cfg.max_new_tokens or MAX_NEW_TOKENS[cfg.task],
-                         out_path=out / "eval.json",
+                         out_path=out / "eval.json", generate_options=dict(cuda_graph=device.type == "cuda"),
                          info=dict(checkpoint=str(ckpt), split=split, method=cfg.method, adapter=str(out / "adapter.pt")))
             say(f"{cfg.task} {split}: accuracy {100 * r['accuracy']:.2f} % ({r['correct']}/{r['n']}), "
                 f"generation {r['seconds']['generate']:.1f} s, scoring {r['seconds']['score']:.1f} s")

@@ -14,7 +14,7 @@ Names are imported on first use (PEP 562), so `model.py` can read a GGUF file th
 import importlib
 
 _WHERE = {
-    "inject": "adapters", "merge": "adapters", "unmerge": "adapters",
+    "inject": "adapters", "compress": "adapters", "merge": "adapters", "unmerge": "adapters",
     "save_adapter": "adapters", "load_adapter": "adapters",
     "gsm8k_extract": "scorers", "math_last_boxed": "scorers", "math_equal": "scorers",
     "mbpp_run": "sandbox",

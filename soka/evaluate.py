@@ -45,11 +45,12 @@ def score(task, examples, completions, *, timeout=10.0, workers=None, progress=F
 
 def evaluate(model, tokenizer, task, examples, *, batch_size=16, max_new_tokens=512,
              temperature=0.0, top_p=1.0, seed=0, out_path=None, generate_fn=None, timeout=10.0,
-             workers=None, progress=True, info=None):
+             workers=None, progress=True, info=None, generate_options=None):
     """Generate for every example, score, and return (and write to `out_path`, atomically):
     {task, n, correct, accuracy, settings, seconds, examples: [{id, prompt, completion, extracted,
-    gold, verdict}]}. `generate_fn` defaults to model.generate (same signature); `info` is any
-    extra JSON-able dict stored under settings (checkpoint, split, adapter ...)."""
+    gold, verdict}]}. `generate_fn` defaults to model.generate (same signature), and
+    `generate_options` go to it as extra keywords (e.g. cuda_graph=True); `info` is any extra
+    JSON-able dict stored under settings (checkpoint, split, adapter ...)."""
     if generate_fn is None:
         from model import generate as generate_fn  # model.py sits at the repository root
     if batch_size < 1 or max_new_tokens < 1:
@@ -66,7 +67,7 @@ def evaluate(model, tokenizer, task, examples, *, batch_size=16, max_new_tokens=
             rows = order[b0:b0 + batch_size]
             outs = generate_fn(model, tokenizer, [ids[i] for i in rows], max_new_tokens=max_new_tokens,
                                temperature=temperature, top_p=top_p, stop=stop,
-                               seed=None if seed is None else seed + b0)
+                               seed=None if seed is None else seed + b0, **(generate_options or {}))
             for i, out in zip(rows, outs):
                 out = list(out)
                 out = out[:out.index(tokenizer.eos_id)] if tokenizer.eos_id in out else out
