@@ -89,6 +89,8 @@ def make_parser(suppress=False):
     a("--seed", type=int, default=d(0))
     a("--device", default=d(None), help="cuda, cuda:1, cpu (default: cuda if available)")
     a("--compile", action="store_true", default=d(False), help="torch.compile the model")
+    a("--no-cuda-graph", dest="cuda_graph", action="store_false", default=d(True),
+      help="run forward + backward eagerly on CUDA instead of replaying CUDA graphs")
     return p
 
 
@@ -181,6 +183,56 @@ def loss_sum(model, ids, labels):
     logits = model(ids)                                          # (B, T, vocab) float32
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum",
                            ignore_index=IGNORE_INDEX)
+
+
+class GraphedStep:
+    """Forward + backward of one micro-batch, replayed as a CUDA graph: one graph per padded length.
+
+    A small model trains at the speed of Python launching kernels, not of the GPU: SmolLM2 with
+    SoKA issues ~37k operator calls per forward + backward, 0.28 s a step on an H100 in eager mode.
+    A graph replays them all in one call. Sequences are padded to a multiple of `multiple` tokens
+    (padding is masked, and attention is causal, so the loss is unchanged) so that a few graphs
+    cover every length; they share one memory pool. Gradients accumulate into tensors allocated
+    before capture, so accumulation and the optimizer see ordinary .grad tensors.
+    """
+
+    def __init__(self, model, params, *, amp, pad_id, multiple=64):
+        self.model, self.params, self.amp, self.pad_id, self.multiple = model, params, amp, pad_id, multiple
+        self.graphs, self.pool = {}, None
+        self.n_tok = torch.ones((), device=params[0].device)
+
+    def __call__(self, ids, labels, n_tok):
+        B, T = ids.shape
+        T_pad = -(-T // self.multiple) * self.multiple
+        ids, labels = F.pad(ids, (0, T_pad - T), value=self.pad_id), F.pad(labels, (0, T_pad - T), value=IGNORE_INDEX)
+        if (B, T_pad) not in self.graphs:
+            self.graphs[(B, T_pad)] = self._capture(ids, labels)
+        graph, s_ids, s_labels, s_loss = self.graphs[(B, T_pad)]
+        s_ids.copy_(ids)
+        s_labels.copy_(labels)
+        self.n_tok.copy_(n_tok)
+        graph.replay()
+        return s_loss
+
+    def _capture(self, ids, labels):
+        kept = [p.grad.clone() for p in self.params]           # warm-up must not disturb this window
+        s_ids, s_labels = ids.clone(), labels.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                with self.amp:
+                    (loss_sum(self.model, s_ids, s_labels) / self.n_tok).backward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            with self.amp:
+                s_loss = loss_sum(self.model, s_ids, s_labels) / self.n_tok
+            s_loss.backward()
+        self.pool = graph.pool()
+        for p, g in zip(self.params, kept):
+            p.grad.copy_(g)
+        return graph, s_ids, s_labels, s_loss
 
 
 @torch.no_grad()
@@ -297,7 +349,18 @@ def main(argv=None):
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_total, n_train = count_params(model)
     fwd = torch.compile(model) if cfg.compile else model
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if device.type == "cuda" else nullcontext()
+    for p in trainable:                     # allocated once: accumulation and CUDA graphs write into them
+        p.grad = torch.zeros_like(p)
+    graphed = device.type == "cuda" and cfg.cuda_graph and not cfg.compile
+    if graphed:
+        micro_step = GraphedStep(model, trainable, amp=amp, pad_id=tok.pad_id)
+    else:
+        def micro_step(ids, labels, n_tok):
+            with amp:
+                loss = loss_sum(fwd, ids, labels) / n_tok
+            loss.backward()
+            return loss
 
     # ---- data
     train_raw, held_raw = heldout_split(cfg.task, cfg.data_dir, cfg.heldout)
@@ -322,6 +385,7 @@ def main(argv=None):
     say(f"tokens per step: {cfg.batch_size} seqs × {cfg.grad_accum} micro-batches × {world} processes = "
         f"{per_step} seqs, ≤ {per_step * cfg.max_len:,} tokens (≈ {per_step * np.mean(lengths):,.0f} on average); "
         f"{total} steps ({steps_per_epoch} per epoch), lr {cfg.lr:g}, out {out}")
+    say(f"forward + backward: {'CUDA graphs, lengths padded to a multiple of 64' if graphed else 'torch.compile' if cfg.compile else 'eager'}")
 
     # ---- optimizer, state
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
@@ -371,10 +435,7 @@ def main(argv=None):
         loss_total = torch.zeros((), dtype=torch.float64, device=device)
         for mb in micro:
             ids, labels = collate(mb, tok.pad_id, device)
-            with amp:
-                loss = loss_sum(fwd, ids, labels) / n_tok
-            loss.backward()
-            loss_total += loss.detach().double()
+            loss_total += micro_step(ids, labels, n_tok).detach().double()
         if world > 1:                       # only the adapters' gradients travel
             flat = torch.cat([p.grad.reshape(-1) for p in trainable])
             dist.all_reduce(flat)
@@ -389,7 +450,7 @@ def main(argv=None):
             status = f"loss {loss_v} / gradient norm {gnorm_v} at step {step + 1}"
             break
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=False)
         step += 1
         dt = time.perf_counter() - t0
         row = dict(step=step, epoch=round(step / steps_per_epoch, 4), loss=loss_v, lr=lr, grad_norm=gnorm_v,
