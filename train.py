@@ -82,7 +82,7 @@ def make_parser(suppress=False):
     a("--heldout", type=int, default=d(256), help="held-out examples (GSM8K/MATH: from train; MBPP: validation)")
     a("--save-every", type=int, default=d(200), help="checkpoint every N steps")
     a("--eval-limit", type=int, default=d(None), help="evaluate on the first N test examples (0: skip)")
-    a("--eval-batch-size", type=int, default=d(128))
+    a("--eval-batch-size", type=int, default=d(0), help="prompts per generate call (0: as many as a third of free GPU memory holds)")
     a("--max-new-tokens", type=int, default=d(None), help="generation budget (default per task)")
     a("--resume", default=d(None), help="an output folder to continue")
     a("--stop-after", type=int, default=d(None), help="checkpoint and exit after this step, as if interrupted")
@@ -303,6 +303,16 @@ def plot_curves(metrics, path):
     plt.close(fig)
 
 
+def auto_eval_batch(model, n, max_tokens, device):
+    """As many rows as fit their bf16 KV cache (max_tokens each) in a third of the free GPU memory:
+    SmolLM2 with 832 tokens needs 19 MiB a row, LLaMA-2-7B 416 MiB."""
+    if device.type != "cuda":
+        return min(n, 32)
+    a = model.args
+    per_row = 2 * a.n_layers * a.n_kv_heads * a.head_dim * max_tokens * 2      # keys + values, bytes
+    return max(1, min(n, int(torch.cuda.mem_get_info(device)[0] / 3 / per_row)))
+
+
 def count_params(model):
     total = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
     return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -493,13 +503,17 @@ def main(argv=None):
             f"(mean of first/last {k}), largest gradient norm {max(m['grad_norm'] for m in metrics):.3f}, "
             f"{np.mean([m['tokens_per_s'] for m in metrics[1:] or metrics]):,.0f} tokens/s")
         if cfg.eval_limit != 0:
+            micro_step = None                 # frees the CUDA graphs' memory pool for generation
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             split = EVAL_SPLIT[cfg.task]
             test = load_examples(cfg.task, split, data_dir=cfg.data_dir, download=True)
             test = test[:cfg.eval_limit] if cfg.eval_limit else test
             adapters.merge(model)           # inference at the base model's cost
             model.eval()
-            r = evaluate(model, tok, cfg.task, test, batch_size=cfg.eval_batch_size,
-                         max_new_tokens=cfg.max_new_tokens or MAX_NEW_TOKENS[cfg.task],
+            new = cfg.max_new_tokens or MAX_NEW_TOKENS[cfg.task]
+            bs = cfg.eval_batch_size or auto_eval_batch(model, len(test), cfg.max_len + new, device)
+            r = evaluate(model, tok, cfg.task, test, batch_size=bs, max_new_tokens=new,
                          out_path=out / "eval.json", generate_options=dict(cuda_graph=device.type == "cuda"),
                          info=dict(checkpoint=str(ckpt), split=split, method=cfg.method, adapter=str(out / "adapter.pt")))
             say(f"{cfg.task} {split}: accuracy {100 * r['accuracy']:.2f} % ({r['correct']}/{r['n']}), "
