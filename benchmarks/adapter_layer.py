@@ -3,11 +3,15 @@
     python benchmarks/adapter_layer.py                          # the H100 run: bf16, 4096 tokens, r = 1, 4, 8
     python benchmarks/adapter_layer.py --device cpu --dtype float32 --tokens 64 \\
         --shapes 256x256,384x256 --ranks 1,2 --warmup 1 --repeat 3 --out /tmp/adapter_layer.json   # logic check
+    python benchmarks/adapter_layer.py --shapes 576x576,192x576 --tokens 3440 --ranks 1,4,8,16 \
+        --methods frozen,soka,soka_v2,soka_dense,lora --out benchmarks/results/adapter_layer_smollm2.json
 
 One step is y = layer(x); y.backward(g) with x requiring grad (backward always reaches the input, as
 inside a model). Methods:
     frozen     the plain frozen layer: the floor (backward to the input only)
-    soka       SoKALinear as trained here: KronApply, saves only x, recomputes X Vᵀ in backward
+    soka       SoKALinear, impl "kron" (the default): KronApply, saves only x, recomputes X Vᵀ in backward
+    soka_v2    SoKALinear, impl "kron_v2": KronLinear, the same GEMMs with fewer copies and kernels
+    soka_dense SoKALinear, impl "dense": KronDense, one GEMM with W_res + ΔW formed transiently
     soka_ref   W_res + kpsvd.kron_apply through autograd (saves the (N, r·n, p) intermediate)
     lora       LoRALinear (PiSSA costs the same)
     lokr       PEFT's LoKr (forms the dense Kronecker update every forward), when peft imports
@@ -15,7 +19,9 @@ Time: CUDA events around each step, median of --repeat after --warmup. Memory: p
 one step minus what was allocated before it (weights, x, g), and the bytes autograd saves for
 backward beyond x and the parameters (device-independent, so the CPU check shows it too).
 FLOP model (multiply-adds per token, forward + backward): frozen 2·d_out·d_in; SoKA (KronApply)
-r·n·p·(4q + 3m); autograd SoKA 3·r·n·p·(q + m); LoRA 3·r·(d_in + d_out). docs/adapters.md.
+and KronLinear r·n·p·(4q + 3m); autograd SoKA 3·r·n·p·(q + m); LoRA 3·r·(d_in + d_out); dense
+3·d_out·d_in + 4·r·d_out·d_in / tokens (forming ΔW twice, projecting dW twice). docs/adapters.md.
+Compare implementations only within one run (one device, one torch).
 Prints a table and writes JSON (default benchmarks/results/adapter_layer.json).
 """
 import argparse
@@ -34,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kpsvd import factor_shape, kron_apply                      # noqa: E402
 from soka.adapters import LoRALinear, SoKALinear               # noqa: E402
 
+SOKA_IMPLS = {"soka": "kron", "soka_v2": "kron_v2", "soka_dense": "dense"}   # method -> SoKALinear impl
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 
 
@@ -43,11 +50,12 @@ def build(method, W, r):
     g = torch.Generator().manual_seed(0)
     if method == "frozen":
         return (lambda x: F.linear(x, W)), 0
-    if method in ("soka", "soka_ref"):
+    if method.startswith("soka"):
         m, n, p, q = factor_shape(d_out, d_in)
         sigma, U, V = torch.rand(r, generator=g), torch.randn(r, m, n, generator=g), torch.randn(r, p, q, generator=g)
-        layer = SoKALinear(W, sigma, U, V, subtract=False).to(W.device)
-        if method == "soka":
+        impl = SOKA_IMPLS.get(method, "kron")
+        layer = SoKALinear(W, sigma, U, V, subtract=False, impl=impl).to(W.device)
+        if method in SOKA_IMPLS:
             return layer, layer.trainable()
         return (lambda x: F.linear(x, layer.weight) + kron_apply(x, layer.sigma.to(x.dtype), layer.U.to(x.dtype),
                                                                  layer.V.to(x.dtype))), layer.trainable()
@@ -111,11 +119,12 @@ def measure(fn, x, g, *, warmup, repeat, cuda):
     return statistics.median(times), peak
 
 
-def flops_ratio(method, d_out, d_in, r):
+def flops_ratio(method, d_out, d_in, r, tokens):
     """Predicted (method cost) / (frozen cost), multiply-adds per token, forward + backward."""
     m, n, p, q = factor_shape(d_out, d_in)
-    extra = {"frozen": 0, "soka": r * n * p * (4 * q + 3 * m), "soka_ref": 3 * r * n * p * (q + m),
-             "lora": 3 * r * (d_in + d_out)}.get(method)
+    kron = r * n * p * (4 * q + 3 * m)
+    extra = {"frozen": 0, "soka": kron, "soka_v2": kron, "soka_ref": 3 * r * n * p * (q + m),
+             "soka_dense": d_out * d_in * (1 + 4 * r / tokens), "lora": 3 * r * (d_in + d_out)}.get(method)
     return None if extra is None else 1 + extra / (2 * d_out * d_in)
 
 
@@ -126,7 +135,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008", help="d_out x d_in, comma-separated")
     ap.add_argument("--ranks", default="1,4,8")
-    ap.add_argument("--methods", default="frozen,soka,soka_ref,lora,lokr")
+    ap.add_argument("--methods", default="frozen,soka,soka_v2,soka_dense,soka_ref,lora,lokr")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "adapter_layer.json"))
@@ -144,7 +153,7 @@ def main():
     ranks = [int(r) for r in args.ranks.split(",")]
 
     rows = []
-    print(f"{'d_out×d_in':>11} {'r':>2} {'method':>9} {'(m,n,p,q)':>16} {'trainable':>10} {'ms':>8} "
+    print(f"{'d_out×d_in':>11} {'r':>2} {'method':>10} {'(m,n,p,q)':>16} {'trainable':>10} {'ms':>8} "
           f"{'×frozen':>8} {'FLOP ×':>7} {'peak MiB':>9} {'saved MiB':>9}")
     for d_out, d_in in shapes:
         gen = torch.Generator().manual_seed(1)
@@ -166,11 +175,11 @@ def main():
                 row = dict(d_out=d_out, d_in=d_in, r=None if method == "frozen" else r, method=method,
                            factors=list(factor_shape(d_out, d_in)) if method.startswith("soka") else None,
                            trainable=trainable, ms=ms, ratio_vs_frozen=ms / frozen_ms if frozen_ms else None,
-                           flop_ratio=flops_ratio(method, d_out, d_in, r), peak_extra_mib=peak, saved_mib=saved)
+                           flop_ratio=flops_ratio(method, d_out, d_in, r, args.tokens), peak_extra_mib=peak, saved_mib=saved)
                 rows.append(row)
                 fac = "-" if row["factors"] is None else "(" + ",".join(map(str, row["factors"])) + ")"
                 f = lambda v, fmt: "-" if v is None else fmt.format(v)   # noqa: E731
-                print(f"{f'{d_out}×{d_in}':>11} {f(row['r'], '{}'):>2} {method:>9} {fac:>16} {trainable:>10,} "
+                print(f"{f'{d_out}×{d_in}':>11} {f(row['r'], '{}'):>2} {method:>10} {fac:>16} {trainable:>10,} "
                       f"{ms:>8.3f} {f(row['ratio_vs_frozen'], '{:.3f}'):>8} {f(row['flop_ratio'], '{:.3f}'):>7} "
                       f"{f(peak, '{:.1f}'):>9} {saved:>9.1f}")
                 del fn

@@ -33,6 +33,11 @@ RANDOMIZED_ABOVE = 1024   # exact SVD while min side of the rearranged matrix �
                           # layers); above it (LLaMA-2-7B: 4096) a seeded randomized top-(r_max+1)
 FORMAT = "soka-adapter"
 VERSION = 1
+# How SoKALinear computes forward + backward (same math, docs/adapters.md "Speed"): "kron" KronApply,
+# "kron_v2" KronLinear, "dense" KronDense (forms the merged weight transiently). SoKALinear(impl=...)
+# overrides it per layer; SOKA_IMPL=dense python train.py ... switches a whole run.
+IMPLS = ("kron", "kron_v2", "dense")
+IMPL = os.environ.get("SOKA_IMPL", "kron")
 
 
 def _acc_dtype(dtype):
@@ -97,6 +102,136 @@ class KronApply(torch.autograd.Function):
         dUs = torch.einsum("tab,txb->ax", G, Z).reshape(m, n, r).permute(2, 0, 1).to(U.dtype)
         dsigma = (dUs * U).sum((1, 2))                        # Us_k = σ_k U_k
         return dx, dsigma, dUs * sigma[:, None, None], dV
+
+
+def _compute_dtype(x):
+    """The dtype the GEMMs run in: autocast's when it is on for x's device, else x's own."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+class KronLinear(torch.autograd.Function):
+    """The whole SoKA layer y = x W_resᵀ + Σ_k σ_k U_k X V_kᵀ in one Function (impl "kron_v2"): the same
+    GEMMs as KronApply, with fewer copies and kernels.
+
+    - The frozen GEMM joins in: the adapter output is added by the batched GEMM itself (baddbmm, β = 1)
+      and dx's two parts by addmm, instead of separate adds over the output and input.
+    - The small factor matrices Us (m, n·r) and V (r·p, q) are built once, in the GEMMs' dtype, in
+      forward and saved (r·(m·n + p·q) values), not rebuilt in backward.
+    - dUs = Σ_tokens G Zᵀ needs Z with rows (t, b): backward recomputes it directly in that layout,
+      Zt (N, p·r, n) = V' @ X_tᵀ with V'[b·r + k] = V_k[b] (a permutation of the small factor), whose free
+      view (N·p, r·n) is the GEMM's right operand. KronApply's einsum instead copies Z, r·n·p values per
+      token; here only G (the layer's output size) is permuted.
+    Backward streams the r·n·p-per-token intermediate 5 times (KronApply: 7), forward 2.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")   # backward runs under forward's autocast state
+    def forward(ctx, x, weight, sigma, U, V):
+        r, m, n = U.shape
+        _, p, q = V.shape
+        if x.shape[-1] != n * q:
+            raise ValueError(f"adapters.py: x has {x.shape[-1]} features, the factors expect n·q = {n}·{q}")
+        dt = _compute_dtype(x)
+        X = x.reshape(-1, n * q).to(dt).contiguous()          # (N, n·q): one cast at most, not one per GEMM
+        N = X.shape[0]
+        Us = torch.empty(m, n, r, dtype=dt, device=x.device)
+        torch.mul(U.permute(1, 2, 0), sigma, out=Us)          # Us[a, i, k] = σ_k U_k[a, i], cast on write
+        Vd = V.to(dt)                                         # (r, p, q), rows k·p + b
+        Z = X.view(N * n, q) @ Vd.view(r * p, q).T            # (N·n, r·p) = Z[t, i, k, b] = (X_t V_kᵀ)[i, b]
+        y = F.linear(X, weight.to(dt))                        # (N, m·p)
+        y = torch.baddbmm(y.view(N, m, p), Us.view(1, m, n * r).expand(N, -1, -1), Z.view(N, n * r, p))
+        ctx.save_for_backward(X, weight, sigma, U, Us, Vd)
+        ctx.x_dtype = x.dtype
+        return y.view(*x.shape[:-1], m * p)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, gy):
+        X, weight, sigma, U, Us, Vd = ctx.saved_tensors
+        r, m, n = U.shape
+        _, p, q = Vd.shape
+        N = X.shape[0]
+        G = gy.reshape(N, m, p).to(Us.dtype)                  # (N, m, p)
+        dZ = (Us.view(m, n * r).T @ G).view(N * n, r * p)     # (N, n·r, p) ≡ (N·n, r·p): rows (t, i), cols (k, b)
+        dx = dweight = None
+        if ctx.needs_input_grad[0]:
+            dx = G.view(N, m * p) @ weight.to(Us.dtype)       # (N, n·q): the frozen part ...
+            dx = torch.addmm(dx.view(N * n, q), dZ, Vd.view(r * p, q))   # ... plus Σ_k dZ_k V_k
+            dx = dx.view(*gy.shape[:-1], n * q).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:                           # W_res is frozen in SoKALinear; for completeness
+            dweight = (G.view(N, m * p).T @ X).to(weight.dtype)
+        dV = (dZ.T @ X.view(N * n, q)).view(r, p, q).to(U.dtype)       # U, V share the factors' dtype
+        Vt = Vd.transpose(0, 1).reshape(p * r, q)             # rows b·r + k
+        Zt = Vt @ X.view(N, n, q).transpose(1, 2)             # (N, p·r, n) ≡ (N·p, r·n): rows (t, b), cols (k, i)
+        Gt = G.permute(1, 0, 2).reshape(m, N * p)             # Gt[a, t·p + b] = G[t, a, b]: the output's size
+        dUs = (Gt @ Zt.view(N * p, r * n)).view(m, r, n).transpose(0, 1)   # (r, m, n): ∂L/∂(σ_k U_k)
+        dsigma = (dUs * U).sum((1, 2))                        # in U's dtype (type promotion)
+        dU = torch.empty_like(U)
+        torch.mul(dUs, sigma[:, None, None], out=dU)          # contiguous like U, cast on write
+        return dx, dweight, dsigma, dU, dV
+
+
+def _merged(weight, sigma, U, V):
+    """W_res + Σ_k σ_k U_k ⊗ V_k as merge() forms it: the update in the factors' dtype (float32), added
+    to W_res and rounded once to the weight's dtype. R(ΔW) = Σ_k σ_k u_k v_kᵀ (kpsvd.py eq. 3) is one
+    GEMM; the add reads it through the inverse rearrangement, eq. (2), so nothing else is copied."""
+    r, m, n = U.shape
+    _, p, q = V.shape
+    with torch.autocast(weight.device.type, enabled=False):
+        R = (sigma[:, None] * U.reshape(r, m * n)).T @ V.reshape(r, p * q)          # (m·n, p·q)
+        W = torch.empty_like(weight)
+        torch.add(weight.view(m, p, n, q), R.view(m, n, p, q).permute(0, 2, 1, 3), out=W.view(m, p, n, q))
+    return W                                                  # (m·p, n·q)
+
+
+class KronDense(torch.autograd.Function):
+    """The SoKA layer through its merged weight (impl "dense"): y = x (W_res + ΔW)ᵀ as ONE GEMM.
+
+    ΔW (d_out, d_in) costs r·d_out·d_in multiply-adds to form, once per call, against N·d_out·d_in for
+    the GEMM; it is never saved (forward and backward each form it, then free it). Backward:
+    dx = G (W_res + ΔW), one GEMM; the weight gradient dW = Gᵀ X, one GEMM of N·d_out·d_in; and the
+    factor gradients are its projections (R = kpsvd.rearrange, W = Σ_k σ_k U_k ⊗ V_k + W_res):
+        ∂L/∂σ_k = u_kᵀ R(dW) v_k,   ∂L/∂U_k = σ_k R(dW) v_k,   ∂L/∂V_k = σ_k R(dW)ᵀ u_k.
+    So the cost is three large, efficient GEMMs (the frozen layer's two plus dW) whatever r is, against
+    the Kronecker path's r-proportional, memory-bound small GEMMs. It departs from SPEC.md's "training
+    never needs the dense update": it forms it transiently (a d_out × d_in weight in the model's dtype,
+    plus R(ΔW) and R(dW) in float32), trading that memory for time. Opt-in: docs/adapters.md.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, weight, sigma, U, V):
+        if x.shape[-1] != weight.shape[1]:
+            raise ValueError(f"adapters.py: x has {x.shape[-1]} features, the layer expects {weight.shape[1]}")
+        dt = _compute_dtype(x)
+        X = x.reshape(-1, x.shape[-1]).to(dt)                 # (N, d_in)
+        ctx.save_for_backward(X, weight, sigma, U, V)
+        ctx.x_dtype = x.dtype
+        return F.linear(X, _merged(weight, sigma, U, V).to(dt)).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, gy):
+        X, weight, sigma, U, V = ctx.saved_tensors
+        r, m, n = U.shape
+        _, p, q = V.shape
+        G = gy.reshape(-1, m * p).to(X.dtype)                 # (N, d_out)
+        dx = dweight = dsigma = dU = dV = None
+        if ctx.needs_input_grad[0]:
+            dx = (G @ _merged(weight, sigma, U, V).to(X.dtype)).view(*gy.shape[:-1], n * q).to(ctx.x_dtype)
+        if any(ctx.needs_input_grad[1:]):
+            dW = G.T @ X                                      # (d_out, d_in)
+            if ctx.needs_input_grad[1]:
+                dweight = dW.to(weight.dtype)
+            with torch.autocast(X.device.type, enabled=False):
+                R = torch.empty(m * n, p * q, dtype=U.dtype, device=dW.device)    # R(dW), kpsvd.py eq. (2),
+                R.view(m, n, p, q).copy_(dW.view(m, p, n, q).permute(0, 2, 1, 3))  # in float32: one copy
+                Rv = V.reshape(r, p * q) @ R.T               # (r, m·n): row k is R(dW) v_k
+                Ru = U.reshape(r, m * n) @ R                 # (r, p·q): row k is R(dW)ᵀ u_k
+            dsigma = (Rv * U.reshape(r, m * n)).sum(1)
+            dU = (Rv * sigma[:, None]).view(r, m, n)
+            dV = (Ru * sigma[:, None]).view(r, p, q)
+        return dx, dweight, dsigma, dU, dV
 
 
 # -----------------------------------------------------------------------------
@@ -165,9 +300,12 @@ class SoKALinear(AdapterLinear):
     method = "soka"
     factor_names = ("sigma", "U", "V")
 
-    def __init__(self, weight, sigma, U, V, *, subtract):
+    def __init__(self, weight, sigma, U, V, *, subtract, impl=None):
         r, m, n = U.shape
         _, p, q = V.shape
+        impl = IMPL if impl is None else impl
+        if impl not in IMPLS:
+            raise ValueError(f"adapters.py: impl (or $SOKA_IMPL) must be one of {IMPLS}, got {impl!r}")
         if (m * p, n * q) != tuple(weight.shape):
             raise ValueError(f"adapters.py: factors (m, n, p, q) = {(m, n, p, q)} give a {m * p}×{n * q} "
                              f"update, the weight is {tuple(weight.shape)}")
@@ -177,7 +315,7 @@ class SoKALinear(AdapterLinear):
         self.sigma = nn.Parameter(sigma.clone())             # (r,)
         self.U = nn.Parameter(U.clone())                     # (r, m, n)
         self.V = nn.Parameter(V.clone())                     # (r, p, q)
-        self.subtract = subtract
+        self.subtract, self.impl = subtract, impl
         if subtract:
             for k, t in (("sigma0", sigma), ("U0", U), ("V0", V)):
                 self.register_buffer(k, t.clone(), persistent=False)
@@ -188,11 +326,17 @@ class SoKALinear(AdapterLinear):
     def adapter(self, x):
         return KronApply.apply(x, self.sigma, self.U, self.V)
 
+    def forward(self, x):
+        if self.merged or self.impl == "kron":
+            return super().forward(x)                        # x W_resᵀ + KronApply(x)
+        fn = KronLinear if self.impl == "kron_v2" else KronDense
+        return fn.apply(x, self.weight, self.sigma, self.U, self.V)
+
     def extra_repr(self):
         r, m, n = self.U.shape
         _, p, q = self.V.shape
         return (f"d_out={self.d_out}, d_in={self.d_in}, (m, n, p, q)=({m}, {n}, {p}, {q}), r={r}, "
-                f"trainable={self.trainable()}, merged={self.merged}")
+                f"trainable={self.trainable()}, merged={self.merged}, impl={self.impl}")
 
 
 class LoRALinear(AdapterLinear):

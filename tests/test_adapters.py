@@ -14,8 +14,9 @@ from kpsvd import factor_shape, kpsvd, kron_apply, kron_sum
 from model import ModelArgs, Transformer, load_checkpoint
 from rank_select import explain_rank, select_rank
 from soka import inject, load_adapter, merge, save_adapter, unmerge
-from soka.adapters import (KronApply, LoRALinear, PiSSALinear, SoKALinear, adapter_layers, compress,
-                           fingerprint)
+from soka import adapters
+from soka.adapters import (IMPLS, KronApply, KronDense, KronLinear, LoRALinear, PiSSALinear, SoKALinear,
+                           adapter_layers, compress, fingerprint)
 from soka.export import export_meta
 
 ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=96, max_seq_len=64)
@@ -352,6 +353,88 @@ def test_kron_apply_function_without_input_grad_and_in_bfloat16():
     out = KronApply.apply(x.bfloat16(), sigma, U, V)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=0.03 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("fn", [KronLinear, KronDense], ids=["kron_v2", "dense"])
+@pytest.mark.parametrize("m,n,p,q,r", SHAPES)
+def test_whole_layer_functions_gradcheck_and_reference_float64(fn, m, n, p, q, r):
+    # The faster implementations take the frozen weight too: check every gradient, W_res's included,
+    # numerically (gradcheck) and against autograd through W_res + kpsvd.kron_apply.
+    g = torch.Generator().manual_seed(m * 100 + n * 10 + r)
+    x = torch.randn(2, 3, n * q, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(m * p, n * q, generator=g, dtype=torch.float64, requires_grad=True)
+    sigma = torch.rand(r, generator=g, dtype=torch.float64, requires_grad=True)
+    U = torch.randn(r, m, n, generator=g, dtype=torch.float64, requires_grad=True)
+    V = torch.randn(r, p, q, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fn.apply, (x, W, sigma, U, V))
+    gy = torch.randn(2, 3, m * p, generator=g, dtype=torch.float64)
+    ref = F.linear(x, W) + kron_apply(x, sigma, U, V)
+    y = fn.apply(x, W, sigma, U, V)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    want = torch.autograd.grad((ref * gy).sum(), (x, W, sigma, U, V))
+    for got, w in zip(torch.autograd.grad((y * gy).sum(), (x, W, sigma, U, V)), want):
+        torch.testing.assert_close(got, w, rtol=1e-10, atol=1e-10)
+    (fn.apply(x.detach(), W.detach(), sigma, U, V) * gy).sum().backward()   # only the factors need grads
+    torch.testing.assert_close(U.grad, want[3], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "kron"])
+def test_impls_give_kron_gradients_in_a_model(impl, monkeypatch):
+    # The module switch (what $SOKA_IMPL sets) reaches every layer inject builds; a training step's
+    # loss and gradients equal KronApply's in float64 (same math, other GEMM order).
+    def loss_and_grads(model):
+        logits = model(TOKENS[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), TOKENS[:, 1:].reshape(-1))
+        keys = sorted(factor_keys(model))
+        prm = dict(model.named_parameters())
+        return loss, dict(zip(keys, torch.autograd.grad(loss, [prm[k] for k in keys])))
+    grads = {}
+    for which in ("kron", impl):
+        monkeypatch.setattr(adapters, "IMPL", which)
+        model = tiny(torch.float64)
+        inject(model, "soka", ALL, verbose=False)
+        assert {layer.impl for _, layer in adapter_layers(model)} == {which}
+        grads[which] = loss_and_grads(model)
+    torch.testing.assert_close(grads[impl][0], grads["kron"][0], rtol=1e-12, atol=0)
+    for k, want in grads["kron"][1].items():
+        torch.testing.assert_close(grads[impl][1][k], want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_impls_in_bfloat16_and_under_autocast(impl):
+    # bf16 model, and a float32 model under CPU autocast: outputs, dx and the float32 factor gradients
+    # stay within 2 % of the largest float64 value (a few bf16 roundings, eps 2⁻⁸; wrong math is O(1)).
+    g = torch.Generator().manual_seed(3)
+    W, x = torch.randn(20, 18, generator=g) / 5, torch.randn(7, 2, 18, generator=g)
+    factors = torch.rand(3, generator=g), torch.randn(3, 4, 6, generator=g), torch.randn(3, 5, 3, generator=g)
+
+    def run(impl, dtype, amp=False):
+        layer = SoKALinear(W.to(dtype), *factors, subtract=False, impl=impl)
+        xx = x.to(dtype).detach().clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            y = layer(xx)
+        y.float().square().sum().backward()
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        assert all(getattr(layer, k).grad.dtype == acc for k in layer.factor_names)
+        return [y.double(), xx.grad.double()] + [getattr(layer, k).grad.double() for k in layer.factor_names]
+
+    ref = run("kron", torch.float64)
+    for dtype, amp in ((torch.bfloat16, False), (torch.float32, True)):
+        got = run(impl, dtype, amp)
+        for a, b in zip(got, ref):
+            assert (a - b).abs().max() <= 0.02 * b.abs().max(), (dtype, amp)
+
+
+def test_dense_impl_is_the_merged_layer_and_impl_is_checked():
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(12, 20, generator=g)
+    sigma, U, V = kpsvd(W, 3, 4, 4, 5, rank=2)
+    layer = SoKALinear(W, sigma * 1.5, U, V, subtract=True, impl="dense")
+    x = torch.randn(6, 20, generator=g)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.merged_weight()), rtol=1e-6, atol=1e-6)
+    assert "impl=dense" in repr(layer)
+    with pytest.raises(ValueError, match="impl"):
+        SoKALinear(W, sigma, U, V, subtract=True, impl="fused")
 
 
 def test_layers_direct_and_extra_repr():
