@@ -1,7 +1,8 @@
 """SoKA, LoRA and PiSSA layers, and the calls that put them into a model, save them and load them.
 
 Every adapted linear layer keeps a frozen residual weight W_res (d_out, d_in) in the model's dtype and
-adds a trainable update applied to the activations, never formed as a dense matrix while training:
+adds a trainable update applied to the activations, never formed as a dense matrix while training
+(except by the opt-in impl "dense", which forms it transiently for speed; docs/adapters.md "Speed"):
 
     SoKA   y = x W_resᵀ + Σ_k σ_k (U_k ⊗ V_k) x       U (r, m, n), V (r, p, q), σ (r,)   SPEC.md
     LoRA   y = x W_resᵀ + (α/r) · B A x              A (r, d_in), B (d_out, r), W_res = W
