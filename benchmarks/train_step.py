@@ -1,0 +1,435 @@
+"""One training step of a LLaMA-2-7B-shaped model: tokens/s, peak memory and achieved TFLOP/s, per method.
+
+    python benchmarks/train_step.py                     # the H100 run: 7B shape, bf16, 4 × 1024 tokens, all configs
+    python benchmarks/train_step.py --configs ours_frozen,soka_r8,soka_r8@dense,hf_frozen   # a subset
+    python benchmarks/train_step.py --layers 2 --dim 64 --heads 4 --ffn 128 --vocab 256 --batch 2 \\
+        --seq 32 --steps 2 --warmup 1 --out /tmp/train_step.json                      # CPU logic check
+
+Every ratio comes from one run (one process, one GPU, one torch). Each config is built on its own,
+measured, and freed (del, gc, empty_cache) before the next:
+    ours_frozen      model.py's Transformer, nothing trainable, backward to the embedding output
+                     only (a hook makes it require grad): the floor every adapter adds to
+    soka_r1/_r4/_r8  + SoKA on wq wk wv wo w1 w2 w3, inject(rank=r, randomized=True)
+    soka_attn_r8     + SoKA on wq wk wv wo, r = 8
+    lora_r16         + LoRA r = 16 on all seven
+    pissa_r16        + PiSSA r = 16 on all seven (randomized SVD init)
+    hf_frozen        transformers' LlamaForCausalLM, same shape, SDPA, backward to inputs_embeds only
+    peft_lora_r16    + PEFT LoRA r = 16 on q k v o gate up down
+    peft_lokr_r8     + PEFT LoKr r = 8 on the same (forms the dense update: ~72 GiB; 'OOM' if it fails)
+A SoKA config may name an implementation, `soka_r8@dense` (adapters.IMPLS); plain `soka_r8` uses
+adapters' default ($SOKA_IMPL, else "kron"). HF configs are skipped when transformers/peft do not import.
+
+Setup. Weights: random, built on the meta device and materialized on the target device with to_empty
+(never a CPU copy), N(0, 0.02) for matrices and 1 for norms; bfloat16 on CUDA, float32 on CPU. Batch:
+random ids, labels = ids. Our model: train.py's loss_sum under train.py's autocast, forward + backward
+replayed as one CUDA graph by train.py's GraphedStep (--eager: plain autograd). HF: eager, autocast
+bf16, loss from `labels=` (use_cache off). One fused AdamW step per iteration on the trainable
+parameters (the frozen floors have none, so no optimizer). Time: synchronize + perf_counter around
+each iteration, median of --steps after --warmup (the first warmup step holds graph capture).
+Memory: torch.cuda.max_memory_allocated from just before the first step (so CUDA graph capture and
+the optimizer state are in it) to the end, in GiB.
+
+FLOPs per token (flops_per_token; multiply-add = 2 FLOPs): forward 2·(linear weights) + causal
+attention 2·2·d·(T+1)/2 per layer; backward to the input the same for the linear layers and twice
+the forward for attention (dQ, dK, dV, dP: the usual 3× of forward, as in 12·L·d·T); no weight
+gradients for the frozen base; plus each adapter's own, docs/adapters.md's per-layer model:
+SoKA kron / kron_v2 r·n·p·(4q + 3m) multiply-adds, dense d_out·d_in + 4·r·d_out·d_in / tokens,
+LoRA / PiSSA 3·r·(d_in + d_out), PEFT LoKr 3·d_out·d_in (its second dense GEMM, its dx and dW).
+Where a layer's input needs no gradient (layer 0's wq wk wv in the adapter configs) its dx is not
+counted, as autograd does not compute it. Achieved TFLOP/s = FLOPs per token × tokens/s; % GEMM
+is that over the same run's bf16 GEMM rate (an --gemm-size³ matmul, measured at the start and at the
+end; the higher counts).
+Prints a table and writes JSON (default benchmarks/results/train_step.json).
+"""
+import argparse
+import gc
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import traceback
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kpsvd import factor_shape                                  # noqa: E402
+from model import ModelArgs, Transformer                        # noqa: E402
+from soka import adapters                                       # noqa: E402
+from train import GraphedStep, loss_sum                         # noqa: E402
+
+ALL7 = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+ATTN = ("wq", "wk", "wv", "wo")
+HF_NAMES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
+            "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+# name -> (model, method, rank, targets); method None = the frozen floor
+CONFIGS = {
+    "ours_frozen": ("ours", None, None, ()),
+    "soka_r1": ("ours", "soka", 1, ALL7),
+    "soka_r4": ("ours", "soka", 4, ALL7),
+    "soka_r8": ("ours", "soka", 8, ALL7),
+    "soka_attn_r8": ("ours", "soka", 8, ATTN),
+    "lora_r16": ("ours", "lora", 16, ALL7),
+    "pissa_r16": ("ours", "pissa", 16, ALL7),
+    "hf_frozen": ("hf", None, None, ()),
+    "peft_lora_r16": ("hf", "lora", 16, ALL7),
+    "peft_lokr_r8": ("hf", "lokr", 8, ALL7),
+}
+GiB = 2**30
+
+
+def parse_config(name):
+    """'soka_r8@dense' -> ('soka_r8', 'dense'); the implementation only for SoKA configs."""
+    base, _, impl = name.partition("@")
+    if base not in CONFIGS:
+        raise ValueError(f"train_step.py: unknown config {name!r}; known: {', '.join(CONFIGS)}")
+    impls = getattr(adapters, "IMPLS", ("kron",))
+    if impl and (CONFIGS[base][1] != "soka" or impl not in impls):
+        raise ValueError(f"train_step.py: {name!r}: '@impl' needs a SoKA config and one of {impls}")
+    return base, impl or None
+
+
+# ----------------------------------------------------------------------------- FLOP model
+
+def linear_shapes(a):
+    """(name, d_out, d_in) of one block's linear layers."""
+    kv = a.n_kv_heads * a.head_dim
+    return [("wq", a.dim, a.dim), ("wk", kv, a.dim), ("wv", kv, a.dim), ("wo", a.dim, a.dim),
+            ("w1", a.ffn_dim, a.dim), ("w2", a.dim, a.ffn_dim), ("w3", a.ffn_dim, a.dim)]
+
+
+def adapter_macs(method, d_out, d_in, r, *, impl, tokens, dx):
+    """The adapter's own multiply-adds per token, forward + backward (docs/adapters.md), without the
+    input-gradient part when dx is False."""
+    if method == "soka":
+        m, n, p, q = factor_shape(d_out, d_in)
+        if impl == "dense":     # dW = Gᵀ X per token; ΔW formed in forward (and backward for dx), 2 projections
+            return d_out * d_in + (3 + dx) * r * d_out * d_in / tokens
+        return r * n * p * ((4 if dx else 3) * q + 3 * m)           # kron, kron_v2
+    if method in ("lora", "pissa"):
+        return 3 * r * (d_in + d_out) - (0 if dx else r * d_in)
+    if method == "lokr":        # y += x ΔWᵀ: a second dense GEMM, its dx and its weight gradient
+        return (3 if dx else 2) * d_out * d_in
+    raise ValueError(f"train_step.py: no FLOP model for {method!r}")
+
+
+def flops_per_token(a, seq, *, method=None, rank=None, targets=(), impl="kron", tokens=1, causal=True):
+    """Model FLOPs per token of one forward + backward (see the module docstring)."""
+    ctx = (seq + 1) / 2 if causal else seq                    # mean keys per query
+    attn_fwd = 2 * 2 * a.n_heads * a.head_dim * ctx           # Q Kᵀ and P V
+    total = 0.0
+    for layer in range(a.n_layers):
+        total += 3 * attn_fwd
+        for name, d_out, d_in in linear_shapes(a):
+            # layer 0's q/k/v read the embedding output, which requires grad only in the frozen floor
+            dx = method is None or layer > 0 or name not in ("wq", "wk", "wv")
+            total += 2 * d_out * d_in * (1 + dx)
+            if name in targets:
+                total += 2 * adapter_macs(method, d_out, d_in, rank, impl=impl, tokens=tokens, dx=dx)
+    return total + 2 * 2 * a.vocab_size * a.dim               # the output head: forward and dx
+
+
+# ----------------------------------------------------------------------------- models
+
+def build_ours(a, *, device, dtype):
+    """model.py's Transformer on the meta device, materialized on `device` (no CPU copy), random."""
+    with torch.device("meta"):
+        model = Transformer(a).to(dtype)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.fill_(1.0)                        # RMSNorm weights
+            else:
+                p.normal_(0.0, 0.02)
+    return model
+
+
+def build_hf(a, *, device, dtype):
+    """transformers' LlamaForCausalLM of the same shape, SDPA attention, built on `device` (HF's own init)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.ffn_dim,
+                      num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads,
+                      num_key_value_heads=a.n_kv_heads, max_position_embeddings=a.max_seq_len,
+                      rms_norm_eps=a.norm_eps, tie_word_embeddings=False, use_cache=False)
+    with torch.device(device):
+        return LlamaForCausalLM._from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+
+
+def require_input_grad(embedding):
+    """The floor: make the embedding output a leaf that requires grad, so backward runs through every
+    layer to the input (PEFT's enable_input_require_grads does the same)."""
+    return embedding.register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
+
+
+def setup(name, a, *, device, dtype, graphed):
+    """Build one config: dict(model, step (ids, labels, n_tok) -> loss, opt, trainable, timings, ...).
+    step is one forward + backward of loss_sum / n_tok (HF: its own mean loss), no optimizer."""
+    base, impl = parse_config(name)
+    kind, method, rank, targets = CONFIGS[base]
+    cuda = device.type == "cuda"
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if cuda else nullcontext()
+    t0 = time.perf_counter()
+    model = (build_ours if kind == "ours" else build_hf)(a, device=device, dtype=dtype)
+    model.train()
+    sync(device)
+    t1 = time.perf_counter()
+    hook = None
+    if method is None:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        hook = require_input_grad(model.tok_embeddings if kind == "ours" else model.get_input_embeddings())
+    elif kind == "ours":
+        opts = dict(randomized=True) if method in ("soka", "pissa") else {}
+        adapters.inject(model, method, targets, rank=rank, verbose=False, **opts)
+        if impl:
+            for _, layer in adapters.adapter_layers(model):
+                layer.impl = impl
+    else:
+        import peft
+        hf_targets = [HF_NAMES[t] for t in targets]
+        if method == "lora":
+            pcfg = peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=hf_targets)
+        else:
+            pcfg = peft.LoKrConfig(r=rank, alpha=rank, target_modules=hf_targets)
+        model = peft.get_peft_model(model, pcfg)
+    sync(device)
+    t2 = time.perf_counter()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if method == "soka":
+        impl = impl or getattr(adapters.adapter_layers(model)[0][1], "impl", "kron")
+    opt = torch.optim.AdamW(trainable, lr=1e-5, fused=cuda) if trainable else None
+    if kind == "ours":
+        for p in trainable:                     # allocated once, as train.py does: graphs write into them
+            p.grad = torch.zeros_like(p)
+        if graphed:
+            # GraphedStep takes its device from params[0] and restores their gradients after capture;
+            # the floor has none, so it gets a one-element stand-in that nothing reads.
+            anchor = [torch.zeros(1, device=device, requires_grad=True)]
+            anchor[0].grad = torch.zeros_like(anchor[0])
+            graph_step = GraphedStep(model, trainable or anchor, amp=amp, pad_id=0)
+
+            def step(ids, labels, n_tok):
+                return graph_step(ids, labels, n_tok)
+        else:
+            def step(ids, labels, n_tok):
+                with amp:
+                    loss = loss_sum(model, ids, labels) / n_tok
+                loss.backward()
+                return loss
+    else:
+        hf_amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+
+        def step(ids, labels, n_tok):
+            with hf_amp:
+                loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            return loss
+    return dict(model=model, step=step, opt=opt, hook=hook, kind=kind, method=method, rank=rank,
+                targets=targets, impl=impl, n_trainable=sum(p.numel() for p in trainable),
+                trainable_dtype=str(trainable[0].dtype).removeprefix("torch.") if trainable else None,
+                build_s=t1 - t0, init_s=t2 - t1)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_tflops(n, *, device, dtype, rounds=5, per_round=10):
+    """Rate of an n×n×n matmul of random `dtype` matrices, TFLOP/s: the best of `rounds` rounds of
+    `per_round` back-to-back matmuls between two synchronizations, after a warm-up round."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    y = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    best = math.inf
+    for i in range(rounds + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(per_round):
+            x @ y
+        sync(device)
+        if i > 0:
+            best = min(best, (time.perf_counter() - t0) / per_round)
+    return 2 * n**3 / best / 1e12
+
+
+def run_config(name, a, *, device, dtype, graphed, batch, seq, steps, warmup):
+    """Build, warm up, time and measure one config; returns its result row. Frees nothing itself:
+    everything it built dies with its frame."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    s = setup(name, a, device=device, dtype=dtype, graphed=graphed)
+    g = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, a.vocab_size, (batch, seq), device=device, generator=g)
+    labels = ids.clone()
+    n_tok = torch.tensor(float(batch * (seq - 1)), device=device)     # loss tokens: position i predicts i + 1
+    if cuda:
+        sync(device)
+        init_peak = torch.cuda.max_memory_allocated(device) / GiB
+        resident = torch.cuda.memory_allocated(device) / GiB
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(warmup + steps):
+        sync(device)
+        t0 = time.perf_counter()
+        loss = s["step"](ids, labels, n_tok)
+        if s["opt"] is not None:
+            s["opt"].step()
+            s["opt"].zero_grad(set_to_none=s["kind"] == "hf")   # ours: graphs hold the .grad tensors
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times[warmup:])
+    row = dict(config=name, status="ok", model=s["kind"], method=s["method"] or "frozen", rank=s["rank"],
+               targets=list(s["targets"]), impl=s["impl"], trainable=s["n_trainable"],
+               trainable_dtype=s["trainable_dtype"], build_s=s["build_s"], init_s=s["init_s"],
+               first_step_s=times[0], step_s=step_s, step_s_all=times[warmup:],
+               tokens_per_s=batch * seq / step_s, loss=float(loss.detach()))
+    if cuda:
+        row.update(resident_gib=resident, init_peak_gib=init_peak,
+                   peak_gib=torch.cuda.max_memory_allocated(device) / GiB,
+                   peak_reserved_gib=torch.cuda.max_memory_reserved(device) / GiB)
+    if not math.isfinite(row["loss"]):
+        row["status"] = f"non-finite loss {row['loss']}"
+    return row
+
+
+def free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def hf_available():
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated; soka configs take @impl")
+    ap.add_argument("--steps", type=int, default=10, help="timed iterations")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed iterations first (graph capture, optimizer state)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=ModelArgs.n_layers)
+    ap.add_argument("--dim", type=int, default=ModelArgs.dim)
+    ap.add_argument("--heads", type=int, default=ModelArgs.n_heads)
+    ap.add_argument("--ffn", type=int, default=None, help="FFN size (default: Meta's rule from dim, 11008 at 4096)")
+    ap.add_argument("--vocab", type=int, default=ModelArgs.vocab_size)
+    ap.add_argument("--eager", action="store_true", help="our model without CUDA graphs (HF is always eager)")
+    ap.add_argument("--gemm-size", type=int, default=None, help="n of the n³ matmul (default 8192 on CUDA, 512 on CPU)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "train_step.json"))
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    a = ModelArgs(dim=args.dim, n_layers=args.layers, n_heads=args.heads, vocab_size=args.vocab,
+                  hidden_dim=args.ffn, max_seq_len=max(4096, args.seq))
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for n in names:
+        parse_config(n)
+    have_hf = hf_available()
+    graphed = cuda and not args.eager
+    tokens = args.batch * args.seq
+    gemm_n = args.gemm_size or (8192 if cuda else 512)
+
+    versions = dict(torch=torch.__version__)
+    if have_hf:
+        import peft
+        import transformers
+        versions.update(transformers=transformers.__version__, peft=peft.__version__)
+    info = dict(device=torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+                versions=versions, dtype=str(dtype).removeprefix("torch."),
+                shape=dict(layers=a.n_layers, dim=a.dim, heads=a.n_heads, kv_heads=a.n_kv_heads,
+                           ffn=a.ffn_dim, vocab=a.vocab_size),
+                batch=args.batch, seq=args.seq, tokens_per_step=tokens, steps=args.steps, warmup=args.warmup,
+                our_forward_backward="CUDA graph (train.GraphedStep)" if graphed else "eager",
+                hf_forward_backward="eager, autocast bf16" if cuda else "eager",
+                soka_default_impl=getattr(adapters, "IMPL", "kron"), optimizer="AdamW fused" if cuda else "AdamW",
+                timing="synchronize + perf_counter, median of steps after warmup")
+    n_params = sum(d_out * d_in for _, d_out, d_in in linear_shapes(a)) * a.n_layers + 2 * a.vocab_size * a.dim
+    print(f"device {info['device']}, {', '.join(f'{k} {v}' for k, v in versions.items())}, {info['dtype']}")
+    print(f"model: {a.n_layers} layers, dim {a.dim}, {a.n_heads} heads, FFN {a.ffn_dim}, vocab {a.vocab_size}: "
+          f"{n_params / 1e9:.3f} B parameters (norms aside); batch {args.batch} × {args.seq} = {tokens:,} tokens "
+          f"per step; ours: {info['our_forward_backward']}; {args.warmup} warm-up + {args.steps} timed steps")
+
+    gemm = [gemm_tflops(gemm_n, device=device, dtype=dtype)]
+    print(f"{gemm_n}³ {info['dtype']} GEMM: {gemm[0]:.4g} TFLOP/s")
+    rows = []
+    for name in names:
+        base, _ = parse_config(name)
+        if CONFIGS[base][0] == "hf" and not have_hf:
+            print(f"{name}: skipped (transformers / peft do not import)")
+            rows.append(dict(config=name, status="skipped: transformers / peft not importable"))
+            continue
+        try:
+            row = run_config(name, a, device=device, dtype=dtype, graphed=graphed, batch=args.batch,
+                             seq=args.seq, steps=args.steps, warmup=args.warmup)
+        except torch.OutOfMemoryError:
+            row = dict(config=name, status="OOM")
+        except Exception as e:                  # one broken config must not lose the others' numbers
+            traceback.print_exc()
+            row = dict(config=name, status=f"error: {type(e).__name__}: {e}")
+        free(device)
+        if row["status"] == "ok":
+            _, method, rank, targets = CONFIGS[base]
+            row["flops_per_token"] = flops_per_token(
+                a, args.seq, method=method, rank=rank, targets=targets,
+                impl=row["impl"], tokens=tokens)
+        rows.append(row)
+        print(f"{name}: " + (f"{row['tokens_per_s']:,.0f} tokens/s, step {1e3 * row['step_s']:.1f} ms, "
+                             f"first step {row['first_step_s']:.1f} s, init {row['init_s']:.1f} s, loss {row['loss']:.3f}"
+                             + (f", peak {row['peak_gib']:.2f} GiB" if cuda else "")
+                             if row["status"] == "ok" else row["status"]), flush=True)
+    gemm.append(gemm_tflops(gemm_n, device=device, dtype=dtype))
+    gemm_rate = max(gemm)
+
+    by = {r["config"]: r for r in rows if r["status"] == "ok"}
+    floor, hf_floor = by.get("ours_frozen"), by.get("hf_frozen")
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        r["x_hf_floor"] = r["tokens_per_s"] / hf_floor["tokens_per_s"] if hf_floor else None
+        r["x_our_floor"] = r["tokens_per_s"] / floor["tokens_per_s"] if floor else None
+        r["mem_x_our_floor"] = r["peak_gib"] / floor["peak_gib"] if floor and cuda else None
+        r["tflops"] = r["flops_per_token"] * r["tokens_per_s"] / 1e12
+        r["pct_gemm"] = 100 * r["tflops"] / gemm_rate
+
+    f = lambda v, fmt: "-" if v is None else fmt.format(v)   # noqa: E731
+    print(f"\n{'config':<20} {'trainable':>11} {'init s':>7} {'tokens/s':>9} {'×HF floor':>9} {'×our floor':>10} "
+          f"{'peak GiB':>8} {'×floor mem':>10} {'GFLOP/tok':>9} {'TFLOP/s':>8} {'% GEMM':>6}")
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"{r['config']:<20} {r['status']}")
+            continue
+        print(f"{r['config']:<20} {r['trainable']:>11,} {r['init_s']:>7.1f} {r['tokens_per_s']:>9,.0f} "
+              f"{f(r['x_hf_floor'], '{:.3f}'):>9} {f(r['x_our_floor'], '{:.3f}'):>10} "
+              f"{f(r.get('peak_gib'), '{:.2f}'):>8} {f(r['mem_x_our_floor'], '{:.3f}'):>10} "
+              f"{r['flops_per_token'] / 1e9:>9.4g} {r['tflops']:>8.4g} {r['pct_gemm']:>6.1f}")
+    print(f"{gemm_n}³ GEMM: {gemm[0]:.4g} TFLOP/s at the start, {gemm[1]:.4g} at the end; % GEMM uses {gemm_rate:.4g}")
+
+    info.update(gemm_n=gemm_n, gemm_tflops=gemm, gemm_tflops_used=gemm_rate, params_linear_and_head=n_params)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(config=info, results=rows), indent=1) + "\n")
+    print(f"wrote {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
