@@ -66,6 +66,9 @@ def make_parser(suppress=False):
     a("--rank", type=int, default=d(None), help="fixed rank for every layer (SoKA: skips the rule; LoRA/PiSSA: default 8)")
     a("--init", choices=("kpsvd", "random"), default=d("kpsvd"), help="SoKA initialization (random: σ = 0 ablation)")
     a("--alpha", type=float, default=d(None), help="LoRA scale numerator (alpha / r); default r")
+    a("--soka-impl", choices=adapters.IMPLS, default=d(None),
+      help="SoKA layer implementation (default kron_v2; dense forms ΔW transiently: faster for small layers, "
+           "outside SPEC.md; docs/adapters.md)")
     a("--lr", type=float, default=d(2e-4), help="peak learning rate (each method has its own best: sweep it)")
     a("--min-lr-ratio", type=float, default=d(0.0), help="cosine decays to lr × this")
     a("--warmup", type=float, default=d(0.03), help="warmup steps, or a fraction of all steps if < 1")
@@ -364,6 +367,8 @@ def main(argv=None):
     dtype = next(model.parameters()).dtype
     targets = tuple(t.strip() for t in cfg.targets.split(",") if t.strip())
     out = Path(cfg.out or f"out/{cfg.task}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if cfg.soka_impl:
+        adapters.IMPL = cfg.soka_impl       # every SoKALinear built below (inject or load_adapter)
     if cfg.resume:
         state_dir = find_checkpoint(out)
         report = adapters.load_adapter(model, state_dir / "adapter.pt")

@@ -221,3 +221,17 @@ def test_cuda_graph_steps_equal_eager_steps(tiny, tmp_path):
     for ra, rb in zip(metrics(tmp_path / "graph"), metrics(tmp_path / "eager")):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=2e-2)        # bf16: padding changes rounding
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=5e-2)
+
+
+def test_soka_implementations_train_alike(tiny, tmp_path):
+    """--soka-impl changes how the layer computes, not what: three steps give the same losses."""
+    common = ["--task", "gsm8k", "--ckpt", tiny, "--max-steps", 3, "--eval-limit", 0, *FAST]
+    runs = {}
+    for impl in ("kron_v2", "dense", "kron"):
+        run(*common, "--out", tmp_path / impl, "--soka-impl", impl)
+        runs[impl] = metrics(tmp_path / impl)
+        assert json.loads((tmp_path / impl / "config.json").read_text())["soka_impl"] == impl
+    for impl in ("dense", "kron"):
+        for ra, rb in zip(runs["kron_v2"], runs[impl]):
+            assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4)
+            assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-3)
