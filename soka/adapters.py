@@ -35,7 +35,7 @@ RANDOMIZED_ABOVE = 1024   # exact SVD while min side of the rearranged matrix â‰
 FORMAT = "soka-adapter"
 VERSION = 1
 # How SoKALinear computes forward + backward (same math, docs/adapters.md "Speed"): "kron_v2"
-# KronLinear (the default: factors applied to activations, as SPEC.md requires; 1.6-4x faster than
+# KronLinear (the default: factors applied to activations, as SPEC.md requires; 1.3-4x faster than
 # "kron" at LLaMA-2-7B shapes on an H100), "kron" KronApply (saves the least), "dense" KronDense
 # (forms the merged weight transiently: opt-in, departs from SPEC's "never the dense update").
 # SoKALinear(impl=...) overrides it per layer; train.py --soka-impl or $SOKA_IMPL a whole run.
