@@ -235,3 +235,16 @@ def test_soka_implementations_train_alike(tiny, tmp_path):
         for ra, rb in zip(runs["kron_v2"], runs[impl]):
             assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4)
             assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-3)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_nccl_processes_equal_one_gpu(tiny, tmp_path):
+    common = ["--task", "gsm8k", "--ckpt", tiny, "--max-steps", 3, "--eval-limit", 0, *FAST,
+              "--device", "cuda", "--batch-size", 2]
+    run(*common, "--out", tmp_path / "one", "--grad-accum", 2)
+    p = run(*common, "--out", tmp_path / "two", "--grad-accum", 1, nproc=2)
+    assert "2 processes" in p.stdout and "CUDA graphs" in p.stdout
+    for ra, rb in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
+        assert ra["tokens"] == rb["tokens"]
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-2)       # bf16 on two devices
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=5e-2)
