@@ -179,8 +179,10 @@ class Transformer(nn.Module):
         # Tied: no `output` module, so the state dict has no output.weight (as in the GGUF and HF files).
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
 
-    def forward(self, tokens, *, cache=None, start=0, last_only=False):
-        """tokens (B, T) -> float32 logits (B, T, vocab), or (B, 1, vocab) with last_only.
+    def forward(self, tokens, *, cache=None, start=0, last_only=False, hidden=False):
+        """tokens (B, T) -> float32 logits (B, T, vocab), or (B, 1, vocab) with last_only; with
+        hidden=True the final-norm states (B, T, dim) instead, for a loss that applies
+        `output_weight()` itself without materializing every logit.
 
         Without a cache: a causal forward at positions start..start+T-1 (training). With a KVCache:
         the tokens fill cache slots start..start+T-1; row b's token in slot s has position
@@ -212,8 +214,13 @@ class Transformer(nn.Module):
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)
-        logits = F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
-        return logits.float()
+        if hidden:
+            return h
+        return F.linear(h, self.output_weight()).float()
+
+    def output_weight(self):
+        """The (vocab, dim) output projection: tok_embeddings.weight when tied."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
 
 
 # ----------------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kpsvd import factor_shape                                  # noqa: E402
 from model import ModelArgs, Transformer                        # noqa: E402
 from soka import adapters                                       # noqa: E402
+import train                                                   # noqa: E402
 from train import GraphedStep, loss_sum                         # noqa: E402
 
 ALL7 = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -117,7 +118,8 @@ def adapter_macs(method, d_out, d_in, r, *, impl, tokens, dx):
     raise ValueError(f"train_step.py: no FLOP model for {method!r}")
 
 
-def flops_per_token(a, seq, *, method=None, rank=None, targets=(), impl="kron", tokens=1, causal=True):
+def flops_per_token(a, seq, *, method=None, rank=None, targets=(), impl="kron", tokens=1, causal=True,
+                    head_rows=1.0):
     """Model FLOPs per token of one forward + backward (see the module docstring)."""
     ctx = (seq + 1) / 2 if causal else seq                    # mean keys per query
     attn_fwd = 2 * 2 * a.n_heads * a.head_dim * ctx           # Q Kᵀ and P V
@@ -130,7 +132,8 @@ def flops_per_token(a, seq, *, method=None, rank=None, targets=(), impl="kron", 
             total += 2 * d_out * d_in * (1 + dx)
             if name in targets:
                 total += 2 * adapter_macs(method, d_out, d_in, rank, impl=impl, tokens=tokens, dx=dx)
-    return total + 2 * 2 * a.vocab_size * a.dim               # the output head: forward and dx
+    # the output head, forward and dx, on the rows that get logits: HF all T, ours T - 1 (train.loss_sum)
+    return total + 2 * 2 * a.vocab_size * a.dim * head_rows
 
 
 # ----------------------------------------------------------------------------- models
@@ -387,10 +390,10 @@ def main(argv=None):
             row = dict(config=name, status=f"error: {type(e).__name__}: {e}")
         free(device)
         if row["status"] == "ok":
-            _, method, rank, targets = CONFIGS[base]
+            kind, method, rank, targets = CONFIGS[base]
             row["flops_per_token"] = flops_per_token(
-                a, args.seq, method=method, rank=rank, targets=targets,
-                impl=row["impl"], tokens=tokens)
+                a, args.seq, method=method, rank=rank, targets=targets, impl=row["impl"], tokens=tokens,
+                head_rows=1.0 if kind == "hf" or not train.CE_CHUNK else (args.seq - 1) / args.seq)
         rows.append(row)
         print(f"{name}: " + (f"{row['tokens_per_s']:,.0f} tokens/s, step {1e3 * row['step_s']:.1f} ms, "
                              f"first step {row['first_step_s']:.1f} s, init {row['init_s']:.1f} s, loss {row['loss']:.3f}"

@@ -248,3 +248,25 @@ def test_two_nccl_processes_equal_one_gpu(tiny, tmp_path):
         assert ra["tokens"] == rb["tokens"]
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-2)       # bf16 on two devices
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=5e-2)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_linear_cross_entropy_equals_the_plain_loss(tied):
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=50, multiple_of=32,
+                                  max_seq_len=64, tie_embeddings=tied)).double()
+    ids = torch.randint(0, 50, (3, 11))
+    labels = ids.clone()
+    labels[:, :4] = -100                                        # a masked prompt
+    labels[2, 7:] = -100                                        # and padding
+    grads = {}
+    for chunk in (0, 5, 7, 100):
+        model.zero_grad()
+        loss = train.loss_sum(model, ids, labels, chunk=chunk)
+        loss.backward()
+        grads[chunk] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    for chunk in (5, 7, 100):
+        # both paths take float32 logits (model.py's contract), so they agree to float32 rounding
+        torch.testing.assert_close(grads[chunk][0].double(), grads[0][0].double(), rtol=1e-6, atol=0)
+        for n, g in grads[0][1].items():
+            torch.testing.assert_close(grads[chunk][1][n], g, rtol=1e-5, atol=1e-6)
