@@ -254,6 +254,16 @@ class LinearCrossEntropy(torch.autograd.Function):
                 None if gW is None else (gW * grad).to(ctx.W_dtype), None, None)
 
 
+def eager_step(model, amp):
+    """One micro-batch's forward (under `amp`) and backward, launched op by op: the loss divided by n_tok."""
+    def step(ids, labels, n_tok):
+        with amp:
+            loss = loss_sum(model, ids, labels) / n_tok
+        loss.backward()
+        return loss
+    return step
+
+
 class GraphedStep:
     """Forward + backward of one micro-batch, replayed as a CUDA graph: one graph per padded length.
 
@@ -434,14 +444,7 @@ def main(argv=None):
     for p in trainable:                     # allocated once: accumulation and CUDA graphs write into them
         p.grad = torch.zeros_like(p)
     graphed = device.type == "cuda" and cfg.cuda_graph and not cfg.compile
-    if graphed:
-        micro_step = GraphedStep(model, trainable, amp=amp, pad_id=tok.pad_id)
-    else:
-        def micro_step(ids, labels, n_tok):
-            with amp:
-                loss = loss_sum(fwd, ids, labels) / n_tok
-            loss.backward()
-            return loss
+    micro_step = GraphedStep(model, trainable, amp=amp, pad_id=tok.pad_id) if graphed else eager_step(fwd, amp)
 
     # ---- data
     train_raw, held_raw = heldout_split(cfg.task, cfg.data_dir, cfg.heldout)

@@ -54,14 +54,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kpsvd import factor_shape                                  # noqa: E402
 from model import ModelArgs, Transformer                        # noqa: E402
 from soka import adapters                                       # noqa: E402
 import train                                                   # noqa: E402
-from train import GraphedStep, loss_sum                         # noqa: E402
+from train import GraphedStep, eager_step                       # noqa: E402
 
 ALL7 = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 ATTN = ("wq", "wk", "wv", "wo")
@@ -219,11 +218,7 @@ def setup(name, a, *, device, dtype, graphed):
             def step(ids, labels, n_tok):
                 return graph_step(ids, labels, n_tok)
         else:
-            def step(ids, labels, n_tok):
-                with amp:
-                    loss = loss_sum(model, ids, labels) / n_tok
-                loss.backward()
-                return loss
+            step = eager_step(model, amp)
     else:
         hf_amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
