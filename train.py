@@ -393,8 +393,9 @@ def auto_eval_batch(model, n, max_tokens, device):
 
 
 def count_params(model):
-    total = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
-    return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """(all parameters, trainable ones). Buffers are left out: the adapters' only buffers are copies
+    of their initial factors (kept for save_adapter), not weights the model computes with."""
+    return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 # ----------------------------------------------------------------------------- main
@@ -537,9 +538,9 @@ def main(argv=None):
         opt.zero_grad(set_to_none=False)
         step += 1
         dt = time.perf_counter() - t0
+        tokens = sum(len(e["input_ids"]) for e in batch)
         row = dict(step=step, epoch=round(step / steps_per_epoch, 4), loss=loss_v, lr=lr, grad_norm=gnorm_v,
-                   tokens=int(sum(len(e["input_ids"]) for e in batch)), time_s=round(dt, 4),
-                   tokens_per_s=round(sum(len(e["input_ids"]) for e in batch) / dt, 1), heldout_loss=None)
+                   tokens=tokens, time_s=round(dt, 4), tokens_per_s=round(tokens / dt, 1), heldout_loss=None)
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
             row["heldout_loss"] = heldout_loss(fwd, held, batch_size=cfg.batch_size, pad_id=tok.pad_id,
                                                device=device, amp=amp, rank=rank, world=world)

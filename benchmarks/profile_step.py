@@ -62,10 +62,10 @@ def main():
         n_tok = torch.tensor(float(args.batch * (args.seq - 1)), device=device)
         opt = torch.optim.AdamW(params, lr=1e-5, fused=True) if params else None
 
+        fwd_bwd = train.eager_step(model, amp)
+
         def eager():
-            with amp:
-                loss = train.loss_sum(model, ids, labels) / n_tok
-            loss.backward()
+            fwd_bwd(ids, labels, n_tok)
             if opt:
                 opt.step()
                 opt.zero_grad(set_to_none=False)
