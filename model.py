@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # ----------------------------------------------------------------------------------------------
 # config
@@ -79,26 +80,33 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x, weight, eps):
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x) * weight
 
 
 def rotary(positions, head_dim, theta):
-    """e^{i·pos·θ^(-2j/head_dim)} for j < head_dim/2, as complex64 of shape (B, T, 1, head_dim/2).
+    """cos and sin of pos·θ^(-2j/head_dim) for j < head_dim/2, stacked: float32 (B, T, 1, head_dim/2, 2).
 
     Computed from the positions on every call (cheap), so rows of one batch may sit at different
     positions (left padding) and nothing is allocated in __init__.
     """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     angles = positions[..., None].float() * inv_freq        # (B, T, head_dim/2)
-    return torch.polar(torch.ones_like(angles), angles)[:, :, None]
+    return torch.stack((angles.cos(), angles.sin()), -1)[:, :, None]
 
 
-def apply_rotary(x, freqs_cis):
-    """Meta's interleaved convention: the pair (x[2j], x[2j+1]) is the complex number x[2j] + i·x[2j+1],
-    multiplied by e^{i·angle_j}. (HF checkpoints pair x[j] with x[j + head_dim/2]; their wq/wk rows
-    are permuted to match, and load_checkpoint undoes that.)"""
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))   # (B, T, H, head_dim/2) complex
-    return torch.view_as_real(xc * freqs_cis).flatten(-2).type_as(x)  # (B, T, H, head_dim)
+def apply_rotary(x, rope):
+    """Meta's interleaved convention: the pair (x[2j], x[2j+1]) is the complex number a + ib, turned
+    by angle_j: (a + ib)(c + is) = (ac − bs) + i(as + bc) with c, s = cos, sin. Written in real
+    arithmetic so that torch.compile can fuse it (it does not generate code for complex tensors).
+    (HF checkpoints pair x[j] with x[j + head_dim/2]; their wq/wk rows are permuted to match, and
+    load_checkpoint undoes that.)"""
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)       # (B, T, H, head_dim/2) each
+    c, s = rope.unbind(-1)                                    # (B, T, 1, head_dim/2) each
+    return torch.stack((a * c - b * s, a * s + b * c), -1).flatten(-2).type_as(x)   # (B, T, H, head_dim)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,7 +123,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x, freqs_cis, mask=None, kv=None, slots=None):
+    def forward(self, x, rope, mask=None, kv=None, slots=None):
         """Without a cache (training): causal attention over x. With one: this call's keys and values
         go to cache slots `slots` (T,), and the queries attend to the first L slots under the additive
         `mask` (B, 1, T, L): 0 = attend, -inf = not."""
@@ -123,7 +131,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, freqs_cis), apply_rotary(k, freqs_cis)
+        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if kv is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_rep > 1)
@@ -151,7 +159,29 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
+
+
+def swiglu(a, b):
+    return F.silu(a) * b
+
+
+def compile_pointwise(enabled=True):
+    """Replace rms_norm, apply_rotary and swiglu by torch.compile'd versions (for training speed);
+    enabled=False puts the eager ones back.
+
+    Each is a chain of elementwise ops (casts to float32, complex multiply, silu · gate) that eager
+    PyTorch runs as 3-6 kernels, each reading and writing the whole activation; compiled, each is
+    one kernel forward and one backward. The matmuls and attention stay as they are. Call once,
+    before any forward that a CUDA graph captures (compilation must not happen during capture).
+    """
+    global rms_norm, apply_rotary, swiglu, _EAGER_POINTWISE
+    _EAGER_POINTWISE = _EAGER_POINTWISE or (rms_norm, apply_rotary, swiglu)
+    rms_norm, apply_rotary, swiglu = (tuple(torch.compile(f, dynamic=False) for f in _EAGER_POINTWISE)
+                                      if enabled else _EAGER_POINTWISE)
+
+
+_EAGER_POINTWISE = None
 
 
 class TransformerBlock(nn.Module):
@@ -162,8 +192,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, freqs_cis, mask=None, kv=None, slots=None):
-        h = x + self.attention(self.attention_norm(x), freqs_cis, mask, kv, slots)
+    def forward(self, x, rope, mask=None, kv=None, slots=None):
+        h = x + self.attention(self.attention_norm(x), rope, mask, kv, slots)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -178,6 +208,10 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         # Tied: no `output` module, so the state dict has no output.weight (as in the GGUF and HF files).
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        # Activation checkpointing: when True, training forwards keep only each block's input and
+        # recompute the block during backward (about one more forward of compute, for memory that
+        # no longer grows with the activations of all layers). Set it directly: model.checkpointing = True.
+        self.checkpointing = False
 
     def forward(self, tokens, *, cache=None, start=0, last_only=False, hidden=False):
         """tokens (B, T) -> float32 logits (B, T, vocab), or (B, 1, vocab) with last_only; with
@@ -207,10 +241,14 @@ class Transformer(nn.Module):
             # additive, built once here rather than converted from bool in every layer's SDPA call
             mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill_(~allowed, float("-inf"))
             mask = mask[:, None]                                   # (B, 1, T, L)
-        freqs_cis = rotary(positions, self.args.head_dim, self.args.rope_theta)
+        rope = rotary(positions, self.args.head_dim, self.args.rope_theta)
+        recompute = self.checkpointing and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            h = layer(h, freqs_cis, mask, kv, slots)
+            if recompute:   # no dropout anywhere, so no RNG state to replay (and none during graph capture)
+                h = checkpoint(layer, h, rope, use_reentrant=False, preserve_rng_state=False)
+            else:
+                kv = None if cache is None else (cache.k[i], cache.v[i])
+                h = layer(h, rope, mask, kv, slots)
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)

@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import model as model_py
 from model import load_checkpoint
 from soka import adapters
 from soka.evaluate import evaluate, write_json
@@ -91,7 +92,10 @@ def make_parser(suppress=False):
     a("--stop-after", type=int, default=d(None), help="checkpoint and exit after this step, as if interrupted")
     a("--seed", type=int, default=d(0))
     a("--device", default=d(None), help="cuda, cuda:1, cpu (default: cuda if available)")
-    a("--compile", action="store_true", default=d(False), help="torch.compile the model")
+    a("--compile", action="store_true", default=d(False),
+      help="torch.compile the norms, rotary and SwiGLU (model.compile_pointwise); CUDA graphs stay on")
+    a("--checkpointing", action="store_true", default=d(False),
+      help="activation checkpointing: recompute each block in backward (long sequences on less memory)")
     a("--no-cuda-graph", dest="cuda_graph", action="store_false", default=d(True),
       help="run forward + backward eagerly on CUDA instead of replaying CUDA graphs")
     return p
@@ -440,12 +444,14 @@ def main(argv=None):
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_total, n_train = count_params(model)
-    fwd = torch.compile(model) if cfg.compile else model
+    if cfg.compile:
+        model_py.compile_pointwise()
+    model.checkpointing = cfg.checkpointing
     amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if device.type == "cuda" else nullcontext()
     for p in trainable:                     # allocated once: accumulation and CUDA graphs write into them
         p.grad = torch.zeros_like(p)
-    graphed = device.type == "cuda" and cfg.cuda_graph and not cfg.compile
-    micro_step = GraphedStep(model, trainable, amp=amp, pad_id=tok.pad_id) if graphed else eager_step(fwd, amp)
+    graphed = device.type == "cuda" and cfg.cuda_graph
+    micro_step = GraphedStep(model, trainable, amp=amp, pad_id=tok.pad_id) if graphed else eager_step(model, amp)
 
     # ---- data
     train_raw, held_raw = heldout_split(cfg.task, cfg.data_dir, cfg.heldout)
@@ -470,7 +476,9 @@ def main(argv=None):
     say(f"tokens per step: {cfg.batch_size} seqs × {cfg.grad_accum} micro-batches × {world} processes = "
         f"{per_step} seqs, ≤ {per_step * cfg.max_len:,} tokens (≈ {per_step * np.mean(lengths):,.0f} on average); "
         f"{total} steps ({steps_per_epoch} per epoch), lr {cfg.lr:g}, out {out}")
-    say(f"forward + backward: {'CUDA graphs, lengths padded to a multiple of 64' if graphed else 'torch.compile' if cfg.compile else 'eager'}")
+    say(f"forward + backward: {'CUDA graphs, lengths padded to a multiple of 64' if graphed else 'eager'}"
+        + (", compiled norms / rotary / SwiGLU" if cfg.compile else "")
+        + (", activation checkpointing" if cfg.checkpointing else ""))
 
     # ---- optimizer, state
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
@@ -542,7 +550,7 @@ def main(argv=None):
         row = dict(step=step, epoch=round(step / steps_per_epoch, 4), loss=loss_v, lr=lr, grad_norm=gnorm_v,
                    tokens=tokens, time_s=round(dt, 4), tokens_per_s=round(tokens / dt, 1), heldout_loss=None)
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
-            row["heldout_loss"] = heldout_loss(fwd, held, batch_size=cfg.batch_size, pad_id=tok.pad_id,
+            row["heldout_loss"] = heldout_loss(model, held, batch_size=cfg.batch_size, pad_id=tok.pad_id,
                                                device=device, amp=amp, rank=rank, world=world)
         metrics.append(row)
         if main_proc:

@@ -18,6 +18,10 @@ measured, and freed (del, gc, empty_cache) before the next:
     peft_lokr_r8     + PEFT LoKr r = 8 on the same (forms the dense update: ~72 GiB; 'OOM' if it fails)
 A SoKA config may name an implementation, `soka_r8@dense` (adapters.IMPLS); plain `soka_r8` uses
 adapters' default ($SOKA_IMPL, else "kron"). HF configs are skipped when transformers/peft do not import.
+Our model's configs take options after '+': `+compile` runs model.compile_pointwise() (norm, rotary
+and SwiGLU as compiled kernels; off again for configs without it), `+ckpt` sets
+model.checkpointing (each block recomputed in backward). `ours_frozen+compile,soka_r8+ckpt`.
+With +ckpt the FLOP model still counts one forward: % GEMM is useful work, not work done.
 
 Setup. Weights: random, built on the meta device and materialized on the target device with to_empty
 (never a CPU copy), N(0, 0.02) for matrices and 1 for norms; bfloat16 on CUDA, float32 on CPU. Batch:
@@ -56,6 +60,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import model as model_py                                        # noqa: E402
 from kpsvd import factor_shape                                  # noqa: E402
 from model import ModelArgs, Transformer                        # noqa: E402
 from soka import adapters                                       # noqa: E402
@@ -82,15 +87,22 @@ CONFIGS = {
 GiB = 2**30
 
 
+OPTIONS = ("compile", "ckpt")     # config suffixes: +compile (model.compile_pointwise), +ckpt (checkpointing)
+
+
 def parse_config(name):
-    """'soka_r8@dense' -> ('soka_r8', 'dense'); the implementation only for SoKA configs."""
-    base, _, impl = name.partition("@")
+    """'soka_r8@dense+ckpt' -> ('soka_r8', 'dense', {'ckpt'}); the implementation only for SoKA
+    configs, the options only for our model."""
+    head, *opts = name.split("+")
+    base, _, impl = head.partition("@")
     if base not in CONFIGS:
         raise ValueError(f"train_step.py: unknown config {name!r}; known: {', '.join(CONFIGS)}")
     impls = getattr(adapters, "IMPLS", ("kron",))
     if impl and (CONFIGS[base][1] != "soka" or impl not in impls):
         raise ValueError(f"train_step.py: {name!r}: '@impl' needs a SoKA config and one of {impls}")
-    return base, impl or None
+    if any(o not in OPTIONS for o in opts) or (opts and CONFIGS[base][0] != "ours"):
+        raise ValueError(f"train_step.py: {name!r}: options {OPTIONS} apply to our model's configs only")
+    return base, impl or None, set(opts)
 
 
 # ----------------------------------------------------------------------------- FLOP model
@@ -171,12 +183,15 @@ def require_input_grad(embedding):
 def setup(name, a, *, device, dtype, graphed):
     """Build one config: dict(model, step (ids, labels, n_tok) -> loss, opt, trainable, timings, ...).
     step is one forward + backward of loss_sum / n_tok (HF: its own mean loss), no optimizer."""
-    base, impl = parse_config(name)
+    base, impl, opts = parse_config(name)
     kind, method, rank, targets = CONFIGS[base]
     cuda = device.type == "cuda"
     amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if cuda else nullcontext()
     t0 = time.perf_counter()
+    model_py.compile_pointwise("compile" in opts)          # compiled norm / rotary / SwiGLU, or eager
     model = (build_ours if kind == "ours" else build_hf)(a, device=device, dtype=dtype)
+    if kind == "ours":
+        model.checkpointing = "ckpt" in opts
     model.train()
     sync(device)
     t1 = time.perf_counter()
@@ -370,7 +385,7 @@ def main(argv=None):
     print(f"{gemm_n}³ {info['dtype']} GEMM: {gemm[0]:.4g} TFLOP/s")
     rows = []
     for name in names:
-        base, _ = parse_config(name)
+        base, _, _ = parse_config(name)
         if CONFIGS[base][0] == "hf" and not have_hf:
             print(f"{name}: skipped (transformers / peft do not import)")
             rows.append(dict(config=name, status="skipped: transformers / peft not importable"))

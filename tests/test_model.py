@@ -123,6 +123,45 @@ def test_forward_trains():
         torch.testing.assert_close(m(x)[:, :-1], m(y)[:, :-1])
 
 
+def _grads(m, x):
+    m.zero_grad()
+    out = m(x)
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    return out.detach(), [p.grad.clone() for p in m.parameters()]
+
+
+def test_checkpointing_same_output_and_gradients():
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=96))
+    x = torch.randint(0, 96, (2, 12))
+    out0, g0 = _grads(m, x)
+    m.checkpointing = True
+    out1, g1 = _grads(m, x)
+    torch.testing.assert_close(out1, out0, rtol=0, atol=0)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.no_grad():                   # no recomputation bookkeeping without gradients
+        torch.testing.assert_close(m(x), out0, rtol=0, atol=0)
+
+
+def test_compile_pointwise_matches_eager():
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96))
+    x = torch.randint(0, 96, (2, 12))
+    out0, g0 = _grads(m, x)
+    eager = M.rms_norm
+    try:
+        M.compile_pointwise()
+        assert M.rms_norm is not eager
+        out1, g1 = _grads(m, x)
+    finally:
+        M.compile_pointwise(False)
+    assert M.rms_norm is eager
+    torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_hf_parity_float32(tmp_path, tied):
     hf = tiny_hf(tied=tied)

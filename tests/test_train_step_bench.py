@@ -93,7 +93,7 @@ CASES = ["ours_frozen", "soka_r4", "soka_r4@kron_v2", "soka_r4@dense", "soka_att
 
 @pytest.mark.parametrize("name", CASES)
 def test_flop_model_matches_counted(name, monkeypatch):
-    base, impl = ts.parse_config(name)
+    base, impl, _ = ts.parse_config(name)
     kind, method, rank, targets = ts.CONFIGS[base]
     if kind == "hf" and not HAVE_HF:
         pytest.skip("transformers / peft do not import")
