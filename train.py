@@ -65,6 +65,8 @@ def make_parser(suppress=False):
     a("--r-min", type=int, default=d(1), help="SoKA smallest rank per layer")
     a("--r-max", type=int, default=d(16), help="SoKA largest rank per layer")
     a("--rank", type=int, default=d(None), help="fixed rank for every layer (SoKA: skips the rule; LoRA/PiSSA: default 8)")
+    a("--factors", default=d(None),
+      help='SoKA factor shapes: "m,n,p,q" for every target, or JSON {"wq": [m, n, p, q], ...} (default: SPEC.md rule)')
     a("--init", choices=("kpsvd", "random"), default=d("kpsvd"), help="SoKA initialization (random: σ = 0 ablation)")
     a("--alpha", type=float, default=d(None), help="LoRA scale numerator (alpha / r); default r")
     a("--soka-impl", choices=adapters.IMPLS, default=d(None),
@@ -114,6 +116,20 @@ def setup_distributed(device_arg):
         torch.cuda.set_device(local)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))  # rank 0 evaluates alone
     return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def parse_factors(text):
+    """--factors: None, "m,n,p,q" -> a tuple, or a JSON object -> {target: (m, n, p, q)}."""
+    if not text:
+        return None
+    try:
+        v = json.loads(text) if text.lstrip().startswith("{") else [int(f) for f in text.split(",")]
+        v = {k: tuple(int(f) for f in s) for k, s in v.items()} if isinstance(v, dict) else tuple(v)
+        if not all(len(s) == 4 for s in (v.values() if isinstance(v, dict) else [v])):
+            raise ValueError("four numbers each")
+    except (ValueError, TypeError, AttributeError) as e:
+        raise SystemExit(f"--factors {text!r}: expected \"m,n,p,q\" or {{\"wq\": [m, n, p, q], ...}} ({e})")
+    return v
 
 
 def demo_checkpoint():
@@ -436,7 +452,8 @@ def main(argv=None):
     else:
         report = adapters.inject(model, cfg.method, targets, rank=cfg.rank, tau=cfg.tau, r_min=cfg.r_min,
                                  r_max=cfg.r_max, init=cfg.init if cfg.method == "soka" else "kpsvd",
-                                 alpha=cfg.alpha, seed=cfg.seed, verbose=False)
+                                 alpha=cfg.alpha, factors=parse_factors(cfg.factors), seed=cfg.seed,
+                                 verbose=False)
     if world > 1:                           # every rank starts from rank 0's adapters, bit for bit
         for _, layer in adapters.adapter_layers(model):
             for t in list(layer.parameters()) + list(layer.buffers()):

@@ -1,0 +1,275 @@
+"""The reproduction study (issue 8): which of the SoKA paper's claims hold on SmolLM2-135M-Instruct.
+
+    python experiments/study.py                      # every stage in order; resumes where it stopped
+    python experiments/study.py --stage sweep        # one stage: spectra, sweep, final, ablate, matched
+    python experiments/study.py --stage final --budget 540    # start no run after 540 s
+    python experiments/study.py --plan               # list the runs and what is done, train nothing
+    python experiments/plot_study.py                 # tables and PNGs for docs/reproduction.md
+
+The paper (Chong & Qu, arXiv 2506.15251) claims, on LLaMA-2-7B: ~25 % fewer trainable parameters
+than LoRA / PiSSA while matching or beating them on GSM8K, MATH and MBPP, faster convergence with a
+smoother loss, and gradient norms rarely above 1.5. Here, on the demo model (targets wq wk wv wo):
+
+  spectra   Kronecker spectra, ranks at τ ∈ {0.8, 0.9, 0.95, 0.99}, parameter counts (experiments/spectra.py)
+  sweep     a learning-rate sweep on GSM8K for each method in each setting; the rate with the lowest
+            final held-out loss wins; a winner at the edge of the grid extends it by one rate (×3 / ÷3)
+  final     the "paper" setting: each method at its best rate, seeds 0, 1, 2, on GSM8K, MATH and MBPP,
+            each run ending with the task's evaluation on its test split (GSM8K 1,319, MATH-500, MBPP 500)
+  ablate    SoKA on GSM8K at its best rate: τ ∈ {0.8, 0.95, 0.99}, random init (σ = 0), two other
+            factor shapes; seeds 0, 1, 2
+  matched   the "matched" setting, as `final`
+
+Settings (SETTINGS below; the ranks are computed from the model, printed by --plan):
+  paper     SoKA with its selected ranks (τ = 0.9, r ≤ 16 per layer) against LoRA / PiSSA at the one
+            rank whose count is closest to 4/3 of SoKA's (the paper's 0.99 M against 1.33 M)
+  matched   SoKA at the one fixed rank whose count is closest to LoRA / PiSSA r = 8's, against r = 8
+
+Every run is train.main() in this process (the base model is read once and copied per run), with
+its own --out under experiments/runs/ (not committed). Its summary (options, trainable parameters,
+per-step loss and gradient norm, held-out losses, accuracy, times) is appended to
+experiments/results/<stage>.jsonl; a run whose id is there already is skipped. Every number in
+docs/reproduction.md comes from those files through plot_study.py.
+"""
+import argparse
+import copy
+import gc
+import json
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train                                    # noqa: E402
+from model import load_checkpoint               # noqa: E402
+from soka import adapters                       # noqa: E402
+
+RESULTS = ROOT / "experiments" / "results"
+RUNS = ROOT / "experiments" / "runs"
+TARGETS = ("wq", "wk", "wv", "wo")
+SEEDS = (0, 1, 2)
+TASKS = ("gsm8k", "math", "mbpp")
+# one setting of the training loop for every run (train.py options)
+COMMON = dict(batch_size=32, max_len=512, heldout=256, eval_every=25, warmup=0.03, save_every=10**6)
+EPOCHS = {"gsm8k": 1, "math": 1, "mbpp": 5}      # MBPP has 374 training problems: 11 steps an epoch
+LR_GRID = {"soka": (1e-4, 3e-4, 1e-3, 3e-3), "lora": (1e-4, 3e-4, 1e-3, 3e-3), "pissa": (3e-5, 1e-4, 3e-4, 1e-3)}
+TAUS = (0.8, 0.95, 0.99)                          # the ablation; 0.9 is the final runs'
+# Other Kronecker factor shapes for the ablation: (m, n, p, q) per target (SmolLM2: wq wo 576 × 576,
+# wk wv 192 × 576). SPEC's rule gives (24, 24, 24, 24) and (12, 24, 16, 24).
+FACTORS = {"small_U": {"wq": (8, 8, 72, 72), "wo": (8, 8, 72, 72), "wk": (8, 8, 24, 72), "wv": (8, 8, 24, 72)},
+           "large_U": {"wq": (72, 72, 8, 8), "wo": (72, 72, 8, 8), "wk": (24, 72, 8, 8), "wv": (24, 72, 8, 8)}}
+LORA_MATCHED = 8
+
+
+# ----------------------------------------------------------------------------- settings
+
+def settings(base):
+    """{"paper": {method: rank}, "matched": {...}, "counts": {...}} from the model's shapes and SoKA's
+    selected ranks (rank None = SoKA's rule)."""
+    def count(method, rank):
+        return adapters.inject(copy.deepcopy(base), method, TARGETS, rank=rank, verbose=False)["totals"]["trainable"]
+    soka, soka_per_rank, lora_per_rank = count("soka", None), count("soka", 1), count("lora", 1)
+    r_paper = min(range(1, 65), key=lambda r: abs(r * lora_per_rank - 4 / 3 * soka))
+    r_soka = min(range(1, 65), key=lambda r: abs(r * soka_per_rank - LORA_MATCHED * lora_per_rank))
+    return dict(paper=dict(soka=None, lora=r_paper, pissa=r_paper),
+                matched=dict(soka=r_soka, lora=LORA_MATCHED, pissa=LORA_MATCHED),
+                counts=dict(soka_selected=soka, soka_per_rank=soka_per_rank, lora_per_rank=lora_per_rank,
+                            paper=dict(soka=soka, lora=r_paper * lora_per_rank),
+                            matched=dict(soka=r_soka * soka_per_rank, lora=LORA_MATCHED * lora_per_rank)))
+
+
+def run_id(r):
+    parts = [r["stage"], r["task"], r["setting"], r["method"]]
+    parts += [f"{k}{r[k]}" for k in ("tau", "init", "factors") if r.get(k) is not None]
+    return "/".join(parts + [f"lr{r['lr']:g}", f"s{r['seed']}"])
+
+
+def spec(stage, task, setting, method, rank, lr, seed, **extra):
+    r = dict(stage=stage, task=task, setting=setting, method=method, rank=rank, lr=lr, seed=seed, **extra)
+    r["id"] = run_id(r)
+    return r
+
+
+# ----------------------------------------------------------------------------- the plan
+
+def read(stage):
+    f = RESULTS / f"{stage}.jsonl"
+    return [json.loads(l) for l in f.read_text().splitlines()] if f.exists() else []
+
+
+def best_lr(setting, method, sweep):
+    """The swept rate with the lowest final held-out loss (None until the sweep has a finished run)."""
+    done = [r for r in sweep if r["setting"] == setting and r["method"] == method and r["status"] == "done"]
+    return min(done, key=lambda r: r["heldout_final"])["lr"] if done else None
+
+
+def sweep_runs(st, sweep):
+    """The grid, plus one rate beyond the edge where the best sits at an edge (up to 2 times)."""
+    runs = []
+    for setting in ("paper", "matched"):
+        for method, rank in st[setting].items():
+            rates = sorted({*LR_GRID[method], *(r["lr"] for r in sweep if r["setting"] == setting
+                                                 and r["method"] == method)})
+            best = best_lr(setting, method, sweep)
+            done = {r["lr"] for r in sweep if r["setting"] == setting and r["method"] == method}
+            if best is not None and set(LR_GRID[method]) <= done and len(rates) < len(LR_GRID[method]) + 2:
+                if best == rates[0]:
+                    rates.insert(0, float(f"{best / 3:.1g}"))
+                elif best == rates[-1]:
+                    rates.append(float(f"{best * 3:.1g}"))
+            runs += [spec("sweep", "gsm8k", setting, method, rank, lr, 0, eval=False) for lr in rates]
+    return runs
+
+
+def final_runs(st, sweep, setting, stage):
+    runs = []
+    for seed in SEEDS:                  # seed-major: a cut-short stage still has whole seeds
+        for task in TASKS:
+            for method, rank in st[setting].items():
+                lr = best_lr(setting, method, sweep)
+                if lr is not None:
+                    runs.append(spec(stage, task, setting, method, rank, lr, seed, eval=True))
+    return runs
+
+
+def ablate_runs(st, sweep):
+    lr = best_lr("paper", "soka", sweep)
+    if lr is None:
+        return []
+    runs = []
+    for seed in SEEDS:
+        runs += [spec("ablate", "gsm8k", "paper", "soka", None, lr, seed, tau=t, eval=True) for t in TAUS]
+        runs.append(spec("ablate", "gsm8k", "paper", "soka", None, lr, seed, init="random", eval=True))
+        runs += [spec("ablate", "gsm8k", "paper", "soka", None, lr, seed, factors=name, eval=True)
+                 for name in FACTORS]
+    return runs
+
+
+def plan(stage, st):
+    sweep = read("sweep")
+    if stage == "sweep":
+        return sweep_runs(st, sweep)
+    if stage == "final":
+        return final_runs(st, sweep, "paper", "final")
+    if stage == "matched":
+        return final_runs(st, sweep, "matched", "matched")
+    if stage == "ablate":
+        return ablate_runs(st, sweep)
+    raise ValueError(stage)
+
+
+# ----------------------------------------------------------------------------- one run
+
+def argv_for(r, ckpt, data_dir, out):
+    o = dict(COMMON, task=r["task"], method=r["method"], lr=r["lr"], seed=r["seed"], epochs=EPOCHS[r["task"]],
+             targets=",".join(TARGETS), out=out, data_dir=data_dir, ckpt=ckpt)
+    if r["rank"] is not None:
+        o["rank"] = r["rank"]
+    if r.get("tau") is not None:
+        o["tau"] = r["tau"]
+    if r.get("init") is not None:
+        o["init"] = r["init"]
+    if r.get("factors") is not None:
+        o["factors"] = json.dumps(FACTORS[r["factors"]])
+    if not r["eval"]:
+        o["eval_limit"] = 0
+    return [f"--{k.replace('_', '-')}={v}" for k, v in o.items() if v is not None]
+
+
+def summarize(r, out, wall_s):
+    """The run's record: what it was, and what it measured (from the files train.py wrote)."""
+    m = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    report = json.loads((out / "ranks.json").read_text())
+    loss, gn = [x["loss"] for x in m], [x["grad_norm"] for x in m]
+    held = [[x["step"], x["heldout_loss"]] for x in m if x["heldout_loss"] is not None]
+    done = len(m) > 0 and (out / "adapter.pt").exists()
+    k = max(1, len(loss) // 10)
+    rec = dict(r, status="done" if done else "failed", trainable=report["totals"]["trainable"],
+               ranks=[row["r"] for row in report["layers"]], steps=len(m), wall_s=round(wall_s, 1),
+               train_s=round(sum(x["time_s"] for x in m), 2), tokens=sum(x["tokens"] for x in m),
+               loss=[round(v, 5) for v in loss], grad_norm=[round(v, 4) for v in gn], heldout=held,
+               loss_first=sum(loss[:k]) / k, loss_last=sum(loss[-k:]) / k,
+               heldout_final=held[-1][1] if held else None, gnorm_max=max(gn) if gn else None,
+               gnorm_above_1_5=sum(g > 1.5 for g in gn) / max(len(gn), 1))
+    ev = out / "eval.json"
+    if r["eval"] and ev.exists():
+        e = json.loads(ev.read_text())
+        rec.update(accuracy=e["accuracy"], correct=e["correct"], n_eval=e["n"],
+                   eval_s=round(sum(e["seconds"].values()), 2))
+    return rec
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--stage", default="all", choices=("all", "spectra", "sweep", "final", "ablate", "matched"))
+    ap.add_argument("--ckpt", default=None, help="model (default: the demo model, as train.py finds it)")
+    ap.add_argument("--data-dir", default=None, help="GSM8K / MATH / MBPP folder (default: train.py's)")
+    ap.add_argument("--budget", type=float, default=None, help="start no run after this many seconds")
+    ap.add_argument("--plan", action="store_true", help="print the runs and what is done; train nothing")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    ckpt = str(Path(args.ckpt).expanduser() if args.ckpt else train.demo_checkpoint())
+    data_dir = args.data_dir or str(train.DATA_DIR)
+    stages = ("spectra", "sweep", "final", "ablate", "matched") if args.stage == "all" else (args.stage,)
+    if "spectra" in stages and not args.plan:
+        from experiments import spectra
+        spectra.main(["--ckpt", ckpt])
+    stages = [s for s in stages if s != "spectra"]
+    if not stages:
+        return 0
+
+    base, tok = load_checkpoint(ckpt)           # float32 on the CPU; each run copies it to the GPU
+    # train.main loads its checkpoint by this name: hand it a copy of the one read here.
+    def load_copy(path, *, device, dtype=None):
+        device = torch.device(device)
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)   # load_checkpoint's rule
+        return copy.deepcopy(base).to(device=device, dtype=dtype), tok
+    train.load_checkpoint = load_copy
+    st = settings(base)
+    print(f"settings: {json.dumps({k: st[k] for k in ('paper', 'matched')})}; counts {json.dumps(st['counts'])}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "settings.json").write_text(json.dumps(st, indent=1) + "\n")
+    for stage in stages:
+        while True:                             # the sweep grows once its grid is done
+            done = {r["id"] for r in read(stage)}
+            todo = [r for r in plan(stage, st) if r["id"] not in done]
+            print(f"stage {stage}: {len(done)} runs done, {len(todo)} to do")
+            if args.plan:
+                for r in todo:
+                    print(f"  {r['id']}  rank {r['rank']}")
+                break
+            if not todo:
+                break
+            for r in todo:
+                if args.budget is not None and time.perf_counter() - t_start > args.budget:
+                    print(f"budget of {args.budget:.0f} s spent; run again to continue")
+                    return 0
+                out = RUNS / r["id"]
+                if out.exists():                # a run cut short earlier starts again from scratch
+                    shutil.rmtree(out)
+                print(f"\n=== {r['id']} (rank {r['rank']})", flush=True)
+                t0 = time.perf_counter()
+                try:
+                    train.main(argv_for(r, ckpt, data_dir, out))
+                    rec = summarize(r, out, time.perf_counter() - t0)
+                except Exception as e:          # one failed run must not lose the others
+                    traceback.print_exc()
+                    rec = dict(r, status=f"error: {type(e).__name__}: {e}")
+                with open(RESULTS / f"{stage}.jsonl", "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                print(f"=== {r['id']}: {rec['status']}, held-out {rec.get('heldout_final')}, "
+                      f"accuracy {rec.get('accuracy')}, {time.perf_counter() - t0:.1f} s", flush=True)
+            if stage != "sweep":
+                break
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
