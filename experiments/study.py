@@ -54,7 +54,7 @@ TARGETS = ("wq", "wk", "wv", "wo")
 SEEDS = (0, 1, 2)
 TASKS = ("gsm8k", "math", "mbpp")
 # one setting of the training loop for every run (train.py options)
-COMMON = dict(batch_size=32, max_len=512, heldout=256, eval_every=25, warmup=0.03, save_every=10**6)
+COMMON = dict(batch_size=32, max_len=512, heldout=256, eval_every=45, warmup=0.03, save_every=10**6)
 EPOCHS = {"gsm8k": 1, "math": 1, "mbpp": 5}      # MBPP has 374 training problems: 11 steps an epoch
 LR_GRID = {"soka": (1e-4, 3e-4, 1e-3, 3e-3), "lora": (1e-4, 3e-4, 1e-3, 3e-3), "pissa": (3e-5, 1e-4, 3e-4, 1e-3)}
 TAUS = (0.8, 0.95, 0.99)                          # the ablation; 0.9 is the final runs'
@@ -97,8 +97,9 @@ def spec(stage, task, setting, method, rank, lr, seed, **extra):
 # ----------------------------------------------------------------------------- the plan
 
 def read(stage):
-    f = RESULTS / f"{stage}.jsonl"
-    return [json.loads(l) for l in f.read_text().splitlines()] if f.exists() else []
+    """Every record of a stage: <stage>.jsonl and <stage>-<tag>.jsonl (processes run side by side)."""
+    files = sorted(RESULTS.glob(f"{stage}.jsonl")) + sorted(RESULTS.glob(f"{stage}-*.jsonl"))
+    return [json.loads(l) for f in files for l in f.read_text().splitlines()]
 
 
 def best_lr(setting, method, sweep):
@@ -107,10 +108,10 @@ def best_lr(setting, method, sweep):
     return min(done, key=lambda r: r["heldout_final"])["lr"] if done else None
 
 
-def sweep_runs(st, sweep):
+def sweep_runs(st, sweep, settings_=("paper", "matched")):
     """The grid, plus one rate beyond the edge where the best sits at an edge (up to 2 times)."""
     runs = []
-    for setting in ("paper", "matched"):
+    for setting in settings_:
         for method, rank in st[setting].items():
             rates = sorted({*LR_GRID[method], *(r["lr"] for r in sweep if r["setting"] == setting
                                                  and r["method"] == method)})
@@ -149,10 +150,10 @@ def ablate_runs(st, sweep):
     return runs
 
 
-def plan(stage, st):
+def plan(stage, st, setting=None):
     sweep = read("sweep")
     if stage == "sweep":
-        return sweep_runs(st, sweep)
+        return sweep_runs(st, sweep, (setting,) if setting else ("paper", "matched"))
     if stage == "final":
         return final_runs(st, sweep, "paper", "final")
     if stage == "matched":
@@ -205,16 +206,24 @@ def summarize(r, out, wall_s):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--stage", default="all", choices=("all", "spectra", "sweep", "final", "ablate", "matched"))
+    ap.add_argument("--stage", default="all", help="all, or a comma-separated list of: spectra, sweep, final, ablate, matched")
+    ap.add_argument("--results", default=str(RESULTS), help="folder of the <stage>.jsonl records")
     ap.add_argument("--ckpt", default=None, help="model (default: the demo model, as train.py finds it)")
     ap.add_argument("--data-dir", default=None, help="GSM8K / MATH / MBPP folder (default: train.py's)")
     ap.add_argument("--budget", type=float, default=None, help="start no run after this many seconds")
     ap.add_argument("--plan", action="store_true", help="print the runs and what is done; train nothing")
+    ap.add_argument("--setting", choices=("paper", "matched"), default=None, help="sweep only this setting")
+    ap.add_argument("--tag", default="", help="write to <stage>-<tag>.jsonl (for processes side by side)")
     args = ap.parse_args(argv)
+    global RESULTS
+    RESULTS = Path(args.results)
+    known = ("spectra", "sweep", "final", "ablate", "matched")
+    stages = known if args.stage == "all" else tuple(args.stage.split(","))
+    if not set(stages) <= set(known):
+        ap.error(f"--stage {args.stage!r}: choose from all, {', '.join(known)}")
     t_start = time.perf_counter()
     ckpt = str(Path(args.ckpt).expanduser() if args.ckpt else train.demo_checkpoint())
     data_dir = args.data_dir or str(train.DATA_DIR)
-    stages = ("spectra", "sweep", "final", "ablate", "matched") if args.stage == "all" else (args.stage,)
     if "spectra" in stages and not args.plan:
         from experiments import spectra
         spectra.main(["--ckpt", ckpt])
@@ -236,7 +245,7 @@ def main(argv=None):
     for stage in stages:
         while True:                             # the sweep grows once its grid is done
             done = {r["id"] for r in read(stage)}
-            todo = [r for r in plan(stage, st) if r["id"] not in done]
+            todo = [r for r in plan(stage, st, args.setting) if r["id"] not in done]
             print(f"stage {stage}: {len(done)} runs done, {len(todo)} to do")
             if args.plan:
                 for r in todo:
@@ -259,7 +268,7 @@ def main(argv=None):
                 except Exception as e:          # one failed run must not lose the others
                     traceback.print_exc()
                     rec = dict(r, status=f"error: {type(e).__name__}: {e}")
-                with open(RESULTS / f"{stage}.jsonl", "a") as f:
+                with open(RESULTS / f"{stage}{'-' + args.tag if args.tag else ''}.jsonl", "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 gc.collect()
                 if torch.cuda.is_available():
