@@ -207,7 +207,7 @@ def summarize(r, out, wall_s):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stage", default="all", help="all, or a comma-separated list of: spectra, sweep, final, ablate, matched")
-    ap.add_argument("--results", default=str(RESULTS), help="folder of the <stage>.jsonl records")
+    ap.add_argument("--results", default=None, help="folder of the <stage>.jsonl records (default experiments/results)")
     ap.add_argument("--ckpt", default=None, help="model (default: the demo model, as train.py finds it)")
     ap.add_argument("--data-dir", default=None, help="GSM8K / MATH / MBPP folder (default: train.py's)")
     ap.add_argument("--budget", type=float, default=None, help="start no run after this many seconds")
@@ -216,7 +216,7 @@ def main(argv=None):
     ap.add_argument("--tag", default="", help="write to <stage>-<tag>.jsonl (for processes side by side)")
     args = ap.parse_args(argv)
     global RESULTS
-    RESULTS = Path(args.results)
+    RESULTS = Path(args.results) if args.results else RESULTS
     known = ("spectra", "sweep", "final", "ablate", "matched")
     stages = known if args.stage == "all" else tuple(args.stage.split(","))
     if not set(stages) <= set(known):
