@@ -24,23 +24,21 @@ Settings (SETTINGS below; the ranks are computed from the model, printed by --pl
             rank whose count is closest to 4/3 of SoKA's (the paper's 0.99 M against 1.33 M)
   matched   SoKA at the one fixed rank whose count is closest to LoRA / PiSSA r = 8's, against r = 8
 
-Every run is train.main() in this process (the base model is read once and copied per run), with
-its own --out under experiments/runs/ (not committed). Its summary (options, trainable parameters,
+Every run is `python train.py ...` in a fresh process (nothing one run leaves on the GPU can
+crowd the next), with its own --out under experiments/runs/ (not committed). Its summary (options, trainable parameters,
 per-step loss and gradient norm, held-out losses, accuracy, times) is appended to
 experiments/results/<stage>.jsonl; a run whose id is there already is skipped. Every number in
 docs/reproduction.md comes from those files through plot_study.py.
 """
 import argparse
 import copy
-import gc
 import json
 import shutil
+import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -231,20 +229,14 @@ def main(argv=None):
     if not stages:
         return 0
 
-    base, tok = load_checkpoint(ckpt)           # float32 on the CPU; each run copies it to the GPU
-    # train.main loads its checkpoint by this name: hand it a copy of the one read here.
-    def load_copy(path, *, device, dtype=None):
-        device = torch.device(device)
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)   # load_checkpoint's rule
-        return copy.deepcopy(base).to(device=device, dtype=dtype), tok
-    train.load_checkpoint = load_copy
+    base, _ = load_checkpoint(ckpt)             # float32 on the CPU, for the parameter counts
     st = settings(base)
     print(f"settings: {json.dumps({k: st[k] for k in ('paper', 'matched')})}; counts {json.dumps(st['counts'])}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "settings.json").write_text(json.dumps(st, indent=1) + "\n")
     for stage in stages:
         while True:                             # the sweep grows once its grid is done
-            done = {r["id"] for r in read(stage)}
+            done = {r["id"] for r in read(stage) if r["status"] == "done"}   # failed runs run again
             todo = [r for r in plan(stage, st, args.setting) if r["id"] not in done]
             print(f"stage {stage}: {len(done)} runs done, {len(todo)} to do")
             if args.plan:
@@ -262,17 +254,20 @@ def main(argv=None):
                     shutil.rmtree(out)
                 print(f"\n=== {r['id']} (rank {r['rank']})", flush=True)
                 t0 = time.perf_counter()
+                out.mkdir(parents=True)
+                # A fresh process per run: every run starts from the same GPU state, and nothing one
+                # run leaves allocated (CUDA graph pools, the allocator's cache) can crowd the next.
+                with open(out / "log.txt", "w") as log:
+                    rc = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv_for(r, ckpt, data_dir, out)],
+                                        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
                 try:
-                    train.main(argv_for(r, ckpt, data_dir, out))
-                    rec = summarize(r, out, time.perf_counter() - t0)
-                except Exception as e:          # one failed run must not lose the others
-                    traceback.print_exc()
+                    rec = summarize(r, out, time.perf_counter() - t0) if rc == 0 else dict(r, status=f"exit {rc}")
+                except (OSError, ValueError, KeyError) as e:
                     rec = dict(r, status=f"error: {type(e).__name__}: {e}")
+                if rc != 0:
+                    print((out / "log.txt").read_text()[-2000:])
                 with open(RESULTS / f"{stage}{'-' + args.tag if args.tag else ''}.jsonl", "a") as f:
                     f.write(json.dumps(rec) + "\n")
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
                 print(f"=== {r['id']}: {rec['status']}, held-out {rec.get('heldout_final')}, "
                       f"accuracy {rec.get('accuracy')}, {time.perf_counter() - t0:.1f} s", flush=True)
             if stage != "sweep":
