@@ -54,6 +54,9 @@ TASKS = ("gsm8k", "math", "mbpp")
 # one setting of the training loop for every run (train.py options)
 COMMON = dict(batch_size=32, max_len=512, heldout=256, eval_every=45, warmup=0.03, save_every=10**6)
 EPOCHS = {"gsm8k": 1, "math": 1, "mbpp": 5}      # MBPP has 374 training problems: 11 steps an epoch
+# MBPP's prompts (with their tests) are long: train.py's automatic eval batch, sized by the KV cache
+# alone, ran out of memory in the prefill's attention on the H100; 128 prompts per call fit.
+EVAL_BATCH = {"mbpp": 128}
 LR_GRID = {"soka": (1e-4, 3e-4, 1e-3, 3e-3), "lora": (1e-4, 3e-4, 1e-3, 3e-3), "pissa": (3e-5, 1e-4, 3e-4, 1e-3)}
 TAUS = (0.8, 0.95, 0.99)                          # the ablation; 0.9 is the final runs'
 # Other Kronecker factor shapes for the ablation: (m, n, p, q) per target (SmolLM2: wq wo 576 × 576,
@@ -176,6 +179,8 @@ def argv_for(r, ckpt, data_dir, out):
         o["factors"] = json.dumps(FACTORS[r["factors"]])
     if not r["eval"]:
         o["eval_limit"] = 0
+    elif r["task"] in EVAL_BATCH:
+        o["eval_batch_size"] = EVAL_BATCH[r["task"]]
     return [f"--{k.replace('_', '-')}={v}" for k, v in o.items() if v is not None]
 
 
