@@ -144,6 +144,16 @@ def test_checkpointing_same_output_and_gradients():
         torch.testing.assert_close(m(x), out0, rtol=0, atol=0)
 
 
+def test_rotary_real_form_equals_complex_form():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 16)
+    rope = M.rotary(torch.arange(5).expand(2, 5) + torch.tensor([[0], [7]]), 16, 10000.0)
+    torch.testing.assert_close(M.apply_rotary_real(x, rope), M.apply_rotary(x, rope), rtol=1e-6, atol=1e-6)
+    # a rotation: each pair keeps its length, and position 0 is the identity
+    torch.testing.assert_close(M.apply_rotary(x, rope).norm(dim=-1), x.norm(dim=-1))
+    torch.testing.assert_close(M.apply_rotary(x, rope)[0, 0], x[0, 0])
+
+
 def test_compile_pointwise_matches_eager():
     torch.manual_seed(0)
     m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96))
