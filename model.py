@@ -286,6 +286,13 @@ class KVCache:
         self.pad = pad                                            # (B,) int64
         self.max_len = max_len
 
+    def rows(self, r0, r1):
+        """Rows r0 .. r1-1 of this cache: views of the same tensors, so writes land here."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = [k[r0:r1] for k in self.k], [v[r0:r1] for v in self.v]
+        view.pad, view.max_len = self.pad[r0:r1], self.max_len
+        return view
+
 
 def sample(logits, *, temperature, top_p, generator=None):
     """logits (B, V) -> ids (B,). temperature 0 is greedy; top_p keeps the smallest set of most likely
@@ -341,6 +348,9 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     return results
 
 
+PREFILL_TOKENS = 16384   # prompt tokens per prefill forward (see _generate_batch)
+
+
 def _generate_batch(model, tokenizer, prompts, *, max_new_tokens, temperature, top_p, stop, generator,
                     cuda_graph):
     args, device = model.args, model.tok_embeddings.weight.device
@@ -359,7 +369,11 @@ def _generate_batch(model, tokenizer, prompts, *, max_new_tokens, temperature, t
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stopped = [None] * B          # per row: number of ids kept, once a stop string has been seen
     checked = [0] * B             # per row: ids already searched for stop strings
-    logits = model(tokens, cache=cache, start=0, last_only=True)[:, -1]  # (B, vocab)
+    # The prefill runs PREFILL_TOKENS prompt tokens at a time (whole rows), so its transient memory
+    # (attention scores, FFN activations) stays bounded however many rows the cache holds.
+    k = max(1, PREFILL_TOKENS // P)
+    logits = torch.cat([model(tokens[r:r + k], cache=cache.rows(r, r + k), start=0, last_only=True)[:, -1]
+                        for r in range(0, B, k)])                  # (B, vocab)
     n = 0
     while True:
         nxt = sample(logits, temperature=temperature, top_p=top_p, generator=generator)

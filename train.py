@@ -404,7 +404,8 @@ def plot_curves(metrics, path):
 
 def auto_eval_batch(model, n, max_tokens, device):
     """As many rows as fit their bf16 KV cache (max_tokens each) in a third of the free GPU memory:
-    SmolLM2 with 832 tokens needs 19 MiB a row, LLaMA-2-7B 416 MiB."""
+    SmolLM2 with 832 tokens needs 19 MiB a row, LLaMA-2-7B 416 MiB. (generate's prefill runs
+    model.PREFILL_TOKENS prompt tokens at a time, so the cache is what grows with the rows.)"""
     if device.type != "cuda":
         return min(n, 32)
     a = model.args

@@ -94,6 +94,19 @@ def test_greedy_equals_recomputation_and_mixed_batch_equals_one_by_one(model):
     assert generate(model, None, [], max_new_tokens=5) == []
 
 
+def test_prefill_in_row_chunks_equals_one_prefill(model, monkeypatch):
+    """The prefill runs model.PREFILL_TOKENS prompt tokens at a time; the sampled continuations and
+    the cache they leave must not depend on that."""
+    import model as M
+    prompts = prompts_of([3, 17, 9, 17, 1, 12, 5])
+    reference = [greedy_by_recomputation(model, p, 12) for p in prompts]      # no cache at all
+    whole = generate(model, None, prompts, max_new_tokens=12, temperature=0.8, seed=3)
+    for tokens in (20, 40):             # 17-token padded rows: one row per forward; two, the last chunk short
+        monkeypatch.setattr(M, "PREFILL_TOKENS", tokens)
+        assert generate(model, None, prompts, max_new_tokens=12) == reference
+        assert generate(model, None, prompts, max_new_tokens=12, temperature=0.8, seed=3) == whole
+
+
 def test_eos_ends_rows_and_is_not_returned(model):
     prompts = prompts_of([4, 9])
     free = generate(model, None, prompts, max_new_tokens=30)
