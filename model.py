@@ -180,11 +180,13 @@ def compile_pointwise(enabled=True):
     PyTorch runs as 3-6 kernels, each reading and writing the whole activation; compiled, each is
     one kernel forward and one backward (rotary in its real-arithmetic form, apply_rotary_real). The matmuls and attention stay as they are. Call once,
     before any forward that a CUDA graph captures (compilation must not happen during capture).
+    The first new shape makes a function's kernel shape-generic (torch.compile's automatic dynamic),
+    so sequence lengths that vary do not recompile on every step.
     """
     global rms_norm, apply_rotary, swiglu, _EAGER_POINTWISE
     _EAGER_POINTWISE = _EAGER_POINTWISE or (rms_norm, apply_rotary, swiglu)
     norm, _, glu = _EAGER_POINTWISE
-    rms_norm, apply_rotary, swiglu = (tuple(torch.compile(f, dynamic=False) for f in (norm, apply_rotary_real, glu))
+    rms_norm, apply_rotary, swiglu = (tuple(torch.compile(f) for f in (norm, apply_rotary_real, glu))
                                       if enabled else _EAGER_POINTWISE)
 
 

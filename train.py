@@ -611,6 +611,7 @@ def main(argv=None):
             test = load_examples(cfg.task, split, data_dir=cfg.data_dir, download=True)
             test = test[:cfg.eval_limit] if cfg.eval_limit else test
             adapters.merge(model)           # inference at the base model's cost
+            model_py.compile_pointwise(False)   # generation: its own CUDA graph; shapes change every call
             model.eval()
             new = cfg.max_new_tokens or MAX_NEW_TOKENS[cfg.task]
             bs = cfg.eval_batch_size or auto_eval_batch(model, len(test), cfg.max_len + new, device)
