@@ -118,7 +118,8 @@ def sweep_runs(st, sweep, settings_=("paper", "matched")):
             rates = sorted({*LR_GRID[method], *(r["lr"] for r in sweep if r["setting"] == setting
                                                  and r["method"] == method)})
             best = best_lr(setting, method, sweep)
-            done = {r["lr"] for r in sweep if r["setting"] == setting and r["method"] == method}
+            done = {r["lr"] for r in sweep if r["setting"] == setting and r["method"] == method
+                    and r["status"] == "done"}
             if best is not None and set(LR_GRID[method]) <= done and len(rates) < len(LR_GRID[method]) + 2:
                 if best == rates[0]:
                     rates.insert(0, float(f"{best / 3:.1g}"))
