@@ -176,12 +176,13 @@ def compile_pointwise(enabled=True):
     """Replace rms_norm, apply_rotary and swiglu by torch.compile'd versions (for training speed);
     enabled=False puts the eager ones back.
 
-    Each is a chain of elementwise ops (casts to float32, complex multiply, silu · gate) that eager
+    Each is a chain of elementwise ops (casts to float32, the rotation, silu · gate) that eager
     PyTorch runs as 3-6 kernels, each reading and writing the whole activation; compiled, each is
-    one kernel forward and one backward (rotary in its real-arithmetic form, apply_rotary_real). The matmuls and attention stay as they are. Call once,
-    before any forward that a CUDA graph captures (compilation must not happen during capture).
-    The first new shape makes a function's kernel shape-generic (torch.compile's automatic dynamic),
-    so sequence lengths that vary do not recompile on every step.
+    one kernel forward and one backward (rotary in its real-arithmetic form, apply_rotary_real).
+    The matmuls and attention stay as they are. Call once, before any forward that a CUDA graph
+    captures (compilation must not happen during capture). The first new shape makes a function's
+    kernel shape-generic (torch.compile's automatic dynamic), so sequence lengths that vary do not
+    recompile on every step. Measured on the 7B-shaped step: docs/performance.md.
     """
     global rms_norm, apply_rotary, swiglu, _EAGER_POINTWISE
     _EAGER_POINTWISE = _EAGER_POINTWISE or (rms_norm, apply_rotary, swiglu)
