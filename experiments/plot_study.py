@@ -21,7 +21,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "experiments" / "results"
+sys.path.insert(0, str(ROOT))
+from experiments import spectra, study          # noqa: E402  (study.read: the records, one reader)
+
+RESULTS = study.RESULTS
 IMG = ROOT / "docs" / "img"
 SMOOTH = 21                 # steps in the centered moving average (curves and roughness)
 EARLY = 0.25                # share of the steps whose mean training loss measures convergence speed
@@ -36,15 +39,7 @@ COLORS = dict(soka="C0", lora="C1", pissa="C2")
 
 def load(results_dir, stage):
     """The finished runs of a stage, one per id (the last "done" record), in file order."""
-    d = Path(results_dir)
-    files = sorted(d.glob(f"{stage}.jsonl")) + sorted(d.glob(f"{stage}-*.jsonl"))
-    runs = {}
-    for f in files:
-        for line in f.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                if r.get("status") == "done":
-                    runs[r["id"]] = r
+    runs = {r["id"]: r for r in study.read(results_dir, stage) if r.get("status") == "done"}
     return list(runs.values())
 
 
@@ -365,8 +360,6 @@ def main(argv=None):
     print(f"wrote {out}")
     paths = plot_all(results, args.img)
     if (results / "spectra.json").is_file():
-        sys.path.insert(0, str(ROOT))
-        from experiments import spectra
         paths += spectra.plot_spectra(results / "spectra.json", args.img)
     for p in paths:
         print(f"wrote {p} ({Path(p).stat().st_size / 1024:.0f} KB)")

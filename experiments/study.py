@@ -98,10 +98,12 @@ def spec(stage, task, setting, method, rank, lr, seed, **extra):
 
 # ----------------------------------------------------------------------------- the plan
 
-def read(stage):
-    """Every record of a stage: <stage>.jsonl and <stage>-<tag>.jsonl (processes run side by side)."""
-    files = sorted(RESULTS.glob(f"{stage}.jsonl")) + sorted(RESULTS.glob(f"{stage}-*.jsonl"))
-    return [json.loads(l) for f in files for l in f.read_text().splitlines()]
+def read(results, stage):
+    """Every record of a stage in folder `results`, in file order: <stage>.jsonl and
+    <stage>-<tag>.jsonl (processes run side by side)."""
+    results = Path(results)
+    files = sorted(results.glob(f"{stage}.jsonl")) + sorted(results.glob(f"{stage}-*.jsonl"))
+    return [json.loads(l) for f in files for l in f.read_text().splitlines() if l.strip()]
 
 
 def best_lr(setting, method, sweep):
@@ -153,8 +155,8 @@ def ablate_runs(st, sweep):
     return runs
 
 
-def plan(stage, st, setting=None):
-    sweep = read("sweep")
+def plan(results, stage, st, setting=None):
+    sweep = read(results, "sweep")
     if stage == "sweep":
         return sweep_runs(st, sweep, (setting,) if setting else ("paper", "matched"))
     if stage == "final":
@@ -220,8 +222,7 @@ def main(argv=None):
     ap.add_argument("--setting", choices=("paper", "matched"), default=None, help="sweep only this setting")
     ap.add_argument("--tag", default="", help="write to <stage>-<tag>.jsonl (for processes side by side)")
     args = ap.parse_args(argv)
-    global RESULTS
-    RESULTS = Path(args.results) if args.results else RESULTS
+    results = Path(args.results) if args.results else RESULTS
     known = ("spectra", "sweep", "final", "ablate", "matched")
     stages = known if args.stage == "all" else tuple(args.stage.split(","))
     if not set(stages) <= set(known):
@@ -239,12 +240,12 @@ def main(argv=None):
     base, _ = load_checkpoint(ckpt)             # float32 on the CPU, for the parameter counts
     st = settings(base)
     print(f"settings: {json.dumps({k: st[k] for k in ('paper', 'matched')})}; counts {json.dumps(st['counts'])}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "settings.json").write_text(json.dumps(st, indent=1) + "\n")
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "settings.json").write_text(json.dumps(st, indent=1) + "\n")
     for stage in stages:
         while True:                             # the sweep grows once its grid is done
-            done = {r["id"] for r in read(stage) if r["status"] == "done"}   # failed runs run again
-            todo = [r for r in plan(stage, st, args.setting) if r["id"] not in done]
+            done = {r["id"] for r in read(results, stage) if r["status"] == "done"}   # failed runs run again
+            todo = [r for r in plan(results, stage, st, args.setting) if r["id"] not in done]
             print(f"stage {stage}: {len(done)} runs done, {len(todo)} to do")
             if args.plan:
                 for r in todo:
@@ -273,7 +274,7 @@ def main(argv=None):
                     rec = dict(r, status=f"error: {type(e).__name__}: {e}")
                 if rc != 0:
                     print((out / "log.txt").read_text()[-2000:])
-                with open(RESULTS / f"{stage}{'-' + args.tag if args.tag else ''}.jsonl", "a") as f:
+                with open(results / f"{stage}{'-' + args.tag if args.tag else ''}.jsonl", "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 print(f"=== {r['id']}: {rec['status']}, held-out {rec.get('heldout_final')}, "
                       f"accuracy {rec.get('accuracy')}, {time.perf_counter() - t0:.1f} s", flush=True)

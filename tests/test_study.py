@@ -57,7 +57,6 @@ def test_study_sweeps_resumes_reruns_failures_and_finals_at_the_best_rate(tiny, 
     monkeypatch.setattr(study, "SEEDS", (0,))
     monkeypatch.setattr(study, "TASKS", ("gsm8k",))
     monkeypatch.setattr(study, "RUNS", runs)
-    monkeypatch.setattr(study, "RESULTS", results)         # main sets it from --results; restored after
     real_settings = study.settings                         # SoKA alone: one training run per stage
     monkeypatch.setattr(study, "settings", lambda base: {**real_settings(base), "paper": {"soka": None}})
     argv = ["--setting", "paper", "--results", str(results), "--ckpt", str(tiny), "--data-dir", str(DATA)]
