@@ -66,6 +66,12 @@ class ModelArgs:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
+    def linear_shapes(self):
+        """{name: (d_out, d_in)} of one block's seven linear layers, by Meta's module names."""
+        kv = self.n_kv_heads * self.head_dim
+        return {"wq": (self.dim, self.dim), "wk": (kv, self.dim), "wv": (kv, self.dim), "wo": (self.dim, self.dim),
+                "w1": (self.ffn_dim, self.dim), "w2": (self.dim, self.ffn_dim), "w3": (self.ffn_dim, self.dim)}
+
 
 # ----------------------------------------------------------------------------------------------
 # norm, rotary

@@ -107,13 +107,6 @@ def parse_config(name):
 
 # ----------------------------------------------------------------------------- FLOP model
 
-def linear_shapes(a):
-    """(name, d_out, d_in) of one block's linear layers."""
-    kv = a.n_kv_heads * a.head_dim
-    return [("wq", a.dim, a.dim), ("wk", kv, a.dim), ("wv", kv, a.dim), ("wo", a.dim, a.dim),
-            ("w1", a.ffn_dim, a.dim), ("w2", a.dim, a.ffn_dim), ("w3", a.ffn_dim, a.dim)]
-
-
 def adapter_macs(method, d_out, d_in, r, *, impl, tokens, dx):
     """The adapter's own multiply-adds per token, forward + backward (docs/adapters.md), without the
     input-gradient part when dx is False."""
@@ -137,7 +130,7 @@ def flops_per_token(a, seq, *, method=None, rank=None, targets=(), impl="kron", 
     total = 0.0
     for layer in range(a.n_layers):
         total += 3 * attn_fwd
-        for name, d_out, d_in in linear_shapes(a):
+        for name, (d_out, d_in) in a.linear_shapes().items():
             # layer 0's q/k/v read the embedding output, which requires grad only in the frozen floor
             dx = method is None or layer > 0 or name not in ("wq", "wk", "wv")
             total += 2 * d_out * d_in * (1 + dx)
@@ -375,7 +368,7 @@ def main(argv=None):
                 hf_forward_backward="eager, autocast bf16" if cuda else "eager",
                 soka_default_impl=getattr(adapters, "IMPL", "kron"), optimizer="AdamW fused" if cuda else "AdamW",
                 timing="synchronize + perf_counter, median of steps after warmup")
-    n_params = sum(d_out * d_in for _, d_out, d_in in linear_shapes(a)) * a.n_layers + 2 * a.vocab_size * a.dim
+    n_params = sum(d_out * d_in for d_out, d_in in a.linear_shapes().values()) * a.n_layers + 2 * a.vocab_size * a.dim
     print(f"device {info['device']}, {', '.join(f'{k} {v}' for k, v in versions.items())}, {info['dtype']}")
     print(f"model: {a.n_layers} layers, dim {a.dim}, {a.n_heads} heads, FFN {a.ffn_dim}, vocab {a.vocab_size}: "
           f"{n_params / 1e9:.3f} B parameters (norms aside); batch {args.batch} × {args.seq} = {tokens:,} tokens "

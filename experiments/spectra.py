@@ -145,13 +145,6 @@ def param_accounting(layers, taus=TAUS, target_sets=TARGET_SETS):
 # -----------------------------------------------------------------------------
 # LLaMA-2-7B: the same accounting as a formula of the ranks
 
-def linear_shapes(args):
-    """{type: (d_out, d_in)} of one block's seven linears for a ModelArgs."""
-    kv = args.n_kv_heads * args.head_dim
-    return {"wq": (args.dim, args.dim), "wk": (kv, args.dim), "wv": (kv, args.dim), "wo": (args.dim, args.dim),
-            "w1": (args.ffn_dim, args.dim), "w2": (args.dim, args.ffn_dim), "w3": (args.ffn_dim, args.dim)}
-
-
 def min_per_rank(d_out, d_in):
     """The fewest SoKA parameters per term over every factor split d_out = m·p, d_in = n·q."""
     divs = lambda d: [k for k in range(1, d + 1) if d % k == 0]             # noqa: E731
@@ -163,7 +156,7 @@ def llama2_7b_accounting(args=None):
     MHA), the per-block formulas, what uniform ranks give, and which settings reproduce the
     paper's 0.99 M (SoKA) and 1.33 M (LoRA/PiSSA)."""
     args = args or ModelArgs()
-    shapes = linear_shapes(args)
+    shapes = args.linear_shapes()
     L = args.n_layers
     per = {t: dict(shape=list(s), factors=list(factor_shape(*s)), soka_per_rank=soka_per_rank(*s),
                    min_soka_per_rank=min_per_rank(*s), lora_per_rank=s[0] + s[1], lokr_r8=lokr_params(*s, 8))

@@ -71,6 +71,14 @@ def test_ffn_dim_follows_meta():
     assert ModelArgs().n_kv_heads == 32
 
 
+def test_linear_shapes_are_the_modules_shapes():
+    args = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=96, hidden_dim=160)
+    block = Transformer(args).layers[0]
+    modules = {**{n: getattr(block.attention, n) for n in ("wq", "wk", "wv", "wo")},
+               **{n: getattr(block.feed_forward, n) for n in ("w1", "w2", "w3")}}
+    assert args.linear_shapes() == {n: tuple(mod.weight.shape) for n, mod in modules.items()}
+
+
 def test_bad_args():
     with pytest.raises(ValueError, match="n_kv_heads"):
         ModelArgs(dim=64, n_heads=4, n_kv_heads=3)

@@ -39,7 +39,7 @@ def test_every_config_runs(tmp_path):
     assert [r["config"] for r in saved["results"]] == configs
     by = {r["config"]: r for r in rows}
     a = tiny_args()
-    shapes = ts.linear_shapes(a)
+    shapes = [(t, do, di) for t, (do, di) in a.linear_shapes().items()]
     for name in configs:
         r = by[name]
         if ts.CONFIGS[name.partition("@")[0]][0] == "hf" and not HAVE_HF:
