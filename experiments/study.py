@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train                                    # noqa: E402
 from model import load_checkpoint               # noqa: E402
+from experiments import spectra                 # noqa: E402
 from soka import adapters                       # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
@@ -72,9 +73,10 @@ LORA_MATCHED = 8
 def settings(base):
     """{"paper": {method: rank}, "matched": {...}, "counts": {...}} from the model's shapes and SoKA's
     selected ranks (rank None = SoKA's rule)."""
-    def count(method, rank):
-        return adapters.inject(copy.deepcopy(base), method, TARGETS, rank=rank, verbose=False)["totals"]["trainable"]
-    soka, soka_per_rank, lora_per_rank = count("soka", None), count("soka", 1), count("lora", 1)
+    soka = adapters.inject(copy.deepcopy(base), "soka", TARGETS, verbose=False)["totals"]["trainable"]
+    shapes = [base.args.linear_shapes()[t] for t in TARGETS]
+    soka_per_rank = base.args.n_layers * sum(spectra.soka_per_rank(*s) for s in shapes)
+    lora_per_rank = base.args.n_layers * sum(d_out + d_in for d_out, d_in in shapes)
     r_paper = min(range(1, 65), key=lambda r: abs(r * lora_per_rank - 4 / 3 * soka))
     r_soka = min(range(1, 65), key=lambda r: abs(r * soka_per_rank - LORA_MATCHED * lora_per_rank))
     return dict(paper=dict(soka=None, lora=r_paper, pissa=r_paper),
@@ -231,7 +233,6 @@ def main(argv=None):
     ckpt = str(Path(args.ckpt).expanduser() if args.ckpt else train.demo_checkpoint())
     data_dir = args.data_dir or str(train.DATA_DIR)
     if "spectra" in stages and not args.plan:
-        from experiments import spectra
         spectra.main(["--ckpt", ckpt])
     stages = [s for s in stages if s != "spectra"]
     if not stages:
