@@ -36,11 +36,10 @@ FORMAT = "soka-adapter"
 VERSION = 1
 # How SoKALinear computes forward + backward (same math, docs/adapters.md "Speed"): "kron_v2"
 # KronLinear (the default: factors applied to activations, as SPEC.md requires; 1.3-4x faster than
-# "kron" at LLaMA-2-7B shapes on an H100), "kron" KronApply (saves the least), "kron_t" KronLinearT
-# (the token axis inside the GEMMs: no GEMMs batched over tokens), "dense" KronDense (forms the merged
-# weight transiently: opt-in, departs from SPEC's "never the dense update").
+# "kron" at LLaMA-2-7B shapes on an H100), "kron" KronApply (saves the least), "dense" KronDense
+# (forms the merged weight transiently: opt-in, departs from SPEC's "never the dense update").
 # SoKALinear(impl=...) overrides it per layer; train.py --soka-impl or $SOKA_IMPL a whole run.
-IMPLS = ("kron", "kron_v2", "kron_t", "dense")
+IMPLS = ("kron", "kron_v2", "dense")
 IMPL = os.environ.get("SOKA_IMPL", "kron_v2")
 
 
@@ -169,84 +168,6 @@ class KronLinear(torch.autograd.Function):
         Zt = Vt @ X.view(N, n, q).transpose(1, 2)             # (N, p·r, n) ≡ (N·p, r·n): rows (t, b), cols (k, i)
         Gt = G.permute(1, 0, 2).reshape(m, N * p)             # Gt[a, t·p + b] = G[t, a, b]: the output's size
         dUs = (Gt @ Zt.view(N * p, r * n)).view(m, r, n).transpose(0, 1)   # (r, m, n): ∂L/∂(σ_k U_k)
-        dsigma = (dUs * U).sum((1, 2))                        # in U's dtype (type promotion)
-        dU = torch.empty_like(U)
-        torch.mul(dUs, sigma[:, None, None], out=dU)          # contiguous like U, cast on write
-        return dx, dweight, dsigma, dU, dV
-
-
-class KronLinearT(torch.autograd.Function):
-    """The whole SoKA layer with the token axis inside the GEMMs' matrix dimensions (impl "kron_t"):
-    every contraction is one plain GEMM or a GEMM batched over k only (r batches), never KronLinear's
-    GEMMs batched over the N tokens (N products of m × n·r × p), which run far below memory bandwidth
-    at small factors (SmolLM2's 24 × 24).
-
-    The price is transposed copies of activation size, never of the r-times-larger intermediates:
-    Xp[i, t, j] = X_t[i, j] (n, N, q) of the input and Gp[a, t, b] = G_t[a, b] (m, N, p) of the output
-    gradient, plus one add that reads the adapter output transposed. With Us_k = σ_k U_k:
-        Z[k, i, t, b] = (X_t V_kᵀ)[i, b]    Z (r, n·N, p) = Xp (n·N, q) @ V_kᵀ            bmm over k
-        Y[a, t, b] = Σ_{k,i} Uc[a, k·n + i] Z[k, i, t, b]: (m, N·p) = Uc (m, r·n) @ Z (r·n, N·p)
-    Backward needs the mirror image, H_{k,t} = G_t V_k, so that one intermediate serves dx and dU:
-        H[k, a, t, j] = (G_t V_k)[a, j]     H (r, m·N, q) = Gp (m·N, p) @ V_k              bmm over k
-        dX_t = Σ_k Us_kᵀ H_{k,t}            dXp (n, N·q) = Us (r·m, n)ᵀ @ H (r·m, N·q)
-        ∂L/∂Us_k = Σ_t H_{k,t} X_tᵀ         (r·m, n) = H (r·m, N·q) @ Xp (n, N·q)ᵀ
-        ∂L/∂V_k = Σ_t G_tᵀ P_{k,t}          P (r·m, N·q) = Us @ Xp;  dV_k = Gpᵀ (p, m·N) @ P_k   bmm over k
-    The sum over k of dx's Kronecker part happens inside one GEMM (K = r·m), not as bmm + sum(0) over
-    dZ_k V_k (an r × input-sized buffer and another pass over dZ) nor as r addmm's (r kernels), and Z
-    is not recomputed. The r·n·p- (Z) or r·m·q-per-token (H, P) intermediates are streamed twice in
-    forward and 5 times in backward (KronLinear: 2 and 5), one of them alive at a time. X is saved,
-    not Xp: X is the caller's tensor (nothing extra without a cast), Xp would be an extra input-sized
-    activation per layer (≈ 9 GiB for all seven linears of LLaMA-2-7B at 4096 tokens); backward
-    rebuilds it with one copy.
-    """
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")   # backward runs under forward's autocast state
-    def forward(ctx, x, weight, sigma, U, V):
-        r, m, n = U.shape
-        _, p, q = V.shape
-        if x.shape[-1] != n * q:
-            raise ValueError(f"adapters.py: x has {x.shape[-1]} features, the factors expect n·q = {n}·{q}")
-        dt = _compute_dtype(x)
-        X = x.reshape(-1, n * q).to(dt).contiguous()          # (N, n·q): one cast at most
-        N = X.shape[0]
-        Us = torch.empty(r, m, n, dtype=dt, device=x.device)
-        torch.mul(U, sigma[:, None, None], out=Us)            # Us_k = σ_k U_k, cast on write
-        Uc = Us.transpose(0, 1).reshape(m, r * n)             # Uc[a, k·n + i] = Us[k, a, i]
-        Vd = V.to(dt)                                         # (r, p, q)
-        Xp = X.view(N, n, q).transpose(0, 1).contiguous()     # (n, N, q): the one input-sized copy
-        Z = torch.bmm(Xp.view(1, n * N, q).expand(r, -1, -1), Vd.transpose(1, 2))   # (r, n·N, p)
-        Yp = Uc @ Z.view(r * n, N * p)                        # (m, N·p) = Yp[a, t, b]
-        y = F.linear(X, weight.to(dt))                        # (N, m·p)
-        y.view(N, m, p).add_(Yp.view(m, N, p).transpose(0, 1))
-        ctx.save_for_backward(X, weight, sigma, U, Us, Vd)
-        ctx.x_dtype = x.dtype
-        return y.view(*x.shape[:-1], m * p)
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, gy):
-        X, weight, sigma, U, Us, Vd = ctx.saved_tensors
-        r, m, n = U.shape
-        _, p, q = Vd.shape
-        N = X.shape[0]
-        G = gy.reshape(N, m * p).to(Us.dtype)                 # (N, m·p)
-        Gp = G.view(N, m, p).transpose(0, 1).contiguous()     # (m, N, p): the output-sized copy
-        Xp = X.view(N, n, q).transpose(0, 1).contiguous()     # (n, N, q), as in forward
-        Gk = Gp.view(1, m * N, p).expand(r, -1, -1)           # (r, m·N, p), no copy
-        H = torch.bmm(Gk, Vd)                                 # (r, m·N, q) = H[k, a, t, j]
-        dx = dweight = None
-        if ctx.needs_input_grad[0]:
-            dXp = Us.view(r * m, n).T @ H.view(r * m, N * q)  # (n, N·q) = dXp[i, t, j]
-            dx = G @ weight.to(G.dtype)                       # (N, n·q): the frozen part ...
-            dx.view(N, n, q).add_(dXp.view(n, N, q).transpose(0, 1))   # ... plus the adapter's
-            dx = dx.view(*gy.shape[:-1], n * q).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:                           # W_res is frozen in SoKALinear; for completeness
-            dweight = (G.T @ X).to(weight.dtype)
-        dUs = (H.view(r * m, N * q) @ Xp.view(n, N * q).T).view(r, m, n)   # ∂L/∂(σ_k U_k)
-        del H                                                 # before P: one intermediate at a time
-        P = Us.view(r * m, n) @ Xp.view(n, N * q)             # (r·m, N·q) = P[k, a, t, j] = (Us_k X_t)[a, j]
-        dV = torch.bmm(Gk.transpose(1, 2), P.view(r, m * N, q)).to(U.dtype)   # (r, p, q)
         dsigma = (dUs * U).sum((1, 2))                        # in U's dtype (type promotion)
         dU = torch.empty_like(U)
         torch.mul(dUs, sigma[:, None, None], out=dU)          # contiguous like U, cast on write
@@ -411,7 +332,7 @@ class SoKALinear(AdapterLinear):
     def forward(self, x):
         if self.merged or self.impl == "kron":
             return super().forward(x)                        # x W_resᵀ + KronApply(x)
-        fn = {"kron_v2": KronLinear, "kron_t": KronLinearT, "dense": KronDense}[self.impl]
+        fn = KronLinear if self.impl == "kron_v2" else KronDense
         return fn.apply(x, self.weight, self.sigma, self.U, self.V)
 
     def extra_repr(self):
