@@ -37,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 
@@ -213,6 +214,23 @@ def summarize(r, out, wall_s):
     return rec
 
 
+def parse_shard(text):
+    """'I/K' -> (I, K) with 0 <= I < K."""
+    try:
+        i, k = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"study.py: --shard wants I/K, e.g. 0/3; got {text!r}")
+    if not 0 <= i < k:
+        raise SystemExit(f"study.py: --shard {text}: need 0 <= I < K")
+    return i, k
+
+
+def in_shard(run_id, i, k):
+    """Whether a run belongs to shard i of k: by a hash of its id, so every process agrees on the split
+    whatever it has seen finish (Python's hash() differs between processes; crc32 does not)."""
+    return zlib.crc32(run_id.encode()) % k == i
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stage", default="all", help="all, or a comma-separated list of: spectra, sweep, final, ablate, matched")
@@ -223,8 +241,12 @@ def main(argv=None):
     ap.add_argument("--plan", action="store_true", help="print the runs and what is done; train nothing")
     ap.add_argument("--setting", choices=("paper", "matched"), default=None, help="sweep only this setting")
     ap.add_argument("--tag", default="", help="write to <stage>-<tag>.jsonl (for processes side by side)")
+    ap.add_argument("--shard", default=None, metavar="I/K",
+                    help="run only the runs whose id hashes to I mod K (K processes side by side, each with its "
+                         "own --tag; their times then share the GPU)")
     args = ap.parse_args(argv)
     results = Path(args.results) if args.results else RESULTS
+    shard = parse_shard(args.shard) if args.shard else None
     known = ("spectra", "sweep", "final", "ablate", "matched")
     stages = known if args.stage == "all" else tuple(args.stage.split(","))
     if not set(stages) <= set(known):
@@ -247,6 +269,8 @@ def main(argv=None):
         while True:                             # the sweep grows once its grid is done
             done = {r["id"] for r in read(results, stage) if r["status"] == "done"}   # failed runs run again
             todo = [r for r in plan(results, stage, st, args.setting) if r["id"] not in done]
+            if shard is not None:
+                todo = [r for r in todo if in_shard(r["id"], *shard)]
             print(f"stage {stage}: {len(done)} runs done, {len(todo)} to do")
             if args.plan:
                 for r in todo:

@@ -96,6 +96,28 @@ def test_study_sweeps_resumes_reruns_failures_and_finals_at_the_best_rate(tiny, 
     assert f["n_eval"] == 2 and 0 <= f["accuracy"] <= 1 and f["correct"] == round(2 * f["accuracy"])
 
 
+def test_shards_split_the_plan_into_disjoint_parts_that_cover_it(tiny, tmp_path, capsys):
+    """K processes side by side (--shard I/K) run every planned run exactly once between them."""
+    results = tmp_path / "results"
+    results.mkdir()
+    write(results / "sweep.jsonl", [study.spec("sweep", "gsm8k", "paper", m, None, 1e-3, 0, eval=False)
+                                    | dict(status="done", heldout_final=1.0) for m in ("soka", "lora", "pissa")])
+    argv = ["--stage", "final", "--plan", "--results", str(results), "--ckpt", str(tiny), "--data-dir", str(DATA)]
+
+    def planned(*extra):
+        capsys.readouterr()
+        assert study.main([*argv, *extra]) == 0
+        return [l.split()[0] for l in capsys.readouterr().out.splitlines() if l.startswith("  final/")]
+
+    whole = planned()
+    assert len(whole) == 3 * 3 * 3                          # seeds × tasks × methods
+    parts = [planned("--shard", f"{i}/3") for i in range(3)]
+    assert sorted(sum(parts, [])) == sorted(whole) and all(parts)
+    for text in ("3/3", "1", "a/b"):
+        with pytest.raises(SystemExit):
+            study.parse_shard(text)
+
+
 def test_sweep_extends_a_grid_whose_best_rate_is_at_an_edge():
     st = {"paper": {"soka": None, "lora": 3, "pissa": 3}}
     rec = lambda m, lr, h, status="done": dict(  # noqa: E731
