@@ -425,6 +425,23 @@ def test_impls_in_bfloat16_and_under_autocast(impl):
             assert (a - b).abs().max() <= 0.02 * b.abs().max(), (dtype, amp)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_impls_step0_and_merge(impl):
+    # Every implementation: step 0 equals the base model, and after training merged equals unmerged.
+    model = tiny(torch.float64)
+    base = model(TOKENS)
+    inject(model, "soka", ALL, verbose=False)
+    for _, layer in adapter_layers(model):
+        layer.impl = impl
+    torch.testing.assert_close(model(TOKENS), base, rtol=0, atol=1e-12 * base.abs().max().item())
+    train_steps(model, n=2)
+    with torch.no_grad():
+        unmerged = model(TOKENS)
+        assert (unmerged - base).abs().max() > 1e-3               # the adapters moved
+        merge(model)
+        torch.testing.assert_close(model(TOKENS), unmerged, rtol=0, atol=1e-12 * unmerged.abs().max().item())
+
+
 def test_dense_impl_is_the_merged_layer_and_impl_is_checked():
     g = torch.Generator().manual_seed(5)
     W = torch.randn(12, 20, generator=g)
