@@ -319,7 +319,10 @@ class GraphedStep:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):
+            # Eager passes before capture run what must not happen inside a graph (cuBLAS and autograd
+            # set-up, compiling a new shape under --compile). Two for the first graph; later graphs
+            # (new lengths) need only one: each eager pass of SoKA on SmolLM2 costs ~0.3 s.
+            for _ in range(2 if not self.graphs else 1):
                 with self.amp:
                     (loss_sum(self.model, s_ids, s_labels) / self.n_tok).backward()
         torch.cuda.current_stream().wait_stream(side)
