@@ -33,11 +33,11 @@ docs/reproduction.md comes from those files through plot_study.py.
 import argparse
 import copy
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 
@@ -214,21 +214,16 @@ def summarize(r, out, wall_s):
     return rec
 
 
-def parse_shard(text):
-    """'I/K' -> (I, K) with 0 <= I < K."""
+def claim(claims, run_id):
+    """True for the one process that creates claims/<run id> (O_EXCL: the file system decides)."""
+    if claims is None:
+        return True
+    claims.mkdir(parents=True, exist_ok=True)
     try:
-        i, k = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise SystemExit(f"study.py: --shard wants I/K, e.g. 0/3; got {text!r}")
-    if not 0 <= i < k:
-        raise SystemExit(f"study.py: --shard {text}: need 0 <= I < K")
-    return i, k
-
-
-def in_shard(run_id, i, k):
-    """Whether a run belongs to shard i of k: by a hash of its id, so every process agrees on the split
-    whatever it has seen finish (Python's hash() differs between processes; crc32 does not)."""
-    return zlib.crc32(run_id.encode()) % k == i
+        os.close(os.open(claims / run_id.replace("/", "__"), os.O_CREAT | os.O_EXCL))
+        return True
+    except FileExistsError:
+        return False
 
 
 def main(argv=None):
@@ -241,12 +236,13 @@ def main(argv=None):
     ap.add_argument("--plan", action="store_true", help="print the runs and what is done; train nothing")
     ap.add_argument("--setting", choices=("paper", "matched"), default=None, help="sweep only this setting")
     ap.add_argument("--tag", default="", help="write to <stage>-<tag>.jsonl (for processes side by side)")
-    ap.add_argument("--shard", default=None, metavar="I/K",
-                    help="run only the runs whose id hashes to I mod K (K processes side by side, each with its "
-                         "own --tag; their times then share the GPU)")
+    ap.add_argument("--claims", default=None, metavar="DIR",
+                    help="processes side by side (each with its own --tag) share the plan: a process runs a run "
+                         "only if it creates DIR/<run id> first. Use a fresh DIR for each batch of processes; "
+                         "their run times then share the GPU")
     args = ap.parse_args(argv)
     results = Path(args.results) if args.results else RESULTS
-    shard = parse_shard(args.shard) if args.shard else None
+    claims = Path(args.claims) if args.claims else None
     known = ("spectra", "sweep", "final", "ablate", "matched")
     stages = known if args.stage == "all" else tuple(args.stage.split(","))
     if not set(stages) <= set(known):
@@ -269,8 +265,6 @@ def main(argv=None):
         while True:                             # the sweep grows once its grid is done
             done = {r["id"] for r in read(results, stage) if r["status"] == "done"}   # failed runs run again
             todo = [r for r in plan(results, stage, st, args.setting) if r["id"] not in done]
-            if shard is not None:
-                todo = [r for r in todo if in_shard(r["id"], *shard)]
             print(f"stage {stage}: {len(done)} runs done, {len(todo)} to do")
             if args.plan:
                 for r in todo:
@@ -278,10 +272,14 @@ def main(argv=None):
                 break
             if not todo:
                 break
+            started = 0
             for r in todo:
                 if args.budget is not None and time.perf_counter() - t_start > args.budget:
                     print(f"budget of {args.budget:.0f} s spent; run again to continue")
                     return 0
+                if not claim(claims, r["id"]):
+                    continue                    # another process runs it (or ran it in this batch)
+                started += 1
                 out = RUNS / r["id"]
                 if out.exists():                # a run cut short earlier starts again from scratch
                     shutil.rmtree(out)
@@ -303,7 +301,7 @@ def main(argv=None):
                     f.write(json.dumps(rec) + "\n")
                 print(f"=== {r['id']}: {rec['status']}, held-out {rec.get('heldout_final')}, "
                       f"accuracy {rec.get('accuracy')}, {time.perf_counter() - t0:.1f} s", flush=True)
-            if stage != "sweep":
+            if stage != "sweep" or not started:
                 break
     return 0
 

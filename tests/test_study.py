@@ -15,7 +15,7 @@ import torch
 
 from experiments import plot_study as P
 from experiments import study
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -96,26 +96,33 @@ def test_study_sweeps_resumes_reruns_failures_and_finals_at_the_best_rate(tiny, 
     assert f["n_eval"] == 2 and 0 <= f["accuracy"] <= 1 and f["correct"] == round(2 * f["accuracy"])
 
 
-def test_shards_split_the_plan_into_disjoint_parts_that_cover_it(tiny, tmp_path, capsys):
-    """K processes side by side (--shard I/K) run every planned run exactly once between them."""
-    results = tmp_path / "results"
+def test_processes_side_by_side_run_only_what_they_claim(tiny, tmp_path, monkeypatch):
+    """--claims DIR: a run claimed by another process (a file in DIR) is left to it; the rest runs."""
+    results, claims = tmp_path / "results", tmp_path / "claims"
     results.mkdir()
+    monkeypatch.setattr(study, "COMMON", dict(batch_size=2, max_len=192, heldout=4, eval_every=2, warmup=0.03,
+                                              save_every=10**6, max_steps=2, device="cpu", eval_limit=1,
+                                              max_new_tokens=2))
+    monkeypatch.setattr(study, "TASKS", ("gsm8k",))
+    monkeypatch.setattr(study, "RUNS", tmp_path / "runs")
     write(results / "sweep.jsonl", [study.spec("sweep", "gsm8k", "paper", m, None, 1e-3, 0, eval=False)
                                     | dict(status="done", heldout_final=1.0) for m in ("soka", "lora", "pissa")])
-    argv = ["--stage", "final", "--plan", "--results", str(results), "--ckpt", str(tiny), "--data-dir", str(DATA)]
-
-    def planned(*extra):
-        capsys.readouterr()
-        assert study.main([*argv, *extra]) == 0
-        return [l.split()[0] for l in capsys.readouterr().out.splitlines() if l.startswith("  final/")]
-
-    whole = planned()
-    assert len(whole) == 3 * 3 * 3                          # seeds × tasks × methods
-    parts = [planned("--shard", f"{i}/3") for i in range(3)]
-    assert sorted(sum(parts, [])) == sorted(whole) and all(parts)
-    for text in ("3/3", "1", "a/b"):
-        with pytest.raises(SystemExit):
-            study.parse_shard(text)
+    argv = ["--stage", "final", "--results", str(results), "--ckpt", str(tiny), "--data-dir", str(DATA),
+            "--claims", str(claims), "--tag", "w1"]
+    planned = [r["id"] for r in study.final_runs(study.settings(load_checkpoint(tiny)[0]), study.read(results, "sweep"),
+                                                  "paper", "final")]
+    assert len(planned) == 3 * 3                            # seeds × methods
+    free = planned[4]
+    for run_id in planned:
+        if run_id != free:
+            assert study.claim(claims, run_id)               # another process's claims
+    assert not study.claim(claims, planned[0])               # a claim is taken once
+    assert study.main(argv) == 0
+    recs = lines(results / "final-w1.jsonl")
+    assert [r["id"] for r in recs] == [free] and recs[0]["status"] == "done"
+    assert [r["id"] for r in study.read(results, "final")] == [free]   # read() joins the tagged files
+    assert study.main(argv) == 0                             # everything claimed: nothing runs again
+    assert len(lines(results / "final-w1.jsonl")) == 1
 
 
 def test_sweep_extends_a_grid_whose_best_rate_is_at_an_edge():
