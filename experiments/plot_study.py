@@ -37,10 +37,18 @@ COLORS = dict(soka="C0", lora="C1", pissa="C2")
 
 # ----------------------------------------------------------------------------- records and statistics
 
-def load(results_dir, stage):
-    """The finished runs of a stage, one per id (the last "done" record), in file order."""
-    runs = {r["id"]: r for r in study.read(results_dir, stage) if r.get("status") == "done"}
-    return list(runs.values())
+def load(results_dir, stage, *, superseded=False):
+    """The finished runs of a stage, one per id (the last "done" record), in file order. For the final
+    and matched stages only the runs at each method's best swept rate (study.best_lr) count: a run made
+    before the sweep's grid grew past its rate is superseded (superseded=True returns those instead)."""
+    runs = list({r["id"]: r for r in study.read(results_dir, stage) if r.get("status") == "done"}.values())
+    if stage not in ("final", "matched"):
+        return [] if superseded else runs
+    sweep = study.read(results_dir, "sweep")
+    def at_best(r):
+        b = study.best_lr(r["setting"], r["method"], sweep)
+        return b is None or r["lr"] == b                       # no sweep record: nothing to judge by
+    return [r for r in runs if at_best(r) != superseded]
 
 
 def variant(r):
@@ -239,6 +247,10 @@ def tables(results_dir):
         if stages[stage]:
             lines += runs_table(stages[stage], f"Final runs, {setting} setting (each method at its best swept rate)")
             lines += claims_table(stages[stage], f"The paper's claims, {setting} setting")
+        if old := load(results_dir, stage, superseded=True):
+            which = ", ".join(sorted({"%s lr %g" % (NAMES[r["method"]], r["lr"]) for r in old}))
+            lines += [f"Left out of the {setting} setting: {len(old)} runs at a rate the finished sweep no longer "
+                      f"picks ({which}; run before the sweep's grid grew).", ""]
     if stages["ablate"]:
         base = [r for r in stages["final"] if r["task"] == "gsm8k" and r["method"] == "soka"]
         rows = stages["ablate"] + [dict(r, tau=0.9) for r in base]     # the final runs use τ = 0.9

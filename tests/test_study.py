@@ -197,7 +197,8 @@ def test_plot_study_tables_and_pngs(tmp_path):
     held = dict(gsm8k=dict(soka=0.8, lora=0.9, pissa=0.9), math=dict(soka=1.3, lora=1.0, pissa=1.3))
     final = [record("final", t, m, s, acc=a, held=held[t][m] + s / 1000, noise=0.01 if m == "soka" else 0.05)
              for t in acc for m in acc[t] for s, a in enumerate(acc[t][m])]
-    write(res / "final.jsonl", final + [dict(final[0], id="x", status="exit 1", accuracy=0.99)])
+    stale = dict(record("final", "gsm8k", "soka", 3, acc=0.99, held=0.1), lr=1e-4, id="stale")   # off the best rate
+    write(res / "final.jsonl", final + [dict(final[0], id="x", status="exit 1", accuracy=0.99), stale])
     write(res / "sweep.jsonl", [record("sweep", "gsm8k", m, 0, acc=None, held=h, lr=lr)
                                 for m in ("soka", "lora") for lr, h in ((1e-4, 1.2), (1e-3, 1.1), (1e-2, 1.3))])
     assert P.main(["--results", str(res), "--img", str(img), "--out", str(tmp_path / "tables.md")]) == 0
@@ -214,6 +215,7 @@ def test_plot_study_tables_and_pngs(tmp_path):
     assert row[6] == "52.00 ± 2.00 (n=200)" and row[9] == "3.00" and row[10] == f"{100 / 60:.1f} %"
     assert next(r for r in rows if r[:2] == ("math", "PiSSA") and len(r) == 12)[2] == "0,1"
     assert "Missing runs: math PiSSA seed 2." in md and "Ablation" not in md and "99.00" not in md
+    assert "Left out of the paper setting: 1 runs at a rate the finished sweep no longer picks (SoKA lr 0.0001;" in md
 
     # the claims
     verdicts = {(r[1], r[2], r[4].split()[0]): r[-1] for r in rows if r[0].startswith("(")}
