@@ -165,13 +165,16 @@ def runs_table(runs, title, key=lambda r: (r["task"], NAMES[r["method"]]), key_n
                      (fmt(*stat(acc), 2) + f" (n={'/'.join(map(str, n))})") if acc else "–",
                      fmt(*stat([r["loss_first"] for r in rs])), fmt(*stat([r["loss_last"] for r in rs])),
                      f"{max(r['gnorm_max'] for r in rs):.2f}", f"{100 * np.mean([r['gnorm_above_1_5'] for r in rs]):.1f} %",
-                     f"{np.mean([r['train_s'] for r in rs]):.1f}"])
+                     f"{np.mean([r['train_s'] for r in rs]):.1f}" + (" ‡" if any(r.get("side_by_side") for r in rs) else "")])
     header = [*key_names, "seeds", "trainable",
               "lr", "held-out loss", "accuracy %", "loss first 10 %", "loss last 10 %", "max grad norm",
               "steps > 1.5", "train s / run"]
     lines = [f"## {title}", ""] + table(header, rows)
     miss = missing_runs(runs)
     lines += ["", f"Missing runs: {', '.join(miss)}." if miss else "No run is missing."]
+    if any(r.get("side_by_side") for r in runs):
+        lines += ["‡ some of these runs shared the GPU with other runs (study.py --claims): their times are "
+                  "not comparable with the others'."]
     return lines + ["Mean ± spread over seeds (spread = half the max − min range); max grad norm is the "
                     "largest over seeds (before clipping at 1.0), steps > 1.5 the mean share over seeds.", ""]
 

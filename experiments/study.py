@@ -4,6 +4,9 @@
     python experiments/study.py --stage sweep        # one stage: spectra, sweep, final, ablate, matched
     python experiments/study.py --stage final --budget 540    # start no run after 540 s
     python experiments/study.py --plan               # list the runs and what is done, train nothing
+    for i in 0 1 2; do OMP_NUM_THREADS=4 python experiments/study.py --stage matched --claims /tmp/c1 --tag w$i & done; wait
+                                                     # three processes side by side on one GPU (a small
+                                                     # model leaves it mostly idle: ~2x the runs per hour)
     python experiments/plot_study.py                 # tables and PNGs for docs/reproduction.md
 
 The paper (Chong & Qu, arXiv 2506.15251) claims, on LLaMA-2-7B: ~25 % fewer trainable parameters
@@ -238,8 +241,9 @@ def main(argv=None):
     ap.add_argument("--tag", default="", help="write to <stage>-<tag>.jsonl (for processes side by side)")
     ap.add_argument("--claims", default=None, metavar="DIR",
                     help="processes side by side (each with its own --tag) share the plan: a process runs a run "
-                         "only if it creates DIR/<run id> first. Use a fresh DIR for each batch of processes; "
-                         "their run times then share the GPU")
+                         "only if it creates DIR/<run id> first. Use a fresh DIR for each batch of processes, and "
+                         "set OMP_NUM_THREADS to cores / processes. Their records say side_by_side: their times "
+                         "shared the GPU")
     args = ap.parse_args(argv)
     results = Path(args.results) if args.results else RESULTS
     claims = Path(args.claims) if args.claims else None
@@ -293,6 +297,7 @@ def main(argv=None):
                                         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
                 try:
                     rec = summarize(r, out, time.perf_counter() - t0) if rc == 0 else dict(r, status=f"exit {rc}")
+                    rec["side_by_side"] = claims is not None     # its times shared the GPU with other runs
                 except (OSError, ValueError, KeyError) as e:
                     rec = dict(r, status=f"error: {type(e).__name__}: {e}")
                 if rc != 0:

@@ -71,7 +71,7 @@ def test_study_sweeps_resumes_reruns_failures_and_finals_at_the_best_rate(tiny, 
     assert len(recs) == 4
     r = recs[-1]
     assert r["id"] == "sweep/gsm8k/paper/soka/lr0.01/s0" and r["status"] == "done" and r["steps"] == 3
-    assert "accuracy" not in r and 0.01 < r["heldout_final"] < 99
+    assert "accuracy" not in r and 0.01 < r["heldout_final"] < 99 and r["side_by_side"] is False
 
     # summarize: every number is what train.py's metrics.jsonl says
     m = lines(runs / r["id"] / "metrics.jsonl")
@@ -119,7 +119,7 @@ def test_processes_side_by_side_run_only_what_they_claim(tiny, tmp_path, monkeyp
     assert not study.claim(claims, planned[0])               # a claim is taken once
     assert study.main(argv) == 0
     recs = lines(results / "final-w1.jsonl")
-    assert [r["id"] for r in recs] == [free] and recs[0]["status"] == "done"
+    assert [r["id"] for r in recs] == [free] and recs[0]["status"] == "done" and recs[0]["side_by_side"] is True
     assert [r["id"] for r in study.read(results, "final")] == [free]   # read() joins the tagged files
     assert study.main(argv) == 0                             # everything claimed: nothing runs again
     assert len(lines(results / "final-w1.jsonl")) == 1
@@ -215,6 +215,7 @@ def test_plot_study_tables_and_pngs(tmp_path):
     assert row[6] == "52.00 ± 2.00 (n=200)" and row[9] == "3.00" and row[10] == f"{100 / 60:.1f} %"
     assert next(r for r in rows if r[:2] == ("math", "PiSSA") and len(r) == 12)[2] == "0,1"
     assert "Missing runs: math PiSSA seed 2." in md and "Ablation" not in md and "99.00" not in md
+    assert "‡" not in md
     assert "Left out of the paper setting: 1 runs at a rate the finished sweep no longer picks (SoKA lr 0.0001;" in md
 
     # the claims
@@ -235,11 +236,13 @@ def test_plot_study_tables_and_pngs(tmp_path):
     assert not (img / "repro_ablate_loss.png").exists()
 
     # an ablation file adds its table (beside the final τ = 0.9 runs) and its plot
-    write(res / "ablate-a.jsonl", [record("ablate", "gsm8k", "soka", s, acc=0.3, held=0.95, tau=0.8) for s in range(3)])
+    write(res / "ablate-a.jsonl", [record("ablate", "gsm8k", "soka", s, acc=0.3, held=0.95, tau=0.8,
+                                          **({"side_by_side": True} if s == 1 else {})) for s in range(3)])
     assert P.main(["--results", str(res), "--img", str(img)]) == 0
     md = (res / "tables.md").read_text()
     assert "## Ablation" in md
-    assert any(l.startswith("| tau 0.8 | 0,1,2 | 75 |") for l in md.splitlines())
+    tau8 = next(l for l in md.splitlines() if l.startswith("| tau 0.8 | 0,1,2 | 75 |"))
+    assert tau8.endswith(" ‡ |") and "their times are not comparable" in md      # a run that shared the GPU
     assert any(l.startswith("| tau 0.9 | 0,1,2 | 75 |") for l in md.splitlines())
     assert (img / "repro_ablate_loss.png").read_bytes()[:8] == PNG
     assert math.isfinite(P.roughness(final[0]["loss"]))
