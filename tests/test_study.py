@@ -47,16 +47,20 @@ def tiny(tmp_path_factory):
     return d
 
 
+def small_study(monkeypatch, runs, **options):
+    """study.py made cheap: GSM8K only, a few CPU steps of batch 2, run folders under `runs`."""
+    monkeypatch.setattr(study, "COMMON", dict(batch_size=2, max_len=192, heldout=4, eval_every=2, warmup=0.03,
+                                              save_every=10**6, device="cpu", **options))
+    monkeypatch.setattr(study, "TASKS", ("gsm8k",))
+    monkeypatch.setattr(study, "RUNS", runs)
+
+
 def test_study_sweeps_resumes_reruns_failures_and_finals_at_the_best_rate(tiny, tmp_path, monkeypatch):
     results, runs = tmp_path / "results", tmp_path / "runs"
     results.mkdir()
-    monkeypatch.setattr(study, "COMMON", dict(batch_size=2, max_len=192, heldout=4, eval_every=2, warmup=0.03,
-                                              save_every=10**6, max_steps=3, device="cpu", eval_limit=2,
-                                              max_new_tokens=4))
+    small_study(monkeypatch, runs, max_steps=3, eval_limit=2, max_new_tokens=4)
     monkeypatch.setattr(study, "LR_GRID", {m: (1e-3, 3e-3, 1e-2) for m in ("soka", "lora", "pissa")})
     monkeypatch.setattr(study, "SEEDS", (0,))
-    monkeypatch.setattr(study, "TASKS", ("gsm8k",))
-    monkeypatch.setattr(study, "RUNS", runs)
     real_settings = study.settings                         # SoKA alone: one training run per stage
     monkeypatch.setattr(study, "settings", lambda base: {**real_settings(base), "paper": {"soka": None}})
     argv = ["--setting", "paper", "--results", str(results), "--ckpt", str(tiny), "--data-dir", str(DATA)]
@@ -100,11 +104,7 @@ def test_processes_side_by_side_run_only_what_they_claim(tiny, tmp_path, monkeyp
     """--claims DIR: a run claimed by another process (a file in DIR) is left to it; the rest runs."""
     results, claims = tmp_path / "results", tmp_path / "claims"
     results.mkdir()
-    monkeypatch.setattr(study, "COMMON", dict(batch_size=2, max_len=192, heldout=4, eval_every=2, warmup=0.03,
-                                              save_every=10**6, max_steps=2, device="cpu", eval_limit=1,
-                                              max_new_tokens=2))
-    monkeypatch.setattr(study, "TASKS", ("gsm8k",))
-    monkeypatch.setattr(study, "RUNS", tmp_path / "runs")
+    small_study(monkeypatch, tmp_path / "runs", max_steps=2, eval_limit=1, max_new_tokens=2)
     write(results / "sweep.jsonl", [study.spec("sweep", "gsm8k", "paper", m, None, 1e-3, 0, eval=False)
                                     | dict(status="done", heldout_final=1.0) for m in ("soka", "lora", "pissa")])
     argv = ["--stage", "final", "--results", str(results), "--ckpt", str(tiny), "--data-dir", str(DATA),
