@@ -260,10 +260,10 @@ class Transformer(nn.Module):
         rope = rotary(positions, self.args.head_dim, self.args.rope_theta)
         recompute = self.checkpointing and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
             if recompute:   # no dropout anywhere, so no RNG state to replay (and none during graph capture)
-                h = checkpoint(layer, h, rope, use_reentrant=False, preserve_rng_state=False)
+                h = checkpoint(layer, h, rope, mask, kv, slots, use_reentrant=False, preserve_rng_state=False)
             else:
-                kv = None if cache is None else (cache.k[i], cache.v[i])
                 h = layer(h, rope, mask, kv, slots)
         if last_only:
             h = h[:, -1:]

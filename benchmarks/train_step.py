@@ -17,7 +17,7 @@ measured, and freed (del, gc, empty_cache) before the next:
     peft_lora_r16    + PEFT LoRA r = 16 on q k v o gate up down
     peft_lokr_r8     + PEFT LoKr r = 8 on the same (forms the dense update: ~72 GiB; 'OOM' if it fails)
 A SoKA config may name an implementation, `soka_r8@dense` (adapters.IMPLS); plain `soka_r8` uses
-adapters' default ($SOKA_IMPL, else "kron"). HF configs are skipped when transformers/peft do not import.
+adapters' default ($SOKA_IMPL, else "kron_v2"). HF configs are skipped when transformers/peft do not import.
 Our model's configs take options after '+': `+compile` runs model.compile_pointwise() (norm, rotary
 and SwiGLU as compiled kernels; off again for configs without it), `+ckpt` sets
 model.checkpointing (each block recomputed in backward). `ours_frozen+compile,soka_r8+ckpt`.
@@ -65,7 +65,6 @@ from kpsvd import factor_shape                                  # noqa: E402
 from model import ModelArgs, Transformer                        # noqa: E402
 from soka import adapters                                       # noqa: E402
 import train                                                   # noqa: E402
-from train import GraphedStep, eager_step                       # noqa: E402
 
 ALL7 = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 ATTN = ("wq", "wk", "wv", "wo")
@@ -97,7 +96,7 @@ def parse_config(name):
     base, _, impl = head.partition("@")
     if base not in CONFIGS:
         raise ValueError(f"train_step.py: unknown config {name!r}; known: {', '.join(CONFIGS)}")
-    impls = getattr(adapters, "IMPLS", ("kron",))
+    impls = adapters.IMPLS
     if impl and (CONFIGS[base][1] != "soka" or impl not in impls):
         raise ValueError(f"train_step.py: {name!r}: '@impl' needs a SoKA config and one of {impls}")
     if any(o not in OPTIONS for o in opts) or (opts and CONFIGS[base][0] != "ours"):
@@ -211,7 +210,7 @@ def setup(name, a, *, device, dtype, graphed):
     t2 = time.perf_counter()
     trainable = [p for p in model.parameters() if p.requires_grad]
     if method == "soka":
-        impl = impl or getattr(adapters.adapter_layers(model)[0][1], "impl", "kron")
+        impl = impl or adapters.adapter_layers(model)[0][1].impl
     opt = torch.optim.AdamW(trainable, lr=1e-5, fused=cuda) if trainable else None
     if kind == "ours":
         for p in trainable:                     # allocated once, as train.py does: graphs write into them
@@ -221,12 +220,9 @@ def setup(name, a, *, device, dtype, graphed):
             # the floor has none, so it gets a one-element stand-in that nothing reads.
             anchor = [torch.zeros(1, device=device, requires_grad=True)]
             anchor[0].grad = torch.zeros_like(anchor[0])
-            graph_step = GraphedStep(model, trainable or anchor, amp=amp, pad_id=0)
-
-            def step(ids, labels, n_tok):
-                return graph_step(ids, labels, n_tok)
+            step = train.GraphedStep(model, trainable or anchor, amp=amp, pad_id=0)
         else:
-            step = eager_step(model, amp)
+            step = train.eager_step(model, amp)
     else:
         hf_amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
@@ -366,7 +362,7 @@ def main(argv=None):
                 batch=args.batch, seq=args.seq, tokens_per_step=tokens, steps=args.steps, warmup=args.warmup,
                 our_forward_backward="CUDA graph (train.GraphedStep)" if graphed else "eager",
                 hf_forward_backward="eager, autocast bf16" if cuda else "eager",
-                soka_default_impl=getattr(adapters, "IMPL", "kron"), optimizer="AdamW fused" if cuda else "AdamW",
+                soka_default_impl=adapters.IMPL, optimizer="AdamW fused" if cuda else "AdamW",
                 timing="synchronize + perf_counter, median of steps after warmup")
     n_params = sum(d_out * d_in for d_out, d_in in a.linear_shapes().values()) * a.n_layers + 2 * a.vocab_size * a.dim
     print(f"device {info['device']}, {', '.join(f'{k} {v}' for k, v in versions.items())}, {info['dtype']}")
