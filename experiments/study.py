@@ -15,7 +15,7 @@ smoother loss, and gradient norms rarely above 1.5. Here, on the demo model (tar
 
   spectra   Kronecker spectra, ranks at τ ∈ {0.8, 0.9, 0.95, 0.99}, parameter counts (experiments/spectra.py)
   sweep     a learning-rate sweep on GSM8K for each method in each setting; the rate with the lowest
-            final held-out loss wins; a winner at the edge of the grid extends it by one rate (×3 / ÷3)
+            final held-out loss wins; a winner at the edge of the grid extends it by one rate (×3 / ÷3), up to EXTEND times
   final     the "paper" setting: each method at its best rate, seeds 0, 1, 2, on GSM8K, MATH and MBPP,
             each run ending with the task's evaluation on its test split (GSM8K 1,319, MATH-500, MBPP 500)
   ablate    SoKA on GSM8K at its best rate: τ ∈ {0.8, 0.95, 0.99}, random init (σ = 0), two other
@@ -63,6 +63,7 @@ EPOCHS = {"gsm8k": 1, "math": 1, "mbpp": 5}      # MBPP has 374 training problem
 # attention ran out of memory on the H100 (generate now prefills in chunks: model.PREFILL_TOKENS);
 # the recorded runs used 128 prompts per call, kept so that they reproduce.
 EVAL_BATCH = {"mbpp": 128}
+EXTEND = 3     # a grid whose best rate sits at its edge grows by one rate (×3 / ÷3), at most this often
 LR_GRID = {"soka": (1e-4, 3e-4, 1e-3, 3e-3), "lora": (1e-4, 3e-4, 1e-3, 3e-3), "pissa": (3e-5, 1e-4, 3e-4, 1e-3)}
 TAUS = (0.8, 0.95, 0.99)                          # the ablation; 0.9 is the final runs'
 # Other Kronecker factor shapes for the ablation: (m, n, p, q) per target (SmolLM2: wq wo 576 × 576,
@@ -119,7 +120,7 @@ def best_lr(setting, method, sweep):
 
 
 def sweep_runs(st, sweep, settings_=("paper", "matched")):
-    """The grid, plus one rate beyond the edge where the best sits at an edge (up to 2 times)."""
+    """The grid, plus one rate beyond the edge where the best sits at an edge (up to EXTEND times)."""
     runs = []
     for setting in settings_:
         for method, rank in st[setting].items():
@@ -128,7 +129,7 @@ def sweep_runs(st, sweep, settings_=("paper", "matched")):
             best = best_lr(setting, method, sweep)
             done = {r["lr"] for r in sweep if r["setting"] == setting and r["method"] == method
                     and r["status"] == "done"}
-            if best is not None and set(LR_GRID[method]) <= done and len(rates) < len(LR_GRID[method]) + 2:
+            if best is not None and set(LR_GRID[method]) <= done and len(rates) < len(LR_GRID[method]) + EXTEND:
                 if best == rates[0]:
                     rates.insert(0, float(f"{best / 3:.1g}"))
                 elif best == rates[-1]:

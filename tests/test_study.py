@@ -142,10 +142,12 @@ def test_sweep_extends_a_grid_whose_best_rate_is_at_an_edge():
     assert all(r["id"] == study.run_id(r) and r["stage"] == "sweep" and not r["eval"] for r in runs)
     # an unfinished grid does not grow yet
     assert rates(study.sweep_runs(st, sweep[1:], ("paper",)), "soka") == sorted(g["soka"])
-    # it grows at most twice
+    # it grows at most EXTEND times
     top = g["soka"][-1]
-    more = sweep + [rec("soka", float(f"{top * 3:.1g}"), 0.5), rec("soka", float(f"{top * 9:.1g}"), 0.4)]
-    assert len(rates(study.sweep_runs(st, more, ("paper",)), "soka")) == len(g["soka"]) + 2
+    more = sweep + [rec("soka", float(f"{top * 3 ** (i + 1):.1g}"), 0.5 - i / 10) for i in range(study.EXTEND - 1)]
+    assert len(rates(study.sweep_runs(st, more, ("paper",)), "soka")) == len(g["soka"]) + study.EXTEND
+    more.append(rec("soka", float(f"{top * 3 ** study.EXTEND:.1g}"), 0.1))
+    assert len(rates(study.sweep_runs(st, more, ("paper",)), "soka")) == len(g["soka"]) + study.EXTEND
     # the final runs take each method's lowest final held-out loss
     final = study.final_runs(st, sweep, "paper", "final")
     best = {m: min((r for r in sweep if r["method"] == m and r["status"] == "done"), key=lambda r: r["heldout_final"])["lr"]
