@@ -3,14 +3,19 @@
     python benchmarks/adapter_layer.py                          # the H100 run: bf16, 4096 tokens, r = 1, 4, 8
     python benchmarks/adapter_layer.py --device cpu --dtype float32 --tokens 64 \\
         --shapes 256x256,384x256 --ranks 1,2 --warmup 1 --repeat 3 --out /tmp/adapter_layer.json   # logic check
-    python benchmarks/adapter_layer.py --shapes 576x576,192x576 --tokens 3440 --ranks 1,4,8,16 \
+    python benchmarks/adapter_layer.py --shapes 576x576,192x576 --tokens 3440 --ranks 1,4,8,16 \\
         --methods frozen,soka,soka_v2,soka_dense,lora --out benchmarks/results/adapter_layer_smollm2.json
+    python benchmarks/adapter_layer.py --methods frozen,soka_v2,soka_fused --out $OUT/adapter_layer_fused.json
+    TRITON_INTERPRET=1 python benchmarks/adapter_layer.py --device cpu --dtype float32 --tokens 16 \\
+        --shapes 64x64 --ranks 1,2 --methods frozen,soka_v2,soka_fused --warmup 1 --repeat 2 \\
+        --out /tmp/adapter_layer.json          # logic check of soka_fused on CPU (Triton's interpreter)
 
 One step is y = layer(x); y.backward(g) with x requiring grad (backward always reaches the input, as
 inside a model). Methods:
     frozen     the plain frozen layer: the floor (backward to the input only)
-    soka       SoKALinear, impl "kron" (the default): KronApply, saves only x, recomputes X Vᵀ in backward
-    soka_v2    SoKALinear, impl "kron_v2": KronLinear, the same GEMMs with fewer copies and kernels
+    soka       SoKALinear, impl "kron": KronApply, saves only x, recomputes X Vᵀ in backward
+    soka_v2    SoKALinear, impl "kron_v2" (the default): KronLinear, the same GEMMs, fewer copies and kernels
+    soka_fused SoKALinear, impl "fused": KronFused, the Kronecker part in Triton kernels (soka/kron_fused.py)
     soka_dense SoKALinear, impl "dense": KronDense, one GEMM with W_res + ΔW formed transiently
     soka_ref   W_res + kpsvd.kron_apply through autograd (saves the (N, r·n, p) intermediate)
     lora       LoRALinear (PiSSA costs the same)
@@ -19,13 +24,16 @@ Time: CUDA events around each step, median of --repeat after --warmup. Memory: p
 one step minus what was allocated before it (weights, x, g), and the bytes autograd saves for
 backward beyond x and the parameters (device-independent, so the CPU check shows it too).
 FLOP model (multiply-adds per token, forward + backward): frozen 2·d_out·d_in; SoKA (KronApply)
-and KronLinear r·n·p·(4q + 3m); autograd SoKA 3·r·n·p·(q + m); LoRA 3·r·(d_in + d_out); dense
-3·d_out·d_in + 4·r·d_out·d_in / tokens (forming ΔW twice, projecting dW twice). docs/adapters.md.
+and KronLinear r·n·p·(4q + 3m); KronFused 2·r·(n·p·q + m·n·p + m·p·q + m·n·q), 8 small products per
+token and term (KronLinear's 7 reuse Usᵀ G for dx and dV; unpadded sizes); autograd SoKA
+3·r·n·p·(q + m); LoRA 3·r·(d_in + d_out); dense 3·d_out·d_in + 4·r·d_out·d_in / tokens (forming ΔW
+twice, projecting dW twice). docs/adapters.md.
 Compare implementations only within one run (one device, one torch).
 Prints a table and writes JSON (default benchmarks/results/adapter_layer.json).
 """
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -40,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kpsvd import factor_shape, kron_apply                      # noqa: E402
 from soka.adapters import LoRALinear, SoKALinear               # noqa: E402
 
-SOKA_IMPLS = {"soka": "kron", "soka_v2": "kron_v2", "soka_dense": "dense"}   # method -> SoKALinear impl
+SOKA_IMPLS = {"soka": "kron", "soka_v2": "kron_v2", "soka_dense": "dense", "soka_fused": "fused"}   # method -> impl
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 
 
@@ -124,6 +132,7 @@ def flops_ratio(method, d_out, d_in, r, tokens):
     m, n, p, q = factor_shape(d_out, d_in)
     kron = r * n * p * (4 * q + 3 * m)
     extra = {"frozen": 0, "soka": kron, "soka_v2": kron, "soka_ref": 3 * r * n * p * (q + m),
+             "soka_fused": 2 * r * (n * p * q + m * n * p + m * p * q + m * n * q),
              "soka_dense": d_out * d_in * (1 + 4 * r / tokens), "lora": 3 * r * (d_in + d_out)}.get(method)
     return None if extra is None else 1 + extra / (2 * d_out * d_in)
 
@@ -135,7 +144,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008", help="d_out x d_in, comma-separated")
     ap.add_argument("--ranks", default="1,4,8")
-    ap.add_argument("--methods", default="frozen,soka,soka_v2,soka_dense,soka_ref,lora,lokr")
+    ap.add_argument("--methods", default="frozen,soka,soka_v2,soka_fused,soka_dense,soka_ref,lora,lokr")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "adapter_layer.json"))
@@ -149,6 +158,9 @@ def main():
         except ImportError:
             print("peft not importable: skipping lokr")
             methods.remove("lokr")
+    if "soka_fused" in methods and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        print("soka_fused runs Triton kernels: CUDA, or CPU under TRITON_INTERPRET=1; skipping it")
+        methods.remove("soka_fused")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ranks = [int(r) for r in args.ranks.split(",")]
 

@@ -37,9 +37,11 @@ VERSION = 1
 # How SoKALinear computes forward + backward (same math, docs/adapters.md "Speed"): "kron_v2"
 # KronLinear (the default: factors applied to activations, as SPEC.md requires; 1.3-4x faster than
 # "kron" at LLaMA-2-7B shapes on an H100), "kron" KronApply (saves the least), "dense" KronDense
-# (forms the merged weight transiently: opt-in, departs from SPEC's "never the dense update").
+# (forms the merged weight transiently: opt-in, departs from SPEC's "never the dense update"),
+# "fused" kron_fused.KronFused (KronLinear's math with the Kronecker part in Triton kernels that keep
+# each token's small matrices on chip; CUDA, or CPU under TRITON_INTERPRET=1; imports triton only then).
 # SoKALinear(impl=...) overrides it per layer; train.py --soka-impl or $SOKA_IMPL a whole run.
-IMPLS = ("kron", "kron_v2", "dense")
+IMPLS = ("kron", "kron_v2", "dense", "fused")
 IMPL = os.environ.get("SOKA_IMPL", "kron_v2")
 
 
@@ -332,7 +334,11 @@ class SoKALinear(AdapterLinear):
     def forward(self, x):
         if self.merged or self.impl == "kron":
             return super().forward(x)                        # x W_resᵀ + KronApply(x)
-        fn = KronLinear if self.impl == "kron_v2" else KronDense
+        if self.impl == "fused":
+            from soka.kron_fused import KronFused            # lazy: triton only when asked for
+            fn = KronFused
+        else:
+            fn = KronLinear if self.impl == "kron_v2" else KronDense
         return fn.apply(x, self.weight, self.sigma, self.U, self.V)
 
     def extra_repr(self):

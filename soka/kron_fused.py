@@ -1,0 +1,259 @@
+"""The SoKA layer with its Kronecker part in two Triton kernels (SoKALinear impl "fused").
+
+Per token t, with X_t = x_t.view(n, q), G_t = dy_t.view(m, p) and Us_k = σ_k U_k:
+
+    forward   Y_t  = X_t W_resᵀ (cuBLAS)  + Σ_k Us_k X_t V_kᵀ              _kron_sum_kernel
+    backward  dX_t = G_t W_res  (cuBLAS)  + Σ_k Us_kᵀ G_t V_k              _kron_sum_kernel again
+              dUs_k = Σ_t G_t V_k X_tᵀ  (m, n),  dV_k = Σ_t G_tᵀ Us_k X_t  (p, q)   _kron_grad_kernel
+              dσ_k = Σ(dUs_k ∘ U_k),  dU_k = σ_k dUs_k
+
+Forward and dx are one operation, out_t += Σ_k A_k X_t B_kᵀ, with (A, B) = (Us, V) resp. (Usᵀ, Vᵀ).
+
+Why: KronLinear (impl "kron_v2") runs these as batched cuBLAS GEMMs, which must write the
+intermediate Z_t = X_t V_kᵀ (r·n·p values per token, r times the activation) to memory and read it
+back: about 7 passes over it per step. On an H100 at 4096 tokens a 4096² layer at r = 8 takes 1.57 ms
+forward + backward against 0.41 ms for the frozen layer, where the FLOPs alone would allow ~0.6 ms.
+Here each program keeps a token's small matrices (X_t, Z_t, its (m, p) accumulator) in registers and
+shared memory: HBM sees each activation, output and gradient about once per kernel, and the small
+factors (r·(m·n + p·q) values) are re-read from L2.
+
+Work per program. _kron_sum_kernel: TOKENS_PER_PROGRAM consecutive tokens, one after another; per
+token an fp32 (p, m) accumulator, and per term k two tl.dot's, Z_tᵀ = B_k X_tᵀ then acc += Z_tᵀ A_kᵀ
+(A_k, B_k re-read from L2 each time). _kron_grad_kernel: one program per (term k, chunk of tokens)
+holding Us_k, V_k and the fp32 accumulators dUs_k, dV_k; per token four tl.dot's, H = G_t V_k,
+dUs_k += H X_tᵀ, W = G_tᵀ Us_k, dV_k += W X_t. Per token and term: 8 small products in all, one more
+than KronLinear (which reuses Usᵀ G for dx and dV), and nothing r-sized goes to HBM.
+
+Factor sizes are not powers of two (LLaMA-2-7B: 86, 128, 64; SmolLM2: 12, 16, 24, 32, 48), so tiles are
+padded to the next power of two ≥ 16 (tl.dot's minimum) with masked loads (zeros) and masked stores.
+The weight gradients are summed per chunk of tokens into a float32 buffer and the chunks are added by
+torch: no atomics, and the chunking depends only on the token count and r, so an eager step and a
+CUDA-graph replay give bit-identical gradients. No autotuning (graphs are captured after warm-up, and
+tuning inside a capture breaks it): tiles and warps follow from (m, n, p, q) by _side and _num_warps.
+
+It runs where Triton runs: CUDA tensors, compiled; or CPU tensors under Triton's interpreter, which
+TRITON_INTERPRET=1 turns on when set before this module is imported (tests/test_kron_fused.py).
+"""
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from soka.adapters import _compute_dtype
+
+TOKENS_PER_PROGRAM = 4   # _kron_sum_kernel: 4096 tokens -> 1024 programs, ~8 per H100 SM
+GRAD_PROGRAMS = 512      # _kron_grad_kernel: about r·chunks programs (~4 per H100 SM); fixed, so
+                         # the chunking (and the summation order) depends only on N and r
+STAGES = 2               # loads in flight per loop (double buffering): a (128, 128) bf16 tile is
+                         # 32 KB, and 3 stages of the gradient kernel's X and G would crowd shared memory
+
+
+@triton.jit
+def _kron_sum_kernel(out_ptr, x_ptr, a_ptr, b_ptr, n_tokens, R: tl.constexpr, TOKENS: tl.constexpr,
+                     M: tl.constexpr, N: tl.constexpr, P: tl.constexpr, Q: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr,
+                     ACC: tl.constexpr, PREC: tl.constexpr):
+    # out_t (M, P) += Σ_k A_k X_t B_kᵀ for this program's TOKENS tokens; A (R, M, N), X (tokens, N, Q),
+    # B (R, P, Q), out (tokens, M, P), all contiguous. Forward: (M, N, P, Q) = (m, n, p, q); dx: (n, m,
+    # q, p). Computed transposed, out_tᵀ += (B_k X_tᵀ) A_kᵀ, so that the intermediate Z_tᵀ, a dot's
+    # result in registers, is the LEFT operand of the next dot (as P in flash attention's P V).
+    # Loops have constexpr bounds and a token past the end is masked off (its loads give zeros, its
+    # store is skipped): no branches, and Triton's interpreter cannot loop over runtime bounds.
+    i_m, i_n, i_p, i_q = tl.arange(0, BM), tl.arange(0, BN), tl.arange(0, BP), tl.arange(0, BQ)
+    a_off = i_m[:, None] * N + i_n[None, :]                   # (BM, BN)
+    a_msk = (i_m[:, None] < M) & (i_n[None, :] < N)
+    x_off = i_n[:, None] * Q + i_q[None, :]                   # (BN, BQ)
+    x_msk = (i_n[:, None] < N) & (i_q[None, :] < Q)
+    b_off = i_p[:, None] * Q + i_q[None, :]                   # (BP, BQ)
+    b_msk = (i_p[:, None] < P) & (i_q[None, :] < Q)
+    o_off = i_p[:, None] + i_m[None, :] * P                   # (BP, BM): out_tᵀ
+    o_msk = (i_p[:, None] < P) & (i_m[None, :] < M)
+    for i in range(TOKENS):
+        t = tl.program_id(0).to(tl.int64) * TOKENS + i
+        live = t < n_tokens
+        X = tl.load(x_ptr + t * (N * Q) + x_off, mask=x_msk & live, other=0.0)    # (BN, BQ)
+        acc = tl.zeros((BP, BM), dtype=ACC)
+        for k in range(R):
+            A = tl.load(a_ptr + k * (M * N) + a_off, mask=a_msk, other=0.0)       # (BM, BN)
+            B = tl.load(b_ptr + k * (P * Q) + b_off, mask=b_msk, other=0.0)       # (BP, BQ)
+            Zt = tl.dot(B, tl.trans(X), input_precision=PREC, out_dtype=ACC)     # (BP, BN) = (X_t B_kᵀ)ᵀ
+            acc = tl.dot(Zt.to(X.dtype), tl.trans(A), acc, input_precision=PREC, out_dtype=ACC)
+        out = out_ptr + t * (M * P) + o_off
+        y = tl.load(out, mask=o_msk & live, other=0.0).to(ACC) + acc             # the frozen GEMM's part
+        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=o_msk & live)
+
+
+@triton.jit
+def _kron_grad_kernel(dus_ptr, dv_ptr, x_ptr, g_ptr, us_ptr, v_ptr, n_tokens, CHUNK: tl.constexpr,
+                      M: tl.constexpr, N: tl.constexpr, P: tl.constexpr, Q: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr,
+                      ACC: tl.constexpr, PREC: tl.constexpr):
+    # Program (k, c): dUs_k = Σ_t (G_t V_k) X_tᵀ and dV_k = Σ_t (G_tᵀ Us_k) X_t over chunk c's CHUNK
+    # tokens (past the end masked off, as above), written to dus[c, k] (M, N) and dv[c, k] (P, Q).
+    # Both intermediates are left operands of their second dot. k varies fastest across programs, so
+    # the r programs of a chunk run together and read its X and G from HBM once (then from L2).
+    k, c = tl.program_id(0), tl.program_id(1)
+    r = tl.num_programs(0)
+    i_m, i_n, i_p, i_q = tl.arange(0, BM), tl.arange(0, BN), tl.arange(0, BP), tl.arange(0, BQ)
+    mn_off = i_m[:, None] * N + i_n[None, :]                  # (BM, BN)
+    mn_msk = (i_m[:, None] < M) & (i_n[None, :] < N)
+    pq_off = i_p[:, None] * Q + i_q[None, :]                  # (BP, BQ)
+    pq_msk = (i_p[:, None] < P) & (i_q[None, :] < Q)
+    x_off = i_n[:, None] * Q + i_q[None, :]                   # (BN, BQ)
+    x_msk = (i_n[:, None] < N) & (i_q[None, :] < Q)
+    g_off = i_m[:, None] * P + i_p[None, :]                   # (BM, BP)
+    g_msk = (i_m[:, None] < M) & (i_p[None, :] < P)
+    Us = tl.load(us_ptr + k * (M * N) + mn_off, mask=mn_msk, other=0.0)          # (BM, BN)
+    V = tl.load(v_ptr + k * (P * Q) + pq_off, mask=pq_msk, other=0.0)            # (BP, BQ)
+    dUs = tl.zeros((BM, BN), dtype=ACC)
+    dV = tl.zeros((BP, BQ), dtype=ACC)
+    for i in range(CHUNK):
+        t = c.to(tl.int64) * CHUNK + i
+        X = tl.load(x_ptr + t * (N * Q) + x_off, mask=x_msk & (t < n_tokens), other=0.0)   # (BN, BQ)
+        G = tl.load(g_ptr + t * (M * P) + g_off, mask=g_msk & (t < n_tokens), other=0.0)   # (BM, BP)
+        H = tl.dot(G, V, input_precision=PREC, out_dtype=ACC)                    # (BM, BQ) = G_t V_k
+        dUs = tl.dot(H.to(X.dtype), tl.trans(X), dUs, input_precision=PREC, out_dtype=ACC)
+        W = tl.dot(tl.trans(G), Us, input_precision=PREC, out_dtype=ACC)         # (BP, BN) = G_tᵀ Us_k
+        dV = tl.dot(W.to(X.dtype), X, dV, input_precision=PREC, out_dtype=ACC)
+    part = (c * r + k).to(tl.int64)
+    tl.store(dus_ptr + part * (M * N) + mn_off, dUs, mask=mn_msk)
+    tl.store(dv_ptr + part * (P * Q) + pq_off, dV, mask=pq_msk)
+
+
+# -----------------------------------------------------------------------------
+# launching
+
+INTERPRETED = not isinstance(_kron_sum_kernel, triton.runtime.JITFunction)   # TRITON_INTERPRET=1 at import
+
+
+def _side(d):
+    """A tile side: the next power of two ≥ 16 (tl.dot's smallest)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def _num_warps(live):
+    """Warps for a program holding `live` float32 values at once (padded tiles): about 64 registers
+    a thread for them (64 · 32 = 2048 values a warp), at least 4 warps (one warpgroup, what Hopper's
+    wgmma wants), at most 8. 64⁴ factors: the sum kernel 4 warps, the gradient kernel 8."""
+    return min(8, max(4, triton.next_power_of_2(triton.cdiv(live, 2048))))
+
+
+def _dot_options(dtype):
+    """Accumulator dtype and tl.dot input precision. float32 dots follow torch's TF32 switch for
+    matmuls, as the frozen GEMM does (default off: exact "ieee"); bf16 dots accumulate in float32."""
+    if dtype == torch.float64:
+        return tl.float64, "ieee"
+    if dtype == torch.float32:
+        return tl.float32, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return tl.float32, "tf32"                                  # Triton's default; unused by 16-bit dots
+
+
+def _operands(*ts):
+    """The tensors as the kernels get them. Triton 3.5's interpreter multiplies bf16 tiles as their raw
+    uint16 bits, so on it bf16 operands go as float32 copies: bf16 products are exact in float32 and
+    the accumulation is float32 either way (only the intermediates Z, H, W skip their bf16 rounding)."""
+    if ts[0].device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"kron_fused.py: impl 'fused' runs Triton kernels on CUDA tensors, got a "
+                         f"{ts[0].device.type} tensor (CPU only under TRITON_INTERPRET=1, set before "
+                         f"soka.kron_fused is imported; tests/test_kron_fused.py)")
+    if INTERPRETED and ts[0].dtype == torch.bfloat16:
+        ts = tuple(t.float() for t in ts)
+    return ts
+
+
+def _device(t):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else nullcontext()
+
+
+def kron_sum_(out, X, A, B):
+    """out (N, M·P) += Σ_k A_k X_t B_kᵀ for every token t, in place, with X_t = X[t].view(N', Q),
+    A (r, M, N'), B (r, P, Q); out and X contiguous. Returns out."""
+    r, M, N = A.shape
+    _, P, Q = B.shape
+    n_tok = X.shape[0]
+    if n_tok == 0 or r == 0:
+        return out
+    X, A, B = _operands(X, A.contiguous(), B.contiguous())
+    acc, prec = _dot_options(X.dtype)
+    BM, BN, BP, BQ = _side(M), _side(N), _side(P), _side(Q)
+    grid = (triton.cdiv(n_tok, TOKENS_PER_PROGRAM),)
+    with _device(out):
+        _kron_sum_kernel[grid](out, X, A, B, n_tok, r, TOKENS_PER_PROGRAM, M, N, P, Q, BM, BN, BP, BQ,
+                               acc, prec, num_warps=_num_warps(BM * BP + BN * BP), num_stages=STAGES)
+    return out
+
+
+def kron_grads(X, G, Us, V):
+    """(dUs (r, m, n), dV (r, p, q)) = (Σ_t G_t V_k X_tᵀ, Σ_t G_tᵀ Us_k X_t) in float32 (float64 for
+    float64 inputs), X (N, n·q) and G (N, m·p) contiguous. Each chunk of tokens writes one partial and
+    torch adds them in a fixed order. Chunk length: ⌈N / ⌊GRAD_PROGRAMS / r⌋⌉ rounded up to a power of
+    two (a constexpr: one compiled kernel per power, not per N)."""
+    r, m, n = Us.shape
+    _, p, q = V.shape
+    n_tok = X.shape[0]
+    chunk = triton.next_power_of_2(max(1, triton.cdiv(n_tok, max(1, GRAD_PROGRAMS // r))))
+    chunks = triton.cdiv(n_tok, chunk)
+    X, G, Us, V = _operands(X, G, Us.contiguous(), V.contiguous())
+    acc, prec = _dot_options(X.dtype)
+    dtype = torch.float64 if acc == tl.float64 else torch.float32
+    dus = torch.empty(chunks, r, m, n, dtype=dtype, device=X.device)     # (chunks, r, m, n), all written
+    dv = torch.empty(chunks, r, p, q, dtype=dtype, device=X.device)      # (chunks, r, p, q)
+    if chunks and r:
+        BM, BN, BP, BQ = _side(m), _side(n), _side(p), _side(q)
+        live = BM * BN + BP * BQ + max(BM * BQ, BP * BN)                  # dUs, dV, and H or W
+        with _device(X):
+            _kron_grad_kernel[(r, chunks)](dus, dv, X, G, Us, V, n_tok, chunk, m, n, p, q,
+                                           BM, BN, BP, BQ, acc, prec, num_warps=_num_warps(live),
+                                           num_stages=STAGES)
+    return dus.sum(0), dv.sum(0)
+
+
+# -----------------------------------------------------------------------------
+# the layer
+
+class KronFused(torch.autograd.Function):
+    """y = x W_resᵀ + Σ_k σ_k U_k X V_kᵀ (impl "fused"): KronLinear's signature, dtypes and results,
+    with the Kronecker part in the kernels above. Saves X, the frozen weight, the factors and their
+    cast copies Us, V (r·(m·n + p·q) values), nothing per token beyond X."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")   # backward runs under forward's autocast state
+    def forward(ctx, x, weight, sigma, U, V):
+        r, m, n = U.shape
+        _, p, q = V.shape
+        if x.shape[-1] != n * q:
+            raise ValueError(f"kron_fused.py: x has {x.shape[-1]} features, the factors expect n·q = {n}·{q}")
+        dt = _compute_dtype(x)
+        X = x.reshape(-1, n * q).to(dt).contiguous()          # (N, n·q)
+        Us = torch.empty(r, m, n, dtype=dt, device=x.device)
+        torch.mul(U, sigma[:, None, None], out=Us)            # Us_k = σ_k U_k, cast on write
+        Vd = V.to(dt).contiguous()                            # (r, p, q)
+        y = F.linear(X, weight.to(dt))                        # (N, m·p): the frozen part (cuBLAS) ...
+        kron_sum_(y, X, Us, Vd)                               # ... plus Σ_k Us_k X_t V_kᵀ, in place
+        ctx.save_for_backward(X, weight, sigma, U, Us, Vd)
+        ctx.x_dtype = x.dtype
+        return y.view(*x.shape[:-1], m * p)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, gy):
+        X, weight, sigma, U, Us, Vd = ctx.saved_tensors
+        r, m, n = U.shape
+        _, p, q = Vd.shape
+        G = gy.reshape(-1, m * p).to(Us.dtype).contiguous()   # (N, m·p)
+        dx = dweight = dsigma = dU = dV = None
+        if ctx.needs_input_grad[0]:
+            dx = G @ weight.to(Us.dtype)                      # (N, n·q): the frozen part ...
+            kron_sum_(dx, G, Us.transpose(1, 2), Vd.transpose(1, 2))   # ... plus Σ_k Us_kᵀ G_t V_k
+            dx = dx.view(*gy.shape[:-1], n * q).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:                           # W_res is frozen in SoKALinear; for completeness
+            dweight = (G.T @ X).to(weight.dtype)
+        if any(ctx.needs_input_grad[2:]):
+            dUs, dVa = kron_grads(X, G, Us, Vd)               # (r, m, n): ∂L/∂(σ_k U_k), (r, p, q)
+            dsigma = (dUs * U).sum((1, 2)).to(sigma.dtype)
+            dU = (dUs * sigma[:, None, None]).to(U.dtype)
+            dV = dVa.to(U.dtype)                              # U, V share the factors' dtype
+        return dx, dweight, dsigma, dU, dV
