@@ -51,7 +51,7 @@ STAGES = 2               # loads in flight per loop (double buffering): a (128, 
 
 
 @triton.jit
-def _kron_sum_kernel(out_ptr, x_ptr, a_ptr, b_ptr, n_tokens, R: tl.constexpr, TOKENS: tl.constexpr,
+def _kron_sum_kernel(out_ptr, x_ptr, a_ptr, b_ptr, n_tokens, R, TOKENS: tl.constexpr,
                      M: tl.constexpr, N: tl.constexpr, P: tl.constexpr, Q: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr,
                      ACC: tl.constexpr, PREC: tl.constexpr):
@@ -59,8 +59,8 @@ def _kron_sum_kernel(out_ptr, x_ptr, a_ptr, b_ptr, n_tokens, R: tl.constexpr, TO
     # B (R, P, Q), out (tokens, M, P), all contiguous. Forward: (M, N, P, Q) = (m, n, p, q); dx: (n, m,
     # q, p). Computed transposed, out_tᵀ += (B_k X_tᵀ) A_kᵀ, so that the intermediate Z_tᵀ, a dot's
     # result in registers, is the LEFT operand of the next dot (as P in flash attention's P V).
-    # Loops have constexpr bounds and a token past the end is masked off (its loads give zeros, its
-    # store is skipped): no branches, and Triton's interpreter cannot loop over runtime bounds.
+    # The rank R is a runtime loop bound (one compiled kernel serves every rank); the token loop has a
+    # constexpr bound and a token past the end is masked off (its loads give zeros, its store is skipped).
     i_m, i_n, i_p, i_q = tl.arange(0, BM), tl.arange(0, BN), tl.arange(0, BP), tl.arange(0, BQ)
     a_off = i_m[:, None] * N + i_n[None, :]                   # (BM, BN)
     a_msk = (i_m[:, None] < M) & (i_n[None, :] < N)
@@ -86,12 +86,12 @@ def _kron_sum_kernel(out_ptr, x_ptr, a_ptr, b_ptr, n_tokens, R: tl.constexpr, TO
 
 
 @triton.jit
-def _kron_grad_kernel(dus_ptr, dv_ptr, x_ptr, g_ptr, us_ptr, v_ptr, n_tokens, CHUNK: tl.constexpr,
+def _kron_grad_kernel(dus_ptr, dv_ptr, x_ptr, g_ptr, us_ptr, v_ptr, n_tokens, CHUNK,
                       M: tl.constexpr, N: tl.constexpr, P: tl.constexpr, Q: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr,
                       ACC: tl.constexpr, PREC: tl.constexpr):
     # Program (k, c): dUs_k = Σ_t (G_t V_k) X_tᵀ and dV_k = Σ_t (G_tᵀ Us_k) X_t over chunk c's CHUNK
-    # tokens (past the end masked off, as above), written to dus[c, k] (M, N) and dv[c, k] (P, Q).
+    # tokens (a runtime bound; past the end masked off), written to dus[c, k] (M, N) and dv[c, k] (P, Q).
     # Both intermediates are left operands of their second dot. k varies fastest across programs, so
     # the r programs of a chunk run together and read its X and G from HBM once (then from L2).
     k, c = tl.program_id(0), tl.program_id(1)
@@ -126,6 +126,19 @@ def _kron_grad_kernel(dus_ptr, dv_ptr, x_ptr, g_ptr, us_ptr, v_ptr, n_tokens, CH
 # launching
 
 INTERPRETED = not isinstance(_kron_sum_kernel, triton.runtime.JITFunction)   # TRITON_INTERPRET=1 at import
+
+if INTERPRETED:
+    # Triton's interpreter (3.5, 3.6) turns a runtime loop bound into an int with int() of a 1-element
+    # array, which numpy 2.4 refuses; .item() is what it means. Loop bounds are runtime values so that
+    # the compiled kernels serve every rank r and token count without a recompile (a SmolLM2 model has
+    # ranks 1-16: one compile each, ~1 s apiece, would land in the first training steps).
+    from triton.runtime import interpreter as _interpreter
+    _patch_lang_tensor = _interpreter._patch_lang_tensor
+
+    def _patch_lang_tensor_item(tensor):
+        _patch_lang_tensor(tensor)
+        tensor.__index__ = lambda self: int(self.handle.data.item())
+    _interpreter._patch_lang_tensor = _patch_lang_tensor_item
 
 
 def _side(d):
@@ -189,12 +202,11 @@ def kron_sum_(out, X, A, B):
 def kron_grads(X, G, Us, V):
     """(dUs (r, m, n), dV (r, p, q)) = (Σ_t G_t V_k X_tᵀ, Σ_t G_tᵀ Us_k X_t) in float32 (float64 for
     float64 inputs), X (N, n·q) and G (N, m·p) contiguous. Each chunk of tokens writes one partial and
-    torch adds them in a fixed order. Chunk length: ⌈N / ⌊GRAD_PROGRAMS / r⌋⌉ rounded up to a power of
-    two (a constexpr: one compiled kernel per power, not per N)."""
+    torch adds them in a fixed order. Chunk length: ⌈N / ⌊GRAD_PROGRAMS / r⌋⌉ tokens."""
     r, m, n = Us.shape
     _, p, q = V.shape
     n_tok = X.shape[0]
-    chunk = triton.next_power_of_2(max(1, triton.cdiv(n_tok, max(1, GRAD_PROGRAMS // r))))
+    chunk = max(1, triton.cdiv(n_tok, max(1, GRAD_PROGRAMS // r)))
     chunks = triton.cdiv(n_tok, chunk)
     X, G, Us, V = _operands(X, G, Us.contiguous(), V.contiguous())
     acc, prec = _dot_options(X.dtype)
