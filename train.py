@@ -70,8 +70,8 @@ def make_parser(suppress=False):
     a("--init", choices=("kpsvd", "random"), default=d("kpsvd"), help="SoKA initialization (random: σ = 0 ablation)")
     a("--alpha", type=float, default=d(None), help="LoRA scale numerator (alpha / r); default r")
     a("--soka-impl", choices=adapters.IMPLS, default=d(None),
-      help="SoKA layer implementation (default kron_v2; dense forms ΔW transiently: faster for small layers, "
-           "outside SPEC.md; docs/adapters.md)")
+      help="SoKA layer implementation (default auto: fused Triton kernels on a GPU, else kron_v2; dense forms "
+           "ΔW transiently, outside SPEC.md; docs/adapters.md)")
     a("--lr", type=float, default=d(2e-4), help="peak learning rate (each method has its own best: sweep it)")
     a("--min-lr-ratio", type=float, default=d(0.0), help="cosine decays to lr × this")
     a("--warmup", type=float, default=d(0.03), help="warmup steps, or a fraction of all steps if < 1")

@@ -14,8 +14,8 @@ One step is y = layer(x); y.backward(g) with x requiring grad (backward always r
 inside a model). Methods:
     frozen     the plain frozen layer: the floor (backward to the input only)
     soka       SoKALinear, impl "kron": KronApply, saves only x, recomputes X Vᵀ in backward
-    soka_v2    SoKALinear, impl "kron_v2" (the default): KronLinear, the same GEMMs, fewer copies and kernels
-    soka_fused SoKALinear, impl "fused": KronFused, the Kronecker part in Triton kernels (soka/kron_fused.py)
+    soka_v2    SoKALinear, impl "kron_v2" (the default without a GPU): KronLinear, the same GEMMs, fewer copies and kernels
+    soka_fused SoKALinear, impl "fused" (the default on a GPU): KronFused, the Kronecker part in Triton kernels (soka/kron_fused.py)
     soka_dense SoKALinear, impl "dense": KronDense, one GEMM with W_res + ΔW formed transiently
     soka_ref   W_res + kpsvd.kron_apply through autograd (saves the (N, r·n, p) intermediate)
     lora       LoRALinear (PiSSA costs the same)

@@ -17,7 +17,7 @@ measured, and freed (del, gc, empty_cache) before the next:
     peft_lora_r16    + PEFT LoRA r = 16 on q k v o gate up down
     peft_lokr_r8     + PEFT LoKr r = 8 on the same (forms the dense update: ~72 GiB; 'OOM' if it fails)
 A SoKA config may name an implementation, `soka_r8@dense` (adapters.IMPLS); plain `soka_r8` uses
-adapters' default ($SOKA_IMPL, else "kron_v2"). HF configs are skipped when transformers/peft do not import.
+adapters' default ($SOKA_IMPL, else "auto": "fused" on a GPU with triton, else "kron_v2"). HF configs are skipped when transformers/peft do not import.
 Our model's configs take options after '+': `+compile` runs model.compile_pointwise() (norm, rotary
 and SwiGLU as compiled kernels; off again for configs without it), `+ckpt` sets
 model.checkpointing (each block recomputed in backward). `ours_frozen+compile,soka_r8+ckpt`.
@@ -37,7 +37,7 @@ FLOPs per token (flops_per_token; multiply-add = 2 FLOPs): forward 2·(linear we
 attention 2·2·d·(T+1)/2 per layer; backward to the input the same for the linear layers and twice
 the forward for attention (dQ, dK, dV, dP: the usual 3× of forward, as in 12·L·d·T); no weight
 gradients for the frozen base; plus each adapter's own, docs/adapters.md's per-layer model:
-SoKA kron / kron_v2 r·n·p·(4q + 3m) multiply-adds, dense d_out·d_in + 4·r·d_out·d_in / tokens,
+SoKA kron / kron_v2 r·n·p·(4q + 3m) multiply-adds, fused 2·r·(npq + mnp + mpq + mnq), dense d_out·d_in + 4·r·d_out·d_in / tokens,
 LoRA / PiSSA 3·r·(d_in + d_out), PEFT LoKr 3·d_out·d_in (its second dense GEMM, its dx and dW).
 Where a layer's input needs no gradient (layer 0's wq wk wv in the adapter configs) its dx is not
 counted, as autograd does not compute it. Achieved TFLOP/s = FLOPs per token × tokens/s; % GEMM
@@ -113,6 +113,8 @@ def adapter_macs(method, d_out, d_in, r, *, impl, tokens, dx):
         m, n, p, q = factor_shape(d_out, d_in)
         if impl == "dense":     # dW = Gᵀ X per token; ΔW formed in forward (and backward for dx), 2 projections
             return d_out * d_in + (3 + dx) * r * d_out * d_in / tokens
+        if impl == "fused":     # 8 small products per token and term, 2 of them for dx (kron_fused.py)
+            return 2 * r * (n * p * q + m * n * p + m * p * q + m * n * q) - (0 if dx else r * (m * n * p + n * p * q))
         return r * n * p * ((4 if dx else 3) * q + 3 * m)           # kron, kron_v2
     if method in ("lora", "pissa"):
         return 3 * r * (d_in + d_out) - (0 if dx else r * d_in)
@@ -211,6 +213,8 @@ def setup(name, a, *, device, dtype, graphed):
     trainable = [p for p in model.parameters() if p.requires_grad]
     if method == "soka":
         impl = impl or adapters.adapter_layers(model)[0][1].impl
+        if impl == "auto":                      # what SoKALinear runs for these tensors
+            impl = "fused" if cuda and adapters._has_triton() else "kron_v2"
     opt = torch.optim.AdamW(trainable, lr=1e-5, fused=cuda) if trainable else None
     if kind == "ours":
         for p in trainable:                     # allocated once, as train.py does: graphs write into them

@@ -16,7 +16,9 @@ from the original checkpoint. docs/adapters.md has the file format, the FLOP mod
 
     python -m pytest -q tests/test_adapters.py tests/test_peft_parity.py
 """
+import functools
 import hashlib
+import importlib.util
 import math
 import os
 from pathlib import Path
@@ -34,15 +36,19 @@ RANDOMIZED_ABOVE = 1024   # exact SVD while min side of the rearranged matrix �
                           # layers); above it (LLaMA-2-7B: 4096) a seeded randomized top-(r_max+1)
 FORMAT = "soka-adapter"
 VERSION = 1
-# How SoKALinear computes forward + backward (same math, docs/adapters.md "Speed"): "kron_v2"
-# KronLinear (the default: factors applied to activations, as SPEC.md requires; 1.3-4x faster than
-# "kron" at LLaMA-2-7B shapes on an H100), "kron" KronApply (saves the least), "dense" KronDense
-# (forms the merged weight transiently: opt-in, departs from SPEC's "never the dense update"),
-# "fused" kron_fused.KronFused (KronLinear's math with the Kronecker part in Triton kernels that keep
-# each token's small matrices on chip; CUDA, or CPU under TRITON_INTERPRET=1; imports triton only then).
+# How SoKALinear computes forward + backward (same math, docs/adapters.md "Speed"), all applying the
+# factors to the activations as SPEC.md requires except "dense":
+#   "fused"   kron_fused.KronFused: KronLinear's math with the Kronecker part in Triton kernels that
+#             keep each token's small matrices on chip (CUDA; CPU only under TRITON_INTERPRET=1)
+#   "kron_v2" KronLinear: batched cuBLAS GEMMs (1.3-4x faster than "kron" at LLaMA-2-7B shapes)
+#   "kron"    KronApply: saves the least
+#   "dense"   KronDense: forms the merged weight transiently (opt-in; departs from SPEC's "never the
+#             dense update")
+#   "auto"    the default: "fused" for CUDA tensors where triton imports (it ships with CUDA builds of
+#             torch), else "kron_v2"; float64 always "kron_v2" (its 128² tiles outgrow shared memory)
 # SoKALinear(impl=...) overrides it per layer; train.py --soka-impl or $SOKA_IMPL a whole run.
-IMPLS = ("kron", "kron_v2", "dense", "fused")
-IMPL = os.environ.get("SOKA_IMPL", "kron_v2")
+IMPLS = ("auto", "fused", "kron_v2", "kron", "dense")
+IMPL = os.environ.get("SOKA_IMPL", "auto")
 
 
 def _acc_dtype(dtype):
@@ -107,6 +113,11 @@ class KronApply(torch.autograd.Function):
         dUs = torch.einsum("tab,txb->ax", G, Z).reshape(m, n, r).permute(2, 0, 1).to(U.dtype)
         dsigma = (dUs * U).sum((1, 2))                        # Us_k = σ_k U_k
         return dx, dsigma, dUs * sigma[:, None, None], dV
+
+
+@functools.cache
+def _has_triton():
+    return importlib.util.find_spec("triton") is not None
 
 
 def _compute_dtype(x):
@@ -332,13 +343,18 @@ class SoKALinear(AdapterLinear):
         return KronApply.apply(x, self.sigma, self.U, self.V)
 
     def forward(self, x):
-        if self.merged or self.impl == "kron":
+        impl = self.impl
+        if impl in ("auto", "fused") and x.is_cuda and x.dtype == torch.float64:
+            impl = "kron_v2"
+        elif impl == "auto":
+            impl = "fused" if x.is_cuda and _has_triton() else "kron_v2"
+        if self.merged or impl == "kron":
             return super().forward(x)                        # x W_resᵀ + KronApply(x)
-        if self.impl == "fused":
-            from soka.kron_fused import KronFused            # lazy: triton only when asked for
+        if impl == "fused":
+            from soka.kron_fused import KronFused            # lazy: triton only when used
             fn = KronFused
         else:
-            fn = KronLinear if self.impl == "kron_v2" else KronDense
+            fn = KronLinear if impl == "kron_v2" else KronDense
         return fn.apply(x, self.weight, self.sigma, self.U, self.V)
 
     def extra_repr(self):

@@ -17,7 +17,7 @@ Here each program keeps a token's small matrices (X_t, Z_t, its (m, p) accumulat
 shared memory: HBM sees each activation, output and gradient about once per kernel, and the small
 factors (r·(m·n + p·q) values) are re-read from L2.
 
-Work per program. _kron_sum_kernel: TOKENS_PER_PROGRAM consecutive tokens, one after another; per
+Work per program. _kron_sum_kernel: TOKENS_PER_PROGRAM consecutive tokens (1), one after another; per
 token an fp32 (p, m) accumulator, and per term k two tl.dot's, Z_tᵀ = B_k X_tᵀ then acc += Z_tᵀ A_kᵀ
 (A_k, B_k re-read from L2 each time). _kron_grad_kernel: one program per (term k, chunk of tokens)
 holding Us_k, V_k and the fp32 accumulators dUs_k, dV_k; per token four tl.dot's, H = G_t V_k,
@@ -29,7 +29,7 @@ padded to the next power of two ≥ 16 (tl.dot's minimum) with masked loads (zer
 The weight gradients are summed per chunk of tokens into a float32 buffer and the chunks are added by
 torch: no atomics, and the chunking depends only on the token count and r, so an eager step and a
 CUDA-graph replay give bit-identical gradients. No autotuning (graphs are captured after warm-up, and
-tuning inside a capture breaks it): tiles and warps follow from (m, n, p, q) by _side and _num_warps.
+tuning inside a capture breaks it): fixed launch settings, measured on an H100 (below).
 
 It runs where Triton runs: CUDA tensors, compiled; or CPU tensors under Triton's interpreter, which
 TRITON_INTERPRET=1 turns on when set before this module is imported (tests/test_kron_fused.py).
@@ -43,11 +43,12 @@ import triton.language as tl
 
 from soka.adapters import _compute_dtype
 
-TOKENS_PER_PROGRAM = 4   # _kron_sum_kernel: 4096 tokens -> 1024 programs, ~8 per H100 SM
-GRAD_PROGRAMS = 512      # _kron_grad_kernel: about r·chunks programs (~4 per H100 SM); fixed, so
-                         # the chunking (and the summation order) depends only on N and r
-STAGES = 2               # loads in flight per loop (double buffering): a (128, 128) bf16 tile is
-                         # 32 KB, and 3 stages of the gradient kernel's X and G would crowd shared memory
+# Launch settings, measured on an H100 over a grid (benchmarks/kron_fused_configs.py, bf16, 4,096
+# tokens, LLaMA-2-7B's and SmolLM2's factor shapes, r = 1 and 8; benchmarks/results/kron_fused_configs.json):
+TOKENS_PER_PROGRAM = 1   # _kron_sum_kernel: one token a program (4 or 16 were up to 1.4x slower)
+WARPS = 4                # both kernels: one warpgroup; 8 was up to 2x slower at 64⁴, r = 8
+GRAD_PROGRAMS = 256      # _kron_grad_kernel: ~r·chunks programs; 512 for factor sides below 64; fixed,
+                         # so the chunking (and the summation order) depends only on N, r and the shape
 
 
 @triton.jit
@@ -146,11 +147,13 @@ def _side(d):
     return max(16, triton.next_power_of_2(d))
 
 
-def _num_warps(live):
-    """Warps for a program holding `live` float32 values at once (padded tiles): about 64 registers
-    a thread for them (64 · 32 = 2048 values a warp), at least 4 warps (one warpgroup, what Hopper's
-    wgmma wants), at most 8. 64⁴ factors: the sum kernel 4 warps, the gradient kernel 8."""
-    return min(8, max(4, triton.next_power_of_2(triton.cdiv(live, 2048))))
+def _stages(dtype, side, *, grads=False):
+    """Loads in flight per loop (software pipelining) for tiles whose largest side is `side`: 2 for the
+    sums; 3 for the gradients, but 2 from side 128 on (LLaMA-2-7B's FFN factors: 3 was 15 % slower);
+    1 in float64, whose tiles are 4x bf16's (shared memory: 228 KB on an H100)."""
+    if dtype == torch.float64:
+        return 1
+    return 3 if grads and side < 128 else 2
 
 
 def _dot_options(dtype):
@@ -176,14 +179,21 @@ def _operands(*ts):
     return ts
 
 
+def _check_tiles(dtype, side):
+    if not INTERPRETED and dtype == torch.float64 and side > 64:
+        raise ValueError(f"kron_fused.py: float64 tiles of side {side} need more shared memory than a GPU "
+                         f"has; SoKALinear runs float64 layers through impl kron_v2 instead")
+
+
 def _device(t):
     """Triton launches on the current CUDA device: make it the tensors' one."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else nullcontext()
 
 
-def kron_sum_(out, X, A, B):
+def kron_sum_(out, X, A, B, *, tokens=None, warps=None, stages=None):
     """out (N, M·P) += Σ_k A_k X_t B_kᵀ for every token t, in place, with X_t = X[t].view(N', Q),
-    A (r, M, N'), B (r, P, Q); out and X contiguous. Returns out."""
+    A (r, M, N'), B (r, P, Q); out and X contiguous. Returns out. tokens / warps / stages override
+    TOKENS_PER_PROGRAM, WARPS and _stages (benchmarks/kron_fused_configs.py)."""
     r, M, N = A.shape
     _, P, Q = B.shape
     n_tok = X.shape[0]
@@ -192,21 +202,28 @@ def kron_sum_(out, X, A, B):
     X, A, B = _operands(X, A.contiguous(), B.contiguous())
     acc, prec = _dot_options(X.dtype)
     BM, BN, BP, BQ = _side(M), _side(N), _side(P), _side(Q)
-    grid = (triton.cdiv(n_tok, TOKENS_PER_PROGRAM),)
+    _check_tiles(X.dtype, max(BM, BN, BP, BQ))
+    tokens = tokens or TOKENS_PER_PROGRAM
     with _device(out):
-        _kron_sum_kernel[grid](out, X, A, B, n_tok, r, TOKENS_PER_PROGRAM, M, N, P, Q, BM, BN, BP, BQ,
-                               acc, prec, num_warps=_num_warps(BM * BP + BN * BP), num_stages=STAGES)
+        _kron_sum_kernel[(triton.cdiv(n_tok, tokens),)](
+            out, X, A, B, n_tok, r, tokens, M, N, P, Q, BM, BN, BP, BQ, acc, prec,
+            num_warps=warps or WARPS, num_stages=stages or _stages(X.dtype, max(BM, BN, BP, BQ)))
     return out
 
 
-def kron_grads(X, G, Us, V):
+def kron_grads(X, G, Us, V, *, programs=None, warps=None, stages=None):
     """(dUs (r, m, n), dV (r, p, q)) = (Σ_t G_t V_k X_tᵀ, Σ_t G_tᵀ Us_k X_t) in float32 (float64 for
     float64 inputs), X (N, n·q) and G (N, m·p) contiguous. Each chunk of tokens writes one partial and
-    torch adds them in a fixed order. Chunk length: ⌈N / ⌊GRAD_PROGRAMS / r⌋⌉ tokens."""
+    torch adds them in a fixed order. Chunk length: ⌈N / ⌊programs / r⌋⌉ tokens, programs = GRAD_PROGRAMS
+    (twice that for factor sides below 64). programs / warps / stages override that, WARPS and _stages
+    (benchmarks/kron_fused_configs.py)."""
     r, m, n = Us.shape
     _, p, q = V.shape
     n_tok = X.shape[0]
-    chunk = max(1, triton.cdiv(n_tok, max(1, GRAD_PROGRAMS // r)))
+    side = max(_side(d) for d in (m, n, p, q))
+    _check_tiles(X.dtype, side)
+    programs = programs or (GRAD_PROGRAMS if side >= 64 else 2 * GRAD_PROGRAMS)
+    chunk = max(1, triton.cdiv(n_tok, max(1, programs // r)))
     chunks = triton.cdiv(n_tok, chunk)
     X, G, Us, V = _operands(X, G, Us.contiguous(), V.contiguous())
     acc, prec = _dot_options(X.dtype)
@@ -215,11 +232,10 @@ def kron_grads(X, G, Us, V):
     dv = torch.empty(chunks, r, p, q, dtype=dtype, device=X.device)      # (chunks, r, p, q)
     if chunks and r:
         BM, BN, BP, BQ = _side(m), _side(n), _side(p), _side(q)
-        live = BM * BN + BP * BQ + max(BM * BQ, BP * BN)                  # dUs, dV, and H or W
         with _device(X):
             _kron_grad_kernel[(r, chunks)](dus, dv, X, G, Us, V, n_tok, chunk, m, n, p, q,
-                                           BM, BN, BP, BQ, acc, prec, num_warps=_num_warps(live),
-                                           num_stages=STAGES)
+                                           BM, BN, BP, BQ, acc, prec, num_warps=warps or WARPS,
+                                           num_stages=stages or _stages(X.dtype, side, grads=True))
     return dus.sum(0), dv.sum(0)
 
 

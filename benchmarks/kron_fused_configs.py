@@ -1,0 +1,96 @@
+"""Launch settings of the fused Kronecker kernels (soka/kron_fused.py), timed one kernel at a time.
+
+    python benchmarks/kron_fused_configs.py --out benchmarks/results/kron_fused_configs.json   # an H100: ~3 min
+
+For each factor shape (LLaMA-2-7B's and SmolLM2's) and rank, it times the three kernel calls of one
+SoKA layer step, bfloat16 at 4,096 tokens: the forward sum (out += Σ_k Us_k X_t V_kᵀ), the dx sum
+(the same kernel on the transposed factors) and the factor gradients (kron_grads, partials summed),
+over a grid of launch settings: tokens per program, warps, pipeline stages (the sums) and programs,
+warps, stages (the gradients). Each setting is timed as a CUDA graph of 20 calls (so Python's launch
+cost is out), median of 5 replays. It prints the best setting per call next to the module's rule and
+writes every time as JSON, which is how TOKENS_PER_PROGRAM, GRAD_PROGRAMS, STAGES and _num_warps
+were chosen (docs/performance.md).
+"""
+import argparse
+import itertools
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from soka import kron_fused                                              # noqa: E402
+
+# (m, n, p, q): LLaMA-2-7B's 4096², 11008×4096, 4096×11008; SmolLM2's 576², 192×576
+SHAPES = [(64, 64, 64, 64), (86, 64, 128, 64), (64, 86, 64, 128), (24, 24, 24, 24), (12, 24, 16, 24)]
+SUM_GRID = dict(tokens=(1, 4, 16), warps=(4, 8), stages=(2, 3))
+GRAD_GRID = dict(programs=(256, 512, 1024, 2048), warps=(4, 8), stages=(2, 3))
+
+
+def graph_time(fn, calls=20, replays=5):
+    """Milliseconds per call of fn, replayed as a CUDA graph of `calls` calls (median of `replays`)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()                                                     # compiles the kernel outside capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
+def settings(grid):
+    return [dict(zip(grid, v)) for v in itertools.product(*grid.values())]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--ranks", default="1,8")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "kron_fused_configs.json"))
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("kron_fused_configs.py: needs a CUDA GPU (it times compiled Triton kernels)")
+    dt, dev = torch.bfloat16, "cuda"
+    rows = []
+    for (m, n, p, q), r in itertools.product(SHAPES, [int(v) for v in a.ranks.split(",")]):
+        g = torch.Generator(device=dev).manual_seed(0)
+        X = torch.randn(a.tokens, n * q, device=dev, generator=g).to(dt)
+        G = torch.randn(a.tokens, m * p, device=dev, generator=g).to(dt)
+        Us = (torch.randn(r, m, n, device=dev, generator=g) / (m * n) ** 0.5).to(dt)
+        V = (torch.randn(r, p, q, device=dev, generator=g) / (p * q) ** 0.5).to(dt)
+        Ust, Vt = Us.transpose(1, 2).contiguous(), V.transpose(1, 2).contiguous()
+        y, dx = torch.zeros(a.tokens, m * p, device=dev, dtype=dt), torch.zeros(a.tokens, n * q, device=dev, dtype=dt)
+        calls = dict(forward=(SUM_GRID, lambda **o: kron_fused.kron_sum_(y, X, Us, V, **o)),
+                     dx=(SUM_GRID, lambda **o: kron_fused.kron_sum_(dx, G, Ust, Vt, **o)),
+                     grads=(GRAD_GRID, lambda **o: kron_fused.kron_grads(X, G, Us, V, **o)))
+        for call, (grid, fn) in calls.items():
+            default = graph_time(fn)
+            times = [dict(s, ms=graph_time(lambda: fn(**s))) for s in settings(grid)]
+            best = min(times, key=lambda t: t["ms"])
+            rows.append(dict(shape=(m, n, p, q), r=r, call=call, default_ms=default, best=best, times=times))
+            print(f"{str((m, n, p, q)):>18} r={r:<2} {call:>7}: rule {default * 1e3:7.1f} µs, best "
+                  f"{best['ms'] * 1e3:7.1f} µs with {({k: v for k, v in best.items() if k != 'ms'})}", flush=True)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(dict(
+        device=torch.cuda.get_device_name(), torch=torch.__version__, triton=kron_fused.triton.__version__,
+        python=platform.python_version(), tokens=a.tokens, dtype="bfloat16", rows=rows), indent=1))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
