@@ -498,6 +498,8 @@ def main(argv=None):
         f"{per_step} seqs, ≤ {per_step * cfg.max_len:,} tokens (≈ {per_step * np.mean(lengths):,.0f} on average); "
         f"{total} steps ({steps_per_epoch} per epoch), lr {cfg.lr:g}, out {out}")
     say(f"forward + backward: {'CUDA graphs, lengths padded to a multiple of 64' if graphed else 'eager'}"
+        + (f", SoKA layers {adapters.resolve_impl(adapters.IMPL, cuda=device.type == 'cuda', dtype=dtype)}"
+           if cfg.method == "soka" else "")
         + (", compiled norms / rotary / SwiGLU" if cfg.compile else "")
         + (", activation checkpointing" if cfg.checkpointing else ""))
 

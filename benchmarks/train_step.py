@@ -213,8 +213,7 @@ def setup(name, a, *, device, dtype, graphed):
     trainable = [p for p in model.parameters() if p.requires_grad]
     if method == "soka":
         impl = impl or adapters.adapter_layers(model)[0][1].impl
-        if impl == "auto":                      # what SoKALinear runs for these tensors
-            impl = "fused" if cuda and adapters._has_triton() else "kron_v2"
+        impl = adapters.resolve_impl(impl, cuda=cuda, dtype=dtype)    # what SoKALinear runs here
     opt = torch.optim.AdamW(trainable, lr=1e-5, fused=cuda) if trainable else None
     if kind == "ours":
         for p in trainable:                     # allocated once, as train.py does: graphs write into them

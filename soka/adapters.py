@@ -120,6 +120,16 @@ def _has_triton():
     return importlib.util.find_spec("triton") is not None
 
 
+def resolve_impl(impl, *, cuda, dtype):
+    """The implementation SoKALinear runs for `impl` on CUDA (or CPU) tensors of `dtype`: "auto" is
+    "fused" on CUDA where triton imports, else "kron_v2"; float64 on CUDA is always "kron_v2"."""
+    if impl in ("auto", "fused") and cuda and dtype == torch.float64:
+        return "kron_v2"
+    if impl == "auto":
+        return "fused" if cuda and _has_triton() else "kron_v2"
+    return impl
+
+
 def _compute_dtype(x):
     """The dtype the GEMMs run in: autocast's when it is on for x's device, else x's own."""
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
@@ -343,11 +353,7 @@ class SoKALinear(AdapterLinear):
         return KronApply.apply(x, self.sigma, self.U, self.V)
 
     def forward(self, x):
-        impl = self.impl
-        if impl in ("auto", "fused") and x.is_cuda and x.dtype == torch.float64:
-            impl = "kron_v2"
-        elif impl == "auto":
-            impl = "fused" if x.is_cuda and _has_triton() else "kron_v2"
+        impl = resolve_impl(self.impl, cuda=x.is_cuda, dtype=x.dtype)
         if self.merged or impl == "kron":
             return super().forward(x)                        # x W_resᵀ + KronApply(x)
         if impl == "fused":

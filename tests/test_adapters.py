@@ -490,3 +490,16 @@ def test_smollm2_step0_and_report():
     assert all(1 <= r["r"] <= 16 for r in report["layers"])
     torch.testing.assert_close(out, base, rtol=0, atol=1e-4 * base.abs().max().item())
     assert out[0, -1].argmax() == base[0, -1].argmax()
+
+
+def test_resolve_impl():
+    # "auto" (the default) is the fused Triton kernels on CUDA where triton imports, else kron_v2;
+    # float64 on CUDA always kron_v2; a named impl otherwise stands.
+    from soka.adapters import _has_triton, resolve_impl
+    assert resolve_impl("auto", cuda=False, dtype=torch.bfloat16) == "kron_v2"
+    assert resolve_impl("auto", cuda=True, dtype=torch.bfloat16) == ("fused" if _has_triton() else "kron_v2")
+    assert resolve_impl("auto", cuda=True, dtype=torch.float64) == "kron_v2"
+    assert resolve_impl("fused", cuda=True, dtype=torch.float64) == "kron_v2"
+    assert resolve_impl("fused", cuda=False, dtype=torch.float32) == "fused"
+    assert resolve_impl("dense", cuda=True, dtype=torch.float64) == "dense"
+    assert IMPLS[0] == "auto"

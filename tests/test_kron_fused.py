@@ -16,11 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-# Triton decides between compiling a kernel and interpreting it (numpy, on CPU) when @triton.jit
-# decorates it, i.e. when soka.kron_fused is first imported, from TRITON_INTERPRET; the interpreter
-# also reads it while the kernels run, so it stays set. pytest imports every test module before it
-# runs any test, and soka imports kron_fused only inside SoKALinear.forward, so setting it here,
-# before the import below, reaches every use in this process. With CUDA we leave it alone.
+# Triton decides between compiling a kernel and interpreting it (numpy, on CPU) from TRITON_INTERPRET,
+# read once; tests/conftest.py sets it before any test module imports triton. Set here too, for a
+# run of this file outside pytest's conftest (python -c "import tests.test_kron_fused"). With CUDA we
+# leave it alone.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
