@@ -295,8 +295,9 @@ class GraphedStep:
     before capture, so accumulation and the optimizer see ordinary .grad tensors.
     """
 
-    def __init__(self, model, params, *, amp, pad_id, multiple=64):
+    def __init__(self, model, params, *, amp, pad_id, multiple=64, compiled=False):
         self.model, self.params, self.amp, self.pad_id, self.multiple = model, params, amp, pad_id, multiple
+        self.compiled = compiled               # torch.compile'd parts compile again for a new length
         self.graphs, self.pool = {}, None
         self.n_tok = torch.ones((), device=params[0].device)
 
@@ -320,9 +321,11 @@ class GraphedStep:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             # Eager passes before capture run what must not happen inside a graph (cuBLAS and autograd
-            # set-up, compiling a new shape under --compile). Two for the first graph; later graphs
-            # (new lengths) need only one: each eager pass of SoKA on SmolLM2 costs ~0.3 s.
-            for _ in range(2 if not self.graphs else 1):
+            # set-up, compiling Triton kernels, and under --compile a new shape). Two for the first
+            # graph. A later graph (a new length) needs none, as nothing compiles for a new length
+            # (kron_fused's kernels do not specialize on it), except under --compile: one then. Each
+            # eager pass of SoKA on SmolLM2 costs ~0.3 s, and an epoch captures ~5 lengths.
+            for _ in range(2 if not self.graphs else int(self.compiled)):
                 with self.amp:
                     (loss_sum(self.model, s_ids, s_labels) / self.n_tok).backward()
         torch.cuda.current_stream().wait_stream(side)
@@ -334,7 +337,10 @@ class GraphedStep:
         self.pool = graph.pool()
         for p, g in zip(self.params, kept):
             p.grad.copy_(g)
-        return graph, s_ids, s_labels, s_loss
+        # detached: the loss's autograd graph (its AccumulateGrad nodes, made on this capture's stream)
+        # must not outlive the capture, or the next one warns of a stream mismatch; replays write
+        # into the same storage either way
+        return graph, s_ids, s_labels, s_loss.detach()
 
 
 @torch.no_grad()
@@ -472,7 +478,8 @@ def main(argv=None):
     for p in trainable:                     # allocated once: accumulation and CUDA graphs write into them
         p.grad = torch.zeros_like(p)
     graphed = device.type == "cuda" and cfg.cuda_graph
-    micro_step = GraphedStep(model, trainable, amp=amp, pad_id=tok.pad_id) if graphed else eager_step(model, amp)
+    micro_step = (GraphedStep(model, trainable, amp=amp, pad_id=tok.pad_id, compiled=cfg.compile) if graphed
+                  else eager_step(model, amp))
 
     # ---- data
     train_raw, held_raw = heldout_split(cfg.task, cfg.data_dir, cfg.heldout)
