@@ -4,7 +4,7 @@
 
 For each factor shape (LLaMA-2-7B's and SmolLM2's) and rank, it times the three kernel calls of one
 SoKA layer step, bfloat16 at 4,096 tokens: the forward sum (out += Σ_k Us_k X_t V_kᵀ), the dx sum
-(the same kernel on the transposed factors) and the factor gradients (kron_grads: partials, then their sum),
+(the same kernel on the transposed factors) and the factor gradients (kron_grads, partials summed),
 over a grid of launch settings: tokens per program, warps, pipeline stages (the sums) and programs,
 warps, stages (the gradients). Each setting is timed as a CUDA graph of 20 calls (so Python's launch
 cost is out), median of 5 replays. It prints the best setting per call next to the module's rule and
@@ -71,13 +71,13 @@ def main():
         g = torch.Generator(device=dev).manual_seed(0)
         X = torch.randn(a.tokens, n * q, device=dev, generator=g).to(dt)
         G = torch.randn(a.tokens, m * p, device=dev, generator=g).to(dt)
-        U = torch.randn(r, m, n, device=dev, generator=g) / (m * n) ** 0.5       # float32, as layers hold them
-        V = torch.randn(r, p, q, device=dev, generator=g) / (p * q) ** 0.5
-        sigma = torch.rand(r, device=dev, generator=g) + 0.5
+        Us = (torch.randn(r, m, n, device=dev, generator=g) / (m * n) ** 0.5).to(dt)
+        V = (torch.randn(r, p, q, device=dev, generator=g) / (p * q) ** 0.5).to(dt)
+        Ust, Vt = Us.transpose(1, 2).contiguous(), V.transpose(1, 2).contiguous()
         y, dx = torch.zeros(a.tokens, m * p, device=dev, dtype=dt), torch.zeros(a.tokens, n * q, device=dev, dtype=dt)
-        calls = dict(forward=(SUM_GRID, lambda **o: kron_fused.kron_sum_(y, X, U, V, sigma, **o)),
-                     dx=(SUM_GRID, lambda **o: kron_fused.kron_sum_(dx, G, U, V, sigma, transpose=True, **o)),
-                     grads=(GRAD_GRID, lambda **o: kron_fused.kron_grads(X, G, U, V, sigma, **o)))
+        calls = dict(forward=(SUM_GRID, lambda **o: kron_fused.kron_sum_(y, X, Us, V, **o)),
+                     dx=(SUM_GRID, lambda **o: kron_fused.kron_sum_(dx, G, Ust, Vt, **o)),
+                     grads=(GRAD_GRID, lambda **o: kron_fused.kron_grads(X, G, Us, V, **o)))
         for call, (grid, fn) in calls.items():
             default = graph_time(fn)
             times = [dict(s, ms=graph_time(lambda: fn(**s))) for s in settings(grid)]

@@ -1,17 +1,13 @@
-"""The SoKA layer with its Kronecker part in Triton kernels (SoKALinear impl "fused").
+"""The SoKA layer with its Kronecker part in two Triton kernels (SoKALinear impl "fused").
 
 Per token t, with X_t = x_t.view(n, q), G_t = dy_t.view(m, p) and Us_k = σ_k U_k:
 
     forward   Y_t  = X_t W_resᵀ (cuBLAS)  + Σ_k Us_k X_t V_kᵀ              _kron_sum_kernel
     backward  dX_t = G_t W_res  (cuBLAS)  + Σ_k Us_kᵀ G_t V_k              _kron_sum_kernel again
               dUs_k = Σ_t G_t V_k X_tᵀ  (m, n),  dV_k = Σ_t G_tᵀ Us_k X_t  (p, q)   _kron_grad_kernel
-              dσ_k = Σ(dUs_k ∘ U_k),  dU_k = σ_k dUs_k                         _kron_grad_finish_kernel
+              dσ_k = Σ(dUs_k ∘ U_k),  dU_k = σ_k dUs_k
 
-Forward and dx are one operation, out_t += Σ_k A_k X_t B_kᵀ, with (A, B) = (Us, V) resp. (Usᵀ, Vᵀ):
-the kernel reads U, V and σ as the layer holds them (float32), through strides for the transposes,
-and forms σ_k U_k and the casts to the GEMMs' dtype on chip. Per layer and step that is 2 cuBLAS GEMMs
-and 4 kernels; every small torch call saved matters where a step is a CUDA graph of a small model
-(SmolLM2: 120 SoKA layers, each call a few µs however small).
+Forward and dx are one operation, out_t += Σ_k A_k X_t B_kᵀ, with (A, B) = (Us, V) resp. (Usᵀ, Vᵀ).
 
 Why: KronLinear (impl "kron_v2") runs these as batched cuBLAS GEMMs, which must write the
 intermediate Z_t = X_t V_kᵀ (r·n·p values per token, r times the activation) to memory and read it
@@ -30,8 +26,8 @@ than KronLinear (which reuses Usᵀ G for dx and dV), and nothing r-sized goes t
 
 Factor sizes are not powers of two (LLaMA-2-7B: 86, 128, 64; SmolLM2: 12, 16, 24, 32, 48), so tiles are
 padded to the next power of two ≥ 16 (tl.dot's minimum) with masked loads (zeros) and masked stores.
-The weight gradients are summed per chunk of tokens into a float32 buffer and the chunks are added in
-order by a second kernel: no atomics, and the chunking depends only on N, r and the shape, so an eager step and a
+The weight gradients are summed per chunk of tokens into a float32 buffer and the chunks are added by
+torch: no atomics, and the chunking depends only on the token count and r, so an eager step and a
 CUDA-graph replay give bit-identical gradients. No autotuning (graphs are captured after warm-up, and
 tuning inside a capture breaks it): fixed launch settings, measured on an H100 (below).
 
@@ -56,24 +52,22 @@ GRAD_PROGRAMS = 256      # _kron_grad_kernel: ~r·chunks programs; 512 for facto
 
 
 @triton.jit(do_not_specialize=["n_tokens", "R"])   # one compile for every N and r (below)
-def _kron_sum_kernel(out_ptr, x_ptr, a_ptr, b_ptr, s_ptr, n_tokens, R, sak, sam, san, sbk, sbp, sbq,
-                     TOKENS: tl.constexpr, M: tl.constexpr, N: tl.constexpr, P: tl.constexpr, Q: tl.constexpr,
+def _kron_sum_kernel(out_ptr, x_ptr, a_ptr, b_ptr, n_tokens, R, TOKENS: tl.constexpr,
+                     M: tl.constexpr, N: tl.constexpr, P: tl.constexpr, Q: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr,
                      ACC: tl.constexpr, PREC: tl.constexpr):
-    # out_t (M, P) += Σ_k σ_k A_k X_t B_kᵀ for this program's TOKENS tokens; X (tokens, N, Q) and out
-    # (tokens, M, P) contiguous; A_k[i, j] at a_ptr + k·sak + i·sam + j·san, B_k likewise, so that the
-    # transposed factors of dx are strides, not copies. Forward: A = U, B = V, (M, N, P, Q) = (m, n, p, q);
-    # dx: A = Uᵀ, B = Vᵀ, (n, m, q, p). σ_k A_k and B_k are cast to X's dtype on load, as KronLinear
-    # casts them before its GEMMs. Computed transposed, out_tᵀ += (B_k X_tᵀ)(σ_k A_k)ᵀ, so that the
-    # intermediate Z_tᵀ, a dot's result in registers, is the LEFT operand of the next dot (as P in
-    # flash attention's P V). The token loop has a constexpr bound and a token past the end is masked
-    # off (its loads give zeros, its store is skipped).
+    # out_t (M, P) += Σ_k A_k X_t B_kᵀ for this program's TOKENS tokens; A (R, M, N), X (tokens, N, Q),
+    # B (R, P, Q), out (tokens, M, P), all contiguous. Forward: (M, N, P, Q) = (m, n, p, q); dx: (n, m,
+    # q, p). Computed transposed, out_tᵀ += (B_k X_tᵀ) A_kᵀ, so that the intermediate Z_tᵀ, a dot's
+    # result in registers, is the LEFT operand of the next dot (as P in flash attention's P V).
+    # The rank R is a runtime loop bound (one compiled kernel serves every rank); the token loop has a
+    # constexpr bound and a token past the end is masked off (its loads give zeros, its store is skipped).
     i_m, i_n, i_p, i_q = tl.arange(0, BM), tl.arange(0, BN), tl.arange(0, BP), tl.arange(0, BQ)
-    a_off = i_m[:, None] * sam + i_n[None, :] * san           # (BM, BN)
+    a_off = i_m[:, None] * N + i_n[None, :]                   # (BM, BN)
     a_msk = (i_m[:, None] < M) & (i_n[None, :] < N)
     x_off = i_n[:, None] * Q + i_q[None, :]                   # (BN, BQ)
     x_msk = (i_n[:, None] < N) & (i_q[None, :] < Q)
-    b_off = i_p[:, None] * sbp + i_q[None, :] * sbq           # (BP, BQ)
+    b_off = i_p[:, None] * Q + i_q[None, :]                   # (BP, BQ)
     b_msk = (i_p[:, None] < P) & (i_q[None, :] < Q)
     o_off = i_p[:, None] + i_m[None, :] * P                   # (BP, BM): out_tᵀ
     o_msk = (i_p[:, None] < P) & (i_m[None, :] < M)
@@ -83,9 +77,8 @@ def _kron_sum_kernel(out_ptr, x_ptr, a_ptr, b_ptr, s_ptr, n_tokens, R, sak, sam,
         X = tl.load(x_ptr + t * (N * Q) + x_off, mask=x_msk & live, other=0.0)    # (BN, BQ)
         acc = tl.zeros((BP, BM), dtype=ACC)
         for k in range(R):
-            A = tl.load(a_ptr + k * sak + a_off, mask=a_msk, other=0.0)           # (BM, BN)
-            A = (A * tl.load(s_ptr + k)).to(X.dtype)                             # σ_k A_k
-            B = tl.load(b_ptr + k * sbk + b_off, mask=b_msk, other=0.0).to(X.dtype)   # (BP, BQ)
+            A = tl.load(a_ptr + k * (M * N) + a_off, mask=a_msk, other=0.0)       # (BM, BN)
+            B = tl.load(b_ptr + k * (P * Q) + b_off, mask=b_msk, other=0.0)       # (BP, BQ)
             Zt = tl.dot(B, tl.trans(X), input_precision=PREC, out_dtype=ACC)     # (BP, BN) = (X_t B_kᵀ)ᵀ
             acc = tl.dot(Zt.to(X.dtype), tl.trans(A), acc, input_precision=PREC, out_dtype=ACC)
         out = out_ptr + t * (M * P) + o_off
@@ -94,15 +87,14 @@ def _kron_sum_kernel(out_ptr, x_ptr, a_ptr, b_ptr, s_ptr, n_tokens, R, sak, sam,
 
 
 @triton.jit(do_not_specialize=["n_tokens", "CHUNK"])
-def _kron_grad_kernel(dus_ptr, dv_ptr, x_ptr, g_ptr, u_ptr, v_ptr, s_ptr, n_tokens, CHUNK,
+def _kron_grad_kernel(dus_ptr, dv_ptr, x_ptr, g_ptr, us_ptr, v_ptr, n_tokens, CHUNK,
                       M: tl.constexpr, N: tl.constexpr, P: tl.constexpr, Q: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr,
                       ACC: tl.constexpr, PREC: tl.constexpr):
     # Program (k, c): dUs_k = Σ_t (G_t V_k) X_tᵀ and dV_k = Σ_t (G_tᵀ Us_k) X_t over chunk c's CHUNK
     # tokens (a runtime bound; past the end masked off), written to dus[c, k] (M, N) and dv[c, k] (P, Q).
-    # Us_k = σ_k U_k and V_k are cast to X's dtype on load; U (R, M, N), V (R, P, Q) contiguous. Both
-    # intermediates are left operands of their second dot. k varies fastest across programs, so the
-    # r programs of a chunk run together and read its X and G from HBM once (then from L2).
+    # Both intermediates are left operands of their second dot. k varies fastest across programs, so
+    # the r programs of a chunk run together and read its X and G from HBM once (then from L2).
     k, c = tl.program_id(0), tl.program_id(1)
     r = tl.num_programs(0)
     i_m, i_n, i_p, i_q = tl.arange(0, BM), tl.arange(0, BN), tl.arange(0, BP), tl.arange(0, BQ)
@@ -114,10 +106,8 @@ def _kron_grad_kernel(dus_ptr, dv_ptr, x_ptr, g_ptr, u_ptr, v_ptr, s_ptr, n_toke
     x_msk = (i_n[:, None] < N) & (i_q[None, :] < Q)
     g_off = i_m[:, None] * P + i_p[None, :]                   # (BM, BP)
     g_msk = (i_m[:, None] < M) & (i_p[None, :] < P)
-    x_dtype = x_ptr.dtype.element_ty
-    Us = tl.load(u_ptr + k * (M * N) + mn_off, mask=mn_msk, other=0.0)
-    Us = (Us * tl.load(s_ptr + k)).to(x_dtype)                                   # (BM, BN)
-    V = tl.load(v_ptr + k * (P * Q) + pq_off, mask=pq_msk, other=0.0).to(x_dtype)   # (BP, BQ)
+    Us = tl.load(us_ptr + k * (M * N) + mn_off, mask=mn_msk, other=0.0)          # (BM, BN)
+    V = tl.load(v_ptr + k * (P * Q) + pq_off, mask=pq_msk, other=0.0)            # (BP, BQ)
     dUs = tl.zeros((BM, BN), dtype=ACC)
     dV = tl.zeros((BP, BQ), dtype=ACC)
     for i in range(CHUNK):
@@ -131,34 +121,6 @@ def _kron_grad_kernel(dus_ptr, dv_ptr, x_ptr, g_ptr, u_ptr, v_ptr, s_ptr, n_toke
     part = (c * r + k).to(tl.int64)
     tl.store(dus_ptr + part * (M * N) + mn_off, dUs, mask=mn_msk)
     tl.store(dv_ptr + part * (P * Q) + pq_off, dV, mask=pq_msk)
-
-
-@triton.jit(do_not_specialize=["CHUNKS"])
-def _kron_grad_finish_kernel(ds_ptr, du_ptr, dv_ptr, dus_ptr, dvp_ptr, u_ptr, s_ptr, CHUNKS,
-                             M: tl.constexpr, N: tl.constexpr, P: tl.constexpr, Q: tl.constexpr,
-                             BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr,
-                             ACC: tl.constexpr):
-    # Program k: adds the chunks' partials in chunk order (deterministic), then dσ_k = Σ dUs_k ∘ U_k,
-    # dU_k = σ_k dUs_k and dV_k, stored in the factors' dtypes: one kernel for what would be ~6 small
-    # torch calls per layer (inside a CUDA graph each costs a few µs whatever its size).
-    k = tl.program_id(0)
-    r = tl.num_programs(0)
-    i_m, i_n, i_p, i_q = tl.arange(0, BM), tl.arange(0, BN), tl.arange(0, BP), tl.arange(0, BQ)
-    mn_off = i_m[:, None] * N + i_n[None, :]
-    mn_msk = (i_m[:, None] < M) & (i_n[None, :] < N)
-    pq_off = i_p[:, None] * Q + i_q[None, :]
-    pq_msk = (i_p[:, None] < P) & (i_q[None, :] < Q)
-    dUs = tl.zeros((BM, BN), dtype=ACC)
-    dV = tl.zeros((BP, BQ), dtype=ACC)
-    for c in range(CHUNKS):
-        part = (c * r + k).to(tl.int64)
-        dUs += tl.load(dus_ptr + part * (M * N) + mn_off, mask=mn_msk, other=0.0)
-        dV += tl.load(dvp_ptr + part * (P * Q) + pq_off, mask=pq_msk, other=0.0)
-    U = tl.load(u_ptr + k * (M * N) + mn_off, mask=mn_msk, other=0.0).to(ACC)
-    tl.store(ds_ptr + k, tl.sum(tl.sum(dUs * U, axis=1), axis=0).to(ds_ptr.dtype.element_ty))
-    sigma = tl.load(s_ptr + k).to(ACC)
-    tl.store(du_ptr + k * (M * N) + mn_off, (dUs * sigma).to(du_ptr.dtype.element_ty), mask=mn_msk)
-    tl.store(dv_ptr + k * (P * Q) + pq_off, dV.to(dv_ptr.dtype.element_ty), mask=pq_msk)
 
 
 # -----------------------------------------------------------------------------
@@ -230,63 +192,53 @@ def _device(t):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else nullcontext()
 
 
-def kron_sum_(out, X, U, V, sigma, *, transpose=False, tokens=None, warps=None, stages=None):
-    """out (N, M·P) += Σ_k σ_k A_k X_t B_kᵀ for every token t, in place, with (A, B) = (U, V), or
-    (Uᵀ, Vᵀ) with transpose (dx: Σ_k σ_k U_kᵀ G_t V_k), X_t = X[t].view(N', Q); U (r, m, n), V (r, p, q)
-    and σ (r,) as the layer holds them (cast inside the kernel); out and X contiguous. Returns out.
-    tokens / warps / stages override TOKENS_PER_PROGRAM, WARPS and _stages (kron_fused_configs.py)."""
-    r, M, N = U.shape
-    _, P, Q = V.shape
-    (sak, sam, san), (sbk, sbp, sbq) = U.stride(), V.stride()
-    if transpose:                                             # strides, not copies
-        M, N, P, Q, sam, san, sbp, sbq = N, M, Q, P, san, sam, sbq, sbp
+def kron_sum_(out, X, A, B, *, tokens=None, warps=None, stages=None):
+    """out (N, M·P) += Σ_k A_k X_t B_kᵀ for every token t, in place, with X_t = X[t].view(N', Q),
+    A (r, M, N'), B (r, P, Q); out and X contiguous. Returns out. tokens / warps / stages override
+    TOKENS_PER_PROGRAM, WARPS and _stages (benchmarks/kron_fused_configs.py)."""
+    r, M, N = A.shape
+    _, P, Q = B.shape
     n_tok = X.shape[0]
     if n_tok == 0 or r == 0:
         return out
-    X, = _operands(X)
+    X, A, B = _operands(X, A.contiguous(), B.contiguous())
     acc, prec = _dot_options(X.dtype)
     BM, BN, BP, BQ = _side(M), _side(N), _side(P), _side(Q)
     _check_tiles(X.dtype, max(BM, BN, BP, BQ))
     tokens = tokens or TOKENS_PER_PROGRAM
     with _device(out):
         _kron_sum_kernel[(triton.cdiv(n_tok, tokens),)](
-            out, X, U, V, sigma, n_tok, r, sak, sam, san, sbk, sbp, sbq, tokens, M, N, P, Q,
-            BM, BN, BP, BQ, acc, prec,
+            out, X, A, B, n_tok, r, tokens, M, N, P, Q, BM, BN, BP, BQ, acc, prec,
             num_warps=warps or WARPS, num_stages=stages or _stages(X.dtype, max(BM, BN, BP, BQ)))
     return out
 
 
-def kron_grads(X, G, U, V, sigma, *, programs=None, warps=None, stages=None):
-    """(dσ, dU, dV) of Σ_t ⟨G_t, Σ_k σ_k U_k X_t V_kᵀ⟩, in σ's, U's and V's dtypes: with dUs_k =
-    Σ_t G_t V_k X_tᵀ, dσ_k = Σ dUs_k ∘ U_k and dU_k = σ_k dUs_k; dV_k = Σ_t G_tᵀ σ_k U_k X_t. X (N, n·q)
-    and G (N, m·p) contiguous, U, V contiguous. Each chunk of tokens writes a float32 partial (float64
-    for float64 inputs), which a second kernel adds in chunk order. Chunk length: ⌈N / ⌊programs / r⌋⌉
-    tokens, programs = GRAD_PROGRAMS (twice that for factor sides below 64). programs / warps / stages
-    override that, WARPS and _stages (benchmarks/kron_fused_configs.py)."""
-    r, m, n = U.shape
+def kron_grads(X, G, Us, V, *, programs=None, warps=None, stages=None):
+    """(dUs (r, m, n), dV (r, p, q)) = (Σ_t G_t V_k X_tᵀ, Σ_t G_tᵀ Us_k X_t) in float32 (float64 for
+    float64 inputs), X (N, n·q) and G (N, m·p) contiguous. Each chunk of tokens writes one partial and
+    torch adds them in a fixed order. Chunk length: ⌈N / ⌊programs / r⌋⌉ tokens, programs = GRAD_PROGRAMS
+    (twice that for factor sides below 64). programs / warps / stages override that, WARPS and _stages
+    (benchmarks/kron_fused_configs.py)."""
+    r, m, n = Us.shape
     _, p, q = V.shape
     n_tok = X.shape[0]
     side = max(_side(d) for d in (m, n, p, q))
     _check_tiles(X.dtype, side)
-    if n_tok == 0 or r == 0:
-        return torch.zeros_like(sigma), torch.zeros_like(U), torch.zeros_like(V)
     programs = programs or (GRAD_PROGRAMS if side >= 64 else 2 * GRAD_PROGRAMS)
     chunk = max(1, triton.cdiv(n_tok, max(1, programs // r)))
     chunks = triton.cdiv(n_tok, chunk)
-    X, G = _operands(X, G)
+    X, G, Us, V = _operands(X, G, Us.contiguous(), V.contiguous())
     acc, prec = _dot_options(X.dtype)
     dtype = torch.float64 if acc == tl.float64 else torch.float32
     dus = torch.empty(chunks, r, m, n, dtype=dtype, device=X.device)     # (chunks, r, m, n), all written
-    dvp = torch.empty(chunks, r, p, q, dtype=dtype, device=X.device)     # (chunks, r, p, q)
-    dsigma, dU, dV = torch.empty_like(sigma), torch.empty_like(U), torch.empty_like(V)
-    BM, BN, BP, BQ = _side(m), _side(n), _side(p), _side(q)
-    with _device(X):
-        _kron_grad_kernel[(r, chunks)](dus, dvp, X, G, U, V, sigma, n_tok, chunk, m, n, p, q,
-                                       BM, BN, BP, BQ, acc, prec, num_warps=warps or WARPS,
-                                       num_stages=stages or _stages(X.dtype, side, grads=True))
-        _kron_grad_finish_kernel[(r,)](dsigma, dU, dV, dus, dvp, U, sigma, chunks, m, n, p, q,
-                                       BM, BN, BP, BQ, acc, num_warps=WARPS)
-    return dsigma, dU, dV
+    dv = torch.empty(chunks, r, p, q, dtype=dtype, device=X.device)      # (chunks, r, p, q)
+    if chunks and r:
+        BM, BN, BP, BQ = _side(m), _side(n), _side(p), _side(q)
+        with _device(X):
+            _kron_grad_kernel[(r, chunks)](dus, dv, X, G, Us, V, n_tok, chunk, m, n, p, q,
+                                           BM, BN, BP, BQ, acc, prec, num_warps=warps or WARPS,
+                                           num_stages=stages or _stages(X.dtype, side, grads=True))
+    return dus.sum(0), dv.sum(0)
 
 
 # -----------------------------------------------------------------------------
@@ -294,8 +246,8 @@ def kron_grads(X, G, U, V, sigma, *, programs=None, warps=None, stages=None):
 
 class KronFused(torch.autograd.Function):
     """y = x W_resᵀ + Σ_k σ_k U_k X V_kᵀ (impl "fused"): KronLinear's signature, dtypes and results,
-    with the Kronecker part in the kernels above. Saves X, the frozen weight and the factors, nothing
-    per token beyond X. Per layer and step: 2 GEMMs and 4 Triton kernels (KronLinear: ~17 calls)."""
+    with the Kronecker part in the kernels above. Saves X, the frozen weight, the factors and their
+    cast copies Us, V (r·(m·n + p·q) values), nothing per token beyond X."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")   # backward runs under forward's autocast state
@@ -304,28 +256,34 @@ class KronFused(torch.autograd.Function):
         _, p, q = V.shape
         if x.shape[-1] != n * q:
             raise ValueError(f"kron_fused.py: x has {x.shape[-1]} features, the factors expect n·q = {n}·{q}")
-        U, V = U.contiguous(), V.contiguous()
-        X = x.reshape(-1, n * q).to(_compute_dtype(x)).contiguous()   # (N, n·q)
-        y = F.linear(X, weight.to(X.dtype))                   # (N, m·p): the frozen part (cuBLAS) ...
-        kron_sum_(y, X, U, V, sigma)                          # ... plus Σ_k σ_k U_k X_t V_kᵀ, in place
-        ctx.save_for_backward(X, weight, sigma, U, V)
+        dt = _compute_dtype(x)
+        X = x.reshape(-1, n * q).to(dt).contiguous()          # (N, n·q)
+        Us = torch.empty(r, m, n, dtype=dt, device=x.device)
+        torch.mul(U, sigma[:, None, None], out=Us)            # Us_k = σ_k U_k, cast on write
+        Vd = V.to(dt).contiguous()                            # (r, p, q)
+        y = F.linear(X, weight.to(dt))                        # (N, m·p): the frozen part (cuBLAS) ...
+        kron_sum_(y, X, Us, Vd)                               # ... plus Σ_k Us_k X_t V_kᵀ, in place
+        ctx.save_for_backward(X, weight, sigma, U, Us, Vd)
         ctx.x_dtype = x.dtype
         return y.view(*x.shape[:-1], m * p)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, gy):
-        X, weight, sigma, U, V = ctx.saved_tensors
+        X, weight, sigma, U, Us, Vd = ctx.saved_tensors
         r, m, n = U.shape
-        _, p, q = V.shape
-        G = gy.reshape(-1, m * p).to(X.dtype).contiguous()    # (N, m·p)
+        _, p, q = Vd.shape
+        G = gy.reshape(-1, m * p).to(Us.dtype).contiguous()   # (N, m·p)
         dx = dweight = dsigma = dU = dV = None
         if ctx.needs_input_grad[0]:
-            dx = G @ weight.to(X.dtype)                       # (N, n·q): the frozen part ...
-            kron_sum_(dx, G, U, V, sigma, transpose=True)     # ... plus Σ_k σ_k U_kᵀ G_t V_k
+            dx = G @ weight.to(Us.dtype)                      # (N, n·q): the frozen part ...
+            kron_sum_(dx, G, Us.transpose(1, 2), Vd.transpose(1, 2))   # ... plus Σ_k Us_kᵀ G_t V_k
             dx = dx.view(*gy.shape[:-1], n * q).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:                           # W_res is frozen in SoKALinear; for completeness
             dweight = (G.T @ X).to(weight.dtype)
         if any(ctx.needs_input_grad[2:]):
-            dsigma, dU, dV = kron_grads(X, G, U, V, sigma)
+            dUs, dVa = kron_grads(X, G, Us, Vd)               # (r, m, n): ∂L/∂(σ_k U_k), (r, p, q)
+            dsigma = (dUs * U).sum((1, 2)).to(sigma.dtype)
+            dU = (dUs * sigma[:, None, None]).to(U.dtype)
+            dV = dVa.to(U.dtype)                              # U, V share the factors' dtype
         return dx, dweight, dsigma, dU, dV
