@@ -51,7 +51,11 @@ GRAD_PROGRAMS = 256      # _kron_grad_kernel: ~r·chunks programs; 512 for facto
                          # so the chunking (and the summation order) depends only on N, r and the shape
 
 
-@triton.jit(do_not_specialize=["n_tokens", "R"])   # one compile for every N and r (below)
+# The loop bounds and the token count are runtime values, and not specialized on (Triton would otherwise
+# compile apart r = 1, multiples of 16, ...): one compiled kernel per factor shape serves every rank and
+# token count. A SmolLM2 model has ranks 1-16, and a new sequence length compiles nothing, which lets
+# train.GraphedStep capture a new length without an eager warm-up pass first.
+@triton.jit(do_not_specialize=["n_tokens", "R"])
 def _kron_sum_kernel(out_ptr, x_ptr, a_ptr, b_ptr, n_tokens, R, TOKENS: tl.constexpr,
                      M: tl.constexpr, N: tl.constexpr, P: tl.constexpr, Q: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr,
@@ -129,12 +133,8 @@ def _kron_grad_kernel(dus_ptr, dv_ptr, x_ptr, g_ptr, us_ptr, v_ptr, n_tokens, CH
 INTERPRETED = not isinstance(_kron_sum_kernel, triton.runtime.JITFunction)   # TRITON_INTERPRET=1 at import
 
 if INTERPRETED:
-    # Triton's interpreter (3.5, 3.6) turns a runtime loop bound into an int with int() of a 1-element
-    # array, which numpy 2.4 refuses; .item() is what it means. Loop bounds and the token count are
-    # runtime values, and not specialized on (do_not_specialize; Triton would otherwise compile apart
-    # r = 1, multiples of 16, ...), so one compiled kernel per factor shape serves every rank and token
-    # count: a SmolLM2 model has ranks 1-16, and a new sequence length never compiles anything, which
-    # lets train.GraphedStep capture a new length without an eager warm-up pass first.
+    # Triton's interpreter (3.5, 3.6) turns a runtime loop bound (above) into an int with int() of a
+    # 1-element array, which numpy 2.4 refuses; .item() is what it means.
     from triton.runtime import interpreter as _interpreter
     _patch_lang_tensor = _interpreter._patch_lang_tensor
 
