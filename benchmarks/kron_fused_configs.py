@@ -4,7 +4,8 @@
 
 For each factor shape (LLaMA-2-7B's and SmolLM2's) and rank, it times the three kernel calls of one
 SoKA layer step, bfloat16 at 4,096 tokens: the forward sum (out += Σ_k Us_k X_t V_kᵀ), the dx sum
-(the same kernel on the transposed factors) and the factor gradients (kron_grads, partials summed),
+(the same kernel on the transposed factors: read in place, and as contiguous copies, dx_copies) and
+the factor gradients (kron_grads: dσ, dU, dV, partials summed),
 over a grid of launch settings: tokens per program, warps, pipeline stages (the sums) and programs,
 warps, stages (the gradients). Each setting is timed as a CUDA graph of 20 calls (so Python's launch
 cost is out), median of 5 replays. It prints the best setting per call next to the module's rule and
@@ -61,6 +62,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--ranks", default="1,8")
+    ap.add_argument("--rule-only", action="store_true", help="time the module's launch settings only, no grid")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "kron_fused_configs.json"))
     a = ap.parse_args()
     if not torch.cuda.is_available():
@@ -71,19 +73,26 @@ def main():
         g = torch.Generator(device=dev).manual_seed(0)
         X = torch.randn(a.tokens, n * q, device=dev, generator=g).to(dt)
         G = torch.randn(a.tokens, m * p, device=dev, generator=g).to(dt)
-        Us = (torch.randn(r, m, n, device=dev, generator=g) / (m * n) ** 0.5).to(dt)
-        V = (torch.randn(r, p, q, device=dev, generator=g) / (p * q) ** 0.5).to(dt)
+        U = torch.randn(r, m, n, device=dev, generator=g) / (m * n) ** 0.5
+        sigma = torch.ones(r, device=dev)
+        Us = kron_fused.padded(r, m, n, dtype=dt, device=dev).copy_(U)     # as KronFused stores them
+        V = kron_fused.padded(r, p, q, dtype=dt, device=dev).copy_(torch.randn(r, p, q, device=dev, generator=g) / (p * q) ** 0.5)
         Ust, Vt = Us.transpose(1, 2).contiguous(), V.transpose(1, 2).contiguous()
         y, dx = torch.zeros(a.tokens, m * p, device=dev, dtype=dt), torch.zeros(a.tokens, n * q, device=dev, dtype=dt)
         calls = dict(forward=(SUM_GRID, lambda **o: kron_fused.kron_sum_(y, X, Us, V, **o)),
-                     dx=(SUM_GRID, lambda **o: kron_fused.kron_sum_(dx, G, Ust, Vt, **o)),
-                     grads=(GRAD_GRID, lambda **o: kron_fused.kron_grads(X, G, Us, V, **o)))
+                     dx=(SUM_GRID, lambda **o: kron_fused.kron_sum_(dx, G, Us.transpose(1, 2), V.transpose(1, 2), **o)),
+                     dx_copies=(SUM_GRID, lambda **o: kron_fused.kron_sum_(dx, G, Ust, Vt, **o)),
+                     grads=(GRAD_GRID, lambda **o: kron_fused.kron_grads(X, G, Us, V, sigma, U, **o)))
         for call, (grid, fn) in calls.items():
             default = graph_time(fn)
-            times = [dict(s, ms=graph_time(lambda: fn(**s))) for s in settings(grid)]
+            times = [] if a.rule_only else [dict(s, ms=graph_time(lambda: fn(**s))) for s in settings(grid)]
+            if not times:
+                rows.append(dict(shape=(m, n, p, q), r=r, call=call, default_ms=default))
+                print(f"{str((m, n, p, q)):>18} r={r:<2} {call:>9}: rule {default * 1e3:7.1f} µs", flush=True)
+                continue
             best = min(times, key=lambda t: t["ms"])
             rows.append(dict(shape=(m, n, p, q), r=r, call=call, default_ms=default, best=best, times=times))
-            print(f"{str((m, n, p, q)):>18} r={r:<2} {call:>7}: rule {default * 1e3:7.1f} µs, best "
+            print(f"{str((m, n, p, q)):>18} r={r:<2} {call:>9}: rule {default * 1e3:7.1f} µs, best "
                   f"{best['ms'] * 1e3:7.1f} µs with {({k: v for k, v in best.items() if k != 'ms'})}", flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(dict(

@@ -58,20 +58,32 @@ GRAD_PROGRAMS = 256      # _kron_grad_kernel: ~r·chunks programs; 512 for facto
 @triton.jit(do_not_specialize=["n_tokens", "R"])
 def _kron_sum_kernel(out_ptr, x_ptr, a_ptr, b_ptr, n_tokens, R, TOKENS: tl.constexpr,
                      M: tl.constexpr, N: tl.constexpr, P: tl.constexpr, Q: tl.constexpr,
+                     A_T: tl.constexpr, SA: tl.constexpr, LDA: tl.constexpr,
+                     B_T: tl.constexpr, SB: tl.constexpr, LDB: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr,
                      ACC: tl.constexpr, PREC: tl.constexpr):
     # out_t (M, P) += Σ_k A_k X_t B_kᵀ for this program's TOKENS tokens; A (R, M, N), X (tokens, N, Q),
-    # B (R, P, Q), out (tokens, M, P), all contiguous. Forward: (M, N, P, Q) = (m, n, p, q); dx: (n, m,
-    # q, p). Computed transposed, out_tᵀ += (B_k X_tᵀ) A_kᵀ, so that the intermediate Z_tᵀ, a dot's
-    # result in registers, is the LEFT operand of the next dot (as P in flash attention's P V).
+    # B (R, P, Q), out (tokens, M, P), X and out contiguous. A_k starts at a_ptr + k·SA, its rows LDA
+    # apart (≥ N: rows may be padded, so that they start 16-byte aligned), or its columns if A_T (A_k
+    # stored transposed); B likewise. Forward: (M, N, P, Q) = (m, n, p, q); dx: (n, m, q, p), with
+    # A = Usᵀ and B = Vᵀ read from Us and V as stored (A_T, B_T: no transposed copies).
+    # Computed transposed, out_tᵀ += (B_k X_tᵀ) A_kᵀ, so that
+    # the intermediate Z_tᵀ, a dot's result in registers, is the LEFT operand of the next dot (as P in
+    # flash attention's P V).
     # The rank R is a runtime loop bound (one compiled kernel serves every rank); the token loop has a
     # constexpr bound and a token past the end is masked off (its loads give zeros, its store is skipped).
     i_m, i_n, i_p, i_q = tl.arange(0, BM), tl.arange(0, BN), tl.arange(0, BP), tl.arange(0, BQ)
-    a_off = i_m[:, None] * N + i_n[None, :]                   # (BM, BN)
+    if A_T:
+        a_off = i_m[:, None] + i_n[None, :] * LDA             # (BM, BN), from A_kᵀ (N, M) row-major
+    else:
+        a_off = i_m[:, None] * LDA + i_n[None, :]             # (BM, BN)
     a_msk = (i_m[:, None] < M) & (i_n[None, :] < N)
     x_off = i_n[:, None] * Q + i_q[None, :]                   # (BN, BQ)
     x_msk = (i_n[:, None] < N) & (i_q[None, :] < Q)
-    b_off = i_p[:, None] * Q + i_q[None, :]                   # (BP, BQ)
+    if B_T:
+        b_off = i_p[:, None] + i_q[None, :] * LDB             # (BP, BQ), from B_kᵀ (Q, P) row-major
+    else:
+        b_off = i_p[:, None] * LDB + i_q[None, :]             # (BP, BQ)
     b_msk = (i_p[:, None] < P) & (i_q[None, :] < Q)
     o_off = i_p[:, None] + i_m[None, :] * P                   # (BP, BM): out_tᵀ
     o_msk = (i_p[:, None] < P) & (i_m[None, :] < M)
@@ -81,8 +93,8 @@ def _kron_sum_kernel(out_ptr, x_ptr, a_ptr, b_ptr, n_tokens, R, TOKENS: tl.const
         X = tl.load(x_ptr + t * (N * Q) + x_off, mask=x_msk & live, other=0.0)    # (BN, BQ)
         acc = tl.zeros((BP, BM), dtype=ACC)
         for k in range(R):
-            A = tl.load(a_ptr + k * (M * N) + a_off, mask=a_msk, other=0.0)       # (BM, BN)
-            B = tl.load(b_ptr + k * (P * Q) + b_off, mask=b_msk, other=0.0)       # (BP, BQ)
+            A = tl.load(a_ptr + k * SA + a_off, mask=a_msk, other=0.0)            # (BM, BN)
+            B = tl.load(b_ptr + k * SB + b_off, mask=b_msk, other=0.0)            # (BP, BQ)
             Zt = tl.dot(B, tl.trans(X), input_precision=PREC, out_dtype=ACC)     # (BP, BN) = (X_t B_kᵀ)ᵀ
             acc = tl.dot(Zt.to(X.dtype), tl.trans(A), acc, input_precision=PREC, out_dtype=ACC)
         out = out_ptr + t * (M * P) + o_off
@@ -91,16 +103,22 @@ def _kron_sum_kernel(out_ptr, x_ptr, a_ptr, b_ptr, n_tokens, R, TOKENS: tl.const
 
 
 @triton.jit(do_not_specialize=["n_tokens", "CHUNK"])
-def _kron_grad_kernel(dus_ptr, dv_ptr, x_ptr, g_ptr, us_ptr, v_ptr, n_tokens, CHUNK,
+def _kron_grad_kernel(part_ptr, x_ptr, g_ptr, us_ptr, v_ptr, sigma_ptr, u_ptr, n_tokens, CHUNK,
                       M: tl.constexpr, N: tl.constexpr, P: tl.constexpr, Q: tl.constexpr,
+                      SU: tl.constexpr, LDU: tl.constexpr, SV: tl.constexpr, LDV: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr,
                       ACC: tl.constexpr, PREC: tl.constexpr):
-    # Program (k, c): dUs_k = Σ_t (G_t V_k) X_tᵀ and dV_k = Σ_t (G_tᵀ Us_k) X_t over chunk c's CHUNK
-    # tokens (a runtime bound; past the end masked off), written to dus[c, k] (M, N) and dv[c, k] (P, Q).
-    # Both intermediates are left operands of their second dot. k varies fastest across programs, so
-    # the r programs of a chunk run together and read its X and G from HBM once (then from L2).
+    # Program (k, c) sums over chunk c's CHUNK tokens (a runtime bound; past the end masked off)
+    #     dUs_k = Σ_t (G_t V_k) X_tᵀ  (M, N)   and   dV_k = Σ_t (G_tᵀ Us_k) X_t  (P, Q),
+    # both intermediates left operands of their second dot, and writes chunk c's share of the three
+    # gradients into row c of part (chunks, R·(1 + M·N + P·Q)), laid out [dσ (R) | dU (R, M, N) | dV (R,
+    # P, Q)]: dσ_k = Σ(dUs_k ∘ U_k), dU_k = σ_k dUs_k (linear in dUs_k, so the chunks' shares add up to
+    # the gradient; torch adds the rows, one sum for the layer). k varies fastest across programs, so
+    # the R programs of a chunk run together and read its X and G from HBM once (then from L2).
+    # Us_k starts at us_ptr + k·SU, its rows LDU apart (as in _kron_sum_kernel); V likewise; σ, U, X,
+    # G and part contiguous.
     k, c = tl.program_id(0), tl.program_id(1)
-    r = tl.num_programs(0)
+    R = tl.num_programs(0)
     i_m, i_n, i_p, i_q = tl.arange(0, BM), tl.arange(0, BN), tl.arange(0, BP), tl.arange(0, BQ)
     mn_off = i_m[:, None] * N + i_n[None, :]                  # (BM, BN)
     mn_msk = (i_m[:, None] < M) & (i_n[None, :] < N)
@@ -110,8 +128,8 @@ def _kron_grad_kernel(dus_ptr, dv_ptr, x_ptr, g_ptr, us_ptr, v_ptr, n_tokens, CH
     x_msk = (i_n[:, None] < N) & (i_q[None, :] < Q)
     g_off = i_m[:, None] * P + i_p[None, :]                   # (BM, BP)
     g_msk = (i_m[:, None] < M) & (i_p[None, :] < P)
-    Us = tl.load(us_ptr + k * (M * N) + mn_off, mask=mn_msk, other=0.0)          # (BM, BN)
-    V = tl.load(v_ptr + k * (P * Q) + pq_off, mask=pq_msk, other=0.0)            # (BP, BQ)
+    Us = tl.load(us_ptr + k * SU + i_m[:, None] * LDU + i_n[None, :], mask=mn_msk, other=0.0)   # (BM, BN)
+    V = tl.load(v_ptr + k * SV + i_p[:, None] * LDV + i_q[None, :], mask=pq_msk, other=0.0)     # (BP, BQ)
     dUs = tl.zeros((BM, BN), dtype=ACC)
     dV = tl.zeros((BP, BQ), dtype=ACC)
     for i in range(CHUNK):
@@ -122,9 +140,12 @@ def _kron_grad_kernel(dus_ptr, dv_ptr, x_ptr, g_ptr, us_ptr, v_ptr, n_tokens, CH
         dUs = tl.dot(H.to(X.dtype), tl.trans(X), dUs, input_precision=PREC, out_dtype=ACC)
         W = tl.dot(tl.trans(G), Us, input_precision=PREC, out_dtype=ACC)         # (BP, BN) = G_tᵀ Us_k
         dV = tl.dot(W.to(X.dtype), X, dV, input_precision=PREC, out_dtype=ACC)
-    part = (c * r + k).to(tl.int64)
-    tl.store(dus_ptr + part * (M * N) + mn_off, dUs, mask=mn_msk)
-    tl.store(dv_ptr + part * (P * Q) + pq_off, dV, mask=pq_msk)
+    U = tl.load(u_ptr + k * (M * N) + mn_off, mask=mn_msk, other=0.0).to(ACC)   # the factors as trained
+    sigma = tl.load(sigma_ptr + k).to(ACC)
+    row = part_ptr + c.to(tl.int64) * (R * (1 + M * N + P * Q))
+    tl.store(row + k, tl.sum(tl.sum(dUs * U, axis=1), axis=0))                   # dσ_k's share
+    tl.store(row + R + k * (M * N) + mn_off, sigma * dUs, mask=mn_msk)            # dU_k's share
+    tl.store(row + R + R * (M * N) + k * (P * Q) + pq_off, dV, mask=pq_msk)       # dV_k's share
 
 
 # -----------------------------------------------------------------------------
@@ -192,33 +213,67 @@ def _device(t):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else nullcontext()
 
 
+def _row_stride(n, dtype):
+    """Row length to store an (·, n) factor with: n, or its tile width where n elements are not a whole
+    number of 16 bytes (LLaMA-2-7B's FFN side 86 in bf16), so that every row starts 16-byte aligned and
+    the kernels load it in wide vectors (rows of 86: forward and dx of 4096×11008 at r = 8 ran 1.6x and
+    1.7x slower)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return n if (n * itemsize) % 16 == 0 else _side(n)
+
+
+def padded(r, rows, cols, *, dtype, device):
+    """An uninitialized (r, rows, cols) tensor whose rows are _row_stride(cols) apart (a view)."""
+    return torch.empty(r, rows, _row_stride(cols, dtype), dtype=dtype, device=device)[..., :cols]
+
+
+def _layout(A):
+    """(A, transposed, term stride, row stride) as the kernels read A (r, M, N): rows (or, transposed,
+    columns) contiguous and `row stride` apart, as padded() and its transpose give; else a copy."""
+    if A.stride(2) != 1 and A.stride(1) != 1:
+        A = A.contiguous()
+    if A.stride(2) == 1:
+        return A, False, A.stride(0), A.stride(1)
+    return A, True, A.stride(0), A.stride(2)
+
+
+def _row_major(A):
+    """(A, term stride, row stride) for the gradient kernel, which reads A (r, M, N) row by row."""
+    A = A if A.stride(2) == 1 else A.contiguous()
+    return A, A.stride(0), A.stride(1)
+
+
 def kron_sum_(out, X, A, B, *, tokens=None, warps=None, stages=None):
     """out (N, M·P) += Σ_k A_k X_t B_kᵀ for every token t, in place, with X_t = X[t].view(N', Q),
-    A (r, M, N'), B (r, P, Q); out and X contiguous. Returns out. tokens / warps / stages override
+    A (r, M, N'), B (r, P, Q); out and X contiguous; A and B as padded() gives them, or their transposed
+    views (read in place), or any tensor (copied). Returns out. tokens / warps / stages override
     TOKENS_PER_PROGRAM, WARPS and _stages (benchmarks/kron_fused_configs.py)."""
     r, M, N = A.shape
     _, P, Q = B.shape
     n_tok = X.shape[0]
     if n_tok == 0 or r == 0:
         return out
-    X, A, B = _operands(X, A.contiguous(), B.contiguous())
+    X, A, B = _operands(X, A, B)
+    (A, a_t, sa, lda), (B, b_t, sb, ldb) = _layout(A), _layout(B)
     acc, prec = _dot_options(X.dtype)
     BM, BN, BP, BQ = _side(M), _side(N), _side(P), _side(Q)
     _check_tiles(X.dtype, max(BM, BN, BP, BQ))
     tokens = tokens or TOKENS_PER_PROGRAM
     with _device(out):
         _kron_sum_kernel[(triton.cdiv(n_tok, tokens),)](
-            out, X, A, B, n_tok, r, tokens, M, N, P, Q, BM, BN, BP, BQ, acc, prec,
+            out, X, A, B, n_tok, r, tokens, M, N, P, Q, a_t, sa, lda, b_t, sb, ldb, BM, BN, BP, BQ, acc, prec,
             num_warps=warps or WARPS, num_stages=stages or _stages(X.dtype, max(BM, BN, BP, BQ)))
     return out
 
 
-def kron_grads(X, G, Us, V, *, programs=None, warps=None, stages=None):
-    """(dUs (r, m, n), dV (r, p, q)) = (Σ_t G_t V_k X_tᵀ, Σ_t G_tᵀ Us_k X_t) in float32 (float64 for
-    float64 inputs), X (N, n·q) and G (N, m·p) contiguous. Each chunk of tokens writes one partial and
-    torch adds them in a fixed order. Chunk length: ⌈N / ⌊programs / r⌋⌉ tokens, programs = GRAD_PROGRAMS
-    (twice that for factor sides below 64). programs / warps / stages override that, WARPS and _stages
-    (benchmarks/kron_fused_configs.py)."""
+def kron_grads(X, G, Us, V, sigma, U, *, programs=None, warps=None, stages=None):
+    """(dσ (r,), dU (r, m, n), dV (r, p, q)) of the loss through Σ_k σ_k U_k X_t V_kᵀ, given X (N, n·q)
+    and G = ∂L/∂y (N, m·p) contiguous, the factors as the dots take them (Us = σ U and V, in X's dtype,
+    as padded() gives them) and as trained (σ, U), in float32 (float64 for float64 inputs): dUs_k = Σ_t G_t V_k X_tᵀ, dσ_k =
+    Σ(dUs_k ∘ U_k), dU_k = σ_k dUs_k, dV_k = Σ_t G_tᵀ Us_k X_t. Each chunk of tokens writes one row of
+    partial sums and torch adds the rows (one sum, in a fixed order; the three results are views of it).
+    Chunk length: ⌈N / ⌊programs / r⌋⌉ tokens, programs = GRAD_PROGRAMS (twice that for factor sides below
+    64). programs / warps / stages override that, WARPS and _stages (benchmarks/kron_fused_configs.py)."""
     r, m, n = Us.shape
     _, p, q = V.shape
     n_tok = X.shape[0]
@@ -227,18 +282,22 @@ def kron_grads(X, G, Us, V, *, programs=None, warps=None, stages=None):
     programs = programs or (GRAD_PROGRAMS if side >= 64 else 2 * GRAD_PROGRAMS)
     chunk = max(1, triton.cdiv(n_tok, max(1, programs // r)))
     chunks = triton.cdiv(n_tok, chunk)
-    X, G, Us, V = _operands(X, G, Us.contiguous(), V.contiguous())
+    X, G, Us, V = _operands(X, G, Us, V)
+    (Us, su, ldu), (V, sv, ldv) = _row_major(Us), _row_major(V)
     acc, prec = _dot_options(X.dtype)
     dtype = torch.float64 if acc == tl.float64 else torch.float32
-    dus = torch.empty(chunks, r, m, n, dtype=dtype, device=X.device)     # (chunks, r, m, n), all written
-    dv = torch.empty(chunks, r, p, q, dtype=dtype, device=X.device)      # (chunks, r, p, q)
+    row = r * (1 + m * n + p * q)                         # one chunk's partial sums: [dσ | dU | dV]
+    part = (torch.empty(chunks, row, dtype=dtype, device=X.device) if chunks and r   # all written
+            else torch.zeros(1, row, dtype=dtype, device=X.device))                 # no tokens: 0
     if chunks and r:
         BM, BN, BP, BQ = _side(m), _side(n), _side(p), _side(q)
         with _device(X):
-            _kron_grad_kernel[(r, chunks)](dus, dv, X, G, Us, V, n_tok, chunk, m, n, p, q,
-                                           BM, BN, BP, BQ, acc, prec, num_warps=warps or WARPS,
+            _kron_grad_kernel[(r, chunks)](part, X, G, Us, V, sigma.contiguous(), U.contiguous(), n_tok, chunk,
+                                           m, n, p, q, su, ldu, sv, ldv, BM, BN, BP, BQ, acc, prec,
+                                           num_warps=warps or WARPS,
                                            num_stages=stages or _stages(X.dtype, side, grads=True))
-    return dus.sum(0), dv.sum(0)
+    dsigma, dU, dV = part.sum(0).split([r, r * m * n, r * p * q])     # one sum, in chunk order
+    return dsigma, dU.view(r, m, n), dV.view(r, p, q)
 
 
 # -----------------------------------------------------------------------------
@@ -258,9 +317,9 @@ class KronFused(torch.autograd.Function):
             raise ValueError(f"kron_fused.py: x has {x.shape[-1]} features, the factors expect n·q = {n}·{q}")
         dt = _compute_dtype(x)
         X = x.reshape(-1, n * q).to(dt).contiguous()          # (N, n·q)
-        Us = torch.empty(r, m, n, dtype=dt, device=x.device)
+        Us = padded(r, m, n, dtype=dt, device=x.device)      # (r, m, n), rows 16-byte aligned
         torch.mul(U, sigma[:, None, None], out=Us)            # Us_k = σ_k U_k, cast on write
-        Vd = V.to(dt).contiguous()                            # (r, p, q)
+        Vd = padded(r, p, q, dtype=dt, device=x.device).copy_(V)   # (r, p, q)
         y = F.linear(X, weight.to(dt))                        # (N, m·p): the frozen part (cuBLAS) ...
         kron_sum_(y, X, Us, Vd)                               # ... plus Σ_k Us_k X_t V_kᵀ, in place
         ctx.save_for_backward(X, weight, sigma, U, Us, Vd)
@@ -277,13 +336,11 @@ class KronFused(torch.autograd.Function):
         dx = dweight = dsigma = dU = dV = None
         if ctx.needs_input_grad[0]:
             dx = G @ weight.to(Us.dtype)                      # (N, n·q): the frozen part ...
-            kron_sum_(dx, G, Us.transpose(1, 2), Vd.transpose(1, 2))   # ... plus Σ_k Us_kᵀ G_t V_k
+            kron_sum_(dx, G, Us.transpose(1, 2), Vd.transpose(1, 2))   # ... plus Σ_k Us_kᵀ G_t V_k (views)
             dx = dx.view(*gy.shape[:-1], n * q).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:                           # W_res is frozen in SoKALinear; for completeness
             dweight = (G.T @ X).to(weight.dtype)
         if any(ctx.needs_input_grad[2:]):
-            dUs, dVa = kron_grads(X, G, Us, Vd)               # (r, m, n): ∂L/∂(σ_k U_k), (r, p, q)
-            dsigma = (dUs * U).sum((1, 2)).to(sigma.dtype)
-            dU = (dUs * sigma[:, None, None]).to(U.dtype)
-            dV = dVa.to(U.dtype)                              # U, V share the factors' dtype
+            dsigma, dU, dV = kron_grads(X, G, Us, Vd, sigma, U)   # float32: views of one sum
+            dsigma, dU, dV = dsigma.to(sigma.dtype), dU.to(U.dtype), dV.to(U.dtype)   # no-ops for fp32 factors
         return dx, dweight, dsigma, dU, dV
