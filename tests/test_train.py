@@ -169,6 +169,26 @@ def test_demo_model_is_found_after_a_fetch(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- the pieces
 
+def test_fused_adamw_skips_a_step_marked_found_inf():
+    """train.py leaves the finiteness check to the device (opt.found_inf), so a non-finite step is never
+    applied: the fused AdamW must leave parameters, moments and step count untouched when it is 1."""
+    p = torch.nn.Parameter(torch.randn(7))
+    opt = torch.optim.AdamW([p], lr=0.1, weight_decay=0.1, fused=True)
+    opt.found_inf = torch.zeros(())
+    p.grad = torch.randn(7)
+    opt.step()
+    before, state = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+    p.grad = torch.full((7,), float("nan"))
+    opt.found_inf = torch.ones(())
+    opt.step()
+    assert torch.equal(p.detach(), before)
+    assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())
+    p.grad = torch.randn(7)
+    opt.found_inf = torch.zeros(())
+    opt.step()
+    assert not torch.equal(p.detach(), before) and opt.state[p]["step"].item() == 2
+
+
 def test_lr_schedule_is_a_pure_function_of_the_step():
     cfg = train.make_parser().parse_args(["--lr", "1e-3", "--warmup", "10", "--min-lr-ratio", "0.1"])
     lrs = [train.lr_at(s, 100, cfg) for s in range(100)]
