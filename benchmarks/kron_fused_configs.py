@@ -75,8 +75,8 @@ def main():
         G = torch.randn(a.tokens, m * p, device=dev, generator=g).to(dt)
         U = torch.randn(r, m, n, device=dev, generator=g) / (m * n) ** 0.5
         sigma = torch.ones(r, device=dev)
-        Us = kron_fused.padded(r, m, n, dtype=dt, device=dev).copy_(U)     # as KronFused stores them
-        V = kron_fused.padded(r, p, q, dtype=dt, device=dev).copy_(torch.randn(r, p, q, device=dev, generator=g) / (p * q) ** 0.5)
+        Us = kron_fused.factor_buffer(r, m, n, dtype=dt, device=dev).copy_(U)     # as KronFused stores them
+        V = kron_fused.factor_buffer(r, p, q, dtype=dt, device=dev).copy_(torch.randn(r, p, q, device=dev, generator=g) / (p * q) ** 0.5)
         Ust, Vt = Us.transpose(1, 2).contiguous(), V.transpose(1, 2).contiguous()
         y, dx = torch.zeros(a.tokens, m * p, device=dev, dtype=dt), torch.zeros(a.tokens, n * q, device=dev, dtype=dt)
         calls = dict(forward=(SUM_GRID, lambda **o: kron_fused.kron_sum_(y, X, Us, V, **o)),

@@ -64,9 +64,8 @@ def _kron_sum_kernel(out_ptr, x_ptr, a_ptr, b_ptr, n_tokens, R, TOKENS: tl.const
                      ACC: tl.constexpr, PREC: tl.constexpr):
     # out_t (M, P) += Σ_k A_k X_t B_kᵀ for this program's TOKENS tokens; A (R, M, N), X (tokens, N, Q),
     # B (R, P, Q), out (tokens, M, P), X and out contiguous. A_k starts at a_ptr + k·SA, its rows LDA
-    # apart (≥ N: rows may be padded, so that they start 16-byte aligned), or its columns if A_T (A_k
-    # stored transposed); B likewise. Forward: (M, N, P, Q) = (m, n, p, q); dx: (n, m, q, p), with
-    # A = Usᵀ and B = Vᵀ read from Us and V as stored (A_T, B_T: no transposed copies).
+    # apart, or if A_T its columns (A_k stored transposed); B likewise. Forward: (M, N, P, Q) = (m, n,
+    # p, q); dx: (n, m, q, p), with A = Usᵀ and B = Vᵀ read from Us and V as stored (no copies).
     # Computed transposed, out_tᵀ += (B_k X_tᵀ) A_kᵀ, so that
     # the intermediate Z_tᵀ, a dot's result in registers, is the LEFT operand of the next dot (as P in
     # flash attention's P V).
@@ -105,7 +104,8 @@ def _kron_sum_kernel(out_ptr, x_ptr, a_ptr, b_ptr, n_tokens, R, TOKENS: tl.const
 @triton.jit(do_not_specialize=["n_tokens", "CHUNK"])
 def _kron_grad_kernel(part_ptr, x_ptr, g_ptr, us_ptr, v_ptr, sigma_ptr, u_ptr, n_tokens, CHUNK,
                       M: tl.constexpr, N: tl.constexpr, P: tl.constexpr, Q: tl.constexpr,
-                      SU: tl.constexpr, LDU: tl.constexpr, SV: tl.constexpr, LDV: tl.constexpr,
+                      US_T: tl.constexpr, SU: tl.constexpr, LDU: tl.constexpr,
+                      V_T: tl.constexpr, SV: tl.constexpr, LDV: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr,
                       ACC: tl.constexpr, PREC: tl.constexpr):
     # Program (k, c) sums over chunk c's CHUNK tokens (a runtime bound; past the end masked off)
@@ -115,8 +115,8 @@ def _kron_grad_kernel(part_ptr, x_ptr, g_ptr, us_ptr, v_ptr, sigma_ptr, u_ptr, n
     # P, Q)]: dσ_k = Σ(dUs_k ∘ U_k), dU_k = σ_k dUs_k (linear in dUs_k, so the chunks' shares add up to
     # the gradient; torch adds the rows, one sum for the layer). k varies fastest across programs, so
     # the R programs of a chunk run together and read its X and G from HBM once (then from L2).
-    # Us_k starts at us_ptr + k·SU, its rows LDU apart (as in _kron_sum_kernel); V likewise; σ, U, X,
-    # G and part contiguous.
+    # Us_k starts at us_ptr + k·SU, its rows LDU apart, or if US_T its columns (as in _kron_sum_kernel);
+    # V likewise; σ, U, X, G and part contiguous.
     k, c = tl.program_id(0), tl.program_id(1)
     R = tl.num_programs(0)
     i_m, i_n, i_p, i_q = tl.arange(0, BM), tl.arange(0, BN), tl.arange(0, BP), tl.arange(0, BQ)
@@ -128,8 +128,16 @@ def _kron_grad_kernel(part_ptr, x_ptr, g_ptr, us_ptr, v_ptr, sigma_ptr, u_ptr, n
     x_msk = (i_n[:, None] < N) & (i_q[None, :] < Q)
     g_off = i_m[:, None] * P + i_p[None, :]                   # (BM, BP)
     g_msk = (i_m[:, None] < M) & (i_p[None, :] < P)
-    Us = tl.load(us_ptr + k * SU + i_m[:, None] * LDU + i_n[None, :], mask=mn_msk, other=0.0)   # (BM, BN)
-    V = tl.load(v_ptr + k * SV + i_p[:, None] * LDV + i_q[None, :], mask=pq_msk, other=0.0)     # (BP, BQ)
+    if US_T:
+        us_off = i_m[:, None] + i_n[None, :] * LDU
+    else:
+        us_off = i_m[:, None] * LDU + i_n[None, :]
+    if V_T:
+        v_off = i_p[:, None] + i_q[None, :] * LDV
+    else:
+        v_off = i_p[:, None] * LDV + i_q[None, :]
+    Us = tl.load(us_ptr + k * SU + us_off, mask=mn_msk, other=0.0)               # (BM, BN)
+    V = tl.load(v_ptr + k * SV + v_off, mask=pq_msk, other=0.0)                  # (BP, BQ)
     dUs = tl.zeros((BM, BN), dtype=ACC)
     dV = tl.zeros((BP, BQ), dtype=ACC)
     for i in range(CHUNK):
@@ -213,40 +221,38 @@ def _device(t):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else nullcontext()
 
 
-def _row_stride(n, dtype):
-    """Row length to store an (·, n) factor with: n, or its tile width where n elements are not a whole
-    number of 16 bytes (LLaMA-2-7B's FFN side 86 in bf16), so that every row starts 16-byte aligned and
-    the kernels load it in wide vectors (rows of 86: forward and dx of 4096×11008 at r = 8 ran 1.6x and
-    1.7x slower)."""
+def _vector_bytes(d, dtype):
+    """Widest load (≤ 16 bytes) that a masked row of d values allows: Triton vectorizes a load only as
+    far as its mask is constant, i.e. up to the largest power of two dividing d (times the item size)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return n if (n * itemsize) % 16 == 0 else _side(n)
+    return min(16, (d * itemsize) & -(d * itemsize))
 
 
-def padded(r, rows, cols, *, dtype, device):
-    """An uninitialized (r, rows, cols) tensor whose rows are _row_stride(cols) apart (a view)."""
-    return torch.empty(r, rows, _row_stride(cols, dtype), dtype=dtype, device=device)[..., :cols]
+def factor_buffer(r, rows, cols, *, dtype, device):
+    """An uninitialized (r, rows, cols) tensor for a factor the kernels read: contiguous, or the
+    transposed view of a contiguous (r, cols, rows) one where a row of `cols` values loads in narrower
+    vectors than a column of `rows` (LLaMA-2-7B's FFN factors of side 86: 4-byte loads instead of 16;
+    stored as rows of 86, the 4096×11008 layer's forward and dx at r = 8 ran 1.5x slower). The
+    kernels read either in place, the transposed one in dx too."""
+    if _vector_bytes(cols, dtype) < _vector_bytes(rows, dtype):
+        return torch.empty(r, cols, rows, dtype=dtype, device=device).transpose(1, 2)
+    return torch.empty(r, rows, cols, dtype=dtype, device=device)
 
 
 def _layout(A):
-    """(A, transposed, term stride, row stride) as the kernels read A (r, M, N): rows (or, transposed,
-    columns) contiguous and `row stride` apart, as padded() and its transpose give; else a copy."""
-    if A.stride(2) != 1 and A.stride(1) != 1:
+    """(A, transposed, term stride, row stride) as the kernels read A (r, M, N): contiguous, or the
+    transposed view of a contiguous tensor (read in place); anything else as a contiguous copy."""
+    if not (A.is_contiguous() or A.transpose(1, 2).is_contiguous()):
         A = A.contiguous()
-    if A.stride(2) == 1:
+    if A.is_contiguous():
         return A, False, A.stride(0), A.stride(1)
     return A, True, A.stride(0), A.stride(2)
 
 
-def _row_major(A):
-    """(A, term stride, row stride) for the gradient kernel, which reads A (r, M, N) row by row."""
-    A = A if A.stride(2) == 1 else A.contiguous()
-    return A, A.stride(0), A.stride(1)
-
-
 def kron_sum_(out, X, A, B, *, tokens=None, warps=None, stages=None):
     """out (N, M·P) += Σ_k A_k X_t B_kᵀ for every token t, in place, with X_t = X[t].view(N', Q),
-    A (r, M, N'), B (r, P, Q); out and X contiguous; A and B as padded() gives them, or their transposed
-    views (read in place), or any tensor (copied). Returns out. tokens / warps / stages override
+    A (r, M, N'), B (r, P, Q); out and X contiguous; A and B contiguous, or transposed views of
+    contiguous tensors (factor_buffer(), dx's Usᵀ), read in place; anything else is copied. Returns out. tokens / warps / stages override
     TOKENS_PER_PROGRAM, WARPS and _stages (benchmarks/kron_fused_configs.py)."""
     r, M, N = A.shape
     _, P, Q = B.shape
@@ -269,7 +275,7 @@ def kron_sum_(out, X, A, B, *, tokens=None, warps=None, stages=None):
 def kron_grads(X, G, Us, V, sigma, U, *, programs=None, warps=None, stages=None):
     """(dσ (r,), dU (r, m, n), dV (r, p, q)) of the loss through Σ_k σ_k U_k X_t V_kᵀ, given X (N, n·q)
     and G = ∂L/∂y (N, m·p) contiguous, the factors as the dots take them (Us = σ U and V, in X's dtype,
-    as padded() gives them) and as trained (σ, U), in float32 (float64 for float64 inputs): dUs_k = Σ_t G_t V_k X_tᵀ, dσ_k =
+    as factor_buffer() gives them) and as trained (σ, U), in float32 (float64 for float64 inputs): dUs_k = Σ_t G_t V_k X_tᵀ, dσ_k =
     Σ(dUs_k ∘ U_k), dU_k = σ_k dUs_k, dV_k = Σ_t G_tᵀ Us_k X_t. Each chunk of tokens writes one row of
     partial sums and torch adds the rows (one sum, in a fixed order; the three results are views of it).
     Chunk length: ⌈N / ⌊programs / r⌋⌉ tokens, programs = GRAD_PROGRAMS (twice that for factor sides below
@@ -283,7 +289,7 @@ def kron_grads(X, G, Us, V, sigma, U, *, programs=None, warps=None, stages=None)
     chunk = max(1, triton.cdiv(n_tok, max(1, programs // r)))
     chunks = triton.cdiv(n_tok, chunk)
     X, G, Us, V = _operands(X, G, Us, V)
-    (Us, su, ldu), (V, sv, ldv) = _row_major(Us), _row_major(V)
+    (Us, us_t, su, ldu), (V, v_t, sv, ldv) = _layout(Us), _layout(V)
     acc, prec = _dot_options(X.dtype)
     dtype = torch.float64 if acc == tl.float64 else torch.float32
     row = r * (1 + m * n + p * q)                         # one chunk's partial sums: [dσ | dU | dV]
@@ -293,7 +299,7 @@ def kron_grads(X, G, Us, V, sigma, U, *, programs=None, warps=None, stages=None)
         BM, BN, BP, BQ = _side(m), _side(n), _side(p), _side(q)
         with _device(X):
             _kron_grad_kernel[(r, chunks)](part, X, G, Us, V, sigma.contiguous(), U.contiguous(), n_tok, chunk,
-                                           m, n, p, q, su, ldu, sv, ldv, BM, BN, BP, BQ, acc, prec,
+                                           m, n, p, q, us_t, su, ldu, v_t, sv, ldv, BM, BN, BP, BQ, acc, prec,
                                            num_warps=warps or WARPS,
                                            num_stages=stages or _stages(X.dtype, side, grads=True))
     dsigma, dU, dV = part.sum(0).split([r, r * m * n, r * p * q])     # one sum, in chunk order
@@ -317,9 +323,9 @@ class KronFused(torch.autograd.Function):
             raise ValueError(f"kron_fused.py: x has {x.shape[-1]} features, the factors expect n·q = {n}·{q}")
         dt = _compute_dtype(x)
         X = x.reshape(-1, n * q).to(dt).contiguous()          # (N, n·q)
-        Us = padded(r, m, n, dtype=dt, device=x.device)      # (r, m, n), rows 16-byte aligned
-        torch.mul(U, sigma[:, None, None], out=Us)            # Us_k = σ_k U_k, cast on write
-        Vd = padded(r, p, q, dtype=dt, device=x.device).copy_(V)   # (r, p, q)
+        Us = factor_buffer(r, m, n, dtype=dt, device=x.device)
+        torch.mul(U, sigma[:, None, None], out=Us)            # Us_k = σ_k U_k (r, m, n), cast on write
+        Vd = factor_buffer(r, p, q, dtype=dt, device=x.device).copy_(V)   # (r, p, q)
         y = F.linear(X, weight.to(dt))                        # (N, m·p): the frozen part (cuBLAS) ...
         kron_sum_(y, X, Us, Vd)                               # ... plus Σ_k Us_k X_t V_kᵀ, in place
         ctx.save_for_backward(X, weight, sigma, U, Us, Vd)

@@ -36,8 +36,9 @@ if DEVICE == "cuda" and not torch.cuda.is_available():
                        "could set TRITON_INTERPRET=1; set it in the environment")
 
 # (m, n, p, q): SmolLM2's 576², 192×576 and 1536×576 layers, LLaMA-2-7B's 11008×4096, and odd sides
-# (rows of 7 or 3 values are not a whole number of 16 bytes: the factors are stored with padded rows)
-SHAPES = [(24, 24, 24, 24), (12, 24, 16, 24), (32, 24, 48, 24), (86, 64, 128, 64), (5, 7, 6, 3)]
+# (rows of 7 or 3 values load in narrower vectors than columns of 8 or 6: those factors are stored
+# transposed, kron_fused.factor_buffer)
+SHAPES = [(24, 24, 24, 24), (12, 24, 16, 24), (32, 24, 48, 24), (86, 64, 128, 64), (8, 7, 6, 3)]
 # Largest error over largest |value|. The two implementations sum the same products in another order
 # (float32 dots are exact "ieee" ones, no TF32), so they agree to a few ulps of the result's scale.
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
@@ -86,24 +87,23 @@ def test_equals_kronlinear_and_the_dense_layer(m, n, p, q, r, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_factor_layouts_give_the_same_sums_and_gradients(dtype):
-    # kron_sum_ reads A and B contiguous, with rows padded to 16-byte multiples (padded()), or as the
-    # transposed views of either (dx reads Usᵀ, Vᵀ in place); kron_grads reads padded or contiguous
-    # factors. All must agree with the plain contiguous call, and with einsum.
-    m, n, p, q, r, N = 5, 7, 6, 3, 2, 9
+    # The kernels read each factor contiguous or stored transposed (factor_buffer picks), and dx reads
+    # the transposed views of both: all must agree with einsum.
+    m, n, p, q, r, N = 8, 7, 6, 3, 2, 9
     g = torch.Generator().manual_seed(1)
     X, A, B = (torch.randn(*s, generator=g).to(DEVICE, dtype) for s in ((N, n * q), (r, m, n), (r, p, q)))
     G = torch.randn(N, m * p, generator=g).to(DEVICE, dtype)
 
-    def pad(t):
-        out = kron_fused.padded(*t.shape, dtype=t.dtype, device=t.device).copy_(t)
-        assert out.stride(1) > t.shape[2]                       # rows of 7 or 3 values are padded
+    def stored(t):
+        out = kron_fused.factor_buffer(*t.shape, dtype=t.dtype, device=t.device).copy_(t)
+        assert not out.is_contiguous()                          # rows of 7 or 3: stored transposed
         return out
     want = torch.einsum("kmn,tnq,kpq->tmp", A, X.view(N, n, q), B).reshape(N, m * p)
-    for a, b in ((A, B), (pad(A), pad(B)), (pad(A), B)):
+    for a, b in ((A, B), (stored(A), stored(B)), (stored(A), B)):
         assert_close(kron_fused.kron_sum_(torch.zeros(N, m * p, device=DEVICE, dtype=dtype), X, a, b), want,
                      TOL[dtype], "forward")
     want = torch.einsum("kmn,tmp,kpq->tnq", A, G.view(N, m, p), B).reshape(N, n * q)   # Σ A_kᵀ G_t B_k
-    for a, b in ((A, B), (pad(A), pad(B)), (A.transpose(1, 2).contiguous().transpose(1, 2), pad(B))):
+    for a, b in ((A, B), (stored(A), stored(B)), (A, stored(B))):
         got = kron_fused.kron_sum_(torch.zeros(N, n * q, device=DEVICE, dtype=dtype), G, a.transpose(1, 2),
                                    b.transpose(1, 2))
         assert_close(got, want, TOL[dtype], "dx")
@@ -112,7 +112,7 @@ def test_factor_layouts_give_the_same_sums_and_gradients(dtype):
     dUs = torch.einsum("tmp,kpq,tnq->kmn", G.view(N, m, p), B, X.view(N, n, q))
     want = ((dUs * A).sum((1, 2)), sigma[:, None, None] * dUs,
             torch.einsum("tmp,kmn,tnq->kpq", G.view(N, m, p), Us, X.view(N, n, q)))
-    for us, b in ((Us, B), (pad(Us), pad(B))):
+    for us, b in ((Us, B), (stored(Us), stored(B)), (Us, stored(B))):
         for name, got, w in zip(("dsigma", "dU", "dV"), kron_fused.kron_grads(X, G, us, b, sigma, A), want):
             assert_close(got, w, TOL[dtype], name)
 
