@@ -20,7 +20,9 @@ inside a model). Methods:
     soka_ref   W_res + kpsvd.kron_apply through autograd (saves the (N, r·n, p) intermediate)
     lora       LoRALinear (PiSSA costs the same)
     lokr       PEFT's LoKr (forms the dense Kronecker update every forward), when peft imports
-Time: CUDA events around each step, median of --repeat after --warmup. Memory: peak allocated during
+Time: CUDA events around each step, median of --repeat after --warmup ("ms": eager, so it includes
+Python launching each kernel, which at r = 1 is most of it); on CUDA also the step replayed as a CUDA
+graph ("graph ms": the GPU's own time, as train.py runs it). Memory: peak allocated during
 one step minus what was allocated before it (weights, x, g), and the bytes autograd saves for
 backward beyond x and the parameters (device-independent, so the CPU check shows it too).
 FLOP model (multiply-adds per token, forward + backward): frozen 2·d_out·d_in; SoKA (KronApply)
@@ -116,15 +118,44 @@ def measure(fn, x, g, *, warmup, repeat, cuda):
             t0 = time.perf_counter()
             step()
             times.append(1e3 * (time.perf_counter() - t0))
-    peak = None
+    peak = graph_ms = None
     if cuda:
+        graph_ms = graph_time(step, replays=repeat)
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - before) / 2**20
-    return statistics.median(times), peak
+    return statistics.median(times), graph_ms, peak
+
+
+def graph_time(step, *, replays, per_timing=10):
+    """Milliseconds of one step replayed as a CUDA graph (Python's launch cost out, as in train.py):
+    median over `replays` timings of `per_timing` replays each. None where the step cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()                                   # warm-up on the capture stream
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    except RuntimeError as e:
+        print(f"  (no CUDA graph: {str(e).splitlines()[0][:80]})")
+        return None
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(per_timing):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / per_timing)
+    return statistics.median(times)
 
 
 def flops_ratio(method, d_out, d_in, r, tokens):
@@ -166,13 +197,13 @@ def main():
 
     rows = []
     print(f"{'d_out×d_in':>11} {'r':>2} {'method':>10} {'(m,n,p,q)':>16} {'trainable':>10} {'ms':>8} "
-          f"{'×frozen':>8} {'FLOP ×':>7} {'peak MiB':>9} {'saved MiB':>9}")
+          f"{'×frozen':>8} {'graph ms':>8} {'×frozen':>8} {'FLOP ×':>7} {'peak MiB':>9} {'saved MiB':>9}")
     for d_out, d_in in shapes:
         gen = torch.Generator().manual_seed(1)
         W = (torch.randn(d_out, d_in, generator=gen) / d_in ** 0.5).to(device, dtype)
         x = torch.randn(args.tokens, d_in, generator=gen).to(device, dtype).requires_grad_(True)
         g = torch.randn(args.tokens, d_out, generator=gen).to(device, dtype)
-        frozen_ms = None
+        frozen_ms = frozen_graph_ms = None
         for r in ranks:
             for method in methods:
                 if method == "frozen" and r != ranks[0]:
@@ -181,18 +212,21 @@ def main():
                 params = {p.untyped_storage().data_ptr() for p in getattr(fn, "parameters", lambda: [])()}
                 exclude = params | {x.untyped_storage().data_ptr(), W.untyped_storage().data_ptr()}
                 saved = saved_bytes(fn, x, g, exclude) / 2**20
-                ms, peak = measure(fn, x, g, warmup=args.warmup, repeat=args.repeat, cuda=cuda)
+                ms, graph_ms, peak = measure(fn, x, g, warmup=args.warmup, repeat=args.repeat, cuda=cuda)
                 if method == "frozen":
-                    frozen_ms = ms
+                    frozen_ms, frozen_graph_ms = ms, graph_ms
                 row = dict(d_out=d_out, d_in=d_in, r=None if method == "frozen" else r, method=method,
                            factors=list(factor_shape(d_out, d_in)) if method.startswith("soka") else None,
                            trainable=trainable, ms=ms, ratio_vs_frozen=ms / frozen_ms if frozen_ms else None,
+                           graph_ms=graph_ms, graph_ratio_vs_frozen=graph_ms / frozen_graph_ms
+                           if graph_ms and frozen_ms and frozen_graph_ms else None,
                            flop_ratio=flops_ratio(method, d_out, d_in, r, args.tokens), peak_extra_mib=peak, saved_mib=saved)
                 rows.append(row)
                 fac = "-" if row["factors"] is None else "(" + ",".join(map(str, row["factors"])) + ")"
                 f = lambda v, fmt: "-" if v is None else fmt.format(v)   # noqa: E731
                 print(f"{f'{d_out}×{d_in}':>11} {f(row['r'], '{}'):>2} {method:>10} {fac:>16} {trainable:>10,} "
-                      f"{ms:>8.3f} {f(row['ratio_vs_frozen'], '{:.3f}'):>8} {f(row['flop_ratio'], '{:.3f}'):>7} "
+                      f"{ms:>8.3f} {f(row['ratio_vs_frozen'], '{:.3f}'):>8} {f(graph_ms, '{:.3f}'):>8} "
+                      f"{f(row['graph_ratio_vs_frozen'], '{:.3f}'):>8} {f(row['flop_ratio'], '{:.3f}'):>7} "
                       f"{f(peak, '{:.1f}'):>9} {saved:>9.1f}")
                 del fn
                 if cuda:
