@@ -7,7 +7,10 @@ Per token t, with X_t = x_t.view(n, q), G_t = dy_t.view(m, p) and Us_k = σ_k U_
               dUs_k = Σ_t G_t V_k X_tᵀ  (m, n),  dV_k = Σ_t G_tᵀ Us_k X_t  (p, q)   _kron_grad_kernel
               dσ_k = Σ(dUs_k ∘ U_k),  dU_k = σ_k dUs_k
 
-Forward and dx are one operation, out_t += Σ_k A_k X_t B_kᵀ, with (A, B) = (Us, V) resp. (Usᵀ, Vᵀ).
+Forward and dx are one operation, out_t = Σ_k A_k X_t B_kᵀ, with (A, B) = (Us, V) resp. (Usᵀ, Vᵀ),
+written first; the frozen GEMM then adds into it (addmm_, β = 1), reading it in cuBLAS's epilogue while
+the GEMM is compute-bound. (Adding the kernel's sum into the GEMM's output instead costs the kernel a
+read of the output too: 3 passes instead of 2, which at r = 1 is most of its time.)
 
 Why: KronLinear (impl "kron_v2") runs these as batched cuBLAS GEMMs, which must write the
 intermediate Z_t = X_t V_kᵀ (r·n·p values per token, r times the activation) to memory and read it
@@ -37,7 +40,6 @@ TRITON_INTERPRET=1 turns on when set before this module is imported (tests/test_
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -61,14 +63,13 @@ def _kron_sum_kernel(out_ptr, x_ptr, a_ptr, b_ptr, n_tokens, R, TOKENS: tl.const
                      A_T: tl.constexpr, SA: tl.constexpr, LDA: tl.constexpr,
                      B_T: tl.constexpr, SB: tl.constexpr, LDB: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr,
-                     ACC: tl.constexpr, PREC: tl.constexpr):
-    # out_t (M, P) += Σ_k A_k X_t B_kᵀ for this program's TOKENS tokens; A (R, M, N), X (tokens, N, Q),
-    # B (R, P, Q), out (tokens, M, P), X and out contiguous. A_k starts at a_ptr + k·SA, its rows LDA
+                     ACCUMULATE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    # out_t (M, P) = Σ_k A_k X_t B_kᵀ (+= if ACCUMULATE) for this program's TOKENS tokens; A (R, M, N),
+    # X (tokens, N, Q), B (R, P, Q), out (tokens, M, P), X and out contiguous. A_k starts at a_ptr + k·SA, its rows LDA
     # apart, or if A_T its columns (A_k stored transposed); B likewise. Forward: (M, N, P, Q) = (m, n,
     # p, q); dx: (n, m, q, p), with A = Usᵀ and B = Vᵀ read from Us and V as stored (no copies).
-    # Computed transposed, out_tᵀ += (B_k X_tᵀ) A_kᵀ, so that
-    # the intermediate Z_tᵀ, a dot's result in registers, is the LEFT operand of the next dot (as P in
-    # flash attention's P V).
+    # Computed transposed, out_tᵀ = Σ_k (B_k X_tᵀ) A_kᵀ, so that the intermediate Z_tᵀ, a dot's result
+    # in registers, is the LEFT operand of the next dot (as P in flash attention's P V).
     # The rank R is a runtime loop bound (one compiled kernel serves every rank); the token loop has a
     # constexpr bound and a token past the end is masked off (its loads give zeros, its store is skipped).
     i_m, i_n, i_p, i_q = tl.arange(0, BM), tl.arange(0, BN), tl.arange(0, BP), tl.arange(0, BQ)
@@ -97,8 +98,9 @@ def _kron_sum_kernel(out_ptr, x_ptr, a_ptr, b_ptr, n_tokens, R, TOKENS: tl.const
             Zt = tl.dot(B, tl.trans(X), input_precision=PREC, out_dtype=ACC)     # (BP, BN) = (X_t B_kᵀ)ᵀ
             acc = tl.dot(Zt.to(X.dtype), tl.trans(A), acc, input_precision=PREC, out_dtype=ACC)
         out = out_ptr + t * (M * P) + o_off
-        y = tl.load(out, mask=o_msk & live, other=0.0).to(ACC) + acc             # the frozen GEMM's part
-        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=o_msk & live)
+        if ACCUMULATE:
+            acc += tl.load(out, mask=o_msk & live, other=0.0).to(ACC)
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=o_msk & live)
 
 
 @triton.jit(do_not_specialize=["n_tokens", "CHUNK"])
@@ -249,16 +251,17 @@ def _layout(A):
     return A, True, A.stride(0), A.stride(2)
 
 
-def kron_sum_(out, X, A, B, *, tokens=None, warps=None, stages=None):
-    """out (N, M·P) += Σ_k A_k X_t B_kᵀ for every token t, in place, with X_t = X[t].view(N', Q),
-    A (r, M, N'), B (r, P, Q); out and X contiguous; A and B contiguous, or transposed views of
-    contiguous tensors (factor_buffer(), dx's Usᵀ), read in place; anything else is copied. Returns out. tokens / warps / stages override
-    TOKENS_PER_PROGRAM, WARPS and _stages (benchmarks/kron_fused_configs.py)."""
+def kron_sum_(out, X, A, B, *, accumulate=True, tokens=None, warps=None, stages=None):
+    """out (N, M·P) += Σ_k A_k X_t B_kᵀ for every token t, in place (= if not accumulate), with
+    X_t = X[t].view(N', Q), A (r, M, N'), B (r, P, Q); out and X contiguous; A and B contiguous, or
+    transposed views of contiguous tensors (factor_buffer(), dx's Usᵀ), read in place; anything else
+    is copied. Returns out. tokens / warps / stages override TOKENS_PER_PROGRAM, WARPS and _stages
+    (benchmarks/kron_fused_configs.py)."""
     r, M, N = A.shape
     _, P, Q = B.shape
     n_tok = X.shape[0]
     if n_tok == 0 or r == 0:
-        return out
+        return out if accumulate else out.zero_()
     X, A, B = _operands(X, A, B)
     (A, a_t, sa, lda), (B, b_t, sb, ldb) = _layout(A), _layout(B)
     acc, prec = _dot_options(X.dtype)
@@ -267,7 +270,8 @@ def kron_sum_(out, X, A, B, *, tokens=None, warps=None, stages=None):
     tokens = tokens or TOKENS_PER_PROGRAM
     with _device(out):
         _kron_sum_kernel[(triton.cdiv(n_tok, tokens),)](
-            out, X, A, B, n_tok, r, tokens, M, N, P, Q, a_t, sa, lda, b_t, sb, ldb, BM, BN, BP, BQ, acc, prec,
+            out, X, A, B, n_tok, r, tokens, M, N, P, Q, a_t, sa, lda, b_t, sb, ldb, BM, BN, BP, BQ, accumulate,
+            acc, prec,
             num_warps=warps or WARPS, num_stages=stages or _stages(X.dtype, max(BM, BN, BP, BQ)))
     return out
 
@@ -326,8 +330,9 @@ class KronFused(torch.autograd.Function):
         Us = factor_buffer(r, m, n, dtype=dt, device=x.device)
         torch.mul(U, sigma[:, None, None], out=Us)            # Us_k = σ_k U_k (r, m, n), cast on write
         Vd = factor_buffer(r, p, q, dtype=dt, device=x.device).copy_(V)   # (r, p, q)
-        y = F.linear(X, weight.to(dt))                        # (N, m·p): the frozen part (cuBLAS) ...
-        kron_sum_(y, X, Us, Vd)                               # ... plus Σ_k Us_k X_t V_kᵀ, in place
+        y = torch.empty(X.shape[0], m * p, dtype=dt, device=x.device)
+        kron_sum_(y, X, Us, Vd, accumulate=False)            # (N, m·p) = Σ_k Us_k X_t V_kᵀ, then ...
+        y.addmm_(X, weight.to(dt).t())                        # ... += X W_resᵀ: cuBLAS adds y in its epilogue
         ctx.save_for_backward(X, weight, sigma, U, Us, Vd)
         ctx.x_dtype = x.dtype
         return y.view(*x.shape[:-1], m * p)
@@ -341,8 +346,9 @@ class KronFused(torch.autograd.Function):
         G = gy.reshape(-1, m * p).to(Us.dtype).contiguous()   # (N, m·p)
         dx = dweight = dsigma = dU = dV = None
         if ctx.needs_input_grad[0]:
-            dx = G @ weight.to(Us.dtype)                      # (N, n·q): the frozen part ...
-            kron_sum_(dx, G, Us.transpose(1, 2), Vd.transpose(1, 2))   # ... plus Σ_k Us_kᵀ G_t V_k (views)
+            dx = torch.empty(G.shape[0], n * q, dtype=Us.dtype, device=G.device)
+            kron_sum_(dx, G, Us.transpose(1, 2), Vd.transpose(1, 2), accumulate=False)   # Σ_k Us_kᵀ G_t V_k
+            dx.addmm_(G, weight.to(Us.dtype))                 # += G W_res (the frozen part)
             dx = dx.view(*gy.shape[:-1], n * q).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:                           # W_res is frozen in SoKALinear; for completeness
             dweight = (G.T @ X).to(weight.dtype)
