@@ -20,7 +20,9 @@ A SoKA config may name an implementation, `soka_r8@dense` (adapters.IMPLS); plai
 adapters' default ($SOKA_IMPL, else "auto": "fused" on a GPU with triton, else "kron_v2"). HF configs are skipped when transformers/peft do not import.
 Our model's configs take options after '+': `+compile` runs model.compile_pointwise() (norm, rotary
 and SwiGLU as compiled kernels; off again for configs without it), `+ckpt` sets
-model.checkpointing (each block recomputed in backward). `ours_frozen+compile,soka_r8+ckpt`.
+model.checkpointing (each block recomputed in backward). `ours_frozen+compile,soka_r8+ckpt`. HF's
+configs take `+noamp`: no autocast, PEFT's own precision (its adapter weights float32, so its LoKr
+forms and applies ΔW in float32), as ../shared/GPU.md measured PEFT: `peft_lokr_r8+noamp`.
 With +ckpt the FLOP model still counts one forward: % GEMM is useful work, not work done.
 
 Setup. Weights: random, built on the meta device and materialized on the target device with to_empty
@@ -86,12 +88,15 @@ CONFIGS = {
 GiB = 2**30
 
 
-OPTIONS = ("compile", "ckpt")     # config suffixes: +compile (model.compile_pointwise), +ckpt (checkpointing)
+# config suffixes. Our model: +compile (model.compile_pointwise), +ckpt (checkpointing). HF: +noamp
+# (no autocast: PEFT's own precision, the bf16 base with float32 adapter weights as get_peft_model
+# makes them, so PEFT runs the adapter's GEMMs in float32; how ../shared/GPU.md's PEFT rows were taken)
+OPTIONS = {"ours": ("compile", "ckpt"), "hf": ("noamp",)}
 
 
 def parse_config(name):
     """'soka_r8@dense+ckpt' -> ('soka_r8', 'dense', {'ckpt'}); the implementation only for SoKA
-    configs, the options only for our model."""
+    configs, the options those of the config's model (OPTIONS)."""
     head, *opts = name.split("+")
     base, _, impl = head.partition("@")
     if base not in CONFIGS:
@@ -99,8 +104,9 @@ def parse_config(name):
     impls = adapters.IMPLS
     if impl and (CONFIGS[base][1] != "soka" or impl not in impls):
         raise ValueError(f"train_step.py: {name!r}: '@impl' needs a SoKA config and one of {impls}")
-    if any(o not in OPTIONS for o in opts) or (opts and CONFIGS[base][0] != "ours"):
-        raise ValueError(f"train_step.py: {name!r}: options {OPTIONS} apply to our model's configs only")
+    allowed = OPTIONS[CONFIGS[base][0]]
+    if any(o not in allowed for o in opts):
+        raise ValueError(f"train_step.py: {name!r}: this model's options are {allowed}")
     return base, impl or None, set(opts)
 
 
@@ -227,7 +233,7 @@ def setup(name, a, *, device, dtype, graphed):
         else:
             step = train.eager_step(model, amp)
     else:
-        hf_amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+        hf_amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and "noamp" not in opts else nullcontext()
 
         def step(ids, labels, n_tok):
             with hf_amp:

@@ -30,7 +30,7 @@ def tiny_args():
 
 
 def test_every_config_runs(tmp_path):
-    configs = list(ts.CONFIGS) + ["soka_r8@dense"]
+    configs = list(ts.CONFIGS) + ["soka_r8@dense", "peft_lokr_r8+noamp"]
     argv = [f"--{k}={v}" for k, v in TINY.items()] + ["--steps=1", "--warmup=1", "--device=cpu",
                                                       "--gemm-size=64", f"--configs={','.join(configs)}",
                                                       f"--out={tmp_path / 'r.json'}"]
@@ -42,14 +42,14 @@ def test_every_config_runs(tmp_path):
     shapes = [(t, do, di) for t, (do, di) in a.linear_shapes().items()]
     for name in configs:
         r = by[name]
-        if ts.CONFIGS[name.partition("@")[0]][0] == "hf" and not HAVE_HF:
+        if ts.CONFIGS[ts.parse_config(name)[0]][0] == "hf" and not HAVE_HF:
             assert r["status"].startswith("skipped")
             continue
         assert r["status"] == "ok", (name, r["status"])
         assert r["tokens_per_s"] > 0 and r["flops_per_token"] > 0 and r["tflops"] > 0
         # random init with std 0.02: logits near 0, so the loss sits near ln(vocab)
         assert abs(r["loss"] - math.log(a.vocab_size)) < 0.5, (name, r["loss"])
-        _, method, rank, targets = ts.CONFIGS[name.partition("@")[0]]
+        _, method, rank, targets = ts.CONFIGS[ts.parse_config(name)[0]]
         if method is None:
             want = 0
         elif method == "soka":
