@@ -24,11 +24,14 @@ Work per program. _kron_sum_kernel: TOKENS_PER_PROGRAM consecutive tokens (1), o
 token an fp32 (p, m) accumulator, and per term k two tl.dot's, Z_tᵀ = B_k X_tᵀ then acc += Z_tᵀ A_kᵀ
 (A_k, B_k re-read from L2 each time). _kron_grad_kernel: one program per (term k, chunk of tokens)
 holding Us_k, V_k and the fp32 accumulators dUs_k, dV_k; per token four tl.dot's, H = G_t V_k,
-dUs_k += H X_tᵀ, W = G_tᵀ Us_k, dV_k += W X_t. Per token and term: 8 small products in all, one more
-than KronLinear (which reuses Usᵀ G for dx and dV), and nothing r-sized goes to HBM.
+dUs_k += H X_tᵀ, W = G_tᵀ Us_k, dV_k += W X_t, and at the end its chunk's shares of dσ_k, dU_k, dV_k.
+Per token and term: 8 small products in all, one more than KronLinear (which reuses Usᵀ G for dx and
+dV), and nothing r-sized goes to HBM.
 
 Factor sizes are not powers of two (LLaMA-2-7B: 86, 128, 64; SmolLM2: 12, 16, 24, 32, 48), so tiles are
 padded to the next power of two ≥ 16 (tl.dot's minimum) with masked loads (zeros) and masked stores.
+A load vectorizes only as far as its mask stays constant, so a factor whose rows are 86 long is stored
+column-major (factor_buffer); the kernels read a factor stored either way in place.
 The weight gradients are summed per chunk of tokens into a float32 buffer and the chunks are added by
 torch: no atomics, and the chunking depends only on the token count and r, so an eager step and a
 CUDA-graph replay give bit-identical gradients. No autotuning (graphs are captured after warm-up, and
