@@ -282,10 +282,10 @@ def kron_sum_(out, X, A, B, *, accumulate=True, tokens=None, warps=None, stages=
 def kron_grads(X, G, Us, V, sigma, U, *, programs=None, warps=None, stages=None):
     """(dσ (r,), dU (r, m, n), dV (r, p, q)) of the loss through Σ_k σ_k U_k X_t V_kᵀ, given X (N, n·q)
     and G = ∂L/∂y (N, m·p) contiguous, the factors as the dots take them (Us = σ U and V, in X's dtype,
-    as factor_buffer() gives them) and as trained (σ, U), in float32 (float64 for float64 inputs): dUs_k = Σ_t G_t V_k X_tᵀ, dσ_k =
-    Σ(dUs_k ∘ U_k), dU_k = σ_k dUs_k, dV_k = Σ_t G_tᵀ Us_k X_t. Each chunk of tokens writes one row of
-    partial sums and torch adds the rows (one sum, in a fixed order; the three results are views of it).
-    Chunk length: ⌈N / ⌊programs / r⌋⌉ tokens, programs = GRAD_PROGRAMS (twice that for factor sides below
+    as factor_buffer() gives them) and as trained (σ, U), in float32 (float64 for float64 inputs):
+    dUs_k = Σ_t G_t V_k X_tᵀ, dσ_k = Σ(dUs_k ∘ U_k), dU_k = σ_k dUs_k, dV_k = Σ_t G_tᵀ Us_k X_t.
+    Each chunk of tokens writes one row of partial sums and torch adds the rows (one sum, in a fixed
+    order; the three results are views of it). Chunk length: ⌈N / ⌊programs / r⌋⌉ tokens, programs = GRAD_PROGRAMS (twice that for factor sides below
     64). programs / warps / stages override that, WARPS and _stages (benchmarks/kron_fused_configs.py)."""
     r, m, n = Us.shape
     _, p, q = V.shape
@@ -300,9 +300,10 @@ def kron_grads(X, G, Us, V, sigma, U, *, programs=None, warps=None, stages=None)
     acc, prec = _dot_options(X.dtype)
     dtype = torch.float64 if acc == tl.float64 else torch.float32
     row = r * (1 + m * n + p * q)                         # one chunk's partial sums: [dσ | dU | dV]
-    part = (torch.empty(chunks, row, dtype=dtype, device=X.device) if chunks and r   # all written
-            else torch.zeros(1, row, dtype=dtype, device=X.device))                 # no tokens: 0
-    if chunks and r:
+    if not (chunks and r):                                # no tokens: zero gradients
+        part = torch.zeros(1, row, dtype=dtype, device=X.device)
+    else:
+        part = torch.empty(chunks, row, dtype=dtype, device=X.device)   # every value written by a program
         BM, BN, BP, BQ = _side(m), _side(n), _side(p), _side(q)
         with _device(X):
             _kron_grad_kernel[(r, chunks)](part, X, G, Us, V, sigma.contiguous(), U.contiguous(), n_tok, chunk,
