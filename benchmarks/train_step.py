@@ -20,7 +20,8 @@ A SoKA config may name an implementation, `soka_r8@dense` (adapters.IMPLS); plai
 adapters' default ($SOKA_IMPL, else "auto": "fused" on a GPU with triton, else "kron_v2"). HF configs are skipped when transformers/peft do not import.
 Our model's configs take options after '+': `+compile` runs model.compile_pointwise() (norm, rotary
 and SwiGLU as compiled kernels; off again for configs without it), `+ckpt` sets
-model.checkpointing (each block recomputed in backward). `ours_frozen+compile,soka_r8+ckpt`. HF's
+model.checkpointing (each block recomputed in backward), `+glu` model.recompute_swiglu (each SwiGLU
+output recomputed in backward, not kept for w2's adapter). `ours_frozen+compile,soka_r8+ckpt`. HF's
 configs take `+noamp`: no autocast, PEFT's own precision (its adapter weights float32, so its LoKr
 forms and applies ΔW in float32), as ../shared/GPU.md measured PEFT: `peft_lokr_r8+noamp`.
 With +ckpt the FLOP model still counts one forward: % GEMM is useful work, not work done.
@@ -88,10 +89,11 @@ CONFIGS = {
 GiB = 2**30
 
 
-# config suffixes. Our model: +compile (model.compile_pointwise), +ckpt (checkpointing). HF: +noamp
+# config suffixes. Our model: +compile (model.compile_pointwise), +ckpt (checkpointing), +glu
+# (recompute_swiglu). HF: +noamp
 # (no autocast: PEFT's own precision, the bf16 base with float32 adapter weights as get_peft_model
 # makes them, so PEFT runs the adapter's GEMMs in float32; how ../shared/GPU.md's PEFT rows were taken)
-OPTIONS = {"ours": ("compile", "ckpt"), "hf": ("noamp",)}
+OPTIONS = {"ours": ("compile", "ckpt", "glu"), "hf": ("noamp",)}
 
 
 def parse_config(name):
@@ -192,6 +194,7 @@ def setup(name, a, *, device, dtype, graphed):
     model = (build_ours if kind == "ours" else build_hf)(a, device=device, dtype=dtype)
     if kind == "ours":
         model.checkpointing = "ckpt" in opts
+        model.recompute_swiglu = "glu" in opts
     model.train()
     sync(device)
     t1 = time.perf_counter()

@@ -258,17 +258,20 @@ def test_soka_implementations_train_alike(tiny, tmp_path):
 
 
 def test_compile_and_checkpointing_train_alike(tiny, tmp_path):
-    """--compile and --checkpointing change how the step runs, not what it computes."""
+    """--compile, --checkpointing and --recompute-swiglu change how the step runs, not what it computes."""
     common = ["--task", "gsm8k", "--ckpt", tiny, "--max-steps", 3, "--eval-limit", 0, *FAST]
     run(*common, "--out", tmp_path / "plain")
     p = run(*common, "--out", tmp_path / "fast", "--compile", "--checkpointing")
     assert "compiled norms / rotary / SwiGLU, activation checkpointing" in p.stdout
-    for ra, rb in zip(metrics(tmp_path / "plain"), metrics(tmp_path / "fast"), strict=True):
-        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
-        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
-        assert (ra["heldout_loss"] is None) == (rb["heldout_loss"] is None)
-        if ra["heldout_loss"] is not None:
-            assert ra["heldout_loss"] == pytest.approx(rb["heldout_loss"], rel=1e-5)
+    p = run(*common, "--out", tmp_path / "glu", "--compile", "--recompute-swiglu")
+    assert "compiled norms / rotary / SwiGLU, SwiGLU recomputed in backward" in p.stdout
+    for other in ("fast", "glu"):
+        for ra, rb in zip(metrics(tmp_path / "plain"), metrics(tmp_path / other), strict=True):
+            assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+            assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
+            assert (ra["heldout_loss"] is None) == (rb["heldout_loss"] is None)
+            if ra["heldout_loss"] is not None:
+                assert ra["heldout_loss"] == pytest.approx(rb["heldout_loss"], rel=1e-5)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")

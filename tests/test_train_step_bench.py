@@ -30,7 +30,7 @@ def tiny_args():
 
 
 def test_every_config_runs(tmp_path):
-    configs = list(ts.CONFIGS) + ["soka_r8@dense", "peft_lokr_r8+noamp"]
+    configs = list(ts.CONFIGS) + ["soka_r8@dense", "soka_r8+glu", "peft_lokr_r8+noamp"]
     argv = [f"--{k}={v}" for k, v in TINY.items()] + ["--steps=1", "--warmup=1", "--device=cpu",
                                                       "--gemm-size=64", f"--configs={','.join(configs)}",
                                                       f"--out={tmp_path / 'r.json'}"]
