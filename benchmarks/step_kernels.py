@@ -1,0 +1,89 @@
+"""GPU time of one LLaMA-2-7B-shaped training step, by kind of kernel, for train_step.py's configs.
+
+    python benchmarks/step_kernels.py --configs ours_frozen+compile,soka_r1+compile --layers 8 \
+        --out benchmarks/results/step_kernels.json
+
+Builds each config as benchmarks/train_step.py does (random bf16 weights, batch 4 × 1024 tokens,
+AdamW), with `--layers` of the 32 layers to keep it quick (every layer costs the same), runs three
+eager steps to warm up, then one step under torch.profiler, and adds up the GPU time of its kernels by
+kind: cuBLAS GEMMs, the fused Kronecker kernels (sum, gradients), attention, compiled pointwise
+kernels, the optimizer, reductions, and other elementwise kernels by name. The difference between
+two configs is where the adapter's time goes.
+"""
+import argparse
+import collections
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_step  # noqa: E402
+from model import ModelArgs  # noqa: E402
+
+
+def kind(name):
+    n = name.lower()
+    for key, words in (("kron_sum", ("kron_sum",)), ("kron_grad", ("kron_grad",)),
+                       ("gemm", ("nvjet", "gemm", "cutlass", "xmma")), ("attention", ("flash", "fmha", "attention")),
+                       ("compiled pointwise", ("triton",)), ("optimizer", ("adam", "multi_tensor")),
+                       ("reduction", ("reduce",))):
+        if any(w in n for w in words):
+            return key
+    return "other: " + re.sub(r"<.*", "", name)[:60]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default="ours_frozen+compile,soka_r1+compile")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("step_kernels.py: needs a CUDA GPU")
+    args = ModelArgs(dim=4096, n_layers=a.layers, n_heads=32, vocab_size=32000, hidden_dim=11008)
+    dev = torch.device("cuda")
+    results = {}
+    for name in a.configs.split(","):
+        s = train_step.setup(name, args, device=dev, dtype=torch.bfloat16, graphed=False)
+        ids = torch.randint(0, args.vocab_size, (4, 1024), device=dev)
+        n_tok = torch.tensor(4.0 * 1023, device=dev)
+
+        def step():
+            s["step"](ids, ids, n_tok)
+            if s["opt"] is not None:
+                s["opt"].step()
+                s["opt"].zero_grad(set_to_none=s["kind"] == "hf")
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        time = collections.defaultdict(lambda: [0, 0.0])                    # kind -> [kernels, ms]
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                k = time[kind(e.name)]
+                k[0] += 1
+                k[1] += e.device_time_total / 1e3
+        total = sum(ms for _, ms in time.values())
+        print(f"== {name}: {sum(n for n, _ in time.values())} kernels, {total:.2f} ms of GPU time ({a.layers} layers)")
+        for k, (n, ms) in sorted(time.items(), key=lambda kv: -kv[1][1]):
+            print(f"  {k:64s} {n:6d} {ms:8.3f} ms")
+        results[name] = dict(total_ms=total, kinds={k: dict(kernels=n, ms=ms) for k, (n, ms) in time.items()})
+        del s
+        torch.cuda.empty_cache()
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                                               layers=a.layers, results=results), indent=1))
+        print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
