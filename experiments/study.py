@@ -1,7 +1,7 @@
 """The reproduction study (issue 8): which of the SoKA paper's claims hold on SmolLM2-135M-Instruct.
 
     python experiments/study.py                      # every stage in order; resumes where it stopped
-    python experiments/study.py --stage sweep        # one stage: spectra, sweep, final, ablate, matched
+    python experiments/study.py --stage sweep        # one stage: spectra, sweep, final, ablate, matched, shapes
     python experiments/study.py --stage final --budget 540    # start no run after 540 s
     python experiments/study.py --plan               # list the runs and what is done, train nothing
     for i in 0 1 2; do OMP_NUM_THREADS=4 python experiments/study.py --stage matched --claims /tmp/c1 --tag w$i & done; wait
@@ -21,6 +21,8 @@ smoother loss, and gradient norms rarely above 1.5. Here, on the demo model (tar
   ablate    SoKA on GSM8K at its best rate: τ ∈ {0.8, 0.95, 0.99}, random init (σ = 0), two other
             factor shapes; seeds 0, 1, 2
   matched   the "matched" setting, as `final`
+  shapes    SoKA on GSM8K at its best rate and one fixed rank (SHAPES_RANK) for three factor shapes
+            with the same parameter count per term (SPEC's rule, a tall U, a wide U); seeds 0, 1, 2
 
 Settings (SETTINGS below; the ranks are computed from the model, printed by --plan):
   paper     SoKA with its selected ranks (τ = 0.9, r ≤ 16 per layer) against LoRA / PiSSA at the one
@@ -70,6 +72,12 @@ TAUS = (0.8, 0.95, 0.99)                          # the ablation; 0.9 is the fin
 # wk wv 192 × 576). SPEC's rule gives (24, 24, 24, 24) and (12, 24, 16, 24).
 FACTORS = {"small_U": {"wq": (8, 8, 72, 72), "wo": (8, 8, 72, 72), "wk": (8, 8, 24, 72), "wv": (8, 8, 24, 72)},
            "large_U": {"wq": (72, 72, 8, 8), "wo": (72, 72, 8, 8), "wk": (24, 72, 8, 8), "wv": (24, 72, 8, 8)}}
+# Factor shapes with the same parameters per term as SPEC's rule (m·n + p·q: 1,152 for wq wo, 672 for
+# wk wv), so that at one fixed rank every run trains the same count: U tall (m > n) or wide (m < n).
+SHAPES = {"rule": None,
+          "tall_U": {"wq": (48, 12, 12, 48), "wo": (48, 12, 12, 48), "wk": (24, 12, 8, 48), "wv": (24, 12, 8, 48)},
+          "wide_U": {"wq": (12, 48, 48, 12), "wo": (12, 48, 48, 12), "wk": (8, 48, 24, 12), "wv": (8, 48, 24, 12)}}
+SHAPES_RANK = 3    # every layer; SPEC's rule selected 312 terms over the 120 layers (2.6 a layer)
 LORA_MATCHED = 8
 
 
@@ -162,6 +170,14 @@ def ablate_runs(st, sweep):
     return runs
 
 
+def shapes_runs(sweep):
+    lr = best_lr("paper", "soka", sweep)
+    if lr is None:
+        return []
+    return [spec("shapes", "gsm8k", "paper", "soka", SHAPES_RANK, lr, seed, factors=name, eval=True)
+            for seed in SEEDS for name in SHAPES]
+
+
 def plan(results, stage, st, setting=None):
     sweep = read(results, "sweep")
     if stage == "sweep":
@@ -172,6 +188,8 @@ def plan(results, stage, st, setting=None):
         return final_runs(st, sweep, "matched", "matched")
     if stage == "ablate":
         return ablate_runs(st, sweep)
+    if stage == "shapes":
+        return shapes_runs(sweep)
     raise ValueError(stage)
 
 
@@ -186,8 +204,9 @@ def argv_for(r, ckpt, data_dir, out):
         o["tau"] = r["tau"]
     if r.get("init") is not None:
         o["init"] = r["init"]
-    if r.get("factors") is not None:
-        o["factors"] = json.dumps(FACTORS[r["factors"]])
+    factors = {**FACTORS, **SHAPES}.get(r.get("factors"))
+    if factors is not None:
+        o["factors"] = json.dumps(factors)
     if not r["eval"]:
         o["eval_limit"] = 0
     elif r["task"] in EVAL_BATCH:
@@ -232,7 +251,8 @@ def claim(claims, run_id):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--stage", default="all", help="all, or a comma-separated list of: spectra, sweep, final, ablate, matched")
+    ap.add_argument("--stage", default="all",
+                    help="all, or a comma-separated list of: spectra, sweep, final, ablate, matched, shapes")
     ap.add_argument("--results", default=None, help="folder of the <stage>.jsonl records (default experiments/results)")
     ap.add_argument("--ckpt", default=None, help="model (default: the demo model, as train.py finds it)")
     ap.add_argument("--data-dir", default=None, help="GSM8K / MATH / MBPP folder (default: train.py's)")
@@ -248,7 +268,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     results = Path(args.results) if args.results else RESULTS
     claims = Path(args.claims) if args.claims else None
-    known = ("spectra", "sweep", "final", "ablate", "matched")
+    known = ("spectra", "sweep", "final", "ablate", "matched", "shapes")
     stages = known if args.stage == "all" else tuple(args.stage.split(","))
     if not set(stages) <= set(known):
         ap.error(f"--stage {args.stage!r}: choose from all, {', '.join(known)}")

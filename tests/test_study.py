@@ -156,6 +156,31 @@ def test_sweep_extends_a_grid_whose_best_rate_is_at_an_edge():
     assert best == {"soka": g["soka"][-1], "lora": g["lora"][0], "pissa": g["pissa"][1]}
 
 
+def test_factor_shapes_stage_trains_one_parameter_count():
+    """The shapes stage: each shape at the fixed rank and SoKA's best rate, the shapes' factors valid for
+    SmolLM2's layers and with the rule's parameters per term, passed to train.py as JSON."""
+    from kpsvd import factor_shape
+    sweep = [dict(study.spec("sweep", "gsm8k", "paper", "soka", None, lr, 0, eval=False), status="done",
+                  heldout_final=h) for lr, h in ((1e-3, 0.9), (3e-3, 0.8))]
+    runs = study.shapes_runs(sweep)
+    assert [(r["seed"], r["factors"]) for r in runs] == [(s, f) for s in study.SEEDS for f in study.SHAPES]
+    assert {(r["rank"], r["lr"], r["task"], r["eval"]) for r in runs} == {(study.SHAPES_RANK, 3e-3, "gsm8k", True)}
+    assert len({r["id"] for r in runs}) == len(runs)
+    sizes = {"wq": (576, 576), "wo": (576, 576), "wk": (192, 576), "wv": (192, 576)}
+    for r in runs:
+        argv = study.argv_for(r, "m.gguf", "data", "out")
+        assert f"--rank={study.SHAPES_RANK}" in argv
+        given = [a for a in argv if a.startswith("--factors=")]
+        if study.SHAPES[r["factors"]] is None:
+            assert given == []                                   # SPEC's rule
+            continue
+        factors = json.loads(given[0].removeprefix("--factors="))
+        for t, (m, n, p, q) in factors.items():
+            rule = factor_shape(*sizes[t])
+            assert (m * p, n * q) == sizes[t] and m * n + p * q == rule[0] * rule[1] + rule[2] * rule[3]
+    assert study.shapes_runs([]) == []                           # no sweep yet: nothing to run
+
+
 # ----------------------------------------------------------------------------- plot_study.py
 
 def record(stage, task, method, seed, *, acc, held, lr=1e-3, noise=0.02, steps=60, **extra):
@@ -248,3 +273,12 @@ def test_plot_study_tables_and_pngs(tmp_path):
     assert any(l.startswith("| tau 0.9 | 0,1,2 | 75 |") for l in md.splitlines())
     assert (img / "repro_ablate_loss.png").read_bytes()[:8] == PNG
     assert math.isfinite(P.roughness(final[0]["loss"]))
+
+    # a shapes file adds its table: one row per shape, its factors named
+    write(res / "shapes.jsonl", [record("shapes", "gsm8k", "soka", s, acc=0.3, held=0.9 + i / 100, factors=f)
+                                 for s in range(3) for i, f in enumerate(study.SHAPES)])
+    assert P.main(["--results", str(res), "--img", str(img)]) == 0
+    md = (res / "tables.md").read_text()
+    assert f"## Factor shapes at one parameter count: SoKA on GSM8K, rank {study.SHAPES_RANK}" in md
+    assert any(l.startswith("| rule | SPEC's rule | 0,1,2 | 75 |") for l in md.splitlines())
+    assert any(l.startswith("| tall_U | (48, 12, 12, 48) / (24, 12, 8, 48) | 0,1,2 |") for l in md.splitlines())
