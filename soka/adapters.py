@@ -135,6 +135,14 @@ def _compute_dtype(x):
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
+def _flat_input(x, n, q):
+    """x (..., n·q) as X (N, n·q), contiguous, in the GEMMs' dtype (one cast at most, not one per GEMM);
+    a clear error for the wrong width. KronLinear's and KronFused's forward both start here."""
+    if x.shape[-1] != n * q:
+        raise ValueError(f"adapters.py: x has {x.shape[-1]} features, the factors expect n·q = {n}·{q}")
+    return x.reshape(-1, n * q).to(_compute_dtype(x)).contiguous()
+
+
 class KronLinear(torch.autograd.Function):
     """The whole SoKA layer y = x W_resᵀ + Σ_k σ_k U_k X V_kᵀ in one Function (impl "kron_v2"): the same
     GEMMs as KronApply, with fewer copies and kernels.
@@ -155,11 +163,8 @@ class KronLinear(torch.autograd.Function):
     def forward(ctx, x, weight, sigma, U, V):
         r, m, n = U.shape
         _, p, q = V.shape
-        if x.shape[-1] != n * q:
-            raise ValueError(f"adapters.py: x has {x.shape[-1]} features, the factors expect n·q = {n}·{q}")
-        dt = _compute_dtype(x)
-        X = x.reshape(-1, n * q).to(dt).contiguous()          # (N, n·q): one cast at most, not one per GEMM
-        N = X.shape[0]
+        X = _flat_input(x, n, q)                              # (N, n·q)
+        N, dt = X.shape[0], X.dtype
         Us = torch.empty(m, n, r, dtype=dt, device=x.device)
         torch.mul(U.permute(1, 2, 0), sigma, out=Us)          # Us[a, i, k] = σ_k U_k[a, i], cast on write
         Vd = V.to(dt)                                         # (r, p, q), rows k·p + b

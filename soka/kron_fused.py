@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from soka.adapters import _compute_dtype
+from soka.adapters import _flat_input
 
 # Launch settings, measured on an H100 over a grid (benchmarks/kron_fused_configs.py, bf16, 4,096
 # tokens, LLaMA-2-7B's and SmolLM2's factor shapes, r = 1 and 8; benchmarks/results/kron_fused_configs.json):
@@ -327,10 +327,8 @@ class KronFused(torch.autograd.Function):
     def forward(ctx, x, weight, sigma, U, V):
         r, m, n = U.shape
         _, p, q = V.shape
-        if x.shape[-1] != n * q:
-            raise ValueError(f"kron_fused.py: x has {x.shape[-1]} features, the factors expect n·q = {n}·{q}")
-        dt = _compute_dtype(x)
-        X = x.reshape(-1, n * q).to(dt).contiguous()          # (N, n·q)
+        X = _flat_input(x, n, q)                              # (N, n·q)
+        dt = X.dtype
         Us = factor_buffer(r, m, n, dtype=dt, device=x.device)
         torch.mul(U, sigma[:, None, None], out=Us)            # Us_k = σ_k U_k (r, m, n), cast on write
         Vd = factor_buffer(r, p, q, dtype=dt, device=x.device).copy_(V)   # (r, p, q)

@@ -285,3 +285,12 @@ def test_cuda_auto_impl_is_fused_and_float64_is_kron_v2():
             outs[impl] = [y.detach(), xx.grad, mod.sigma.grad, mod.U.grad, mod.V.grad]
         for impl in ("auto", "fused"):
             assert all(torch.equal(a, b) for a, b in zip(outs[impl], outs[same_as])), (dtype, impl)
+
+
+@pytest.mark.parametrize("fn", [KronLinear, KronFused], ids=["kron_v2", "fused"])
+def test_wrong_input_width_is_a_clear_error(fn):
+    r, m, n, p, q = 2, 4, 3, 5, 2
+    U, V = torch.randn(r, m, n, device=DEVICE), torch.randn(r, p, q, device=DEVICE)
+    W, sigma = torch.randn(m * p, n * q, device=DEVICE), torch.ones(r, device=DEVICE)
+    with pytest.raises(ValueError, match=r"x has 7 features, the factors expect n·q = 3·2"):
+        fn.apply(torch.randn(4, 7, device=DEVICE), W, sigma, U, V)
