@@ -93,6 +93,18 @@ def rms_norm(x, weight, eps):
     return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x) * weight
 
 
+_rms_norm = rms_norm    # the eager one, for add_rms_norm (compile_pointwise rebinds rms_norm)
+
+
+def add_rms_norm(x, delta, weight, eps):
+    """h = x + delta and rms_norm(h): a block's residual add and the norm after it, as one function so
+    that compile_pointwise makes them one kernel each way. Its backward then also adds h's two
+    gradients (from the residual stream and through the norm), which autograd would otherwise add
+    in a kernel of its own: two passes over the activation fewer per block."""
+    h = x + delta
+    return h, _rms_norm(h, weight, eps)
+
+
 def rotary(positions, head_dim, theta):
     """cos and sin of pos·θ^(-2j/head_dim) for j < head_dim/2, stacked: float32 (B, T, 1, head_dim/2, 2).
 
@@ -231,8 +243,8 @@ def swiglu(a, b):
 
 
 def compile_pointwise(enabled=True):
-    """Replace rms_norm, apply_rotary and swiglu by torch.compile'd versions (for training speed);
-    enabled=False puts the eager ones back.
+    """Replace rms_norm, add_rms_norm, apply_rotary and swiglu by torch.compile'd versions (for
+    training speed); enabled=False puts the eager ones back.
 
     Each is a chain of elementwise ops (casts to float32, the rotation, silu · gate) that eager
     PyTorch runs as 3-6 kernels, each reading and writing the whole activation; compiled, each is
@@ -242,11 +254,11 @@ def compile_pointwise(enabled=True):
     kernel shape-generic (torch.compile's automatic dynamic), so sequence lengths that vary do not
     recompile on every step. Measured on the 7B-shaped step: docs/performance.md.
     """
-    global rms_norm, apply_rotary, swiglu, _EAGER_POINTWISE
-    _EAGER_POINTWISE = _EAGER_POINTWISE or (rms_norm, apply_rotary, swiglu)
-    norm, _, glu = _EAGER_POINTWISE
-    rms_norm, apply_rotary, swiglu = (tuple(torch.compile(f) for f in (norm, apply_rotary_real, glu))
-                                      if enabled else _EAGER_POINTWISE)
+    global rms_norm, add_rms_norm, apply_rotary, swiglu, _EAGER_POINTWISE
+    _EAGER_POINTWISE = _EAGER_POINTWISE or (rms_norm, add_rms_norm, apply_rotary, swiglu)
+    norm, add_norm, _, glu = _EAGER_POINTWISE
+    rms_norm, add_rms_norm, apply_rotary, swiglu = (
+        tuple(torch.compile(f) for f in (norm, add_norm, apply_rotary_real, glu)) if enabled else _EAGER_POINTWISE)
 
 
 _EAGER_POINTWISE = None
@@ -261,8 +273,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x, rope, mask=None, kv=None, slots=None, recompute_swiglu=False):
-        h = x + self.attention(self.attention_norm(x), rope, mask, kv, slots)
-        return h + self.feed_forward(self.ffn_norm(h), recompute_swiglu)
+        a = self.attention(self.attention_norm(x), rope, mask, kv, slots)
+        h, n = add_rms_norm(x, a, self.ffn_norm.weight, self.ffn_norm.eps)     # h = x + a, n = ffn_norm(h)
+        return h + self.feed_forward(n, recompute_swiglu)
 
 
 class Transformer(nn.Module):

@@ -95,7 +95,8 @@ def make_parser(suppress=False):
     a("--seed", type=int, default=d(0))
     a("--device", default=d(None), help="cuda, cuda:1, cpu (default: cuda if available)")
     a("--compile", action="store_true", default=d(False),
-      help="torch.compile the norms, rotary and SwiGLU (model.compile_pointwise); CUDA graphs stay on")
+      help="torch.compile the norms, residual adds, rotary, SwiGLU (model.compile_pointwise) and the "
+           "loss's softmax (compile_loss); CUDA graphs stay on")
     a("--checkpointing", action="store_true", default=d(False),
       help="activation checkpointing: recompute each block in backward (long sequences on less memory)")
     a("--recompute-swiglu", action="store_true", default=d(False),
@@ -238,6 +239,38 @@ def loss_sum(model, ids, labels, *, chunk=None):
     return LinearCrossEntropy.apply(h, model.output_weight(), labels[:, 1:].flatten(), chunk)
 
 
+def ce_chunk(logits, y, grad_dtype):
+    """Σ CE over the rows of `logits` (c, vocab) whose target y (c,) is not IGNORE_INDEX (float32), and
+    its gradient softmax − onehot on those rows, 0 on the others, in `grad_dtype` (None: no gradient).
+
+    The targets' entries p_y − 1 = expm1(x_y − lse) are computed in float32 from the target logits and
+    written over the softmax after its cast: subtracting 1 from a bfloat16 p_y near 1 would lose most
+    of the difference. Eager, each line is a pass over a (c, vocab) tensor; compiled (compile_loss),
+    the function reads the logits once and writes the gradient once.
+    """
+    x = logits.float()                                               # (c, vocab)
+    valid = (y != IGNORE_INDEX)[:, None]                             # (c, 1)
+    y = y.clamp(min=0)[:, None]
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)                   # (c, 1)
+    x_y = x.gather(1, y)                                             # (c, 1): the targets' logits
+    loss = ((lse - x_y) * valid).sum()
+    if grad_dtype is None:
+        return loss, None
+    g = (torch.softmax(x, dim=-1) * valid).to(grad_dtype)
+    g.scatter_(1, y, (torch.expm1(x_y - lse) * valid).to(grad_dtype))
+    return loss, g
+
+
+_EAGER_CE_CHUNK = ce_chunk
+
+
+def compile_loss(enabled=True):
+    """Replace ce_chunk by a torch.compile'd version (train.py --compile; see model.compile_pointwise),
+    or put the eager one back."""
+    global ce_chunk
+    ce_chunk = torch.compile(_EAGER_CE_CHUNK) if enabled else _EAGER_CE_CHUNK
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Σ_i CE(h_i Wᵀ, y_i) over rows with y_i ≠ IGNORE_INDEX, `chunk` rows at a time, with the
     gradients computed in the same pass: ∂/∂logits = softmax − onehot, so ∂h = (softmax − onehot) W
@@ -252,20 +285,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         gh = torch.empty_like(h) if want_h else None
         gW = torch.zeros_like(W, dtype=torch.float32) if want_W else None
         for s in range(0, h.shape[0], chunk):
-            hc, yc = h[s:s + chunk], y[s:s + chunk]
-            logits = (hc @ W.T).float()                                  # (c, vocab)
-            valid = yc != IGNORE_INDEX
-            yc = yc.clamp(min=0)
-            lse = torch.logsumexp(logits, dim=-1)                        # (c,)
-            total += ((lse - logits.gather(1, yc[:, None])[:, 0]) * valid).sum()
-            if want_h or want_W:
-                g = torch.softmax(logits, dim=-1)                        # ∂loss/∂logits, in place
-                g.scatter_add_(1, yc[:, None], -torch.ones_like(g[:, :1]))
-                g *= valid[:, None]
-                if want_h:
-                    gh[s:s + chunk] = (g.to(h.dtype) @ W).to(h.dtype)
-                if want_W:
-                    gW += g.T @ hc.float()
+            hc = h[s:s + chunk]
+            # ∂loss/∂logits in float32 where W's gradient needs it, else in h's dtype
+            loss, g = ce_chunk(hc @ W.T, y[s:s + chunk], (torch.float32 if want_W else h.dtype)
+                               if want_h or want_W else None)
+            total += loss
+            if want_h:
+                gh[s:s + chunk] = g.to(h.dtype) @ W
+            if want_W:
+                gW += g.T @ hc.float()
         ctx.save_for_backward(gh, gW)
         ctx.W_dtype = W.dtype
         return total
@@ -476,6 +504,7 @@ def main(argv=None):
     n_total, n_train = count_params(model)
     if cfg.compile:
         model_py.compile_pointwise()
+        compile_loss()
     model.checkpointing = cfg.checkpointing
     model.recompute_swiglu = cfg.recompute_swiglu
     amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if device.type == "cuda" else nullcontext()

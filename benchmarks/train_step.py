@@ -18,8 +18,9 @@ measured, and freed (del, gc, empty_cache) before the next:
     peft_lokr_r8     + PEFT LoKr r = 8 on the same (forms the dense update: ~72 GiB; 'OOM' if it fails)
 A SoKA config may name an implementation, `soka_r8@dense` (adapters.IMPLS); plain `soka_r8` uses
 adapters' default ($SOKA_IMPL, else "auto": "fused" on a GPU with triton, else "kron_v2"). HF configs are skipped when transformers/peft do not import.
-Our model's configs take options after '+': `+compile` runs model.compile_pointwise() (norm, rotary
-and SwiGLU as compiled kernels; off again for configs without it), `+ckpt` sets
+Our model's configs take options after '+': `+compile` runs model.compile_pointwise() and
+train.compile_loss() (norms, residual adds, rotary, SwiGLU and the loss's softmax as compiled
+kernels; off again for configs without it), `+ckpt` sets
 model.checkpointing (each block recomputed in backward), `+glu` model.recompute_swiglu (each SwiGLU
 output recomputed in backward, not kept for w2's adapter). `ours_frozen+compile,soka_r8+ckpt`. HF's
 configs take `+noamp`: no autocast, PEFT's own precision (its adapter weights float32, so its LoKr
@@ -89,7 +90,7 @@ CONFIGS = {
 GiB = 2**30
 
 
-# config suffixes. Our model: +compile (model.compile_pointwise), +ckpt (checkpointing), +glu
+# config suffixes. Our model: +compile (model.compile_pointwise, train.compile_loss), +ckpt (checkpointing), +glu
 # (recompute_swiglu). HF: +noamp
 # (no autocast: PEFT's own precision, the bf16 base with float32 adapter weights as get_peft_model
 # makes them, so PEFT runs the adapter's GEMMs in float32; how ../shared/GPU.md's PEFT rows were taken)
@@ -191,6 +192,7 @@ def setup(name, a, *, device, dtype, graphed):
     amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if cuda else nullcontext()
     t0 = time.perf_counter()
     model_py.compile_pointwise("compile" in opts)          # compiled norm / rotary / SwiGLU, or eager
+    train.compile_loss("compile" in opts)                  # and the loss's softmax
     model = (build_ours if kind == "ours" else build_hf)(a, device=device, dtype=dtype)
     if kind == "ours":
         model.checkpointing = "ckpt" in opts

@@ -507,3 +507,11 @@ def test_smollm2_greedy_continuation(smollm2):
         expect = expect[:-1]
     assert out == expect
     assert "Paris" in tok.decode(out)
+
+
+def test_add_rms_norm_is_the_add_then_the_norm():
+    torch.manual_seed(0)
+    x, d = torch.randn(2, 3, 8, dtype=torch.bfloat16), torch.randn(2, 3, 8, dtype=torch.bfloat16)
+    w = torch.randn(8, dtype=torch.bfloat16)
+    h, n = M.add_rms_norm(x, d, w, 1e-5)
+    assert torch.equal(h, x + d) and torch.equal(n, M.rms_norm(x + d, w, 1e-5))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -307,3 +308,45 @@ def test_chunked_linear_cross_entropy_equals_the_plain_loss(tied):
         torch.testing.assert_close(grads[chunk][0].double(), grads[0][0].double(), rtol=1e-6, atol=0)
         for n, g in grads[0][1].items():
             torch.testing.assert_close(grads[chunk][1][n], g, rtol=1e-5, atol=1e-6)
+
+
+def test_ce_chunk_gradient_and_its_bfloat16_target_entries():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 40, dtype=torch.float64) * 3
+    logits[0, 5] = 14.0                                          # a confident row: p_y near 1
+    y = torch.tensor([5, 1, -100, 39, 0, 7])
+    x = logits.clone().requires_grad_(True)
+    ref = F.cross_entropy(x, y, reduction="sum", ignore_index=-100)
+    ref.backward()
+    loss, g = train.ce_chunk(logits, y, torch.float64)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-6, atol=0)   # float32 inside
+    torch.testing.assert_close(g, x.grad, rtol=1e-5, atol=1e-6)                 # float32 lse: ulp 1e-6 at 14
+    assert torch.all(g[2] == 0)                                  # the ignored row
+    assert train.ce_chunk(logits, y, None)[1] is None
+    # in bfloat16 every entry, p_y − 1 included, is the float32 gradient rounded once
+    _, g16 = train.ce_chunk(logits.bfloat16(), y, torch.bfloat16)
+    _, g32 = train.ce_chunk(logits.bfloat16(), y, torch.float32)
+    torch.testing.assert_close(g16, g32.bfloat16(), rtol=0, atol=0)
+    # the confident row's p_y − 1 to bf16's 0.4 %; bf16(p_y) − 1 would be off by up to bf16's spacing at 1
+    p_y = torch.softmax(logits[0], -1)[5]
+    assert -0.05 < x.grad[0, 5] < -1e-4 and abs(p_y.bfloat16().double() - 1 - x.grad[0, 5]) > 0.01 * -x.grad[0, 5]
+    torch.testing.assert_close(g16[0, 5].double(), x.grad[0, 5], rtol=4e-3, atol=0)
+
+
+def test_compile_loss_matches_eager():
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, requires_grad=True)
+    W = torch.randn(50, 16, requires_grad=True)
+    y = torch.randint(0, 50, (37,))
+    y[::5] = -100
+    out = {}
+    try:
+        for compiled in (False, True):
+            train.compile_loss(compiled)
+            loss = train.LinearCrossEntropy.apply(h, W, y, 16)        # chunks of 16, 16 and 5 rows
+            out[compiled] = (loss,) + torch.autograd.grad(loss, (h, W))
+    finally:
+        train.compile_loss(False)
+    assert train.ce_chunk is train._EAGER_CE_CHUNK
+    for a, b in zip(out[True], out[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
