@@ -361,21 +361,10 @@ class GraphedStep:
                     (loss_sum(self.model, s_ids, s_labels) / self.n_tok).backward()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        kept_grads = [p.grad for p in self.params]
         with torch.cuda.graph(graph, pool=self.pool):
-            # Backward into fresh gradients, added to the kept ones by one multi-tensor kernel: with
-            # .grad set, autograd would add each parameter's gradient in a kernel of its own (21 tiny
-            # kernels per block for SoKA on all seven layers, 672 in a LLaMA-2-7B step).
-            for p in self.params:
-                p.grad = None
             with self.amp:
                 s_loss = loss_sum(self.model, s_ids, s_labels) / self.n_tok
             s_loss.backward()
-            new = [(g, p.grad) for p, g in zip(self.params, kept_grads) if p.grad is not None]
-            if new:
-                torch._foreach_add_(*map(list, zip(*new)))
-            for p, g in zip(self.params, kept_grads):
-                p.grad = g
         self.pool = graph.pool()
         for p, g in zip(self.params, kept):
             p.grad.copy_(g)

@@ -4,13 +4,14 @@
 
 Both compute Meta's interleaved rotation of each pair (a, b) by (cos, sin), in float32, on a
 (B, T, heads, head_dim) bf16 tensor shaped like LLaMA-2-7B's queries (4 × 1024 tokens per step;
-`--batch 16` by default, so each call runs long enough for CUDA-event timing of 50 calls):
+`--batch 16` by default):
 
 - `unbind`: a, b = pairs.unbind(-1); stack((a·c − b·s, a·s + b·c), -1): the second session's form;
 - `flip`: pairs · (c, c) + pairs.flip(-1) · (−s, s): model.apply_rotary_real now.
 
-Each is torch.compile'd; the table gives the forward and the forward + backward time per call, the
-forward's bandwidth (bytes read and written once), and the largest difference from `flip`.
+Each is torch.compile'd; the table gives the GPU time of the forward's and of the forward + backward's
+kernels per call (the profiler's sum over 50 calls), the forward's bandwidth (bytes read and written
+once), and the largest difference from `flip`.
 """
 import argparse
 import json
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as M  # noqa: E402
@@ -32,17 +34,17 @@ def rotary_unbind(x, rope):
 FORMS = {"unbind": rotary_unbind, "flip": M.apply_rotary_real}
 
 
-def event_time(fn, iters):
-    """GPU time per call, µs, over `iters` calls after 5 warm-up calls."""
+def kernel_time(fn, iters):
+    """GPU time of the kernels one call launches, µs: summed by the profiler over `iters` calls, after 5
+    warm-up calls. (CUDA events around the calls also count the gaps that autograd's CPU work leaves.)"""
     for _ in range(5):
         fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters * 1e3
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.device_time_total for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / iters
 
 
 def main(argv=None):
@@ -72,10 +74,11 @@ def main(argv=None):
                 return f(x, rope)
 
         def forward_backward():
+            xr.grad = None                                    # no accumulation kernel in the timing
             f(xr, rope).backward(g)
 
         outs[name] = forward()
-        fwd, both = event_time(forward, a.iters), event_time(forward_backward, a.iters)
+        fwd, both = kernel_time(forward, a.iters), kernel_time(forward_backward, a.iters)
         rows[name] = dict(forward_us=fwd, forward_backward_us=both, forward_tb_s=moved / fwd / 1e6)
     for name in FORMS:
         rows[name]["max_diff_vs_flip"] = (outs[name].float() - outs["flip"].float()).abs().max().item()

@@ -247,8 +247,8 @@ def test_cuda_graph_steps_equal_eager_steps(tiny, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 def test_graphed_step_accumulates_like_eager_steps():
-    """GraphedStep's gradients (fresh in each replay, then added to .grad in one multi-tensor kernel)
-    equal autograd's own accumulation over the same micro-batches, and leave frozen weights alone."""
+    """GraphedStep's gradients, accumulated into the .grad tensors allocated before capture, equal
+    eager steps' over the same micro-batches, and frozen weights get none."""
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96)).cuda()
     adapters.inject(model, "soka", ["wq", "wv", "w2"], rank=2, verbose=False)
