@@ -6,7 +6,10 @@
         --seq 32 --steps 2 --warmup 1 --out /tmp/train_step.json                      # CPU logic check
 
 Every ratio comes from one run (one process, one GPU, one torch). Each config is built on its own,
-measured, and freed (del, gc, empty_cache) before the next:
+measured, and freed (del, gc, empty_cache) before the next. The GPU's own speed drifts within a run
+(the start and end GEMM rates differ by up to 2.5 %) and between machines, so `--rounds 3` runs the
+list three times in turn: each config's row is its median round, and a second table gives × HF
+floor in every round, each against the same round's hf_frozen. The configs:
     ours_frozen      model.py's Transformer, nothing trainable, backward to the embedding output
                      only (a hook makes it require grad): the floor every adapter adds to
     soka_r1/_r4/_r8  + SoKA on wq wk wv wo w1 w2 w3, inject(rank=r, randomized=True)
@@ -334,11 +337,67 @@ def hf_available():
 
 # ----------------------------------------------------------------------------- main
 
+def measure(name, a, args, *, device, dtype, graphed, have_hf):
+    """One config's row: its timings, or a status saying why there are none."""
+    base, _, _ = parse_config(name)
+    if CONFIGS[base][0] == "hf" and not have_hf:
+        print(f"{name}: skipped (transformers / peft do not import)")
+        return dict(config=name, status="skipped: transformers / peft not importable")
+    try:
+        row = run_config(name, a, device=device, dtype=dtype, graphed=graphed, batch=args.batch,
+                         seq=args.seq, steps=args.steps, warmup=args.warmup)
+    except torch.OutOfMemoryError:
+        row = dict(config=name, status="OOM")
+    except Exception as e:                  # one broken config must not lose the others' numbers
+        traceback.print_exc()
+        row = dict(config=name, status=f"error: {type(e).__name__}: {e}")
+    free(device)
+    if row["status"] == "ok":
+        kind, method, rank, targets = CONFIGS[base]
+        row["flops_per_token"] = flops_per_token(
+            a, args.seq, method=method, rank=rank, targets=targets, impl=row["impl"], tokens=args.batch * args.seq,
+            head_rows=1.0 if kind == "hf" or not train.CE_CHUNK else (args.seq - 1) / args.seq)
+    print(f"{name}: " + (f"{row['tokens_per_s']:,.0f} tokens/s, step {1e3 * row['step_s']:.1f} ms, "
+                         f"first step {row['first_step_s']:.1f} s, init {row['init_s']:.1f} s, loss {row['loss']:.3f}"
+                         + (f", peak {row['peak_gib']:.2f} GiB" if device.type == "cuda" else "")
+                         if row["status"] == "ok" else row["status"]), flush=True)
+    return row
+
+
+def add_ratios(rows, gemm_rate, *, cuda):
+    """Each ok row against the floors of the same list: × HF's floor, × ours (speed, memory), % of the GEMM rate."""
+    by = {r["config"]: r for r in rows if r["status"] == "ok"}
+    floor, hf_floor = by.get("ours_frozen"), by.get("hf_frozen")
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        r["x_hf_floor"] = r["tokens_per_s"] / hf_floor["tokens_per_s"] if hf_floor else None
+        r["x_our_floor"] = r["tokens_per_s"] / floor["tokens_per_s"] if floor else None
+        r["mem_x_our_floor"] = r["peak_gib"] / floor["peak_gib"] if floor and cuda else None
+        r["tflops"] = r["flops_per_token"] * r["tokens_per_s"] / 1e12
+        r["pct_gemm"] = 100 * r["tflops"] / gemm_rate
+
+
+def median_round(runs):
+    """One config's rounds -> the row of its median round by tokens/s (the lower middle for an even
+    count), with every round's tokens/s and ratios (against that round's floors) under "rounds"."""
+    ok = sorted((r for r in runs if r["status"] == "ok"), key=lambda r: r["tokens_per_s"])
+    if len(ok) < len(runs):
+        return next(r for r in runs if r["status"] != "ok")
+    row = dict(ok[(len(ok) - 1) // 2])
+    if len(runs) > 1:
+        row["rounds"] = [{k: r[k] for k in ("tokens_per_s", "x_hf_floor", "x_our_floor", "peak_gib") if k in r}
+                         for r in runs]
+    return row
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated; soka configs take @impl")
     ap.add_argument("--steps", type=int, default=10, help="timed iterations")
     ap.add_argument("--warmup", type=int, default=3, help="untimed iterations first (graph capture, optimizer state)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the whole list this many times, in turn; each config's row is its median round")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=ModelArgs.n_layers)
@@ -386,45 +445,18 @@ def main(argv=None):
 
     gemm = [gemm_tflops(gemm_n, device=device, dtype=dtype)]
     print(f"{gemm_n}³ {info['dtype']} GEMM: {gemm[0]:.4g} TFLOP/s")
-    rows = []
-    for name in names:
-        base, _, _ = parse_config(name)
-        if CONFIGS[base][0] == "hf" and not have_hf:
-            print(f"{name}: skipped (transformers / peft do not import)")
-            rows.append(dict(config=name, status="skipped: transformers / peft not importable"))
-            continue
-        try:
-            row = run_config(name, a, device=device, dtype=dtype, graphed=graphed, batch=args.batch,
-                             seq=args.seq, steps=args.steps, warmup=args.warmup)
-        except torch.OutOfMemoryError:
-            row = dict(config=name, status="OOM")
-        except Exception as e:                  # one broken config must not lose the others' numbers
-            traceback.print_exc()
-            row = dict(config=name, status=f"error: {type(e).__name__}: {e}")
-        free(device)
-        if row["status"] == "ok":
-            kind, method, rank, targets = CONFIGS[base]
-            row["flops_per_token"] = flops_per_token(
-                a, args.seq, method=method, rank=rank, targets=targets, impl=row["impl"], tokens=tokens,
-                head_rows=1.0 if kind == "hf" or not train.CE_CHUNK else (args.seq - 1) / args.seq)
-        rows.append(row)
-        print(f"{name}: " + (f"{row['tokens_per_s']:,.0f} tokens/s, step {1e3 * row['step_s']:.1f} ms, "
-                             f"first step {row['first_step_s']:.1f} s, init {row['init_s']:.1f} s, loss {row['loss']:.3f}"
-                             + (f", peak {row['peak_gib']:.2f} GiB" if cuda else "")
-                             if row["status"] == "ok" else row["status"]), flush=True)
+    rounds = []
+    for k in range(args.rounds):
+        if args.rounds > 1:
+            print(f"-- round {k + 1} of {args.rounds}")
+        rounds.append([measure(name, a, args, device=device, dtype=dtype, graphed=graphed, have_hf=have_hf)
+                       for name in names])
     gemm.append(gemm_tflops(gemm_n, device=device, dtype=dtype))
     gemm_rate = max(gemm)
-
-    by = {r["config"]: r for r in rows if r["status"] == "ok"}
-    floor, hf_floor = by.get("ours_frozen"), by.get("hf_frozen")
-    for r in rows:
-        if r["status"] != "ok":
-            continue
-        r["x_hf_floor"] = r["tokens_per_s"] / hf_floor["tokens_per_s"] if hf_floor else None
-        r["x_our_floor"] = r["tokens_per_s"] / floor["tokens_per_s"] if floor else None
-        r["mem_x_our_floor"] = r["peak_gib"] / floor["peak_gib"] if floor and cuda else None
-        r["tflops"] = r["flops_per_token"] * r["tokens_per_s"] / 1e12
-        r["pct_gemm"] = 100 * r["tflops"] / gemm_rate
+    for round_rows in rounds:
+        add_ratios(round_rows, gemm_rate, cuda=cuda)
+    rows = [median_round([rr[i] for rr in rounds]) for i in range(len(names))]
+    add_ratios(rows, gemm_rate, cuda=cuda)
 
     f = lambda v, fmt: "-" if v is None else fmt.format(v)   # noqa: E731
     print(f"\n{'config':<20} {'trainable':>11} {'init s':>7} {'tokens/s':>9} {'×HF floor':>9} {'×our floor':>10} "
@@ -438,8 +470,15 @@ def main(argv=None):
               f"{f(r.get('peak_gib'), '{:.2f}'):>8} {f(r['mem_x_our_floor'], '{:.3f}'):>10} "
               f"{r['flops_per_token'] / 1e9:>9.4g} {r['tflops']:>8.4g} {r['pct_gemm']:>6.1f}")
     print(f"{gemm_n}³ GEMM: {gemm[0]:.4g} TFLOP/s at the start, {gemm[1]:.4g} at the end; % GEMM uses {gemm_rate:.4g}")
+    if args.rounds > 1:
+        print(f"\n× HF floor in each of the {args.rounds} rounds (against that round's hf_frozen); the table above "
+              "takes each config's median round")
+        for r in rows:
+            if r["status"] == "ok" and r.get("rounds") and r["rounds"][0].get("x_hf_floor") is not None:
+                x = [q["x_hf_floor"] for q in r["rounds"]]
+                print(f"{r['config']:<20} " + " ".join(f"{v:.3f}" for v in x) + f"   min {min(x):.3f}  max {max(x):.3f}")
 
-    info.update(gemm_n=gemm_n, gemm_tflops=gemm, gemm_tflops_used=gemm_rate, params_linear_and_head=n_params)
+    info.update(rounds=args.rounds, gemm_n=gemm_n, gemm_tflops=gemm, gemm_tflops_used=gemm_rate, params_linear_and_head=n_params)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(config=info, results=rows), indent=1) + "\n")

@@ -118,3 +118,19 @@ def test_flop_model_matches_counted(name, monkeypatch):
                                 head_rows=rows)
     attn = 3 * 2 * 2 * a.n_layers * a.dim * (T - (T + 1) / 2)
     assert causal == pytest.approx(model / (B * T) - attn)
+
+
+def test_rounds_keep_each_configs_median_round(tmp_path):
+    configs = ["ours_frozen", "soka_r1"]
+    argv = [f"--{k}={v}" for k, v in TINY.items()] + ["--steps=1", "--warmup=1", "--device=cpu", "--rounds=3",
+                                                      "--gemm-size=64", f"--configs={','.join(configs)}",
+                                                      f"--out={tmp_path / 'r.json'}"]
+    rows = ts.main(argv)
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["config"]["rounds"] == 3 and [r["config"] for r in saved["results"]] == configs
+    for r in rows:
+        speeds = [q["tokens_per_s"] for q in r["rounds"]]
+        assert len(speeds) == 3 and r["tokens_per_s"] == sorted(speeds)[1]
+        # each round's ratio is against that round's floor
+        assert r["rounds"][0]["x_our_floor"] == pytest.approx(speeds[0] / rows[0]["rounds"][0]["tokens_per_s"])
+    assert rows[1]["x_our_floor"] == pytest.approx(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"])
