@@ -126,10 +126,11 @@ def apply_rotary(x, rope):
 
 def apply_rotary_real(x, rope):
     """apply_rotary in real arithmetic, (a + ib)(c + is) = (ac − bs) + i(as + bc): each pair times
-    (c, c), plus the pair swapped, (b, a), times (−s, s). The form compile_pointwise compiles (torch.compile
-    generates no code for complex tensors); the swap by flip compiles to a kernel 18 % faster than
-    unbinding a and b and stacking the two results (docs/performance.md). Eager, it runs several
-    times the kernels of the complex product."""
+    (c, c), plus the pair swapped, (b, a), times (−s, s). The form compile_pointwise compiles
+    (torch.compile generates no code for complex tensors). Swapped by flip, it compiles to faster
+    kernels than a and b unbound and the two results stacked: forward 123 against 161 µs, forward +
+    backward 213 against 320 µs on 16 × 1024 LLaMA-2-7B query rows (benchmarks/rotary_forms.py).
+    Eager, it runs several times the kernels of the complex product."""
     c, s = rope.unbind(-1)                                    # (B, T, 1, head_dim/2) each
     pairs = x.float().unflatten(-1, (-1, 2))                  # (B, T, H, head_dim/2, 2): (a, b)
     out = pairs * torch.stack((c, c), -1) + pairs.flip(-1) * torch.stack((-s, s), -1)
