@@ -8,7 +8,9 @@ AdamW), with `--layers` of the 32 layers to keep it quick (every layer costs the
 eager steps to warm up, then one step under torch.profiler, and adds up the GPU time of its kernels by
 kind: cuBLAS GEMMs, the fused Kronecker kernels (sum, gradients), attention, compiled pointwise
 kernels, the optimizer, reductions, and other elementwise kernels by name. The difference between
-two configs is where the adapter's time goes.
+two configs is where the adapter's time goes. `--ops N` also records CPU ops and lists the N largest
+(launching op, kernel) pairs outside the GEMMs: `aten::add_` on (4, 1024, 4096) is autograd adding the
+gradients of an input that several layers share, `aten::add` a residual add or such a sum.
 """
 import argparse
 import collections
@@ -37,10 +39,26 @@ def kind(name):
     return "other: " + re.sub(r"<.*", "", name)[:60]
 
 
+def launchers(prof, n):
+    """The n largest (torch op, kernel) pairs by GPU time, GEMMs left out: which op launched what."""
+    time = collections.defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CPU:
+            for k in e.kernels:
+                if kind(k.name) != "gemm":
+                    t = time[(e.name, re.sub(r"<.*", "", k.name))]
+                    t[0] += 1
+                    t[1] += k.duration / 1e3
+    top = sorted(time.items(), key=lambda kv: -kv[1][1])[:n]
+    return [dict(op=op, kernel=kernel, kernels=c, ms=ms) for (op, kernel), (c, ms) in top]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="ours_frozen+compile,soka_r1+compile")
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--ops", type=int, default=0,
+                    help="also list the N largest (launching torch op, kernel) pairs outside the GEMMs")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -62,7 +80,8 @@ def main(argv=None):
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        activities = [ProfilerActivity.CUDA] + [ProfilerActivity.CPU] * bool(a.ops)   # CPU ops name the launcher
+        with profile(activities=activities) as prof:
             step()
             torch.cuda.synchronize()
         time = collections.defaultdict(lambda: [0, 0.0])                    # kind -> [kernels, ms]
@@ -76,6 +95,11 @@ def main(argv=None):
         for k, (n, ms) in sorted(time.items(), key=lambda kv: -kv[1][1]):
             print(f"  {k:64s} {n:6d} {ms:8.3f} ms")
         results[name] = dict(total_ms=total, kinds={k: dict(kernels=n, ms=ms) for k, (n, ms) in time.items()})
+        if a.ops:
+            results[name]["ops"] = launchers(prof, a.ops)
+            print("  largest outside the GEMMs, by launching op:")
+            for r in results[name]["ops"]:
+                print(f"  {r['ms']:8.3f} ms {r['kernels']:6d}  {r['op'][:40]:40s} {r['kernel'][:60]}")
         del s
         torch.cuda.empty_cache()
     if a.out:
