@@ -410,6 +410,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "train_step.json"))
     args = ap.parse_args(argv)
+    if args.rounds < 1 or args.steps < 1:
+        ap.error(f"--rounds and --steps must be at least 1, got {args.rounds} and {args.steps}")
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
