@@ -284,11 +284,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         gh = torch.empty_like(h) if want_h else None
         gW = torch.zeros_like(W, dtype=torch.float32) if want_W else None
+        # ∂loss/∂logits: in float32 where W's gradient needs it, else in h's dtype, or not at all
+        g_dtype = torch.float32 if want_W else h.dtype if want_h else None
         for s in range(0, h.shape[0], chunk):
             hc = h[s:s + chunk]
-            # ∂loss/∂logits in float32 where W's gradient needs it, else in h's dtype
-            loss, g = ce_chunk(hc @ W.T, y[s:s + chunk], (torch.float32 if want_W else h.dtype)
-                               if want_h or want_W else None)
+            loss, g = ce_chunk(hc @ W.T, y[s:s + chunk], g_dtype)
             total += loss
             if want_h:
                 gh[s:s + chunk] = g.to(h.dtype) @ W
