@@ -37,18 +37,10 @@ def sum_prefetch(out_ptr, x_ptr, a_ptr, b_ptr, n_tokens, R, TOKENS: tl.constexpr
                  B_T: tl.constexpr, SB: tl.constexpr, LDB: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr):
     i_m, i_n, i_p, i_q = tl.arange(0, BM), tl.arange(0, BN), tl.arange(0, BP), tl.arange(0, BQ)
-    if A_T:
-        a_off = i_m[:, None] + i_n[None, :] * LDA
-    else:
-        a_off = i_m[:, None] * LDA + i_n[None, :]
-    a_msk = (i_m[:, None] < M) & (i_n[None, :] < N)
+    a_off, a_msk = kf._factor_tile(i_m, i_n, M, N, A_T, LDA)
     x_off = i_n[:, None] * Q + i_q[None, :]
     x_msk = (i_n[:, None] < N) & (i_q[None, :] < Q)
-    if B_T:
-        b_off = i_p[:, None] + i_q[None, :] * LDB
-    else:
-        b_off = i_p[:, None] * LDB + i_q[None, :]
-    b_msk = (i_p[:, None] < P) & (i_q[None, :] < Q)
+    b_off, b_msk = kf._factor_tile(i_p, i_q, P, Q, B_T, LDB)
     o_off = i_p[:, None] + i_m[None, :] * P
     o_msk = (i_p[:, None] < P) & (i_m[None, :] < M)
     t0 = tl.program_id(0).to(tl.int64) * TOKENS
@@ -75,16 +67,8 @@ def sum_stacked(out_ptr, x_ptr, a_ptr, b_ptr, n_tokens, R, T: tl.constexpr,
     # T tokens at once: Z = [X_t] (T·BN, BQ) @ B_kᵀ -> (T·BN, BP), permuted to [Z_tᵀ] (T·BP, BN), @ A_kᵀ
     i_t = tl.arange(0, T)
     i_m, i_n, i_p, i_q = tl.arange(0, BM), tl.arange(0, BN), tl.arange(0, BP), tl.arange(0, BQ)
-    if A_T:
-        a_off = i_m[:, None] + i_n[None, :] * LDA
-    else:
-        a_off = i_m[:, None] * LDA + i_n[None, :]
-    a_msk = (i_m[:, None] < M) & (i_n[None, :] < N)
-    if B_T:
-        b_off = i_p[:, None] + i_q[None, :] * LDB
-    else:
-        b_off = i_p[:, None] * LDB + i_q[None, :]
-    b_msk = (i_p[:, None] < P) & (i_q[None, :] < Q)
+    a_off, a_msk = kf._factor_tile(i_m, i_n, M, N, A_T, LDA)
+    b_off, b_msk = kf._factor_tile(i_p, i_q, P, Q, B_T, LDB)
     t = tl.program_id(0).to(tl.int64) * T + i_t                                  # (T,)
     live = t < n_tokens
     x_off = t[:, None, None] * (N * Q) + i_n[None, :, None] * Q + i_q[None, None, :]
@@ -123,10 +107,7 @@ def grad_split(part_ptr, x_ptr, g_ptr, us_ptr, v_ptr, sigma_ptr, u_ptr, n_tokens
     g_msk = (i_m[:, None] < M) & (i_p[None, :] < P)
     row = part_ptr + c.to(tl.int64) * (R * (1 + M * N + P * Q))
     if j % 2 == 0:
-        if V_T:
-            v_off = i_p[:, None] + i_q[None, :] * LDV
-        else:
-            v_off = i_p[:, None] * LDV + i_q[None, :]
+        v_off, _ = kf._factor_tile(i_p, i_q, P, Q, V_T, LDV)
         V = tl.load(v_ptr + k * SV + v_off, mask=pq_msk, other=0.0)
         dUs = tl.zeros((BM, BN), dtype=tl.float32)
         for i in range(CHUNK):
@@ -140,10 +121,7 @@ def grad_split(part_ptr, x_ptr, g_ptr, us_ptr, v_ptr, sigma_ptr, u_ptr, n_tokens
         tl.store(row + k, tl.sum(tl.sum(dUs * U, axis=1), axis=0))
         tl.store(row + R + k * (M * N) + mn_off, sigma * dUs, mask=mn_msk)
     else:
-        if US_T:
-            us_off = i_m[:, None] + i_n[None, :] * LDU
-        else:
-            us_off = i_m[:, None] * LDU + i_n[None, :]
+        us_off, _ = kf._factor_tile(i_m, i_n, M, N, US_T, LDU)
         Us = tl.load(us_ptr + k * SU + us_off, mask=mn_msk, other=0.0)
         dV = tl.zeros((BP, BQ), dtype=tl.float32)
         for i in range(CHUNK):
@@ -195,21 +173,11 @@ def sum_split(out_ptr, x_ptr, a_ptr, b_ptr, n_tokens, R,
     i_n, i_p, i_q = tl.arange(0, BN), tl.arange(0, BP), tl.arange(0, BQ)
     i_m1 = tl.arange(0, BM1)
     i_m2 = BM1 + tl.arange(0, BM2)
-    if A_T:
-        a_off1 = i_m1[:, None] + i_n[None, :] * LDA
-        a_off2 = i_m2[:, None] + i_n[None, :] * LDA
-    else:
-        a_off1 = i_m1[:, None] * LDA + i_n[None, :]
-        a_off2 = i_m2[:, None] * LDA + i_n[None, :]
-    a_msk1 = (i_m1[:, None] < M) & (i_n[None, :] < N)
-    a_msk2 = (i_m2[:, None] < M) & (i_n[None, :] < N)
+    a_off1, a_msk1 = kf._factor_tile(i_m1, i_n, M, N, A_T, LDA)
+    a_off2, a_msk2 = kf._factor_tile(i_m2, i_n, M, N, A_T, LDA)
     x_off = i_n[:, None] * Q + i_q[None, :]
     x_msk = (i_n[:, None] < N) & (i_q[None, :] < Q)
-    if B_T:
-        b_off = i_p[:, None] + i_q[None, :] * LDB
-    else:
-        b_off = i_p[:, None] * LDB + i_q[None, :]
-    b_msk = (i_p[:, None] < P) & (i_q[None, :] < Q)
+    b_off, b_msk = kf._factor_tile(i_p, i_q, P, Q, B_T, LDB)
     t = tl.program_id(0).to(tl.int64)
     X = tl.load(x_ptr + t * (N * Q) + x_off, mask=x_msk, other=0.0)
     acc1 = tl.zeros((BP, BM1), dtype=tl.float32)

@@ -56,6 +56,17 @@ GRAD_PROGRAMS = 256      # _kron_grad_kernel: ~r·chunks programs; 512 for facto
                          # so the chunking (and the summation order) depends only on N, r and the shape
 
 
+@triton.jit
+def _factor_tile(i_r, i_c, ROWS: tl.constexpr, COLS: tl.constexpr, TRANSPOSED: tl.constexpr, LD: tl.constexpr):
+    # Offsets and mask of a (len(i_r), len(i_c)) tile of one term's factor (ROWS, COLS): its rows LD
+    # apart, or if TRANSPOSED its columns (the factor stored transposed, read in place).
+    if TRANSPOSED:
+        off = i_r[:, None] + i_c[None, :] * LD
+    else:
+        off = i_r[:, None] * LD + i_c[None, :]
+    return off, (i_r[:, None] < ROWS) & (i_c[None, :] < COLS)
+
+
 # The loop bounds and the token count are runtime values, and not specialized on (Triton would otherwise
 # compile apart r = 1, multiples of 16, ...): one compiled kernel per factor shape serves every rank and
 # token count. A SmolLM2 model has ranks 1-16, and a new sequence length compiles nothing, which lets
@@ -76,18 +87,10 @@ def _kron_sum_kernel(out_ptr, x_ptr, a_ptr, b_ptr, n_tokens, R, TOKENS: tl.const
     # The rank R is a runtime loop bound (one compiled kernel serves every rank); the token loop has a
     # constexpr bound and a token past the end is masked off (its loads give zeros, its store is skipped).
     i_m, i_n, i_p, i_q = tl.arange(0, BM), tl.arange(0, BN), tl.arange(0, BP), tl.arange(0, BQ)
-    if A_T:
-        a_off = i_m[:, None] + i_n[None, :] * LDA             # (BM, BN), from A_kᵀ (N, M) row-major
-    else:
-        a_off = i_m[:, None] * LDA + i_n[None, :]             # (BM, BN)
-    a_msk = (i_m[:, None] < M) & (i_n[None, :] < N)
+    a_off, a_msk = _factor_tile(i_m, i_n, M, N, A_T, LDA)     # (BM, BN)
     x_off = i_n[:, None] * Q + i_q[None, :]                   # (BN, BQ)
     x_msk = (i_n[:, None] < N) & (i_q[None, :] < Q)
-    if B_T:
-        b_off = i_p[:, None] + i_q[None, :] * LDB             # (BP, BQ), from B_kᵀ (Q, P) row-major
-    else:
-        b_off = i_p[:, None] * LDB + i_q[None, :]             # (BP, BQ)
-    b_msk = (i_p[:, None] < P) & (i_q[None, :] < Q)
+    b_off, b_msk = _factor_tile(i_p, i_q, P, Q, B_T, LDB)     # (BP, BQ)
     o_off = i_p[:, None] + i_m[None, :] * P                   # (BP, BM): out_tᵀ
     o_msk = (i_p[:, None] < P) & (i_m[None, :] < M)
     for i in range(TOKENS):
@@ -133,14 +136,8 @@ def _kron_grad_kernel(part_ptr, x_ptr, g_ptr, us_ptr, v_ptr, sigma_ptr, u_ptr, n
     x_msk = (i_n[:, None] < N) & (i_q[None, :] < Q)
     g_off = i_m[:, None] * P + i_p[None, :]                   # (BM, BP)
     g_msk = (i_m[:, None] < M) & (i_p[None, :] < P)
-    if US_T:
-        us_off = i_m[:, None] + i_n[None, :] * LDU
-    else:
-        us_off = i_m[:, None] * LDU + i_n[None, :]
-    if V_T:
-        v_off = i_p[:, None] + i_q[None, :] * LDV
-    else:
-        v_off = i_p[:, None] * LDV + i_q[None, :]
+    us_off, _ = _factor_tile(i_m, i_n, M, N, US_T, LDU)       # (BM, BN); its mask is mn_msk
+    v_off, _ = _factor_tile(i_p, i_q, P, Q, V_T, LDV)         # (BP, BQ); its mask is pq_msk
     Us = tl.load(us_ptr + k * SU + us_off, mask=mn_msk, other=0.0)               # (BM, BN)
     V = tl.load(v_ptr + k * SV + v_off, mask=pq_msk, other=0.0)                  # (BP, BQ)
     dUs = tl.zeros((BM, BN), dtype=ACC)
