@@ -4,9 +4,9 @@
     python experiments/plot_study.py --results DIR --img DIR --out FILE
 
 Reads <stage>.jsonl and <stage>-<tag>.jsonl from --results (sweep, final, and, once they exist,
-ablate, matched and shapes); records whose status is not "done" are ignored, and a run recorded twice counts
+ablate, matched, shapes_sweep and shapes); records whose status is not "done" are ignored, and a run recorded twice counts
 once (its last "done" record). Prints and writes tables.md: the sweep, the final runs, the paper's
-claims checked against them, the ablation, the matched setting and the factor shapes; draws the training loss, the
+claims checked against them, the ablation, the matched setting, the factor shapes' sweep and runs; draws the training loss, the
 held-out loss, the gradient norms and the sweep, and redraws the spectra (experiments/spectra.py).
 
 Seed statistics: mean ± spread, where spread = half the range (max − min) over the seeds. A claim
@@ -38,16 +38,22 @@ COLORS = dict(soka="C0", lora="C1", pissa="C2")
 # ----------------------------------------------------------------------------- records and statistics
 
 def load(results_dir, stage, *, superseded=False):
-    """The finished runs of a stage, one per id (the last "done" record), in file order. For the final
-    and matched stages only the runs at each method's best swept rate (study.best_lr) count: a run made
-    before the sweep's grid grew past its rate is superseded (superseded=True returns those instead)."""
+    """The finished runs of a stage, one per id (the last "done" record), in file order. For the final,
+    matched and shapes stages only the runs at the rate the study now picks count (study.best_lr,
+    study.shape_lr): a run made before a sweep moved past its rate is superseded (superseded=True
+    returns those instead)."""
     runs = list({r["id"]: r for r in study.read(results_dir, stage) if r.get("status") == "done"}.values())
-    if stage not in ("final", "matched"):
+    if stage not in ("final", "matched", "shapes"):
         return [] if superseded else runs
     sweep = study.read(results_dir, "sweep")
+    if stage == "shapes":
+        shapes_sweep = study.read(results_dir, "shapes_sweep")
+        pick = lambda r: study.shape_lr(r["factors"], sweep, shapes_sweep)   # noqa: E731
+    else:
+        pick = lambda r: study.best_lr(r["setting"], r["method"], sweep)     # noqa: E731
     def at_best(r):
-        b = study.best_lr(r["setting"], r["method"], sweep)
-        return b is None or r["lr"] == b                       # no sweep record: nothing to judge by
+        b = pick(r)
+        return b is None or r["lr"] == b                       # nothing to judge by yet
     return [r for r in runs if at_best(r) != superseded]
 
 
@@ -114,26 +120,56 @@ def table(header, rows):
 
 # ----------------------------------------------------------------------------- tables
 
+def rate_cells(rs):
+    """One swept group's cells: "lr: held-out loss" per rate (the best in bold), and its best rate,
+    marked where it sits at an edge of the swept rates."""
+    rs = sorted(rs, key=lambda r: r["lr"])
+    best = min(rs, key=lambda r: r["heldout_final"])
+    edge = " (grid edge)" if best["lr"] in (rs[0]["lr"], rs[-1]["lr"]) and len(rs) > 1 else ""
+    cells = [f"**{r['lr']:g}: {r['heldout_final']:.4f}**" if r is best else f"{r['lr']:g}: {r['heldout_final']:.4f}"
+             for r in rs]
+    return best, " · ".join(cells), f"{best['lr']:g}{edge}"
+
+
+EDGE_NOTE = "A best rate at the edge of the swept rates was not bracketed: a rate beyond it may be better."
+
+
 def sweep_table(sweep, planned=None):
     """planned: settings.json's {setting: {method: rank}}, to name what has no finished sweep run."""
     lines = ["## Learning-rate sweep (GSM8K, seed 0): final held-out loss per rate", ""]
     rows = []
     for setting in sorted({r["setting"] for r in sweep}, key=lambda s: (s != "paper", s)):
         for method in METHODS:
-            rs = sorted((r for r in sweep if r["setting"] == setting and r["method"] == method), key=lambda r: r["lr"])
-            if not rs:
-                continue
-            best = min(rs, key=lambda r: r["heldout_final"])
-            edge = " (grid edge)" if best["lr"] in (rs[0]["lr"], rs[-1]["lr"]) and len(rs) > 1 else ""
-            cells = [f"**{r['lr']:g}: {r['heldout_final']:.4f}**" if r is best else f"{r['lr']:g}: {r['heldout_final']:.4f}"
-                     for r in rs]
-            rows.append([setting, NAMES[method], "rule" if best["rank"] is None else best["rank"],
-                         f"{best['trainable']:,}", " · ".join(cells), f"{best['lr']:g}{edge}"])
+            rs = [r for r in sweep if r["setting"] == setting and r["method"] == method]
+            if rs:
+                best, cells, best_lr = rate_cells(rs)
+                rows.append([setting, NAMES[method], "rule" if best["rank"] is None else best["rank"],
+                             f"{best['trainable']:,}", cells, best_lr])
     lines += table(["setting", "method", "rank", "trainable", "lr: held-out loss (best in bold)", "best lr"], rows)
-    lines += ["", "A best rate at the edge of the swept rates was not bracketed: a rate beyond it may be better."]
+    lines += ["", EDGE_NOTE]
     absent = [f"{setting} {NAMES[m]}" for setting, methods in (planned or {}).items() for m in methods
               if not any(r["setting"] == setting and r["method"] == m for r in sweep)]
     return lines + ([f"Not swept yet: {', '.join(absent)}."] if absent else []) + [""]
+
+
+def shape_name(name):
+    """A factor shape as the tables print it: "(m, n, p, q) / (m, n, p, q)" for wq wo / wk wv."""
+    f = {**study.FACTORS, **study.SHAPES}[name]
+    return "SPEC's rule" if f is None else f"{tuple(f['wq'])} / {tuple(f['wk'])}"
+
+
+def shapes_sweep_table(shapes_sweep):
+    lines = ["## Learning-rate sweep of the factor shapes (SoKA, GSM8K, seed 0): final held-out loss per rate", ""]
+    rows = []
+    for name in study.shape_variants():
+        rs = [r for r in shapes_sweep if r["factors"] == name]
+        if rs:
+            best, cells, best_lr = rate_cells(rs)
+            rows.append([name, shape_name(name), "rule" if best["rank"] is None else best["rank"],
+                         f"{best['trainable']:,}", f"{best['gnorm_max']:.2f}", cells, best_lr])
+    lines += table(["factors", "(m, n, p, q): wq wo / wk wv", "rank", "trainable", "max grad norm at the best rate",
+                    "lr: held-out loss (best in bold)", "best lr"], rows)
+    return lines + ["", EDGE_NOTE, ""]
 
 
 def group(runs, key):
@@ -239,7 +275,7 @@ def claims_table(runs, title):
 
 def tables(results_dir):
     """The markdown of tables.md."""
-    stages = {s: load(results_dir, s) for s in ("sweep", "final", "ablate", "matched", "shapes")}
+    stages = {s: load(results_dir, s) for s in ("sweep", "final", "ablate", "matched", "shapes_sweep", "shapes")}
     lines = ["# Reproduction study: tables", "",
              f"Generated by `python experiments/plot_study.py` from {', '.join(f'{s}.jsonl ({len(r)} runs)' for s, r in stages.items() if r) or 'no records'}.", ""]
     st = Path(results_dir) / "settings.json"
@@ -259,13 +295,17 @@ def tables(results_dir):
         rows = stages["ablate"] + [dict(r, tau=0.9) for r in base]     # the final runs use τ = 0.9
         lines += runs_table(rows, "Ablation: SoKA on GSM8K (τ = 0.9 is the final runs')", key=lambda r: (variant(r),),
                             key_names=("variant",))
+    if stages["shapes_sweep"]:
+        lines += shapes_sweep_table(stages["shapes_sweep"])
     if stages["shapes"]:
-        def shapes(r):
-            f = study.SHAPES[r["factors"]]
-            return "SPEC's rule" if f is None else f"{tuple(f['wq'])} / {tuple(f['wk'])}"
         lines += runs_table(stages["shapes"], "Factor shapes at one parameter count: SoKA on GSM8K, rank "
-                            f"{study.SHAPES_RANK} in every layer", key=lambda r: (r["factors"], shapes(r)),
+                            f"{study.SHAPES_RANK} in every layer, each shape at its best rate",
+                            key=lambda r: (r["factors"], shape_name(r["factors"])),
                             key_names=("factors", "(m, n, p, q): wq wo / wk wv"))
+        if old := load(results_dir, "shapes", superseded=True):
+            which = ", ".join(sorted({"%s lr %g" % (r["factors"], r["lr"]) for r in old}))
+            lines += [f"Left out of the factor shapes: {len(old)} runs at a rate the shapes sweep no longer picks "
+                      f"({which}; run before it).", ""]
     return "\n".join(lines) + "\n"
 
 

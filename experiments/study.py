@@ -1,7 +1,8 @@
 """The reproduction study (issue 8): which of the SoKA paper's claims hold on SmolLM2-135M-Instruct.
 
     python experiments/study.py                      # every stage in order; resumes where it stopped
-    python experiments/study.py --stage sweep        # one stage: spectra, sweep, final, ablate, matched, shapes
+    python experiments/study.py --stage sweep        # one stage: spectra, sweep, final, ablate, matched,
+                                                     #   shapes_sweep, shapes
     python experiments/study.py --stage final --budget 540    # start no run after 540 s
     python experiments/study.py --plan               # list the runs and what is done, train nothing
     for i in 0 1 2; do OMP_NUM_THREADS=4 python experiments/study.py --stage matched --claims /tmp/c1 --tag w$i & done; wait
@@ -21,8 +22,11 @@ smoother loss, and gradient norms rarely above 1.5. Here, on the demo model (tar
   ablate    SoKA on GSM8K at its best rate: τ ∈ {0.8, 0.95, 0.99}, random init (σ = 0), two other
             factor shapes; seeds 0, 1, 2
   matched   the "matched" setting, as `final`
-  shapes    SoKA on GSM8K at its best rate and one fixed rank (SHAPES_RANK) for three factor shapes
-            with the same parameter count per term (SPEC's rule, a tall U, a wide U); seeds 0, 1, 2
+  shapes_sweep  a learning-rate sweep (GSM8K, seed 0) of every factor shape of ablate and shapes,
+            grown at an edge as the sweep is
+  shapes    SoKA on GSM8K at one fixed rank (SHAPES_RANK) for three factor shapes with the same
+            parameter count per term (SPEC's rule, a tall U, a wide U), each at its own best rate from
+            shapes_sweep (SoKA's best rate before that has run); seeds 0, 1, 2
 
 Settings (SETTINGS below; the ranks are computed from the model, printed by --plan):
   paper     SoKA with its selected ranks (τ = 0.9, r ≤ 16 per layer) against LoRA / PiSSA at the one
@@ -78,6 +82,9 @@ SHAPES = {"rule": None,
           "tall_U": {"wq": (48, 12, 12, 48), "wo": (48, 12, 12, 48), "wk": (24, 12, 8, 48), "wv": (24, 12, 8, 48)},
           "wide_U": {"wq": (12, 48, 48, 12), "wo": (12, 48, 48, 12), "wk": (8, 48, 24, 12), "wv": (8, 48, 24, 12)}}
 SHAPES_RANK = 3    # every layer; SPEC's rule selected 312 terms over the 120 layers (2.6 a layer)
+# The shapes sweep: every shape above (the ablation's at the rule's ranks, the matched ones at
+# SHAPES_RANK) over these rates, so that no shape is judged at another shape's best rate.
+SHAPES_LR_GRID = (1e-3, 3e-3, 9e-3)
 LORA_MATCHED = 8
 
 
@@ -121,28 +128,39 @@ def read(results, stage):
     return [json.loads(l) for f in files for l in f.read_text().splitlines() if l.strip()]
 
 
-def best_lr(setting, method, sweep):
-    """The swept rate with the lowest final held-out loss (None until the sweep has a finished run)."""
-    done = [r for r in sweep if r["setting"] == setting and r["method"] == method and r["status"] == "done"]
+def best_of(records):
+    """The rate of the finished record with the lowest final held-out loss (None if none finished)."""
+    done = [r for r in records if r["status"] == "done"]
     return min(done, key=lambda r: r["heldout_final"])["lr"] if done else None
 
 
+def best_lr(setting, method, sweep):
+    """A method's best swept rate in a setting (None until the sweep has a finished run)."""
+    return best_of([r for r in sweep if r["setting"] == setting and r["method"] == method])
+
+
+def rates(grid, records):
+    """The rates to run for one swept group: the grid, every rate already tried, and one rate beyond
+    the edge where the best finished run sits at an edge of a finished grid (up to EXTEND times)."""
+    lrs = sorted({*grid, *(r["lr"] for r in records)})
+    done = {r["lr"] for r in records if r["status"] == "done"}
+    if set(grid) <= done and len(lrs) < len(grid) + EXTEND:
+        best = best_of(records)
+        if best == lrs[0]:
+            lrs.insert(0, float(f"{best / 3:.1g}"))
+        elif best == lrs[-1]:
+            lrs.append(float(f"{best * 3:.1g}"))
+    return lrs
+
+
 def sweep_runs(st, sweep, settings_=("paper", "matched")):
-    """The grid, plus one rate beyond the edge where the best sits at an edge (up to EXTEND times)."""
+    """Each method's grid in each setting, grown at an edge by `rates`."""
     runs = []
     for setting in settings_:
         for method, rank in st[setting].items():
-            rates = sorted({*LR_GRID[method], *(r["lr"] for r in sweep if r["setting"] == setting
-                                                 and r["method"] == method)})
-            best = best_lr(setting, method, sweep)
-            done = {r["lr"] for r in sweep if r["setting"] == setting and r["method"] == method
-                    and r["status"] == "done"}
-            if best is not None and set(LR_GRID[method]) <= done and len(rates) < len(LR_GRID[method]) + EXTEND:
-                if best == rates[0]:
-                    rates.insert(0, float(f"{best / 3:.1g}"))
-                elif best == rates[-1]:
-                    rates.append(float(f"{best * 3:.1g}"))
-            runs += [spec("sweep", "gsm8k", setting, method, rank, lr, 0, eval=False) for lr in rates]
+            mine = [r for r in sweep if r["setting"] == setting and r["method"] == method]
+            runs += [spec("sweep", "gsm8k", setting, method, rank, lr, 0, eval=False)
+                     for lr in rates(LR_GRID[method], mine)]
     return runs
 
 
@@ -170,12 +188,42 @@ def ablate_runs(st, sweep):
     return runs
 
 
-def shapes_runs(sweep):
-    lr = best_lr("paper", "soka", sweep)
-    if lr is None:
-        return []
-    return [spec("shapes", "gsm8k", "paper", "soka", SHAPES_RANK, lr, seed, factors=name, eval=True)
-            for seed in SEEDS for name in SHAPES]
+def shape_variants():
+    """{factors name: rank} of every swept factor shape: the shapes stage's at SHAPES_RANK, the
+    ablation's unbalanced ones at the rule's ranks (rank None), as the ablation runs them."""
+    return {**{name: SHAPES_RANK for name in SHAPES}, **{name: None for name in FACTORS}}
+
+
+def shapes_sweep_runs(shapes_sweep):
+    """A learning-rate sweep (GSM8K, seed 0) of each factor shape, grown at an edge by `rates`."""
+    runs = []
+    for name, rank in shape_variants().items():
+        mine = [r for r in shapes_sweep if r.get("factors") == name]
+        runs += [spec("shapes_sweep", "gsm8k", "paper", "soka", rank, lr, 0, factors=name, eval=False)
+                 for lr in rates(SHAPES_LR_GRID, mine)]
+    return runs
+
+
+def shape_lr(name, sweep, shapes_sweep):
+    """A factor shape's rate: its own best once its shapes sweep is finished (every rate `rates`
+    plans is done); SoKA's best in the main sweep if the shape has no shapes-sweep record (the
+    stage's first runs came before the shapes sweep); None while its sweep is under way."""
+    mine = [r for r in shapes_sweep if r.get("factors") == name]
+    if not mine:
+        return best_lr("paper", "soka", sweep)
+    done = {r["lr"] for r in mine if r["status"] == "done"}
+    return best_of(mine) if set(rates(SHAPES_LR_GRID, mine)) <= done else None
+
+
+def shapes_runs(sweep, shapes_sweep=()):
+    """Each shape of SHAPES at SHAPES_RANK and its own rate (shape_lr), seeds SEEDS."""
+    runs = []
+    for seed in SEEDS:
+        for name in SHAPES:
+            lr = shape_lr(name, sweep, shapes_sweep)
+            if lr is not None:
+                runs.append(spec("shapes", "gsm8k", "paper", "soka", SHAPES_RANK, lr, seed, factors=name, eval=True))
+    return runs
 
 
 def plan(results, stage, st, setting=None):
@@ -188,8 +236,10 @@ def plan(results, stage, st, setting=None):
         return final_runs(st, sweep, "matched", "matched")
     if stage == "ablate":
         return ablate_runs(st, sweep)
+    if stage == "shapes_sweep":
+        return shapes_sweep_runs(read(results, "shapes_sweep"))
     if stage == "shapes":
-        return shapes_runs(sweep)
+        return shapes_runs(sweep, read(results, "shapes_sweep"))
     raise ValueError(stage)
 
 
@@ -252,7 +302,8 @@ def claim(claims, run_id):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stage", default="all",
-                    help="all, or a comma-separated list of: spectra, sweep, final, ablate, matched, shapes")
+                    help="all, or a comma-separated list of: spectra, sweep, final, ablate, matched, shapes_sweep, "
+                         "shapes")
     ap.add_argument("--results", default=None, help="folder of the <stage>.jsonl records (default experiments/results)")
     ap.add_argument("--ckpt", default=None, help="model (default: the demo model, as train.py finds it)")
     ap.add_argument("--data-dir", default=None, help="GSM8K / MATH / MBPP folder (default: train.py's)")
@@ -268,7 +319,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     results = Path(args.results) if args.results else RESULTS
     claims = Path(args.claims) if args.claims else None
-    known = ("spectra", "sweep", "final", "ablate", "matched", "shapes")
+    known = ("spectra", "sweep", "final", "ablate", "matched", "shapes_sweep", "shapes")
     stages = known if args.stage == "all" else tuple(args.stage.split(","))
     if not set(stages) <= set(known):
         ap.error(f"--stage {args.stage!r}: choose from all, {', '.join(known)}")
@@ -327,7 +378,7 @@ def main(argv=None):
                     f.write(json.dumps(rec) + "\n")
                 print(f"=== {r['id']}: {rec['status']}, held-out {rec.get('heldout_final')}, "
                       f"accuracy {rec.get('accuracy')}, {time.perf_counter() - t0:.1f} s", flush=True)
-            if stage != "sweep" or not started:
+            if stage not in ("sweep", "shapes_sweep") or not started:
                 break
     return 0
 

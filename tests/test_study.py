@@ -157,8 +157,9 @@ def test_sweep_extends_a_grid_whose_best_rate_is_at_an_edge():
 
 
 def test_factor_shapes_stage_trains_one_parameter_count():
-    """The shapes stage: each shape at the fixed rank and SoKA's best rate, the shapes' factors valid for
-    SmolLM2's layers and with the rule's parameters per term, passed to train.py as JSON."""
+    """The shapes stage before any shapes sweep: each shape at the fixed rank and SoKA's best rate, the
+    shapes' factors valid for SmolLM2's layers and with the rule's parameters per term, passed to
+    train.py as JSON."""
     from kpsvd import factor_shape
     sweep = [dict(study.spec("sweep", "gsm8k", "paper", "soka", None, lr, 0, eval=False), status="done",
                   heldout_final=h) for lr, h in ((1e-3, 0.9), (3e-3, 0.8))]
@@ -181,6 +182,44 @@ def test_factor_shapes_stage_trains_one_parameter_count():
     assert study.shapes_runs([]) == []                           # no sweep yet: nothing to run
 
 
+def test_shapes_sweep_plans_each_shape_and_picks_its_own_rate():
+    """shapes_sweep: every factor shape over SHAPES_LR_GRID (seed 0, no evaluation), grown at an edge;
+    the shapes stage then runs each shape at its own best rate, and none while its sweep is under way."""
+    grid = study.SHAPES_LR_GRID
+    runs = study.shapes_sweep_runs([])
+    variants = study.shape_variants()
+    assert set(variants) == {*study.SHAPES, *study.FACTORS}
+    assert sorted((r["factors"], r["lr"]) for r in runs) == sorted((f, lr) for f in variants for lr in grid)
+    assert all(r["rank"] == variants[r["factors"]] and r["seed"] == 0 and not r["eval"]
+               and r["stage"] == "shapes_sweep" and r["id"] == study.run_id(r) for r in runs)
+    assert {r["rank"] for r in runs if r["factors"] in study.FACTORS} == {None}          # the rule's ranks
+    assert len({r["id"] for r in runs}) == len(runs)
+
+    rec = lambda f, lr, h, status="done": dict(  # noqa: E731
+        study.spec("shapes_sweep", "gsm8k", "paper", "soka", variants[f], lr, 0, factors=f, eval=False),
+        status=status, heldout_final=h)
+    main = [dict(study.spec("sweep", "gsm8k", "paper", "soka", None, 3e-3, 0, eval=False), status="done",
+                 heldout_final=0.8)]
+    lr = lambda f, records: study.shape_lr(f, main, records)  # noqa: E731
+    inside = [rec("tall_U", g, abs(i - 1) + 1) for i, g in enumerate(grid)]             # best: the middle rate
+    top = [rec("wide_U", g, 2 - i / 10) for i, g in enumerate(grid)]                     # best: the top rate
+    half = [rec("small_U", grid[0], 1.0), rec("small_U", grid[1], None, status="exit 1")]
+    recs = inside + top + half
+    assert lr("rule", recs) == 3e-3                          # not swept: SoKA's best rate
+    assert lr("tall_U", recs) == grid[1]
+    assert lr("small_U", recs) is None                       # under way (one rate failed, one not run)
+    assert lr("wide_U", recs) is None                        # its grid grows past the top first
+    grown = float(f"{grid[-1] * 3:.1g}")
+    wide = sorted(r["lr"] for r in study.shapes_sweep_runs(recs) if r["factors"] == "wide_U")
+    assert wide == sorted([*grid, grown])
+    assert lr("wide_U", recs + [rec("wide_U", grown, 5.0)]) == grid[-1]       # the edge was the best
+    assert lr("wide_U", recs + [rec("wide_U", grown, 0.1)]) is None           # a new edge: it grows again
+
+    shapes = study.shapes_runs(main, recs)
+    assert {(r["factors"], r["lr"]) for r in shapes} == {("rule", 3e-3), ("tall_U", grid[1])}
+    assert len(shapes) == 2 * len(study.SEEDS)
+
+
 # ----------------------------------------------------------------------------- plot_study.py
 
 def record(stage, task, method, seed, *, acc, held, lr=1e-3, noise=0.02, steps=60, **extra):
@@ -189,13 +228,13 @@ def record(stage, task, method, seed, *, acc, held, lr=1e-3, noise=0.02, steps=6
     loss = list(np.linspace(1.5, 1.0, steps) + noise * (-1) ** np.arange(steps) + 1e-3 * rng.standard_normal(steps))
     gn = [3.0 if method == "soka" and i == 0 else 0.5 for i in range(steps)]
     r = dict(stage=stage, task=task, setting="paper", method=method, rank=None if method == "soka" else 3, lr=lr,
-             seed=seed, eval=stage != "sweep", **extra)
+             seed=seed, eval=not stage.endswith("sweep"), **extra)
     r.update(id=f"{stage}/{task}/{method}/{'/'.join(map(str, extra.values()))}/lr{lr:g}/s{seed}", status="done",
              trainable=75 if method == "soka" else 100, ranks=[2], steps=steps, wall_s=1.0, train_s=2.0 + seed,
              tokens=1000, loss=loss, grad_norm=gn, heldout=[[20, held + 0.1], [40, held + 0.05], [60, held]],
              loss_first=float(np.mean(loss[:6])), loss_last=float(np.mean(loss[-6:])), heldout_final=held,
              gnorm_max=max(gn), gnorm_above_1_5=sum(g > 1.5 for g in gn) / steps)
-    if stage != "sweep":
+    if r["eval"]:
         r.update(accuracy=acc, correct=round(acc * 200), n_eval=200, eval_s=1.0)
     return r
 
@@ -282,3 +321,17 @@ def test_plot_study_tables_and_pngs(tmp_path):
     assert f"## Factor shapes at one parameter count: SoKA on GSM8K, rank {study.SHAPES_RANK}" in md
     assert any(l.startswith("| rule | SPEC's rule | 0,1,2 | 75 |") for l in md.splitlines())
     assert any(l.startswith("| tall_U | (48, 12, 12, 48) / (24, 12, 8, 48) | 0,1,2 |") for l in md.splitlines())
+
+    # a shapes sweep adds its table; a shape whose best rate moved leaves its old runs out
+    write(res / "shapes_sweep.jsonl", [dict(record("shapes_sweep", "gsm8k", "soka", 0, acc=None, held=h, lr=lr, factors=f),
+                                            rank=study.shape_variants()[f])
+                                       for f in ("tall_U", "small_U") for lr, h in zip(study.SHAPES_LR_GRID, (1.2, 1.1, 1.3))])
+    assert P.main(["--results", str(res), "--img", str(img)]) == 0
+    md = (res / "tables.md").read_text()
+    g = study.SHAPES_LR_GRID
+    assert "## Learning-rate sweep of the factor shapes" in md
+    assert f"| tall_U | (48, 12, 12, 48) / (24, 12, 8, 48) | 3 | 75 | 3.00 | {g[0]:g}: 1.2000 · **{g[1]:g}: 1.1000** · {g[2]:g}: 1.3000 | {g[1]:g} |" in md
+    assert f"| small_U | (8, 8, 72, 72) / (8, 8, 24, 72) | rule | 75 |" in md
+    assert not any(l.startswith("| tall_U | (48, 12, 12, 48) / (24, 12, 8, 48) | 0,1,2 |") for l in md.splitlines())
+    assert any(l.startswith("| wide_U | (12, 48, 48, 12) / (8, 48, 24, 12) | 0,1,2 |") for l in md.splitlines())
+    assert "Left out of the factor shapes: 3 runs at a rate the shapes sweep no longer picks (tall_U lr 0.001;" in md
