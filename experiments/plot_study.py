@@ -39,20 +39,15 @@ COLORS = dict(soka="C0", lora="C1", pissa="C2")
 
 def load(results_dir, stage, *, superseded=False):
     """The finished runs of a stage, one per id (the last "done" record), in file order. For the final,
-    matched and shapes stages only the runs at the rate the study now picks count (study.best_lr,
-    study.shape_lr): a run made before a sweep moved past its rate is superseded (superseded=True
+    matched, ablate and shapes stages only the runs at the rate the study now picks count
+    (study.planned_lr): a run made before a sweep moved past its rate is superseded (superseded=True
     returns those instead)."""
     runs = list({r["id"]: r for r in study.read(results_dir, stage) if r.get("status") == "done"}.values())
-    if stage not in ("final", "matched", "shapes"):
+    if stage not in ("final", "matched", "ablate", "shapes"):
         return [] if superseded else runs
-    sweep = study.read(results_dir, "sweep")
-    if stage == "shapes":
-        shapes_sweep = study.read(results_dir, "shapes_sweep")
-        pick = lambda r: study.shape_lr(r["factors"], sweep, shapes_sweep)   # noqa: E731
-    else:
-        pick = lambda r: study.best_lr(r["setting"], r["method"], sweep)     # noqa: E731
+    sweep, shapes_sweep = study.read(results_dir, "sweep"), study.read(results_dir, "shapes_sweep")
     def at_best(r):
-        b = pick(r)
+        b = study.planned_lr(r, sweep, shapes_sweep)
         return b is None or r["lr"] == b                       # nothing to judge by yet
     return [r for r in runs if at_best(r) != superseded]
 
@@ -273,6 +268,16 @@ def claims_table(runs, title):
                     f"Roughness = RMS of (loss − its centered {SMOOTH}-step moving average).", ""]
 
 
+def left_out(results_dir, stage, where, name):
+    """A line naming a stage's superseded runs (load(superseded=True)), or nothing."""
+    old = load(results_dir, stage, superseded=True)
+    if not old:
+        return []
+    which = ", ".join(sorted({f"{name(r)} lr {r['lr']:g}" for r in old}))
+    return [f"Left out of {where}: {len(old)} runs at a rate its sweep no longer picks ({which}; run before "
+            f"the sweep moved past it).", ""]
+
+
 def tables(results_dir):
     """The markdown of tables.md."""
     stages = {s: load(results_dir, s) for s in ("sweep", "final", "ablate", "matched", "shapes_sweep", "shapes")}
@@ -286,26 +291,21 @@ def tables(results_dir):
         if stages[stage]:
             lines += runs_table(stages[stage], f"Final runs, {setting} setting (each method at its best swept rate)")
             lines += claims_table(stages[stage], f"The paper's claims, {setting} setting")
-        if old := load(results_dir, stage, superseded=True):
-            which = ", ".join(sorted({"%s lr %g" % (NAMES[r["method"]], r["lr"]) for r in old}))
-            lines += [f"Left out of the {setting} setting: {len(old)} runs at a rate the finished sweep no longer "
-                      f"picks ({which}; run before the sweep's grid grew).", ""]
+        lines += left_out(results_dir, stage, f"the {setting} setting", lambda r: NAMES[r["method"]])
+    if stages["shapes_sweep"]:
+        lines += shapes_sweep_table(stages["shapes_sweep"])
     if stages["ablate"]:
         base = [r for r in stages["final"] if r["task"] == "gsm8k" and r["method"] == "soka"]
         rows = stages["ablate"] + [dict(r, tau=0.9) for r in base]     # the final runs use τ = 0.9
-        lines += runs_table(rows, "Ablation: SoKA on GSM8K (τ = 0.9 is the final runs')", key=lambda r: (variant(r),),
-                            key_names=("variant",))
-    if stages["shapes_sweep"]:
-        lines += shapes_sweep_table(stages["shapes_sweep"])
+        lines += runs_table(rows, "Ablation: SoKA on GSM8K (τ = 0.9 is the final runs'; each factor shape at its "
+                            "best rate)", key=lambda r: (variant(r),), key_names=("variant",))
+        lines += left_out(results_dir, "ablate", "the ablation", variant)
     if stages["shapes"]:
         lines += runs_table(stages["shapes"], "Factor shapes at one parameter count: SoKA on GSM8K, rank "
                             f"{study.SHAPES_RANK} in every layer, each shape at its best rate",
                             key=lambda r: (r["factors"], shape_name(r["factors"])),
                             key_names=("factors", "(m, n, p, q): wq wo / wk wv"))
-        if old := load(results_dir, "shapes", superseded=True):
-            which = ", ".join(sorted({"%s lr %g" % (r["factors"], r["lr"]) for r in old}))
-            lines += [f"Left out of the factor shapes: {len(old)} runs at a rate the shapes sweep no longer picks "
-                      f"({which}; run before it).", ""]
+        lines += left_out(results_dir, "shapes", "the factor shapes", lambda r: r["factors"])
     return "\n".join(lines) + "\n"
 
 

@@ -1,8 +1,8 @@
 """The reproduction study (issue 8): which of the SoKA paper's claims hold on SmolLM2-135M-Instruct.
 
     python experiments/study.py                      # every stage in order; resumes where it stopped
-    python experiments/study.py --stage sweep        # one stage: spectra, sweep, final, ablate, matched,
-                                                     #   shapes_sweep, shapes
+    python experiments/study.py --stage sweep        # one stage: spectra, sweep, final, shapes_sweep,
+                                                     #   ablate, matched, shapes
     python experiments/study.py --stage final --budget 540    # start no run after 540 s
     python experiments/study.py --plan               # list the runs and what is done, train nothing
     for i in 0 1 2; do OMP_NUM_THREADS=4 python experiments/study.py --stage matched --claims /tmp/c1 --tag w$i & done; wait
@@ -19,8 +19,9 @@ smoother loss, and gradient norms rarely above 1.5. Here, on the demo model (tar
             final held-out loss wins; a winner at the edge of the grid extends it by one rate (×3 / ÷3), up to EXTEND times
   final     the "paper" setting: each method at its best rate, seeds 0, 1, 2, on GSM8K, MATH and MBPP,
             each run ending with the task's evaluation on its test split (GSM8K 1,319, MATH-500, MBPP 500)
-  ablate    SoKA on GSM8K at its best rate: τ ∈ {0.8, 0.95, 0.99}, random init (σ = 0), two other
-            factor shapes; seeds 0, 1, 2
+  ablate    SoKA on GSM8K at its best rate: τ ∈ {0.8, 0.95, 0.99}, random init (σ = 0); two other
+            factor shapes, each at its own best rate from shapes_sweep (SoKA's before that has run);
+            seeds 0, 1, 2
   matched   the "matched" setting, as `final`
   shapes_sweep  a learning-rate sweep (GSM8K, seed 0) of every factor shape of ablate and shapes,
             grown at an edge as the sweep is
@@ -175,7 +176,9 @@ def final_runs(st, sweep, setting, stage):
     return runs
 
 
-def ablate_runs(st, sweep):
+def ablate_runs(st, sweep, shapes_sweep=()):
+    """τ and the random initialization at SoKA's best rate; each other factor shape at its own
+    (shape_lr: SoKA's until the shapes sweep has run)."""
     lr = best_lr("paper", "soka", sweep)
     if lr is None:
         return []
@@ -183,9 +186,18 @@ def ablate_runs(st, sweep):
     for seed in SEEDS:
         runs += [spec("ablate", "gsm8k", "paper", "soka", None, lr, seed, tau=t, eval=True) for t in TAUS]
         runs.append(spec("ablate", "gsm8k", "paper", "soka", None, lr, seed, init="random", eval=True))
-        runs += [spec("ablate", "gsm8k", "paper", "soka", None, lr, seed, factors=name, eval=True)
-                 for name in FACTORS]
+        for name in FACTORS:
+            if (shape := shape_lr(name, sweep, shapes_sweep)) is not None:
+                runs.append(spec("ablate", "gsm8k", "paper", "soka", None, shape, seed, factors=name, eval=True))
     return runs
+
+
+def planned_lr(r, sweep, shapes_sweep):
+    """The rate the study now picks for a run like r: its factor shape's (shape_lr) or its method's
+    best in its setting (best_lr). A finished run at another rate was made before a sweep moved."""
+    if r.get("factors") is not None:
+        return shape_lr(r["factors"], sweep, shapes_sweep)
+    return best_lr(r["setting"], r["method"], sweep)
 
 
 def shape_variants():
@@ -235,7 +247,7 @@ def plan(results, stage, st, setting=None):
     if stage == "matched":
         return final_runs(st, sweep, "matched", "matched")
     if stage == "ablate":
-        return ablate_runs(st, sweep)
+        return ablate_runs(st, sweep, read(results, "shapes_sweep"))
     if stage == "shapes_sweep":
         return shapes_sweep_runs(read(results, "shapes_sweep"))
     if stage == "shapes":
@@ -302,7 +314,7 @@ def claim(claims, run_id):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stage", default="all",
-                    help="all, or a comma-separated list of: spectra, sweep, final, ablate, matched, shapes_sweep, "
+                    help="all, or a comma-separated list of: spectra, sweep, final, shapes_sweep, ablate, matched, "
                          "shapes")
     ap.add_argument("--results", default=None, help="folder of the <stage>.jsonl records (default experiments/results)")
     ap.add_argument("--ckpt", default=None, help="model (default: the demo model, as train.py finds it)")
@@ -319,7 +331,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     results = Path(args.results) if args.results else RESULTS
     claims = Path(args.claims) if args.claims else None
-    known = ("spectra", "sweep", "final", "ablate", "matched", "shapes_sweep", "shapes")
+    known = ("spectra", "sweep", "final", "shapes_sweep", "ablate", "matched", "shapes")
     stages = known if args.stage == "all" else tuple(args.stage.split(","))
     if not set(stages) <= set(known):
         ap.error(f"--stage {args.stage!r}: choose from all, {', '.join(known)}")

@@ -219,6 +219,13 @@ def test_shapes_sweep_plans_each_shape_and_picks_its_own_rate():
     assert {(r["factors"], r["lr"]) for r in shapes} == {("rule", 3e-3), ("tall_U", grid[1])}
     assert len(shapes) == 2 * len(study.SEEDS)
 
+    # the ablation: τ and random init at SoKA's rate, each unbalanced shape at its own once swept
+    done = recs + [rec("small_U", g, 1 + i) for i, g in enumerate(grid)] + [rec("small_U", grid[0] / 3, 3.0)]
+    assert study.shape_lr("small_U", main, done) == grid[0]
+    abl = study.ablate_runs({}, main, done)
+    assert {(r.get("factors"), r["lr"]) for r in abl} == {(None, 3e-3), ("small_U", grid[0]), ("large_U", 3e-3)}
+    assert all(study.planned_lr(r, main, done) == r["lr"] for r in abl + shapes)
+
 
 # ----------------------------------------------------------------------------- plot_study.py
 
@@ -282,7 +289,7 @@ def test_plot_study_tables_and_pngs(tmp_path):
     assert next(r for r in rows if r[:2] == ("math", "PiSSA") and len(r) == 12)[2] == "0,1"
     assert "Missing runs: math PiSSA seed 2." in md and "Ablation" not in md and "99.00" not in md
     assert "‡" not in md
-    assert "Left out of the paper setting: 1 runs at a rate the finished sweep no longer picks (SoKA lr 0.0001;" in md
+    assert "Left out of the paper setting: 1 runs at a rate its sweep no longer picks (SoKA lr 0.0001;" in md
 
     # the claims
     verdicts = {(r[1], r[2], r[4].split()[0]): r[-1] for r in rows if r[0].startswith("(")}
@@ -334,4 +341,12 @@ def test_plot_study_tables_and_pngs(tmp_path):
     assert f"| small_U | (8, 8, 72, 72) / (8, 8, 24, 72) | rule | 75 |" in md
     assert not any(l.startswith("| tall_U | (48, 12, 12, 48) / (24, 12, 8, 48) | 0,1,2 |") for l in md.splitlines())
     assert any(l.startswith("| wide_U | (12, 48, 48, 12) / (8, 48, 24, 12) | 0,1,2 |") for l in md.splitlines())
-    assert "Left out of the factor shapes: 3 runs at a rate the shapes sweep no longer picks (tall_U lr 0.001;" in md
+    assert "Left out of the factor shapes: 3 runs at a rate its sweep no longer picks (tall_U lr 0.001;" in md
+
+    # so does an ablation run of a shape swept since: small_U's best is now 3e-3
+    write(res / "ablate-b.jsonl", [record("ablate", "gsm8k", "soka", s, acc=0.3, held=0.9, lr=lr, factors="small_U")
+                                   for s in range(3) for lr in (1e-3, study.SHAPES_LR_GRID[1])])
+    assert P.main(["--results", str(res), "--img", str(img)]) == 0
+    md = (res / "tables.md").read_text()
+    assert "Left out of the ablation: 3 runs at a rate its sweep no longer picks (factors small_U lr 0.001;" in md
+    assert any(l.startswith(f"| factors small_U | 0,1,2 | 75 | {study.SHAPES_LR_GRID[1]:g} |") for l in md.splitlines())
