@@ -20,8 +20,8 @@ smoother loss, and gradient norms rarely above 1.5. Here, on the demo model (tar
   final     the "paper" setting: each method at its best rate, seeds 0, 1, 2, on GSM8K, MATH and MBPP,
             each run ending with the task's evaluation on its test split (GSM8K 1,319, MATH-500, MBPP 500)
   ablate    SoKA on GSM8K at its best rate: τ ∈ {0.8, 0.95, 0.99}, random init (σ = 0); two other
-            factor shapes, each at its own best rate from shapes_sweep (SoKA's before that has run);
-            seeds 0, 1, 2
+            factor shapes, and the rule at about the larger one's parameter count (FACTOR_RANKS),
+            each at its own best rate from shapes_sweep (SoKA's before that has run); seeds 0, 1, 2
   matched   the "matched" setting, as `final`
   shapes_sweep  a learning-rate sweep (GSM8K, seed 0) of every factor shape of ablate and shapes,
             grown at an edge as the sweep is
@@ -76,7 +76,12 @@ TAUS = (0.8, 0.95, 0.99)                          # the ablation; 0.9 is the fin
 # Other Kronecker factor shapes for the ablation: (m, n, p, q) per target (SmolLM2: wq wo 576 × 576,
 # wk wv 192 × 576). SPEC's rule gives (24, 24, 24, 24) and (12, 24, 16, 24).
 FACTORS = {"small_U": {"wq": (8, 8, 72, 72), "wo": (8, 8, 72, 72), "wk": (8, 8, 24, 72), "wv": (8, 8, 24, 72)},
-           "large_U": {"wq": (72, 72, 8, 8), "wo": (72, 72, 8, 8), "wk": (24, 72, 8, 8), "wv": (24, 72, 8, 8)}}
+           "large_U": {"wq": (72, 72, 8, 8), "wo": (72, 72, 8, 8), "wk": (24, 72, 8, 8), "wv": (24, 72, 8, 8)},
+           "rule_r23": None}
+# The ablation's shapes train at the rule's selected ranks, except these, at one fixed rank in every
+# layer: SPEC's rule at rank 23 trains 2.52 M parameters, about large_U's 2.47 M (rank 22: 2.41 M),
+# to tell what large_U gains from its shape from what it gains from its count.
+FACTOR_RANKS = {"rule_r23": 23}
 # Factor shapes with the same parameters per term as SPEC's rule (m·n + p·q: 1,152 for wq wo, 672 for
 # wk wv), so that at one fixed rank every run trains the same count: U tall (m > n) or wide (m < n).
 SHAPES = {"rule": None,
@@ -188,7 +193,8 @@ def ablate_runs(st, sweep, shapes_sweep=()):
         runs.append(spec("ablate", "gsm8k", "paper", "soka", None, lr, seed, init="random", eval=True))
         for name in FACTORS:
             if (shape := shape_lr(name, sweep, shapes_sweep)) is not None:
-                runs.append(spec("ablate", "gsm8k", "paper", "soka", None, shape, seed, factors=name, eval=True))
+                runs.append(spec("ablate", "gsm8k", "paper", "soka", FACTOR_RANKS.get(name), shape, seed,
+                                 factors=name, eval=True))
     return runs
 
 
@@ -201,9 +207,9 @@ def planned_lr(r, sweep, shapes_sweep):
 
 
 def shape_variants():
-    """{factors name: rank} of every swept factor shape: the shapes stage's at SHAPES_RANK, the
-    ablation's unbalanced ones at the rule's ranks (rank None), as the ablation runs them."""
-    return {**{name: SHAPES_RANK for name in SHAPES}, **{name: None for name in FACTORS}}
+    """{factors name: rank} of every swept factor shape, as its stage runs it: the shapes stage's at
+    SHAPES_RANK, the ablation's at FACTOR_RANKS or the rule's selected ranks (rank None)."""
+    return {**{name: SHAPES_RANK for name in SHAPES}, **{name: FACTOR_RANKS.get(name) for name in FACTORS}}
 
 
 def shapes_sweep_runs(shapes_sweep):

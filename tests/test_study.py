@@ -192,7 +192,8 @@ def test_shapes_sweep_plans_each_shape_and_picks_its_own_rate():
     assert sorted((r["factors"], r["lr"]) for r in runs) == sorted((f, lr) for f in variants for lr in grid)
     assert all(r["rank"] == variants[r["factors"]] and r["seed"] == 0 and not r["eval"]
                and r["stage"] == "shapes_sweep" and r["id"] == study.run_id(r) for r in runs)
-    assert {r["rank"] for r in runs if r["factors"] in study.FACTORS} == {None}          # the rule's ranks
+    assert {r["rank"] for r in runs if r["factors"] in study.FACTORS} == {None, *study.FACTOR_RANKS.values()}
+    assert all(r["rank"] == study.FACTOR_RANKS.get(r["factors"]) for r in runs if r["factors"] in study.FACTORS)
     assert len({r["id"] for r in runs}) == len(runs)
 
     rec = lambda f, lr, h, status="done": dict(  # noqa: E731
@@ -223,7 +224,9 @@ def test_shapes_sweep_plans_each_shape_and_picks_its_own_rate():
     done = recs + [rec("small_U", g, 1 + i) for i, g in enumerate(grid)] + [rec("small_U", grid[0] / 3, 3.0)]
     assert study.shape_lr("small_U", main, done) == grid[0]
     abl = study.ablate_runs({}, main, done)
-    assert {(r.get("factors"), r["lr"]) for r in abl} == {(None, 3e-3), ("small_U", grid[0]), ("large_U", 3e-3)}
+    assert {(r.get("factors"), r["lr"]) for r in abl} == {(None, 3e-3), ("small_U", grid[0]), ("large_U", 3e-3),
+                                                          ("rule_r23", 3e-3)}
+    assert {r["rank"] for r in abl if r.get("factors") == "rule_r23"} == {study.FACTOR_RANKS["rule_r23"]}
     assert all(study.planned_lr(r, main, done) == r["lr"] for r in abl + shapes)
 
 
