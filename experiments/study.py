@@ -88,8 +88,8 @@ SHAPES = {"rule": None,
           "tall_U": {"wq": (48, 12, 12, 48), "wo": (48, 12, 12, 48), "wk": (24, 12, 8, 48), "wv": (24, 12, 8, 48)},
           "wide_U": {"wq": (12, 48, 48, 12), "wo": (12, 48, 48, 12), "wk": (8, 48, 24, 12), "wv": (8, 48, 24, 12)}}
 SHAPES_RANK = 3    # every layer; SPEC's rule selected 312 terms over the 120 layers (2.6 a layer)
-# The shapes sweep: every shape above (the ablation's at the rule's ranks, the matched ones at
-# SHAPES_RANK) over these rates, so that no shape is judged at another shape's best rate.
+# The shapes sweep: every shape above, at the rank its stage trains it (shape_variants), over these
+# rates, so that no shape is judged at another shape's best rate.
 SHAPES_LR_GRID = (1e-3, 3e-3, 9e-3)
 LORA_MATCHED = 8
 
@@ -192,8 +192,8 @@ def ablate_runs(st, sweep, shapes_sweep=()):
         runs += [spec("ablate", "gsm8k", "paper", "soka", None, lr, seed, tau=t, eval=True) for t in TAUS]
         runs.append(spec("ablate", "gsm8k", "paper", "soka", None, lr, seed, init="random", eval=True))
         for name in FACTORS:
-            if (shape := shape_lr(name, sweep, shapes_sweep)) is not None:
-                runs.append(spec("ablate", "gsm8k", "paper", "soka", FACTOR_RANKS.get(name), shape, seed,
+            if (rate := shape_lr(name, sweep, shapes_sweep)) is not None:
+                runs.append(spec("ablate", "gsm8k", "paper", "soka", FACTOR_RANKS.get(name), rate, seed,
                                  factors=name, eval=True))
     return runs
 
