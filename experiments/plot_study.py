@@ -4,10 +4,11 @@
     python experiments/plot_study.py --results DIR --img DIR --out FILE
 
 Reads <stage>.jsonl and <stage>-<tag>.jsonl from --results (sweep, final, and, once they exist,
-ablate, matched, shapes_sweep and shapes); records whose status is not "done" are ignored, and a run recorded twice counts
-once (its last "done" record). Prints and writes tables.md: the sweep, the final runs, the paper's
-claims checked against them, the ablation, the matched setting, the factor shapes' sweep and runs; draws the training loss, the
-held-out loss, the gradient norms and the sweep, and redraws the spectra (experiments/spectra.py).
+ablate, matched, shapes_sweep and shapes); records whose status is not "done" are ignored, and a
+run recorded twice counts once (its last "done" record). Prints and writes tables.md: the sweep,
+the final runs, the paper's claims checked against them, the matched setting, the factor shapes'
+sweep, the ablation and the factor shapes; draws the training loss, the held-out loss, the gradient
+norms and the sweep, and redraws the spectra (experiments/spectra.py).
 
 Seed statistics: mean ± spread, where spread = half the range (max − min) over the seeds. A claim
 "holds" when SoKA's mean is better by more than the larger of the two spreads, is a "tie" within it,
