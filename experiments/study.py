@@ -77,11 +77,12 @@ TAUS = (0.8, 0.95, 0.99)                          # the ablation; 0.9 is the fin
 # wk wv 192 × 576). SPEC's rule gives (24, 24, 24, 24) and (12, 24, 16, 24).
 FACTORS = {"small_U": {"wq": (8, 8, 72, 72), "wo": (8, 8, 72, 72), "wk": (8, 8, 24, 72), "wv": (8, 8, 24, 72)},
            "large_U": {"wq": (72, 72, 8, 8), "wo": (72, 72, 8, 8), "wk": (24, 72, 8, 8), "wv": (24, 72, 8, 8)},
-           "rule_r23": None}
+           "rule_r23": None, "rule_r37": None}
 # The ablation's shapes train at the rule's selected ranks, except these, at one fixed rank in every
-# layer: SPEC's rule at rank 23 trains 2.52 M parameters, about large_U's 2.47 M (rank 22: 2.41 M),
-# to tell what large_U gains from its shape from what it gains from its count.
-FACTOR_RANKS = {"rule_r23": 23}
+# layer, to tell what an unbalanced shape gains from its shape from what it gains from its count:
+# SPEC's rule at rank 23 trains 2.52 M parameters, about large_U's 2.47 M (rank 22: 2.41 M); at
+# rank 37, 4.05 M, about small_U's 4.01 M (rank 36: 3.94 M).
+FACTOR_RANKS = {"rule_r23": 23, "rule_r37": 37}
 # Factor shapes with the same parameters per term as SPEC's rule (m·n + p·q: 1,152 for wq wo, 672 for
 # wk wv), so that at one fixed rank every run trains the same count: U tall (m > n) or wide (m < n).
 SHAPES = {"rule": None,

@@ -225,8 +225,9 @@ def test_shapes_sweep_plans_each_shape_and_picks_its_own_rate():
     assert study.shape_lr("small_U", main, done) == grid[0]
     abl = study.ablate_runs({}, main, done)
     assert {(r.get("factors"), r["lr"]) for r in abl} == {(None, 3e-3), ("small_U", grid[0]), ("large_U", 3e-3),
-                                                          ("rule_r23", 3e-3)}
-    assert {r["rank"] for r in abl if r.get("factors") == "rule_r23"} == {study.FACTOR_RANKS["rule_r23"]}
+                                                          *((name, 3e-3) for name in study.FACTOR_RANKS)}
+    for name, rank in study.FACTOR_RANKS.items():
+        assert {r["rank"] for r in abl if r.get("factors") == name} == {rank}
     assert all(study.planned_lr(r, main, done) == r["lr"] for r in abl + shapes)
 
 
