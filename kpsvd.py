@@ -38,27 +38,28 @@ import torch
 
 def _check_weight(W, m, n, p, q):
     if not isinstance(W, torch.Tensor):
-        raise ValueError(f"expected a torch.Tensor weight, got {type(W).__name__}")
+        raise ValueError(f"kpsvd.py: expected a torch.Tensor weight, got {type(W).__name__}")
     if W.ndim != 2:
-        raise ValueError(f"expected a 2-D weight (d_out, d_in), got shape {tuple(W.shape)}")
+        raise ValueError(f"kpsvd.py: expected a 2-D weight (d_out, d_in), got shape {tuple(W.shape)}")
     for name, v in (("m", m), ("n", n), ("p", p), ("q", q)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"factor size {name} must be a positive int, got {v!r}")
+            raise ValueError(f"kpsvd.py: factor size {name} must be a positive int, got {v!r}")
     d_out, d_in = W.shape
     if m * p != d_out:
-        raise ValueError(f"d_out = {d_out} does not factor as m·p = {m}·{p} = {m * p}")
+        raise ValueError(f"kpsvd.py: d_out = {d_out} does not factor as m·p = {m}·{p} = {m * p}")
     if n * q != d_in:
-        raise ValueError(f"d_in = {d_in} does not factor as n·q = {n}·{q} = {n * q}")
+        raise ValueError(f"kpsvd.py: d_in = {d_in} does not factor as n·q = {n}·{q} = {n * q}")
 
 
 def _check_finite(W):
     if not torch.isfinite(W).all():
         n_nan, n_inf = int(torch.isnan(W).sum()), int(torch.isinf(W).sum())
-        raise ValueError(f"weight has {n_nan} NaN and {n_inf} Inf entries; KPSVD needs finite values")
+        raise ValueError(f"kpsvd.py: weight has {n_nan} NaN and {n_inf} Inf entries; KPSVD needs finite values")
 
 
-def _svd_dtype(dtype):
-    # There is no half-precision SVD: float64 stays float64, everything else runs in float32.
+def work_dtype(dtype):
+    """The dtype KPSVD (and the adapters' merges) compute in: float64 for float64, else float32
+    (there is no half-precision SVD)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -76,7 +77,8 @@ def unrearrange(R, m, n, p, q):
     """(m·n, p·q) → (m·p, n·q): the exact inverse of rearrange."""
     if not isinstance(R, torch.Tensor) or R.ndim != 2 or tuple(R.shape) != (m * n, p * q):
         shape = tuple(R.shape) if isinstance(R, torch.Tensor) else type(R).__name__
-        raise ValueError(f"expected a rearranged matrix of shape (m·n, p·q) = ({m * n}, {p * q}), got {shape}")
+        raise ValueError(f"kpsvd.py: expected a rearranged matrix of shape (m·n, p·q) = ({m * n}, {p * q}), "
+                         f"got {shape}")
     return R.reshape(m, n, p, q).permute(0, 2, 1, 3).reshape(m * p, n * q)
 
 
@@ -96,10 +98,10 @@ def factor_shape(d_out, d_in):
     """
     for name, d in (("d_out", d_out), ("d_in", d_in)):
         if not isinstance(d, int) or isinstance(d, bool) or d < 1:
-            raise ValueError(f"{name} must be a positive int, got {d!r}")
+            raise ValueError(f"kpsvd.py: {name} must be a positive int, got {d!r}")
     m, n = _balanced_divisor(d_out), _balanced_divisor(d_in)
     for name, d, f in (("d_out", d_out, m), ("d_in", d_in, n)):
-        if f == 1 and d > 3:
+        if f == 1 and d > 1:                               # d prime: no divisor in 2..√d
             warnings.warn(f"{name} = {d} is prime: the only split is 1 × {d}, so the Kronecker "
                           f"factors degenerate; pass m, n, p, q explicitly to choose another shape")
     return m, n, d_out // m, d_in // n
@@ -137,7 +139,7 @@ def kpsvd(W, m, n, p, q, rank=None, *, randomized=False, oversample=16, n_iter=4
     Returns sigma (r,) in descending order, U (r, m, n), V (r, p, q), each ‖U[k]‖_F = ‖V[k]‖_F = 1
     and orthonormal across k. rank=None keeps all min(m·n, p·q) terms. Computed in float64 for
     float64 input and in float32 otherwise (bfloat16 and float16 too: there is no half-precision
-    SVD), on W's device. Signs are fixed so that the largest entry of each U[k] is positive.
+    SVD), on W's device. Signs are fixed so that the largest-magnitude entry of each U[k] is positive.
 
     randomized=True (needs rank) is the opt-in path for large layers: a seeded randomized SVD
     that only computes the top `rank` terms. On LLaMA-2-7B shapes with a power-law spectrum its
@@ -150,14 +152,14 @@ def kpsvd(W, m, n, p, q, rank=None, *, randomized=False, oversample=16, n_iter=4
     full_rank = min(m * n, p * q)
     if rank is not None:
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-            raise ValueError(f"rank must be a positive int or None, got {rank!r}")
+            raise ValueError(f"kpsvd.py: rank must be a positive int or None, got {rank!r}")
         if rank > full_rank:
-            raise ValueError(f"rank {rank} is larger than the Kronecker rank bound "
+            raise ValueError(f"kpsvd.py: rank {rank} is larger than the Kronecker rank bound "
                              f"min(m·n, p·q) = min({m * n}, {p * q}) = {full_rank}")
-    R = rearrange(W.to(_svd_dtype(W.dtype)), m, n, p, q)     # (m·n, p·q)
+    R = rearrange(W.to(work_dtype(W.dtype)), m, n, p, q)     # (m·n, p·q)
     if randomized:
         if rank is None:
-            raise ValueError("randomized KPSVD computes only the top terms: give rank")
+            raise ValueError("kpsvd.py: randomized KPSVD computes only the top terms: give rank")
         u, s, vh = _randomized_svd(R, rank, oversample=oversample, n_iter=n_iter, seed=seed)
     else:
         u, s, vh = torch.linalg.svd(R, full_matrices=False)  # (m·n, K), (K,), (K, p·q)
@@ -173,7 +175,7 @@ def kpsvd(W, m, n, p, q, rank=None, *, randomized=False, oversample=16, n_iter=4
 
 def _check_factors(sigma, U, V):
     if sigma.ndim != 1 or U.ndim != 3 or V.ndim != 3 or not (sigma.shape[0] == U.shape[0] == V.shape[0]):
-        raise ValueError(f"expected sigma (r,), U (r, m, n), V (r, p, q) with one r, got "
+        raise ValueError(f"kpsvd.py: expected sigma (r,), U (r, m, n), V (r, p, q) with one r, got "
                          f"{tuple(sigma.shape)}, {tuple(U.shape)}, {tuple(V.shape)}")
 
 
@@ -195,7 +197,7 @@ def kron_apply(x, sigma, U, V):
     r, m, n = U.shape
     _, p, q = V.shape
     if x.shape[-1] != n * q:
-        raise ValueError(f"x has {x.shape[-1]} features, the factors expect n·q = {n}·{q} = {n * q}")
+        raise ValueError(f"kpsvd.py: x has {x.shape[-1]} features, the factors expect n·q = {n}·{q} = {n * q}")
     lead = x.shape[:-1]
     X = x.reshape(-1, n, q)                                   # (N, n, q)
     N = X.shape[0]

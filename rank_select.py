@@ -18,19 +18,26 @@ from dataclasses import dataclass, asdict
 
 import torch
 
+# SPEC.md's defaults, the one place they are written: inject, soka_factors and train.py use these.
+TAU = 0.9        # energy threshold τ
+R_MIN = 1        # rank bounds per layer
+R_MAX = 16
 _SLACK = 1e-12   # relative tolerance on the energy comparison, see above
+# A given total may fall short of the values' own Σσ² by rounding: a float32 SVD's σ² summed against a
+# ‖W‖² summed in float64 differ by ~1e-7 relative. Short by more than this, the total is wrong.
+_TOTAL_ROUNDING = 1e-6
 
 
 def _as_spectrum(sigma):
     s = torch.as_tensor(sigma).detach().to("cpu", torch.float64)
     if s.ndim != 1 or s.numel() == 0:
-        raise ValueError(f"expected a non-empty 1-D spectrum, got shape {tuple(s.shape)}")
+        raise ValueError(f"rank_select.py: expected a non-empty 1-D spectrum, got shape {tuple(s.shape)}")
     if not torch.isfinite(s).all():
-        raise ValueError("spectrum has NaN or Inf values")
+        raise ValueError("rank_select.py: spectrum has NaN or Inf values")
     if (s < 0).any():
-        raise ValueError(f"singular values must be ≥ 0, got min {s.min().item():.3g}")
+        raise ValueError(f"rank_select.py: singular values must be ≥ 0, got min {s.min().item():.3g}")
     if (s[1:] > s[:-1]).any():
-        raise ValueError("singular values must be sorted in descending order")
+        raise ValueError("rank_select.py: singular values must be sorted in descending order")
     return s
 
 
@@ -39,15 +46,15 @@ def _total_energy(s, total):
     if total is None:
         return captured
     total = float(total)
-    if not total > 0 or total < captured * (1 - 1e-6):
-        raise ValueError(f"total energy {total:.6g} must be positive and at least the spectrum's "
-                         f"own energy Σσ² = {captured:.6g}")
+    if not total > 0 or total < captured * (1 - _TOTAL_ROUNDING):
+        raise ValueError(f"rank_select.py: total energy {total:.6g} must be positive and at least the "
+                         f"spectrum's own energy Σσ² = {captured:.6g}")
     return total
 
 
 def _check_tau(tau):
     if not 0 < tau <= 1:
-        raise ValueError(f"energy threshold tau must lie in (0, 1], got {tau!r}")
+        raise ValueError(f"rank_select.py: energy threshold tau must lie in (0, 1], got {tau!r}")
 
 
 def energy_rank(sigma, tau, total=None):
@@ -85,21 +92,21 @@ class RankChoice:
         return asdict(self)
 
 
-def explain_rank(sigma, tau=0.9, r_min=1, r_max=16, total=None):
+def explain_rank(sigma, tau=TAU, r_min=R_MIN, r_max=R_MAX, total=None):
     """select_rank with its reasons: a RankChoice."""
     _check_tau(tau)
     if not (isinstance(r_min, int) and isinstance(r_max, int) and 1 <= r_min <= r_max):
-        raise ValueError(f"need integers 1 ≤ r_min ≤ r_max, got r_min={r_min!r}, r_max={r_max!r}")
+        raise ValueError(f"rank_select.py: need integers 1 ≤ r_min ≤ r_max, got r_min={r_min!r}, r_max={r_max!r}")
     s = _as_spectrum(sigma)
     E = _total_energy(s, total)
-    r_e, r_b = energy_rank(s, tau, total=E), elbow_rank(s)
+    r_e, r_b = energy_rank(s, tau, total=total), elbow_rank(s)
     r = min(max(min(r_e, r_b), r_min), r_max)
-    kept = float((s[:r] ** 2).sum()) / E if E > 0 else 1.0
+    kept = float((s[:r] ** 2).sum()) / E if E > 0 else 1.0         # a zero spectrum loses nothing
     return RankChoice(r=r, r_energy=r_e, r_elbow=r_b, energy_kept=kept, tau=float(tau),
                       r_min=r_min, r_max=r_max, n_values=s.numel())
 
 
-def select_rank(sigma, tau=0.9, r_min=1, r_max=16, total=None):
+def select_rank(sigma, tau=TAU, r_min=R_MIN, r_max=R_MAX, total=None):
     """r = clip(min(r_energy, r_elbow), r_min, r_max). With a truncated spectrum, give at least
     r_max + 1 values and the full energy as `total`."""
     return explain_rank(sigma, tau=tau, r_min=r_min, r_max=r_max, total=total).r

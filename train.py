@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 import model as model_py
 from model import load_checkpoint
+from rank_select import R_MAX, R_MIN, TAU
 from soka import adapters
 from soka.evaluate import evaluate, write_json
 from soka.tasks import DATA_DIR, IGNORE_INDEX, TASKS, build_examples, load_examples
@@ -60,11 +61,13 @@ def make_parser(suppress=False):
     a("--task", choices=TASKS, default=d("gsm8k"), help="dataset to fine-tune and evaluate on")
     a("--ckpt", default=d(None), help="Meta folder, HF folder or .gguf file (default: the SmolLM2 demo model)")
     a("--method", choices=("soka", "lora", "pissa"), default=d("soka"))
-    a("--targets", default=d("wq,wk,wv,wo"), help="comma-separated linear layers to adapt (w1,w2,w3 too)")
-    a("--tau", type=float, default=d(0.9), help="SoKA energy threshold of the rank rule")
-    a("--r-min", type=int, default=d(1), help="SoKA smallest rank per layer")
-    a("--r-max", type=int, default=d(16), help="SoKA largest rank per layer")
-    a("--rank", type=int, default=d(None), help="fixed rank for every layer (SoKA: skips the rule; LoRA/PiSSA: default 8)")
+    a("--targets", default=d(",".join(adapters.DEFAULT_TARGETS)),
+      help="comma-separated linear layers to adapt (w1,w2,w3 too)")
+    a("--tau", type=float, default=d(TAU), help="SoKA energy threshold of the rank rule")
+    a("--r-min", type=int, default=d(R_MIN), help="SoKA smallest rank per layer")
+    a("--r-max", type=int, default=d(R_MAX), help="SoKA largest rank per layer")
+    a("--rank", type=int, default=d(None),
+      help=f"fixed rank for every layer (SoKA: skips the rule; LoRA/PiSSA: default {adapters.LORA_RANK})")
     a("--factors", default=d(None),
       help='SoKA factor shapes: "m,n,p,q" for every target, or JSON {"wq": [m, n, p, q], ...} (default: SPEC.md rule)')
     a("--init", choices=("kpsvd", "random"), default=d("kpsvd"), help="SoKA initialization (random: σ = 0 ablation)")

@@ -27,13 +27,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kpsvd import factor_shape, kpsvd, kron_sum
-from rank_select import explain_rank
+from kpsvd import factor_shape, kpsvd, kron_sum, work_dtype
+from rank_select import R_MAX, R_MIN, TAU, explain_rank
 
 DEFAULT_TARGETS = ("wq", "wk", "wv", "wo")
 LORA_RANK = 8             # rank for LoRA / PiSSA when inject gets rank=None (GPU.md's baselines use 8)
 RANDOMIZED_ABOVE = 1024   # exact SVD while min side of the rearranged matrix ≤ this (SmolLM2: all
-                          # layers); above it (LLaMA-2-7B: 4096) a seeded randomized top-(r_max+1)
+                          # layers); above it (LLaMA-2-7B: 4096) a seeded randomized top-(r_max+1) SVD
 FORMAT = "soka-adapter"
 VERSION = 1
 # How SoKALinear computes forward + backward (same math, docs/adapters.md "Speed"), all applying the
@@ -51,11 +51,6 @@ IMPLS = ("auto", "fused", "kron_v2", "kron", "dense")
 IMPL = os.environ.get("SOKA_IMPL", "auto")
 
 
-def _acc_dtype(dtype):
-    """Factors and merges run in float32, or float64 for a float64 model (there is no bf16 SVD)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def fingerprint(weight):
     """sha256 of the tensor's bytes as stored, with its shape and dtype: identifies a base weight."""
     raw = weight.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
@@ -68,7 +63,7 @@ def fingerprint(weight):
 
 class KronApply(torch.autograd.Function):
     """y = Σ_k σ_k U_k X V_kᵀ for X = x.reshape(n, q), equal to kpsvd.kron_apply but laid out so that
-    no intermediate is copied, and recomputing Z = X Vᵀ in backward instead of saving it.
+    forward copies no intermediate, and recomputing Z = X Vᵀ in backward instead of saving it.
 
     Z (N, n, r·p) = X @ [V_1; …; V_r]ᵀ is one GEMM, and its free view (N, n·r, p) has rows i·r + k,
     so Y (N, m, p) = Us @ Z with Us[a, i·r + k] = σ_k U_k[a, i] (a permutation of the small factor,
@@ -276,7 +271,7 @@ class AdapterLinear(nn.Module):
     def __init__(self, weight, delta0=None):
         super().__init__()
         self.d_out, self.d_in = weight.shape
-        acc = _acc_dtype(weight.dtype)
+        acc = work_dtype(weight.dtype)
         w = weight.detach() if delta0 is None else (weight.detach().to(acc) - delta0).to(weight.dtype)
         self.weight = nn.Parameter(w.clone(), requires_grad=False)   # W_res, model dtype, frozen
         self.merged = False
@@ -301,7 +296,7 @@ class AdapterLinear(nn.Module):
     def merged_weight(self):
         if self.merged:
             return self.weight.detach()
-        acc = _acc_dtype(self.weight.dtype)
+        acc = work_dtype(self.weight.dtype)
         return (self.weight.detach().to(acc) + self.delta()).to(self.weight.dtype)
 
     @torch.no_grad()
@@ -316,7 +311,7 @@ class AdapterLinear(nn.Module):
         """W ← W − ΔW with the same float32 ΔW. Floating point does not undo the merge's rounding:
         W_res comes back within about one ulp of |W_res| + |ΔW| per entry, not bit for bit."""
         if self.merged:
-            acc = _acc_dtype(self.weight.dtype)
+            acc = work_dtype(self.weight.dtype)
             self.weight.copy_((self.weight.to(acc) - self.delta()).to(self.weight.dtype))
             self.merged = False
 
@@ -340,7 +335,7 @@ class SoKALinear(AdapterLinear):
         if (m * p, n * q) != tuple(weight.shape):
             raise ValueError(f"adapters.py: factors (m, n, p, q) = {(m, n, p, q)} give a {m * p}×{n * q} "
                              f"update, the weight is {tuple(weight.shape)}")
-        acc = _acc_dtype(weight.dtype)
+        acc = work_dtype(weight.dtype)
         sigma, U, V = (t.detach().to(weight.device, acc) for t in (sigma, U, V))
         super().__init__(weight, kron_sum(sigma, U, V) if subtract else None)
         self.sigma = nn.Parameter(sigma.clone())             # (r,)
@@ -384,7 +379,7 @@ class LoRALinear(AdapterLinear):
         if A.shape[1] != weight.shape[1] or B.shape[0] != weight.shape[0] or A.shape[0] != B.shape[1]:
             raise ValueError(f"adapters.py: A {tuple(A.shape)} and B {tuple(B.shape)} do not fit a weight "
                              f"{tuple(weight.shape)}: need A (r, d_in), B (d_out, r)")
-        acc = _acc_dtype(weight.dtype)
+        acc = work_dtype(weight.dtype)
         A, B = (t.detach().to(weight.device, acc) for t in (A, B))
         super().__init__(weight, scale * (B @ A) if subtract else None)
         self.A = nn.Parameter(A.clone())                     # (r, d_in)
@@ -431,15 +426,17 @@ def unmerge(model):
 # -----------------------------------------------------------------------------
 # initializations: the math, one function each
 
-def soka_factors(M, shape, *, rank=None, tau=0.9, r_min=1, r_max=16, randomized=None, seed=0):
+def soka_factors(M, shape, *, rank=None, tau=TAU, r_min=R_MIN, r_max=R_MAX, randomized=None, seed=0):
     """KPSVD of M (a weight, or an update for compress) in float32 and the rank choice:
     (sigma, U, V) truncated to r, and the RankChoice fields for the report."""
     m, n, p, q = shape
     full = min(m * n, p * q)
     if rank is not None and not 1 <= rank <= full:
         raise ValueError(f"adapters.py: rank {rank} must lie in 1..min(m·n, p·q) = {full} for factors {shape}")
-    Mf = M.detach().to(_acc_dtype(M.dtype))
-    if randomized if randomized is not None else full > RANDOMIZED_ABOVE:
+    Mf = M.detach().to(work_dtype(M.dtype))
+    if randomized is None:
+        randomized = full > RANDOMIZED_ABOVE
+    if randomized:
         # Top-K values only, K ≥ r_max + 1 as rank_select asks, with the whole energy as total.
         K = min(full, max(rank or 0, r_max) + 1)
         sigma, U, V = kpsvd(Mf, m, n, p, q, rank=K, randomized=True, seed=seed)
@@ -475,7 +472,7 @@ def pissa_factors(W, r, *, randomized=None, seed=0):
     d_out, d_in = W.shape
     if not 1 <= r <= min(d_out, d_in):
         raise ValueError(f"adapters.py: PiSSA rank {r} must lie in 1..{min(d_out, d_in)} for a {d_out}×{d_in} weight")
-    Wf = W.detach().to(_acc_dtype(W.dtype))
+    Wf = W.detach().to(work_dtype(W.dtype))
     rand = randomized if randomized is not None else min(d_out, d_in) > RANDOMIZED_ABOVE
     S, Uw, Vw = kpsvd(Wf, d_out, 1, 1, d_in, rank=r, randomized=rand, seed=seed)  # (r,), (r, d_out, 1), (r, 1, d_in)
     sq = S.sqrt()
@@ -538,7 +535,7 @@ def _shape_for(name, W, factors):
     return m, n, p, q
 
 
-def inject(model, method="soka", targets=DEFAULT_TARGETS, *, rank=None, tau=0.9, r_min=1, r_max=16,
+def inject(model, method="soka", targets=DEFAULT_TARGETS, *, rank=None, tau=TAU, r_min=R_MIN, r_max=R_MAX,
            init="kpsvd", alpha=None, factors=None, randomized=None, seed=0, verbose=True):
     """Replace the targeted nn.Linear layers by adapter layers in place, freeze everything else, and
     return the report {"method", "options", "layers": [row per layer], "totals"} (printed if verbose).
@@ -593,7 +590,7 @@ def inject(model, method="soka", targets=DEFAULT_TARGETS, *, rank=None, tau=0.9,
     return _report(method, options, rows, verbose)
 
 
-def compress(model, updates, *, rank=None, tau=0.9, r_min=1, r_max=16, factors=None, randomized=None,
+def compress(model, updates, *, rank=None, tau=TAU, r_min=R_MIN, r_max=R_MAX, factors=None, randomized=None,
              seed=0, verbose=True):
     """SoKA adapters from given weight updates (SPEC "Compress"): the KPSVD of ΔW gives the factors
     and W_res = W_base, so the model starts at W_base + (ΔW's top-r Kronecker part).

@@ -237,13 +237,16 @@ def test_factor_shape_llama_ffn():
 def test_factor_shape_prime_warns():
     with pytest.warns(UserWarning, match="prime"):
         assert factor_shape(4099, 4096) == (1, 64, 4099, 64)
+    for d in (2, 3):                                         # the smallest primes too (SPEC.md)
+        with pytest.warns(UserWarning, match=f"d_in = {d} is prime"):
+            assert factor_shape(4, d) == (2, 1, 2, d)
 
 
 # ----------------------------------------------------------------------------- bad input
 
 def test_errors_name_the_problem():
     W = rand(12, 20, seed=60)
-    with pytest.raises(ValueError, match="d_out = 12 does not factor"):
+    with pytest.raises(ValueError, match="^kpsvd.py: d_out = 12 does not factor"):
         kpsvd(W, 5, 4, 3, 5)
     with pytest.raises(ValueError, match="d_in = 20 does not factor"):
         kpsvd(W, 3, 3, 4, 5)
@@ -274,3 +277,4 @@ def test_prime_shape_warning_is_not_raised_for_composite():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         factor_shape(4096, 11008)
+        factor_shape(1, 4)                                   # 1 is not prime: (1, 1) is its only split

@@ -83,6 +83,12 @@ def test_zero_tail():
     assert elbow_rank(torch.tensor([5.0, 5.0, 5.0, 0.0, 0.0])) == 3
 
 
+def test_zero_spectrum():
+    """A zero weight: every rule gives 1 and nothing is lost (explain_rank once raised here)."""
+    c = explain_rank(torch.zeros(4), r_min=2)
+    assert (c.r_energy, c.r_elbow, c.r, c.energy_kept) == (1, 1, 2, 1.0)
+
+
 # ----------------------------------------------------------------------------- combined rule
 
 def test_combined_is_min_of_the_two():
@@ -119,7 +125,7 @@ def test_explain_rank_records_why():
 # ----------------------------------------------------------------------------- bad input
 
 def test_bad_spectra():
-    with pytest.raises(ValueError, match="descending"):
+    with pytest.raises(ValueError, match="^rank_select.py: .*descending"):
         select_rank(torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="≥ 0"):
         select_rank(torch.tensor([1.0, -1.0]))
