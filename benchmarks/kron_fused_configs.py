@@ -79,9 +79,9 @@ def main():
         V = kron_fused.factor_buffer(r, p, q, dtype=dt, device=dev).copy_(torch.randn(r, p, q, device=dev, generator=g) / (p * q) ** 0.5)
         Ust, Vt = Us.transpose(1, 2).contiguous(), V.transpose(1, 2).contiguous()
         y, dx = torch.zeros(a.tokens, m * p, device=dev, dtype=dt), torch.zeros(a.tokens, n * q, device=dev, dtype=dt)
-        calls = dict(forward=(SUM_GRID, lambda **o: kron_fused.kron_sum_(y, X, Us, V, accumulate=False, **o)),
-                     dx=(SUM_GRID, lambda **o: kron_fused.kron_sum_(dx, G, Us.transpose(1, 2), V.transpose(1, 2), accumulate=False, **o)),
-                     dx_copies=(SUM_GRID, lambda **o: kron_fused.kron_sum_(dx, G, Ust, Vt, **o)),
+        calls = dict(forward=(SUM_GRID, lambda **o: kron_fused.kron_apply_(y, X, Us, V, accumulate=False, **o)),
+                     dx=(SUM_GRID, lambda **o: kron_fused.kron_apply_(dx, G, Us.transpose(1, 2), V.transpose(1, 2), accumulate=False, **o)),
+                     dx_copies=(SUM_GRID, lambda **o: kron_fused.kron_apply_(dx, G, Ust, Vt, **o)),
                      grads=(GRAD_GRID, lambda **o: kron_fused.kron_grads(X, G, Us, V, sigma, U, **o)))
         for call, (grid, fn) in calls.items():
             default = graph_time(fn)

@@ -250,8 +250,8 @@ def main(argv=None):
         Ust, Vt = Us.transpose(1, 2), V.transpose(1, 2)
         sums = dict(forward=((y0, X, Us, V), (y1, X, Us, V)), dx=((d0, G, Ust, Vt), (d1, G, Ust, Vt)))
         for call, (cur, new) in sums.items():
-            ref = kf.kron_sum_(*cur, accumulate=False).float()
-            rec(shape, r, call, "module", timer(lambda: kf.kron_sum_(*cur, accumulate=False)))
+            ref = kf.kron_apply_(*cur, accumulate=False).float()
+            rec(shape, r, call, "module", timer(lambda: kf.kron_apply_(*cur, accumulate=False)))
             variants = [(f"prefetch{T}", lambda T=T: run_sum(sum_prefetch, *new, T)) for T in (2, 4, 8)]
             variants += [(f"stacked{T} w{w}", lambda T=T, w=w: run_sum(sum_stacked, *new, T, w)) for T in (2, 4) for w in (4, 8)]
             if new[2].shape[1] % 16:                        # a padded output side (86): split it

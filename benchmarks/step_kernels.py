@@ -30,7 +30,8 @@ from model import ModelArgs  # noqa: E402
 
 def kind(name):
     n = name.lower()
-    for key, words in (("kron_sum", ("kron_sum",)), ("kron_grad", ("kron_grad",)),
+    # _kron_apply_kernel was _kron_sum_kernel until the ninth session (step_kernels_session{6,7}.json)
+    for key, words in (("kron_apply", ("kron_apply", "kron_sum")), ("kron_grad", ("kron_grad",)),
                        ("gemm", ("nvjet", "gemm", "cutlass", "xmma")), ("attention", ("flash", "fmha", "attention")),
                        ("compiled pointwise", ("triton",)), ("optimizer", ("adam", "multi_tensor")),
                        ("reduction", ("reduce",))):

@@ -1,6 +1,8 @@
 """soka: the SoKA adapter and everything around it that is not the model or the Kronecker math.
 
-    adapters.py   SoKA, LoRA and PiSSA layers; inject, merge, unmerge, save_adapter, load_adapter
+    adapters.py   SoKA, LoRA and PiSSA layers; inject, compress, merge, unmerge, save_adapter, load_adapter
+    kron_fused.py the SoKA layer's Kronecker part as two Triton kernels (the default on a GPU)
+    export.py     a merged model written as a Meta checkpoint or an HF safetensors folder
     gguf.py       a GGUF reader with hand-written dequantization (the SmolLM2 demo model)
     tokenizer.py  SentencePiece (LLaMA 2) and byte-level BPE (SmolLM2) behind one interface
     tasks.py      GSM8K, MATH and MBPP: files, downloader, prompts, training examples

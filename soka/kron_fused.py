@@ -2,8 +2,8 @@
 
 Per token t, with X_t = x_t.view(n, q), G_t = dy_t.view(m, p) and Us_k = σ_k U_k:
 
-    forward   Y_t  = X_t W_resᵀ (cuBLAS)  + Σ_k Us_k X_t V_kᵀ              _kron_sum_kernel
-    backward  dX_t = G_t W_res  (cuBLAS)  + Σ_k Us_kᵀ G_t V_k              _kron_sum_kernel again
+    forward   Y_t  = X_t W_resᵀ (cuBLAS)  + Σ_k Us_k X_t V_kᵀ              _kron_apply_kernel
+    backward  dX_t = G_t W_res  (cuBLAS)  + Σ_k Us_kᵀ G_t V_k              _kron_apply_kernel again
               dUs_k = Σ_t G_t V_k X_tᵀ  (m, n),  dV_k = Σ_t G_tᵀ Us_k X_t  (p, q)   _kron_grad_kernel
               dσ_k = Σ(dUs_k ∘ U_k),  dU_k = σ_k dUs_k
 
@@ -20,7 +20,7 @@ Here each program keeps a token's small matrices (X_t, Z_t, its (m, p) accumulat
 shared memory: HBM sees each activation, output and gradient about once per kernel, and the small
 factors (r·(m·n + p·q) values) are re-read from L2.
 
-Work per program. _kron_sum_kernel: TOKENS_PER_PROGRAM consecutive tokens (1), one after another; per
+Work per program. _kron_apply_kernel: TOKENS_PER_PROGRAM consecutive tokens (1), one after another; per
 token an fp32 (p, m) accumulator, and per term k two tl.dot's, Z_tᵀ = B_k X_tᵀ then acc += Z_tᵀ A_kᵀ
 (A_k, B_k re-read from L2 each time). _kron_grad_kernel: one program per (term k, chunk of tokens)
 holding Us_k, V_k and the fp32 accumulators dUs_k, dV_k; per token four tl.dot's, H = G_t V_k,
@@ -33,8 +33,8 @@ padded to the next power of two ≥ 16 (tl.dot's minimum) with masked loads (zer
 A load vectorizes only as far as its mask stays constant, so a factor whose rows are 86 long is stored
 column-major (factor_buffer); the kernels read a factor stored either way in place.
 The weight gradients are summed per chunk of tokens into a float32 buffer and the chunks are added by
-torch: no atomics, and the chunking depends only on the token count and r, so an eager step and a
-CUDA-graph replay give bit-identical gradients. No autotuning (graphs are captured after warm-up, and
+torch: no atomics, and the chunking depends only on the token count, r and the factor shape, so an
+eager step and a CUDA-graph replay give bit-identical gradients. No autotuning (graphs are captured after warm-up, and
 tuning inside a capture breaks it): fixed launch settings, measured on an H100 (below).
 
 It runs where Triton runs: CUDA tensors, compiled; or CPU tensors under Triton's interpreter, which
@@ -50,7 +50,7 @@ from soka.adapters import _flat_input
 
 # Launch settings, measured on an H100 over a grid (benchmarks/kron_fused_configs.py, bf16, 4,096
 # tokens, LLaMA-2-7B's and SmolLM2's factor shapes, r = 1 and 8; benchmarks/results/kron_fused_configs.json):
-TOKENS_PER_PROGRAM = 1   # _kron_sum_kernel: one token a program (4 or 16 were up to 1.4x slower)
+TOKENS_PER_PROGRAM = 1   # _kron_apply_kernel: one token a program (4 or 16 were up to 1.4x slower)
 WARPS = 4                # both kernels: one warpgroup; 8 was up to 2x slower at 64⁴, r = 8
 GRAD_PROGRAMS = 256      # _kron_grad_kernel: ~r·chunks programs; 512 for factor sides below 64; fixed,
                          # so the chunking (and the summation order) depends only on N, r and the shape
@@ -72,16 +72,17 @@ def _factor_tile(i_r, i_c, ROWS: tl.constexpr, COLS: tl.constexpr, TRANSPOSED: t
 # token count. A SmolLM2 model has ranks 1-16, and a new sequence length compiles nothing, which lets
 # train.GraphedStep capture a new length without an eager warm-up pass first.
 @triton.jit(do_not_specialize=["n_tokens", "R"])
-def _kron_sum_kernel(out_ptr, x_ptr, a_ptr, b_ptr, n_tokens, R, TOKENS: tl.constexpr,
+def _kron_apply_kernel(out_ptr, x_ptr, a_ptr, b_ptr, n_tokens, R, TOKENS: tl.constexpr,
                      M: tl.constexpr, N: tl.constexpr, P: tl.constexpr, Q: tl.constexpr,
                      A_T: tl.constexpr, SA: tl.constexpr, LDA: tl.constexpr,
                      B_T: tl.constexpr, SB: tl.constexpr, LDB: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr,
                      ACCUMULATE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     # out_t (M, P) = Σ_k A_k X_t B_kᵀ (+= if ACCUMULATE) for this program's TOKENS tokens; A (R, M, N),
-    # X (tokens, N, Q), B (R, P, Q), out (tokens, M, P), X and out contiguous. A_k starts at a_ptr + k·SA, its rows LDA
-    # apart, or if A_T its columns (A_k stored transposed); B likewise. Forward: (M, N, P, Q) = (m, n,
-    # p, q); dx: (n, m, q, p), with A = Usᵀ and B = Vᵀ read from Us and V as stored (no copies).
+    # X (tokens, N, Q), B (R, P, Q), out (tokens, M, P), X and out contiguous. A_k starts at
+    # a_ptr + k·SA, its rows LDA apart, or if A_T its columns (A_k stored transposed); B likewise.
+    # Forward: (M, N, P, Q) = (m, n, p, q); dx: (n, m, q, p), with A = Usᵀ and B = Vᵀ read from Us and
+    # V as stored (no copies).
     # Computed transposed, out_tᵀ = Σ_k (B_k X_tᵀ) A_kᵀ, so that the intermediate Z_tᵀ, a dot's result
     # in registers, is the LEFT operand of the next dot (as P in flash attention's P V).
     # The rank R is a runtime loop bound (one compiled kernel serves every rank); the token loop has a
@@ -123,7 +124,7 @@ def _kron_grad_kernel(part_ptr, x_ptr, g_ptr, us_ptr, v_ptr, sigma_ptr, u_ptr, n
     # P, Q)]: dσ_k = Σ(dUs_k ∘ U_k), dU_k = σ_k dUs_k (linear in dUs_k, so the chunks' shares add up to
     # the gradient; torch adds the rows, one sum for the layer). k varies fastest across programs, so
     # the R programs of a chunk run together and read its X and G from HBM once (then from L2).
-    # Us_k starts at us_ptr + k·SU, its rows LDU apart, or if US_T its columns (as in _kron_sum_kernel);
+    # Us_k starts at us_ptr + k·SU, its rows LDU apart, or if US_T its columns (as in _kron_apply_kernel);
     # V likewise; σ, U, X, G and part contiguous.
     k, c = tl.program_id(0), tl.program_id(1)
     R = tl.num_programs(0)
@@ -161,7 +162,7 @@ def _kron_grad_kernel(part_ptr, x_ptr, g_ptr, us_ptr, v_ptr, sigma_ptr, u_ptr, n
 # -----------------------------------------------------------------------------
 # launching
 
-INTERPRETED = not isinstance(_kron_sum_kernel, triton.runtime.JITFunction)   # TRITON_INTERPRET=1 at import
+INTERPRETED = not isinstance(_kron_apply_kernel, triton.runtime.JITFunction)   # TRITON_INTERPRET=1 at import
 
 if INTERPRETED:
     # Triton's interpreter (3.5, 3.6) turns a runtime loop bound (above) into an int with int() of a
@@ -251,9 +252,9 @@ def _layout(A):
     return A, True, A.stride(0), A.stride(2)
 
 
-def kron_sum_(out, X, A, B, *, accumulate=True, tokens=None, warps=None, stages=None):
-    """out (N, M·P) += Σ_k A_k X_t B_kᵀ for every token t, in place (= if not accumulate), with
-    X_t = X[t].view(N', Q), A (r, M, N'), B (r, P, Q); out and X contiguous; A and B contiguous, or
+def kron_apply_(out, X, A, B, *, accumulate=True, tokens=None, warps=None, stages=None):
+    """out (n_tok, M·P) += Σ_k A_k X_t B_kᵀ for every token t, in place (= if not accumulate), with
+    X_t = X[t].view(N, Q), X (n_tok, N·Q), A (r, M, N), B (r, P, Q); out and X contiguous; A and B contiguous, or
     transposed views of contiguous tensors (factor_buffer(), dx's Usᵀ), read in place; anything else
     is copied. Returns out. tokens / warps / stages override TOKENS_PER_PROGRAM, WARPS and _stages
     (benchmarks/kron_fused_configs.py)."""
@@ -269,7 +270,7 @@ def kron_sum_(out, X, A, B, *, accumulate=True, tokens=None, warps=None, stages=
     _check_tiles(X.dtype, max(BM, BN, BP, BQ))
     tokens = tokens or TOKENS_PER_PROGRAM
     with _device(out):
-        _kron_sum_kernel[(triton.cdiv(n_tok, tokens),)](
+        _kron_apply_kernel[(triton.cdiv(n_tok, tokens),)](
             out, X, A, B, n_tok, r, tokens, M, N, P, Q, a_t, sa, lda, b_t, sb, ldb, BM, BN, BP, BQ, accumulate,
             acc, prec,
             num_warps=warps or WARPS, num_stages=stages or _stages(X.dtype, max(BM, BN, BP, BQ)))
@@ -282,8 +283,9 @@ def kron_grads(X, G, Us, V, sigma, U, *, programs=None, warps=None, stages=None)
     as factor_buffer() gives them) and as trained (σ, U), in float32 (float64 for float64 inputs):
     dUs_k = Σ_t G_t V_k X_tᵀ, dσ_k = Σ(dUs_k ∘ U_k), dU_k = σ_k dUs_k, dV_k = Σ_t G_tᵀ Us_k X_t.
     Each chunk of tokens writes one row of partial sums and torch adds the rows (one sum, in a fixed
-    order; the three results are views of it). Chunk length: ⌈N / ⌊programs / r⌋⌉ tokens, programs = GRAD_PROGRAMS (twice that for factor sides below
-    64). programs / warps / stages override that, WARPS and _stages (benchmarks/kron_fused_configs.py)."""
+    order; the three results are views of it). Chunk length: ⌈N / ⌊programs / r⌋⌉ tokens, with
+    programs = GRAD_PROGRAMS (twice that for factor sides below 64). programs / warps / stages
+    override that, WARPS and _stages (benchmarks/kron_fused_configs.py)."""
     r, m, n = Us.shape
     _, p, q = V.shape
     n_tok = X.shape[0]
@@ -330,7 +332,7 @@ class KronFused(torch.autograd.Function):
         torch.mul(U, sigma[:, None, None], out=Us)            # Us_k = σ_k U_k (r, m, n), cast on write
         Vd = factor_buffer(r, p, q, dtype=dt, device=x.device).copy_(V)   # (r, p, q)
         y = torch.empty(X.shape[0], m * p, dtype=dt, device=x.device)
-        kron_sum_(y, X, Us, Vd, accumulate=False)            # (N, m·p) = Σ_k Us_k X_t V_kᵀ, then ...
+        kron_apply_(y, X, Us, Vd, accumulate=False)            # (N, m·p) = Σ_k Us_k X_t V_kᵀ, then ...
         y.addmm_(X, weight.to(dt).t())                        # ... += X W_resᵀ: cuBLAS adds y in its epilogue
         ctx.save_for_backward(X, weight, sigma, U, Us, Vd)
         ctx.x_dtype = x.dtype
@@ -346,7 +348,7 @@ class KronFused(torch.autograd.Function):
         dx = dweight = dsigma = dU = dV = None
         if ctx.needs_input_grad[0]:
             dx = torch.empty(G.shape[0], n * q, dtype=Us.dtype, device=G.device)
-            kron_sum_(dx, G, Us.transpose(1, 2), Vd.transpose(1, 2), accumulate=False)   # Σ_k Us_kᵀ G_t V_k
+            kron_apply_(dx, G, Us.transpose(1, 2), Vd.transpose(1, 2), accumulate=False)   # Σ_k Us_kᵀ G_t V_k
             dx.addmm_(G, weight.to(Us.dtype))                 # += G W_res (the frozen part)
             dx = dx.view(*gy.shape[:-1], n * q).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:                           # W_res is frozen in SoKALinear; for completeness

@@ -100,11 +100,11 @@ def test_factor_layouts_give_the_same_sums_and_gradients(dtype):
         return out
     want = torch.einsum("kmn,tnq,kpq->tmp", A, X.view(N, n, q), B).reshape(N, m * p)
     for a, b in ((A, B), (stored(A), stored(B)), (stored(A), B)):
-        assert_close(kron_fused.kron_sum_(torch.zeros(N, m * p, device=DEVICE, dtype=dtype), X, a, b), want,
+        assert_close(kron_fused.kron_apply_(torch.zeros(N, m * p, device=DEVICE, dtype=dtype), X, a, b), want,
                      TOL[dtype], "forward")
     want = torch.einsum("kmn,tmp,kpq->tnq", A, G.view(N, m, p), B).reshape(N, n * q)   # Σ A_kᵀ G_t B_k
     for a, b in ((A, B), (stored(A), stored(B)), (A, stored(B))):
-        got = kron_fused.kron_sum_(torch.zeros(N, n * q, device=DEVICE, dtype=dtype), G, a.transpose(1, 2),
+        got = kron_fused.kron_apply_(torch.zeros(N, n * q, device=DEVICE, dtype=dtype), G, a.transpose(1, 2),
                                    b.transpose(1, 2))
         assert_close(got, want, TOL[dtype], "dx")
     sigma = torch.rand(r, generator=g).to(DEVICE, dtype) + 0.5
