@@ -110,6 +110,53 @@ def make_parser(suppress=False):
     return p
 
 
+# What makes a run the run it is: a resume that changed one of these would continue another run
+# (other data, model, adapters or batches). --epochs, --max-steps, --lr and the evaluation options may
+# change (the schedule follows the new total).
+FIXED_ON_RESUME = ("task", "ckpt", "method", "targets", "rank", "factors", "tau", "r_min", "r_max", "init",
+                   "alpha", "batch_size", "grad_accum", "max_len", "heldout", "seed")
+
+
+def check_options(cfg):
+    """Refuse option values that would crash later or silently mean something else."""
+    def need(ok, option, rule):
+        if not ok:
+            raise SystemExit(f"train.py: --{option.replace('_', '-')} must be {rule}, got {getattr(cfg, option)!r}")
+    for o in ("batch_size", "grad_accum", "max_len", "save_every"):
+        need(getattr(cfg, o) >= 1, o, "≥ 1")
+    for o in ("eval_every", "heldout", "warmup", "clip", "weight_decay", "eval_batch_size"):
+        need(getattr(cfg, o) >= 0, o, "≥ 0")
+    for o in ("max_steps", "max_new_tokens", "stop_after"):
+        need(getattr(cfg, o) is None or getattr(cfg, o) >= 1, o, "≥ 1")
+    need(cfg.eval_limit is None or cfg.eval_limit >= 0, "eval_limit", "≥ 0 (0: no evaluation)")
+    need(cfg.epochs > 0, "epochs", "> 0")
+    need(cfg.lr > 0, "lr", "> 0")
+    need(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
+
+
+def resumed_config(argv, folder):
+    """The saved config of the run in `folder`, with the options given now on top; refuses a changed
+    FIXED_ON_RESUME option."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise SystemExit(f"--resume {folder}: no config.json there (not a train.py output folder)")
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"--resume {folder}: {path} is not valid JSON ({e})") from None
+    given = vars(make_parser(suppress=True).parse_args(argv))
+    def same(k, a, b):
+        if k == "ckpt" and a and b:
+            return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+        return a == b
+    for k in FIXED_ON_RESUME:
+        if k in given and not same(k, given[k], saved.get(k)):
+            raise SystemExit(f"--resume {folder}: --{k.replace('_', '-')} {given[k]!r} differs from the run's "
+                             f"{saved.get(k)!r}; a resumed run keeps its task, model, adapters, data and batch "
+                             f"(start a new run with another --out)")
+    return argparse.Namespace(**{**vars(make_parser().parse_args([])), **saved, **given, "out": folder})
+
+
 # ----------------------------------------------------------------------------- setup
 
 def setup_distributed(device_arg):
@@ -415,10 +462,25 @@ def save_checkpoint(out, model, opt, step, n_metrics):
 
 
 def find_checkpoint(out):
+    """(folder, its state.pt loaded): checkpoint/, or checkpoint.old/ where a crash during a save left
+    checkpoint/ missing or unreadable."""
+    problems = []
     for name in ("checkpoint", "checkpoint.old"):
-        if (out / name / "state.pt").is_file() and (out / name / "adapter.pt").is_file():
-            return out / name
-    raise SystemExit(f"{out}: no checkpoint/ with adapter.pt and state.pt to resume from")
+        d = out / name
+        if not ((d / "state.pt").is_file() and (d / "adapter.pt").is_file()):
+            problems.append(f"{d}: no adapter.pt and state.pt")
+            continue
+        try:
+            state = torch.load(d / "state.pt", map_location="cpu", weights_only=False)
+            if not isinstance(state, dict) or not {"step", "n_metrics", "optimizer", "rng"} <= state.keys():
+                raise ValueError("not a train.py state (step, n_metrics, optimizer, rng)")
+        except Exception as e:                # a truncated or foreign file: torch raises many kinds
+            problems.append(f"{d / 'state.pt'}: unreadable ({type(e).__name__}: {str(e)[:120]})")
+            continue
+        if problems:
+            print(f"warning: {'; '.join(problems)}; using {d}")
+        return d, state
+    raise SystemExit(f"{out}: no checkpoint to resume from: {'; '.join(problems)}")
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -468,10 +530,11 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = make_parser().parse_args(argv)
     if cfg.resume:                          # the saved config, with the options given now on top
-        given = vars(make_parser(suppress=True).parse_args(argv))
-        saved = json.loads((Path(cfg.resume) / "config.json").read_text())
-        cfg = argparse.Namespace(**{**vars(make_parser().parse_args([])), **saved, **given})
-        cfg.out = cfg.resume
+        cfg = resumed_config(argv, cfg.resume)
+    elif cfg.out and any((Path(cfg.out) / f).exists() for f in ("config.json", "checkpoint", "checkpoint.old")):
+        raise SystemExit(f"--out {cfg.out} holds a run already; continue it with --resume {cfg.out}, "
+                         f"or give another --out (nothing was written)")
+    check_options(cfg)
     rank, world, device = setup_distributed(cfg.device)
     main_proc = rank == 0
     say = print if main_proc else (lambda *a, **k: None)
@@ -491,7 +554,7 @@ def main(argv=None):
     if cfg.soka_impl:
         adapters.IMPL = cfg.soka_impl       # every SoKALinear built below (inject or load_adapter)
     if cfg.resume:
-        state_dir = find_checkpoint(out)
+        state_dir, st = find_checkpoint(out)
         report = adapters.load_adapter(model, state_dir / "adapter.pt")
     else:
         report = adapters.inject(model, cfg.method, targets, rank=cfg.rank, tau=cfg.tau, r_min=cfg.r_min,
@@ -554,7 +617,6 @@ def main(argv=None):
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
     if cfg.resume:
-        st = torch.load(state_dir / "state.pt", map_location="cpu", weights_only=False)
         opt.load_state_dict(st["optimizer"])
         start = st["step"]
         random.setstate(st["rng"]["python"])
@@ -577,7 +639,13 @@ def main(argv=None):
 
     # ---- the loop
     stop = {"sig": False}
-    signal.signal(signal.SIGINT, lambda *_: stop.update(sig=True))   # finish the step, save, exit
+
+    def on_sigint(*_):                      # the first Ctrl-C: finish the step, save, exit
+        if stop["sig"]:                     # the second: now (the last checkpoint stays)
+            raise KeyboardInterrupt
+        stop["sig"] = True
+        say("\nCtrl-C: stopping after this step (again to stop now)")
+    signal.signal(signal.SIGINT, on_sigint)
     step, status = start, "done"
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not main_proc, dynamic_ncols=True)
     plans = {}
@@ -646,11 +714,12 @@ def main(argv=None):
             status = "interrupted"
             break
     bar.close()
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # the evaluation below stops at once
 
     if status not in ("done", "interrupted"):
-        last = find_checkpoint(out)
+        last, last_state = find_checkpoint(out)
         say(f"\nstopped: non-finite {status}. Nothing was stepped with it; the last good checkpoint is "
-            f"{last} (step {torch.load(last / 'state.pt', weights_only=False)['step']}). Lower --lr or check the data.")
+            f"{last} (step {last_state['step']}). Lower --lr or check the data.")
         return 1
     if status == "interrupted":
         say(f"\nstopped after step {step}; continue with: python train.py --resume {out}")
@@ -677,9 +746,14 @@ def main(argv=None):
             model.eval()
             new = cfg.max_new_tokens or MAX_NEW_TOKENS[cfg.task]
             bs = cfg.eval_batch_size or auto_eval_batch(model, len(test), cfg.max_len + new, device)
-            r = evaluate(model, tok, cfg.task, test, batch_size=bs, max_new_tokens=new,
-                         out_path=out / "eval.json", generate_options=dict(cuda_graph=device.type == "cuda"),
-                         info=dict(checkpoint=str(ckpt), split=split, method=cfg.method, adapter=str(out / "adapter.pt")))
+            try:
+                r = evaluate(model, tok, cfg.task, test, batch_size=bs, max_new_tokens=new,
+                             out_path=out / "eval.json", generate_options=dict(cuda_graph=device.type == "cuda"),
+                             info=dict(checkpoint=str(ckpt), split=split, method=cfg.method,
+                                       adapter=str(out / "adapter.pt")))
+            except KeyboardInterrupt:
+                say(f"\nevaluation interrupted; the trained adapter is saved: {out / 'adapter.pt'}")
+                return 130
             say(f"{cfg.task} {split}: accuracy {100 * r['accuracy']:.2f} % ({r['correct']}/{r['n']}), "
                 f"generation {r['seconds']['generate']:.1f} s, scoring {r['seconds']['score']:.1f} s")
         say(f"outputs in {out}")

@@ -105,6 +105,54 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny, tmp_path):
         assert torch.equal(pa[k], pb[k]), k
 
 
+def test_a_run_folder_is_never_overwritten_and_a_resume_keeps_its_run(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoint").mkdir(parents=True)
+    saved = vars(train.make_parser().parse_args(["--task", "gsm8k", "--batch-size", "4"]))
+    (out / "config.json").write_text(json.dumps({**saved, "out": str(out)}))
+    with pytest.raises(SystemExit, match="holds a run already; continue it with --resume"):
+        train.main(["--task", "gsm8k", "--out", str(out)])             # before anything is loaded
+    assert sorted(f.name for f in out.iterdir()) == ["checkpoint", "config.json"]
+    with pytest.raises(SystemExit, match="--task 'math' differs from the run's 'gsm8k'"):
+        train.resumed_config(["--resume", str(out), "--task", "math"], out)
+    with pytest.raises(SystemExit, match="--batch-size 2 differs"):
+        train.resumed_config(["--resume", str(out), "--batch-size", "2"], out)
+    cfg = train.resumed_config(["--resume", str(out), "--max-steps", "9", "--lr", "1e-3"], out)
+    assert (cfg.task, cfg.batch_size, cfg.max_steps, cfg.lr, cfg.out) == ("gsm8k", 4, 9, 1e-3, out)
+    (out / "config.json").write_text("{")
+    with pytest.raises(SystemExit, match="config.json is not valid JSON"):
+        train.resumed_config(["--resume", str(out)], out)
+    with pytest.raises(SystemExit, match="no config.json there"):
+        train.resumed_config(["--resume", str(tmp_path)], tmp_path)
+
+
+def test_resume_falls_back_to_the_old_checkpoint_when_the_new_one_is_unreadable(tmp_path, capsys):
+    for name, step in (("checkpoint", 5), ("checkpoint.old", 4)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter.pt").write_bytes(b"x")
+        torch.save(dict(step=step, n_metrics=step, optimizer={}, rng={}), tmp_path / name / "state.pt")
+    assert train.find_checkpoint(tmp_path)[1]["step"] == 5
+    data = (tmp_path / "checkpoint" / "state.pt").read_bytes()
+    (tmp_path / "checkpoint" / "state.pt").write_bytes(data[:len(data) // 2])          # a crash mid-write
+    d, st = train.find_checkpoint(tmp_path)
+    assert d.name == "checkpoint.old" and st["step"] == 4 and "unreadable" in capsys.readouterr().out
+    torch.save(torch.zeros(3), tmp_path / "checkpoint.old" / "state.pt")                # not a state dict
+    with pytest.raises(SystemExit, match="no checkpoint to resume from.*checkpoint.old/state.pt: unreadable"):
+        train.find_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("option, value, rule", [("--batch-size", "0", "≥ 1"), ("--grad-accum", "0", "≥ 1"),
+                                                 ("--save-every", "0", "≥ 1"), ("--max-steps", "0", "≥ 1"),
+                                                 ("--epochs", "0", "> 0"), ("--heldout", "-5", "≥ 0"),
+                                                 ("--eval-every", "-1", "≥ 0"), ("--warmup", "-1", "≥ 0"),
+                                                 ("--clip", "-1", "≥ 0"), ("--lr", "0", "> 0"),
+                                                 ("--min-lr-ratio", "2", r"in \[0, 1\]")])
+def test_bad_numbers_are_refused_with_the_option_named(option, value, rule):
+    with pytest.raises(SystemExit, match=f"{option} must be {rule}, got"):
+        train.check_options(train.make_parser().parse_args([option, value]))
+    train.check_options(train.make_parser().parse_args([]))                  # the defaults pass
+
+
 def test_gradient_accumulation_equals_a_larger_batch(tiny, tmp_path):
     common = ["--task", "gsm8k", "--ckpt", tiny, "--max-steps", 3, "--eval-limit", 0, *FAST]
     run(*common, "--out", tmp_path / "big", "--batch-size", 4, "--grad-accum", 1)
