@@ -162,6 +162,9 @@ def resumed_config(argv, folder):
 def setup_distributed(device_arg):
     """(rank, world, device). torchrun sets RANK/WORLD_SIZE; NCCL on GPU, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if (device_arg or "").startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device_arg}: torch {torch.__version__} sees no CUDA device here "
+                         f"(--device cpu, or leave --device out)")
     cuda = torch.cuda.is_available() and (device_arg or "cuda").startswith("cuda")
     if world == 1:
         return 0, 1, torch.device(device_arg or ("cuda" if cuda else "cpu"))
@@ -542,7 +545,8 @@ def main(argv=None):
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    # ---- model, adapters
+    # ---- data files first (a wrong --data-dir should not wait for the model), then model, adapters
+    train_raw, held_raw = heldout_split(cfg.task, cfg.data_dir, cfg.heldout)
     ckpt = Path(cfg.ckpt).expanduser() if cfg.ckpt else demo_checkpoint()
     say(f"model: {ckpt}" + ("" if cfg.ckpt else "  (the demo model; for LLaMA-2-7B pass --ckpt path/to/llama-2-7b)"))
     model, tok = load_checkpoint(ckpt, device=device)
@@ -581,7 +585,6 @@ def main(argv=None):
                   else eager_step(model, amp))
 
     # ---- data
-    train_raw, held_raw = heldout_split(cfg.task, cfg.data_dir, cfg.heldout)
     train, counts = build_examples(cfg.task, train_raw, tok, max_len=cfg.max_len)
     held, _ = build_examples(cfg.task, held_raw, tok, max_len=cfg.max_len)
     per_step = cfg.batch_size * cfg.grad_accum * world

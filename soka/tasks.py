@@ -95,19 +95,20 @@ def _by_hand(dest, f):
 def _fetch(url, dest, sha256, *, progress, hint):
     """url -> dest through a temporary file in the same folder: `dest` appears complete and checked,
     or not at all. `sha256=None` skips the check (the caller checks what it makes of the file)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{dest.name}.part-{os.getpid()}")
     try:
         h = hashlib.sha256()
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as out:
-            size = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=size, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
-                for chunk in iter(lambda: r.read(1 << 16), b""):
-                    out.write(chunk)
-                    h.update(chunk)
-                    bar.update(len(chunk))
-            out.flush()
-            os.fsync(out.fileno())
+        with urllib.request.urlopen(url, timeout=60) as r:
+            dest.parent.mkdir(parents=True, exist_ok=True)       # once the server answers: offline, no folders
+            with open(tmp, "wb") as out:
+                size = int(r.headers.get("Content-Length") or 0) or None
+                with tqdm(total=size, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
+                    for chunk in iter(lambda: r.read(1 << 16), b""):
+                        out.write(chunk)
+                        h.update(chunk)
+                        bar.update(len(chunk))
+                out.flush()
+                os.fsync(out.fileno())
         if sha256 is not None and h.hexdigest() != sha256:
             raise ValueError(f"soka/tasks.py: {url} has sha256 {h.hexdigest()}, expected {sha256}; "
                              f"{dest} was not written")

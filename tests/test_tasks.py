@@ -228,6 +228,7 @@ def test_offline_error_says_which_file_goes_where(tmp_path):
     f = FILES["mbpp"][0]
     assert str(tmp_path / "mbpp" / "mbpp.jsonl") in str(err.value)
     assert f.sha256 in str(err.value) and f.url in str(err.value)
+    assert not (tmp_path / "mbpp").exists()                   # nothing made where nothing came
     with pytest.raises(FileNotFoundError) as err:
         load_examples("gsm8k", "test", data_dir=tmp_path)
     assert str(tmp_path / "gsm8k" / "test.jsonl") in str(err.value)

@@ -153,6 +153,12 @@ def test_bad_numbers_are_refused_with_the_option_named(option, value, rule):
     train.check_options(train.make_parser().parse_args([]))                  # the defaults pass
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_device_cuda_without_a_gpu_says_so():
+    with pytest.raises(SystemExit, match="--device cuda: torch .* sees no CUDA device"):
+        train.setup_distributed("cuda")
+
+
 def test_gradient_accumulation_equals_a_larger_batch(tiny, tmp_path):
     common = ["--task", "gsm8k", "--ckpt", tiny, "--max-steps", 3, "--eval-limit", 0, *FAST]
     run(*common, "--out", tmp_path / "big", "--batch-size", 4, "--grad-accum", 1)
