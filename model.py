@@ -13,9 +13,10 @@ explicit key table, and an adapter can replace `layers.N.attention.wq` by name.
 import json
 import math
 import mmap
+import numbers
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -45,6 +46,20 @@ class ModelArgs:
     hidden_dim: int | None = None     # explicit FFN size when multiple_of cannot give it (SmolLM2: 1536)
 
     def __post_init__(self):
+        # The values come unchecked from JSON (params.json, config.json): "dim": "64" must fail here, by name.
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kind = f.type if f.type in (int, float, bool) else f.type.__args__[0]     # `X | None` → X
+            if v is None and kind is not f.type:
+                continue
+            if kind is bool:
+                ok = isinstance(v, bool)
+            else:                           # numpy scalars (GGUF) count; True does not count as 1
+                ok = isinstance(v, numbers.Integral if kind is int else numbers.Real) and not isinstance(v, bool)
+                ok = ok and (kind is float or v >= 1 or f.name == "vocab_size")  # vocab_size -1: the tokenizer's
+            if not ok:
+                want = {int: "a positive integer", float: "a number", bool: "true or false"}[kind]
+                raise ValueError(f"ModelArgs: {f.name} must be {want}, got {v!r}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
@@ -540,6 +555,8 @@ def load_checkpoint(path, *, device="cpu", dtype=None):
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
     if path.is_file() and path.suffix == ".gguf":
         from soka.gguf import load_gguf
         params, state_dict, tokenizer = load_gguf(path)
@@ -581,12 +598,20 @@ def _build(args, state_dict, source, *, device, dtype):
 _SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
 
 
+def _read_json(path):
+    from soka.tokenizer import json_object     # one reader for every JSON file of a checkpoint
+    return json_object(Path(path))
+
+
 def _read_meta(folder):
     params_file = folder / "params.json"
-    params = json.loads(params_file.read_text())
+    params = _read_json(params_file)
     known = set(ModelArgs.__dataclass_fields__)
     if params.keys() - known:
         raise ValueError(f"{params_file}: unsupported keys {sorted(params.keys() - known)}")
+    missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
+    if missing:   # the defaults are LLaMA-2-7B's: they would build some other model
+        raise ValueError(f"{params_file}: missing keys {missing}")
     tokenizer = None
     for tok_file in (folder / "tokenizer.model", folder.parent / "tokenizer.model"):
         if tok_file.is_file():
@@ -597,7 +622,13 @@ def _read_meta(folder):
         if tokenizer is None:
             raise ValueError(f"{params_file}: vocab_size is -1 and no tokenizer.model beside or one folder up")
         params["vocab_size"] = tokenizer.vocab_size
-    args = ModelArgs(**params)
+    try:
+        args = ModelArgs(**params)
+    except ValueError as e:
+        raise ValueError(f"{params_file}: {e}") from e
+    if tokenizer is not None and tokenizer.vocab_size > args.vocab_size:   # larger is normal: padded rows
+        raise ValueError(f"{params_file}: vocab_size {args.vocab_size} is smaller than the "
+                         f"{tokenizer.vocab_size} tokens of {tok_file}; their ids would index past the embedding")
     files = sorted(folder.glob("consolidated.*.pth"))
     if not files:
         raise ValueError(f"{folder}: params.json but no consolidated.*.pth shards")
@@ -607,6 +638,8 @@ def _read_meta(folder):
             shards.append(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
         except Exception as e:
             raise ValueError(f"{f}: cannot read this checkpoint shard (truncated or not a torch file?): {e}") from e
+        if not isinstance(shards[-1], dict):
+            raise ValueError(f"{f}: holds a {type(shards[-1]).__name__}, not a state dict {{name: tensor}}")
     keys = set(shards[0])
     for f, shard in zip(files[1:], shards[1:]):
         if set(shard) != keys:
@@ -624,6 +657,10 @@ def _read_meta(folder):
                 state_dict[k] = torch.cat(parts, dim=_SHARD_DIM[name])
             except RuntimeError as e:
                 raise ValueError(f"{folder}: shards of {k} do not join along dim {_SHARD_DIM[name]}: {e}") from e
+    emb = state_dict.get("tok_embeddings.weight")     # split along dim: the shards' widths add up to it
+    if len(files) > 1 and emb is not None and emb.shape[1] != args.dim:   # e.g. a stray consolidated.01.pth
+        raise ValueError(f"{folder}: the {len(files)} shards {[f.name for f in files]} join to dim {emb.shape[1]}, "
+                         f"{params_file.name} says {args.dim}: the shards disagree (a stray one?)")
     return args, state_dict, tokenizer
 
 
@@ -661,7 +698,7 @@ def unpermute_rotary(w, n_heads):
 
 def _read_hf(folder):
     config_file = folder / "config.json"
-    c = json.loads(config_file.read_text())
+    c = _read_json(config_file)
     if c.get("model_type", "llama") != "llama":
         raise ValueError(f"{config_file}: model_type {c.get('model_type')!r}, only 'llama' is supported")
     rope = c.get("rope_parameters") or {}
@@ -679,12 +716,17 @@ def _read_hf(folder):
             hidden_dim=c["intermediate_size"])
     except KeyError as e:
         raise ValueError(f"{config_file}: missing key {e}") from e
+    except ValueError as e:
+        raise ValueError(f"{config_file}: {e}") from e
     if c.get("head_dim", args.head_dim) != args.head_dim:
         raise ValueError(f"{config_file}: head_dim {c['head_dim']} != hidden_size / num_attention_heads")
 
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: no weight_map {{tensor name: file}}")
+        files = sorted(set(weight_map.values()))
     elif (folder / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -740,13 +782,20 @@ def read_safetensors(path):
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: header is not valid JSON: {e}") from e
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)   # copy-on-write: frombuffer wants writable
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupt safetensors header: a JSON {type(header).__name__}, not an object")
     header.pop("__metadata__", None)
     tensors = {}
     for name, e in header.items():
+        shape, offsets = (e.get("shape"), e.get("data_offsets")) if isinstance(e, dict) else (None, None)
+        if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
+                and all(type(i) is int and i >= 0 for i in shape + offsets)):
+            raise ValueError(f"{path}: corrupt safetensors header: {name} is {e!r}, not "
+                             "{dtype, shape: [sizes], data_offsets: [begin, end]}")
         if e.get("dtype") not in _ST_DTYPES:
             raise ValueError(f"{path}: {name} has unsupported dtype {e.get('dtype')!r}")
-        dtype, shape = _ST_DTYPES[e["dtype"]], tuple(e["shape"])
-        begin, end = e["data_offsets"]
+        dtype, shape = _ST_DTYPES[e["dtype"]], tuple(shape)
+        begin, end = offsets
         numel = math.prod(shape)
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
         if not 0 <= begin <= end <= size - 8 - n:

@@ -19,7 +19,6 @@ The numbers and what was kept: docs/performance.md ("Kernel variants not kept").
 import argparse
 import itertools
 import json
-import os
 import sys
 from pathlib import Path
 

@@ -20,6 +20,7 @@ import functools
 import hashlib
 import importlib.util
 import math
+import numbers
 import os
 from pathlib import Path
 
@@ -492,9 +493,12 @@ def lora_factors(d_out, d_in, r, *, seed):
 # inject, compress
 
 def _find(model, targets):
-    """[(name, nn.Linear)] whose last name component is in targets; refuses layers already adapted."""
-    found, adapted = [], []
+    """[(name, nn.Linear)] whose last name component is in targets; refuses layers already adapted
+    and target names that match no linear layer (a typo would otherwise adapt less, silently)."""
+    found, adapted, linear = [], [], {}
     for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Linear, AdapterLinear)):
+            linear[name.rsplit(".", 1)[-1]] = None           # an ordered set of the linear layers' names
         if name.rsplit(".", 1)[-1] in targets:
             if isinstance(mod, AdapterLinear):
                 adapted.append(name)
@@ -504,6 +508,10 @@ def _find(model, targets):
                 found.append((name, mod))
     if adapted:
         raise ValueError(f"adapters.py: {adapted[0]} already has an adapter; start from a freshly loaded base")
+    missing = [t for t in targets if t not in linear]
+    if missing:
+        raise ValueError(f"adapters.py: no nn.Linear named {' '.join(missing)} in the model; its linear layers "
+                         f"are named {' '.join(linear)}")
     if not found:
         raise ValueError(f"adapters.py: no nn.Linear named {targets} in the model "
                          f"(Meta names: wq wk wv wo w1 w2 w3)")
@@ -518,6 +526,21 @@ def _place(model, name, layer):
 def _freeze(model):
     for prm in model.parameters():
         prm.requires_grad_(False)
+
+
+def _check_factors(factors, names):
+    """factors as inject and compress take it: None, (m, n, p, q) of positive ints, or a dict of those
+    whose keys are names of the layers this call adapts (a typo would fall back to the default split)."""
+    if factors is None:
+        return
+    for f in factors.values() if isinstance(factors, dict) else [factors]:
+        ok = isinstance(f, (tuple, list)) and len(f) == 4
+        if not ok or not all(isinstance(v, numbers.Integral) and v >= 1 for v in f):
+            raise ValueError(f"adapters.py: factors (m, n, p, q) must be four positive ints, got {f!r}")
+    unknown = [k for k in factors if k not in names] if isinstance(factors, dict) else []
+    if unknown:
+        raise ValueError(f"adapters.py: factors key(s) {' '.join(map(str, unknown))} name no layer this "
+                         f"call adapts; its layers are named {' '.join(dict.fromkeys(names))}")
 
 
 def _shape_for(name, W, factors):
@@ -556,6 +579,8 @@ def inject(model, method="soka", targets=DEFAULT_TARGETS, *, rank=None, tau=TAU,
         raise ValueError(f"adapters.py: init= and factors= are SoKA options; {method} has its own init")
     if method != "lora" and alpha is not None:
         raise ValueError("adapters.py: alpha is LoRA's scale (alpha / r); SoKA and PiSSA have none")
+    if alpha is not None and not alpha > 0:
+        raise ValueError(f"adapters.py: alpha must be > 0 (LoRA's scale is alpha / r), got {alpha!r}")
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise ValueError(f"adapters.py: rank must be a positive int or None, got {rank!r}")
     if method != "soka" and rank is None:
@@ -563,6 +588,13 @@ def inject(model, method="soka", targets=DEFAULT_TARGETS, *, rank=None, tau=TAU,
     options = dict(method=method, targets=list(targets), rank=rank, tau=tau, r_min=r_min, r_max=r_max,
                    init=init, alpha=alpha, factors=factors, randomized=randomized, seed=seed)
     found = _find(model, targets)
+    _check_factors(factors, [name.rsplit(".", 1)[-1] for name, _ in found])
+    if method != "soka":          # beyond min(d_out, d_in), B A gains parameters but no rank
+        for name, lin in found:
+            d_out, d_in = lin.weight.shape
+            if rank > min(d_out, d_in):
+                raise ValueError(f"adapters.py: {method} rank {rank} exceeds min(d_out, d_in) = {min(d_out, d_in)} "
+                                 f"of {name} ({d_out}×{d_in})")
     _freeze(model)
     rows = []
     for i, (name, lin) in enumerate(found):
@@ -614,6 +646,7 @@ def compress(model, updates, *, rank=None, tau=TAU, r_min=R_MIN, r_max=R_MAX, fa
             raise ValueError(f"adapters.py: compress: update for {name} is {tuple(dW.shape)}, "
                              f"the weight is {tuple(lin.weight.shape)}")
         jobs.append((name, lin, dW.to(lin.weight.device)))
+    _check_factors(factors, [name.rsplit(".", 1)[-1] for name, _, _ in jobs])
     _freeze(model)
     rows = []
     for i, (name, lin, dW) in enumerate(jobs):
@@ -699,6 +732,40 @@ def save_adapter(model, path):
     os.replace(tmp, path)
 
 
+def _check_record(path, name, rec, weight):
+    """A layer's record holds what load_adapter reads, with the shapes its report row and the base
+    weight imply: copy_ would broadcast a (r, 1, n) U into (r, m, n) without a word."""
+    def corrupt(what):
+        return ValueError(f"{path}: corrupt adapter file: {name} {what}")
+    if not isinstance(rec, dict) or not isinstance(rec.get("info"), dict):
+        raise corrupt("lacks its 'info' (the report row)")
+    method = rec.get("method")
+    if method not in ("soka", "lora", "pissa"):
+        raise corrupt(f"has method {method!r}")
+    needed = [("params", rec), ("subtract", rec), ("base", rec["info"]), ("r", rec["info"])]
+    needed += [("init", rec)] if rec.get("subtract") else []
+    needed += [("factors", rec["info"])] if method == "soka" else [("scale", rec)]
+    for key, where in needed:
+        if key not in where:
+            raise corrupt(f"lacks the key {key!r}")
+    r, (d_out, d_in) = rec["info"]["r"], weight.shape
+    if method == "soka":
+        m, n, p, q = rec["info"]["factors"]
+        if (m * p, n * q) != (d_out, d_in):
+            raise corrupt(f"has factors (m, n, p, q) = {(m, n, p, q)}, which do not split its {d_out}×{d_in} weight")
+        want = {"sigma": (r,), "U": (r, m, n), "V": (r, p, q)}
+    else:
+        want = {"A": (r, d_in), "B": (d_out, r)}
+    for group in ("params", "init") if rec["subtract"] else ("params",):
+        tensors = rec[group]
+        if not isinstance(tensors, dict) or set(tensors) != set(want):
+            raise corrupt(f"{group} should hold the tensors {sorted(want)}")
+        for k, shape in want.items():
+            got = tuple(tensors[k].shape) if isinstance(tensors[k], torch.Tensor) else tensors[k]
+            if got != shape:
+                raise corrupt(f"{group} {k} has shape {got}, expected {shape} (r = {r})")
+
+
 def load_adapter(model, path):
     """Rebuild the fine-tuned model from a base model as loaded from its checkpoint (no adapters):
     check each targeted weight's fingerprint, re-create W_res from the stored initial factors (no
@@ -711,6 +778,9 @@ def load_adapter(model, path):
         raise ValueError(f"{path}: not a {FORMAT} file")
     if blob.get("version") != VERSION:
         raise ValueError(f"{path}: adapter file version {blob.get('version')}, this code reads {VERSION}")
+    for key in ("method", "options", "layers"):
+        if key not in blob:
+            raise ValueError(f"{path}: corrupt adapter file: no {key!r}")
     named = dict(model.named_modules())
     for name, rec in blob["layers"].items():   # check everything before changing the model
         mod = named.get(name)
@@ -718,6 +788,7 @@ def load_adapter(model, path):
             raise ValueError(f"{path}: {name} already has an adapter; load into a freshly loaded base model")
         if not isinstance(mod, nn.Linear):
             raise ValueError(f"{path}: the model has no linear layer {name}")
+        _check_record(path, name, rec, mod.weight)
         want, got = rec["info"]["base"], fingerprint(mod.weight)
         for k in ("shape", "dtype", "sha256"):
             if want[k] != got[k]:

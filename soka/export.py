@@ -2,9 +2,15 @@
 
     export_meta(model, "out/meta")   # params.json + consolidated.00.pth  (model.load_checkpoint reads it)
     export_hf(model, "out/hf")       # config.json + model.safetensors    (transformers' LlamaForCausalLM too)
+    export_hf(model, "out/hf", overwrite=True)    # replace the checkpoint already there
 
 Merging happens on copies (merged_state_dict), so the model itself is left as it was. The HF folder
 carries no tokenizer: the model does not hold one; copy the base's tokenizer files beside it.
+A folder that already holds a checkpoint is refused unless overwrite=True. Then the new files replace
+the old ones (each written whole, then renamed), and every other checkpoint file there
+(CHECKPOINT_FILES) is removed after them: an old shard or index left beside the new files would be
+read in their place (model.load_checkpoint follows params.json before config.json, and an index
+before model.safetensors). Interrupted, the folder keeps a loadable checkpoint, old or new.
 """
 import dataclasses
 import json
@@ -39,14 +45,39 @@ def _atomic(path, write):
     os.replace(tmp, path)
 
 
-def export_meta(model, folder):
-    """params.json (model.args, ModelArgs' fields) and consolidated.00.pth (one shard)."""
+# What model.load_checkpoint reads in a folder, both formats: Meta's, then Hugging Face's.
+CHECKPOINT_FILES = ("params.json", "consolidated.*.pth", "config.json", "*.safetensors", "*.safetensors.index.json")
+
+
+def _prepare(folder, overwrite):
+    """(folder, the checkpoint files it holds): created, or checked to be writable and, unless
+    overwrite, to hold no checkpoint."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"export.py: cannot write into {folder} (read-only file system or no permission)")
+    old = sorted({f for pattern in CHECKPOINT_FILES for f in folder.glob(pattern) if f.is_file()})
+    if old and not overwrite:
+        raise FileExistsError(f"export.py: {folder} already holds a checkpoint ({', '.join(f.name for f in old)}); "
+                              "choose another folder, or pass overwrite=True to replace it")
+    return folder, old
+
+
+def _drop_stale(old, written):
+    """Remove the old checkpoint files that the new ones did not replace."""
+    for f in old:
+        if f.name not in written:
+            f.unlink()
+
+
+def export_meta(model, folder, *, overwrite=False):
+    """params.json (model.args, ModelArgs' fields) and consolidated.00.pth (one shard)."""
+    folder, old = _prepare(folder, overwrite)
     params = dataclasses.asdict(model.args)
     sd = {k: v.cpu().contiguous().clone() for k, v in merged_state_dict(model).items()}  # own storage each
     _atomic(folder / "consolidated.00.pth", lambda p: torch.save(sd, p))
     _atomic(folder / "params.json", lambda p: p.write_text(json.dumps(params, indent=2) + "\n"))
+    _drop_stale(old, {"consolidated.00.pth", "params.json"})
     return folder
 
 
@@ -87,12 +118,11 @@ def hf_config(args, dtype):
     }
 
 
-def export_hf(model, folder):
+def export_hf(model, folder, *, overwrite=False):
     """config.json + model.safetensors in HF's layout: renamed keys, wq/wk rows permuted back to the
     half-rotation RoPE layout per head, no lm_head when the embeddings are tied."""
     args = model.args
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder, old = _prepare(folder, overwrite)
     tensors = {}
     for key, t in merged_state_dict(model).items():
         parts = key.split(".")
@@ -108,6 +138,7 @@ def export_hf(model, folder):
     dtype = next(iter(tensors.values())).dtype
     _atomic(folder / "model.safetensors", lambda p: write_safetensors(p, tensors))
     _atomic(folder / "config.json", lambda p: p.write_text(json.dumps(hf_config(args, dtype), indent=2) + "\n"))
+    _drop_stale(old, {"model.safetensors", "config.json"})
     return folder
 
 

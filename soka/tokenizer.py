@@ -29,6 +29,18 @@ def _check_file(path, what):
     return path
 
 
+def json_object(path):
+    """A JSON object {key: value} from a file; anything else is a ValueError naming the file (model.py
+    reads params.json, config.json and the safetensors index through it too)."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:    # the message gives line and column
+        raise ValueError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: holds a JSON {type(obj).__name__}, not an object {{key: value}}")
+    return obj
+
+
 class SentencePieceTokenizer:
     """LLaMA 2's `tokenizer.model`, through the `sentencepiece` library.
 
@@ -214,7 +226,7 @@ class BPETokenizer:
         Digits(individual_digits)), with bos/eos/pad and the chat template from the
         `tokenizer_config.json` beside it."""
         path = _check_file(path, "tokenizer.json")
-        tj = json.loads(path.read_text(encoding="utf-8"))
+        tj = json_object(path)
         if tj.get("model", {}).get("type") != "BPE":
             raise ValueError(f"{path}: model type {tj.get('model', {}).get('type')!r}, expected 'BPE'")
         pre = tj.get("pre_tokenizer") or {}
@@ -240,7 +252,7 @@ class BPETokenizer:
         if odd:
             raise ValueError(f"{path}: added tokens with lstrip/rstrip/single_word are not implemented: {odd[:3]}")
         cfg_path = path.with_name("tokenizer_config.json")
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        cfg = json_object(cfg_path) if cfg_path.is_file() else {}
         template = cfg.get("chat_template")
         if template is None and path.with_name("chat_template.jinja").is_file():  # transformers >= 4.5x
             template = path.with_name("chat_template.jinja").read_text(encoding="utf-8")

@@ -208,6 +208,34 @@ def test_load_into_a_different_base_fails_clearly(tmp_path):
         load_adapter(tiny(), tmp_path / "junk.pt")
 
 
+def unchanged(model, before):
+    return not adapter_layers(model) and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("method", ["soka", "lora"])
+def test_tampered_adapter_file_is_refused_before_the_model_changes(method, tmp_path):
+    model = tiny()
+    inject(model, method, ALL, rank=3, verbose=False)
+    save_adapter(model, tmp_path / "a.pt")
+    blob = torch.load(tmp_path / "a.pt", weights_only=True)
+    first, last = list(blob["layers"])[0], list(blob["layers"])[-1]
+    key, bad = ("U", (3, 1, 8)) if method == "soka" else ("B", (32, 1))   # both broadcast under copy_
+    cases = {
+        "shape": (lambda b: b["layers"][first]["params"].__setitem__(key, torch.zeros(bad)),
+                  rf"{first} params {key} has shape \({bad[0]}, {bad[1]}.*expected"),
+        "no-params": (lambda b: b["layers"][last].pop("params"), rf"corrupt adapter file: {last} .*'params'"),
+    }
+    for tamper, match in cases.values():
+        t = torch.load(tmp_path / "a.pt", weights_only=True)
+        tamper(t)
+        torch.save(t, tmp_path / "t.pt")
+        fresh = tiny()
+        before = {k: v.clone() for k, v in fresh.state_dict().items()}
+        with pytest.raises(ValueError, match=match):
+            load_adapter(fresh, tmp_path / "t.pt")
+        assert unchanged(fresh, before)                            # a bad file changes nothing
+
+
 def test_fingerprint_sees_one_bit():
     w = torch.randn(8, 8, dtype=torch.bfloat16)
     v = w.clone()
@@ -282,6 +310,31 @@ def test_factors_option_and_its_errors():
         inject(tiny(), "pissa", init="random", verbose=False)
     with pytest.raises(ValueError, match="rank 65"):
         inject(tiny(), "soka", ("wq",), rank=65, verbose=False)      # 8·8 = 64 is the Kronecker bound
+
+
+def test_unknown_targets_factor_keys_and_bad_options_fail_before_the_model_changes():
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = "wq wk wv wo w1 w2 w3"
+    with pytest.raises(ValueError, match=rf"no nn.Linear named bogus in the model; .*named {names}"):
+        inject(model, "soka", ("wq", "bogus"), verbose=False)
+    with pytest.raises(ValueError, match=r"factors key\(s\) qw name no layer .*named wq wk"):
+        inject(model, "soka", ("wq", "wk"), factors={"qw": (4, 16, 16, 4)}, verbose=False)
+    with pytest.raises(ValueError, match=r"factors key\(s\) w1 "):      # a layer, but not a target here
+        inject(model, "soka", ("wq",), factors={"w1": (8, 8, 12, 8)}, verbose=False)
+    for f in ((4, 16, 16, 4.0), (8.5, 8, 8, 8), (-4, -16, -16, -4), (4, 16, 16)):
+        with pytest.raises(ValueError, match="four positive ints"):
+            inject(model, "soka", ("wq",), factors={"wq": f}, verbose=False)
+    for method in ("lora", "pissa"):
+        with pytest.raises(ValueError, match=rf"{method} rank 33 exceeds .* = 32 of layers.0.attention.wk \(32×64\)"):
+            inject(model, method, ("wq", "wk"), rank=33, verbose=False)
+    for alpha in (0, -2.0, float("nan")):
+        with pytest.raises(ValueError, match="alpha must be > 0"):
+            inject(model, "lora", alpha=alpha, verbose=False)
+    assert unchanged(model, before) and all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match=r"factors key\(s\) wk "):
+        compress(model, {"layers.0.attention.wq": torch.randn(64, 64)}, factors={"wk": (4, 16, 8, 4)}, verbose=False)
+    assert unchanged(model, before)
 
 
 def test_inject_prints_the_table(capsys):

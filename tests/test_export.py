@@ -1,9 +1,11 @@
 """soka/export.py: a merged model written as a Meta folder and as an HF folder loads back, through
-model.load_checkpoint and through transformers' LlamaForCausalLM, to the same logits.
+model.load_checkpoint and through transformers' LlamaForCausalLM, to the same logits; a folder that
+holds a checkpoint is refused unless overwrite=True, which leaves no stale shard or index behind.
 
     python -m pytest -q tests/test_export.py
 """
 import json
+import os
 
 import pytest
 import torch
@@ -97,3 +99,64 @@ def test_write_safetensors_is_read_by_the_safetensors_package(tmp_path):
     assert n % 8 == 0 and json.loads(raw[8:8 + n])["__metadata__"] == {"format": "pt", "note": "test"}
     with pytest.raises(ValueError, match="complex64"):
         write_safetensors(tmp_path / "y.safetensors", {"z": torch.zeros(2, dtype=torch.complex64)})
+
+
+def plain(seed):
+    torch.manual_seed(seed)
+    return Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=96,
+                                 max_seq_len=64)).eval()
+
+
+def logits_of(folder):
+    with torch.no_grad():
+        return load_checkpoint(folder)[0](TOKENS)
+
+
+def test_export_meta_refuses_a_checkpoint_folder_and_overwrite_leaves_no_stale_shard(tmp_path):
+    # The base's own 2-shard Meta folder: writing one shard over it would leave consolidated.01.pth,
+    # which the loader would read back beside the new consolidated.00.pth.
+    a, b = plain(0), plain(1)
+    folder = export_meta(a, tmp_path / "base")
+    (folder / "consolidated.01.pth").write_bytes((folder / "consolidated.00.pth").read_bytes())
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    with pytest.raises(FileExistsError, match=r"base.*already holds a checkpoint.*consolidated\.01\.pth.*overwrite"):
+        export_meta(b, folder)
+    with pytest.raises(FileExistsError, match="params.json"):   # the other format is refused too
+        export_hf(b, folder)
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before      # refused: nothing touched
+    export_meta(b, folder, overwrite=True)
+    assert sorted(f.name for f in folder.iterdir()) == ["consolidated.00.pth", "params.json"]
+    with torch.no_grad():
+        assert torch.equal(logits_of(folder), b(TOKENS))
+
+
+def test_export_hf_overwrite_removes_the_old_index_that_would_shadow_the_new_weights(tmp_path):
+    a, b = plain(0), plain(1)
+    folder = export_hf(a, tmp_path / "hf")
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    keys = safetensors_torch.load_file(folder / "model-00001-of-00001.safetensors")
+    index = {"weight_map": {k: "model-00001-of-00001.safetensors" for k in keys}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "generation_config.json").write_text("{}")         # not a checkpoint file: kept
+    with torch.no_grad():
+        assert torch.equal(logits_of(folder), a(TOKENS))           # the loader follows the index
+    with pytest.raises(FileExistsError, match=r"model\.safetensors\.index\.json"):
+        export_hf(b, folder)
+    export_hf(b, folder, overwrite=True)
+    assert sorted(f.name for f in folder.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    with torch.no_grad():
+        assert torch.equal(logits_of(folder), b(TOKENS))
+
+
+def test_export_into_a_read_only_folder_names_it(tmp_path, monkeypatch):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):     # root ignores permission bits: answer as a read-only mount does
+        monkeypatch.setattr(os, "access", lambda path, mode: False)
+    try:
+        for export in (export_meta, export_hf):
+            with pytest.raises(PermissionError, match=r"export\.py: cannot write into .*ro\b"):
+                export(plain(0), folder)
+    finally:
+        folder.chmod(0o755)

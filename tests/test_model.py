@@ -84,6 +84,16 @@ def test_bad_args():
         ModelArgs(dim=64, n_heads=4, n_kv_heads=3)
     with pytest.raises(ValueError, match="vocab_size"):
         Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=-1))
+    for bad, msg in ((dict(dim="64"), "dim must be a positive integer, got '64'"),
+                     (dict(n_heads=0), "n_heads must be a positive integer, got 0"),
+                     (dict(rope_theta="1e4"), "rope_theta must be a number, got '1e4'"),
+                     (dict(ffn_dim_multiplier=[1.3]), r"ffn_dim_multiplier must be a number, got \[1\.3\]"),
+                     (dict(tie_embeddings="false"), "tie_embeddings must be true or false")):
+        with pytest.raises(ValueError, match=msg):
+            ModelArgs(**bad)
+    # what Meta's params.json files hold: -1, null, ints where floats go, floats where they may
+    a = ModelArgs(vocab_size=-1, ffn_dim_multiplier=None, norm_eps=1e-5, rope_theta=500000)
+    assert a.vocab_size == -1 and ModelArgs(ffn_dim_multiplier=1.3, n_kv_heads=8).ffn_dim == 14336
 
 
 def test_module_names_are_meta_keys_and_layers_swap_by_name():
@@ -384,8 +394,101 @@ def test_unsupported_params_key(tmp_path, hf_folder):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="no params.json .* or config.json"):
         load_checkpoint(tmp_path)
+    (tmp_path / "nothing.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match="not a checkpoint"):
         load_checkpoint(tmp_path / "nothing.bin")
+    for missing in ("x.gguf", "no-folder"):
+        with pytest.raises(FileNotFoundError, match=rf"{missing}: no such checkpoint file or folder"):
+            load_checkpoint(tmp_path / missing)
+
+
+@pytest.fixture(scope="module")
+def meta_model(hf_folder):
+    return load_checkpoint(hf_folder[1])[0]
+
+
+def _edit_json(file, edit):
+    d = json.loads(file.read_text())
+    edit(d)
+    file.write_text(json.dumps(d))
+
+
+def test_bad_json_names_file_and_line(tmp_path, meta_model, hf_folder):
+    write_meta(meta_model, tmp_path / "meta", n_shards=1)
+    shutil.copytree(hf_folder[1], tmp_path / "hf")
+    for file in (tmp_path / "meta" / "params.json", tmp_path / "hf" / "config.json"):
+        good = file.read_text()
+        file.write_text('{\n  "dim": 64,\n  "n_layers" 2}')
+        with pytest.raises(ValueError, match=rf"{file.name}: not valid JSON: Expecting ':' delimiter: line 3 column 14"):
+            load_checkpoint(file.parent)
+        file.write_text("[64, 2, 4]")
+        with pytest.raises(ValueError, match=rf"{file.name}: holds a JSON list, not an object"):
+            load_checkpoint(file.parent)
+        file.write_text(good)
+    (tmp_path / "hf" / "tokenizer.json").write_text('{"model": {"type": "BPE",}}')
+    with pytest.raises(ValueError, match=r"tokenizer\.json: not valid JSON: .*line 1 column 26"):
+        load_checkpoint(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.json").write_text('["BPE"]')
+    with pytest.raises(ValueError, match=r"tokenizer\.json: holds a JSON list, not an object"):
+        load_checkpoint(tmp_path / "hf")
+
+
+def test_params_wrong_type_or_missing_key(tmp_path, meta_model, hf_folder):
+    params = write_meta(meta_model, tmp_path, n_shards=1) / "params.json"
+    good = params.read_text()
+    _edit_json(params, lambda p: p.update(dim="64"))
+    with pytest.raises(ValueError, match=r"params\.json: ModelArgs: dim must be a positive integer, got '64'"):
+        load_checkpoint(tmp_path)
+    params.write_text(good)
+    _edit_json(params, lambda p: p.update(rope_theta="500.0"))
+    with pytest.raises(ValueError, match=r"params\.json: ModelArgs: rope_theta must be a number, got '500\.0'"):
+        load_checkpoint(tmp_path)
+    params.write_text(good)
+    _edit_json(params, lambda p: [p.pop("n_layers"), p.pop("n_heads")])  # the 7B defaults must not stand in
+    with pytest.raises(ValueError, match=r"params\.json: missing keys \['n_layers', 'n_heads'\]"):
+        load_checkpoint(tmp_path)
+    shutil.copytree(hf_folder[1], tmp_path / "hf")
+    _edit_json(tmp_path / "hf" / "config.json", lambda c: c.update(rms_norm_eps="1e-6"))
+    with pytest.raises(ValueError, match=r"config\.json: ModelArgs: norm_eps must be a number, got '1e-6'"):
+        load_checkpoint(tmp_path / "hf")
+
+
+def test_pth_holding_a_tensor(tmp_path, meta_model):
+    write_meta(meta_model, tmp_path, n_shards=1)
+    torch.save(torch.zeros(3), tmp_path / "consolidated.00.pth")
+    with pytest.raises(ValueError, match=r"consolidated\.00\.pth: holds a Tensor, not a state dict"):
+        load_checkpoint(tmp_path)
+
+
+def test_stray_extra_shard(tmp_path, meta_model):
+    write_meta(meta_model, tmp_path, n_shards=1)
+    shutil.copy(tmp_path / "consolidated.00.pth", tmp_path / "consolidated.01.pth")
+    with pytest.raises(ValueError, match=r"the 2 shards \['consolidated\.00\.pth', 'consolidated\.01\.pth'\] "
+                                         r"join to dim 128, params\.json says 64: the shards disagree"):
+        load_checkpoint(tmp_path)
+
+
+def test_meta_vocab_smaller_than_tokenizer(tmp_path):
+    tok_file = DATA / "llama2-tokenizer" / "tokenizer.model"
+    if not tok_file.is_file():
+        pytest.skip(f"{tok_file} absent")
+    for vocab in (96, 32064):      # 32064: embeddings padded past the tokenizer's 32000, which is normal
+        m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=vocab, hidden_dim=32))
+        write_meta(m, tmp_path / str(vocab), n_shards=1)
+        os.symlink(tok_file, tmp_path / str(vocab) / "tokenizer.model")
+    with pytest.raises(ValueError, match=r"params\.json: vocab_size 96 is smaller than the 32000 tokens of "
+                                         r".*tokenizer\.model"):
+        load_checkpoint(tmp_path / "96")
+    loaded, tok = load_checkpoint(tmp_path / "32064")
+    assert loaded.args.vocab_size == 32064 and tok.vocab_size == 32000
+
+
+def test_hf_index_without_weight_map(tmp_path, hf_folder):
+    shutil.copytree(hf_folder[1], tmp_path / "hf")
+    index = tmp_path / "hf" / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": 1}}))
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: no weight_map"):
+        load_checkpoint(tmp_path / "hf")
 
 
 def _rewrite_header(src, dst, edit):
@@ -406,6 +509,8 @@ def test_safetensors_header_that_lies(tmp_path, hf_folder):
         "beyond": (lambda h: h[key].update(data_offsets=[h[key]["data_offsets"][0], 10**9]), "lie outside the file"),
         "shape": (lambda h: h[key].update(shape=[112, 65]), r"F32 \[112, 65\] = 29120 bytes, but its offsets span 28672"),
         "dtype": (lambda h: h[key].update(dtype="F8_E9M9"), "unsupported dtype"),
+        "offsets": (lambda h: h[key].update(data_offsets=[0]), r"corrupt safetensors header: .*\[0\]"),
+        "entry": (lambda h: h.update({key: [1, 2]}), r"corrupt safetensors header: .* is \[1, 2\], not"),
     }
     for name, (edit, msg) in cases.items():
         d = tmp_path / name
@@ -414,6 +519,11 @@ def test_safetensors_header_that_lies(tmp_path, hf_folder):
         with pytest.raises(ValueError, match=msg) as e:
             load_checkpoint(d)
         assert "model.safetensors" in str(e.value) and key in str(e.value)
+    d = tmp_path / "list"         # a JSON list where the header object goes
+    shutil.copytree(folder, d)
+    (d / "model.safetensors").write_bytes(struct.pack("<Q", 6) + b"[1, 2]")
+    with pytest.raises(ValueError, match=r"model\.safetensors: corrupt safetensors header: a JSON list, not an object"):
+        load_checkpoint(d)
     # a header size larger than the file
     d = tmp_path / "size"
     shutil.copytree(folder, d)

@@ -342,7 +342,7 @@ def test_plot_study_tables_and_pngs(tmp_path):
     g = study.SHAPES_LR_GRID
     assert "## Learning-rate sweep of the factor shapes" in md
     assert f"| tall_U | (48, 12, 12, 48) / (24, 12, 8, 48) | 3 | 75 | 3.00 | {g[0]:g}: 1.2000 · **{g[1]:g}: 1.1000** · {g[2]:g}: 1.3000 | {g[1]:g} |" in md
-    assert f"| small_U | (8, 8, 72, 72) / (8, 8, 24, 72) | rule | 75 |" in md
+    assert "| small_U | (8, 8, 72, 72) / (8, 8, 24, 72) | rule | 75 |" in md
     assert not any(l.startswith("| tall_U | (48, 12, 12, 48) / (24, 12, 8, 48) | 0,1,2 |") for l in md.splitlines())
     assert any(l.startswith("| wide_U | (12, 48, 48, 12) / (8, 48, 24, 12) | 0,1,2 |") for l in md.splitlines())
     assert "Left out of the factor shapes: 3 runs at a rate its sweep no longer picks (tall_U lr 0.001;" in md
