@@ -160,6 +160,8 @@ def kpsvd(W, m, n, p, q, rank=None, *, randomized=False, oversample=16, n_iter=4
     if randomized:
         if rank is None:
             raise ValueError("kpsvd.py: randomized KPSVD computes only the top terms: give rank")
+        if not (isinstance(oversample, int) and oversample >= 0 and isinstance(n_iter, int) and n_iter >= 0):
+            raise ValueError(f"kpsvd.py: oversample and n_iter must be ints ≥ 0, got {oversample!r}, {n_iter!r}")
         u, s, vh = _randomized_svd(R, rank, oversample=oversample, n_iter=n_iter, seed=seed)
     else:
         u, s, vh = torch.linalg.svd(R, full_matrices=False)  # (m·n, K), (K,), (K, p·q)

@@ -14,6 +14,7 @@ exactly on the threshold is not pushed past it by rounding.
 On heavy-tailed spectra (most pretrained weights) the largest gap is often the first one, so
 r_elbow = 1 decides; `explain_rank` keeps both candidates so the per-layer log can show that.
 """
+import numbers
 from dataclasses import dataclass, asdict
 
 import torch
@@ -53,7 +54,7 @@ def _total_energy(s, total):
 
 
 def _check_tau(tau):
-    if not 0 < tau <= 1:
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0 < tau <= 1:
         raise ValueError(f"rank_select.py: energy threshold tau must lie in (0, 1], got {tau!r}")
 
 

@@ -258,6 +258,8 @@ def test_errors_name_the_problem():
         kpsvd(W, 3, 4, 4, 5, rank=13)
     with pytest.raises(ValueError, match="positive int"):
         kpsvd(W, 3, 4, 4, 5, rank=0)
+    with pytest.raises(ValueError, match="oversample and n_iter must be ints ≥ 0"):
+        kpsvd(W, 3, 4, 4, 5, rank=2, randomized=True, oversample=-5)
     for bad in (float("nan"), float("inf")):
         Wb = W.clone()
         Wb[2, 3] = bad

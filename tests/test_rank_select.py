@@ -48,7 +48,7 @@ def test_total_smaller_than_spectrum_is_an_error():
         energy_rank(sq(4.0, 2.0), 0.9, total=5.0)
 
 
-@pytest.mark.parametrize("tau", [0.0, -0.1, 1.0001, 2.0])
+@pytest.mark.parametrize("tau", [0.0, -0.1, 1.0001, 2.0, "0.9", None, True])
 def test_tau_outside_unit_interval(tau):
     with pytest.raises(ValueError, match="tau"):
         energy_rank(sq(1.0), tau)
