@@ -50,7 +50,12 @@ def evaluate(model, tokenizer, task, examples, *, batch_size=16, max_new_tokens=
     {task, n, correct, accuracy, settings, seconds, examples: [{id, prompt, completion, extracted,
     gold, verdict}]}. `generate_fn` defaults to model.generate (same signature), and
     `generate_options` go to it as extra keywords (e.g. cuda_graph=True); `info` is any extra
-    JSON-able dict stored under settings (checkpoint, split, adapter ...)."""
+    JSON-able dict stored under settings (checkpoint, split, adapter ...).
+
+    A prompt too long for max_new_tokens within the model's context (model.args.max_seq_len) gets
+    what room is left, in a batch of its own (one MBPP test prompt is 3,752 LLaMA 2 tokens: 344 of
+    its 384 fit in 4,096); one that fills the context gets an empty completion. Both are listed
+    under settings["context_capped"] as {id: new tokens it got}."""
     if generate_fn is None:
         from model import generate as generate_fn  # model.py sits at the repository root
     if batch_size < 1 or max_new_tokens < 1:
@@ -58,14 +63,23 @@ def evaluate(model, tokenizer, task, examples, *, batch_size=16, max_new_tokens=
                          f"({max_new_tokens}) must be >= 1")
     prompts = [format_prompt(task, ex, tokenizer) for ex in examples]
     ids = [tokenizer.encode(p) for p in prompts]
+    context = getattr(getattr(model, "args", None), "max_seq_len", None)
+    budget = [max_new_tokens if context is None else min(max_new_tokens, context - len(x)) for x in ids]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    batches = []                            # runs of `order` with one budget, at most batch_size long
+    for b0, i in enumerate(order):
+        if not batches or len(batches[-1][1]) == batch_size or budget[batches[-1][1][0]] != budget[i]:
+            batches.append((b0, []))
+        batches[-1][1].append(i)
     stop = (tokenizer.end_of_turn,) if tokenizer.end_of_turn else ()
-    completions = [None] * len(examples)
+    completions = [""] * len(examples)
     t0 = time.perf_counter()
     with tqdm(total=len(examples), desc=f"{task}: generate", unit="ex", disable=not progress) as bar:
-        for b0 in range(0, len(order), batch_size):
-            rows = order[b0:b0 + batch_size]
-            outs = generate_fn(model, tokenizer, [ids[i] for i in rows], max_new_tokens=max_new_tokens,
+        for b0, rows in batches:
+            if budget[rows[0]] < 1:                              # the prompt fills the context
+                bar.update(len(rows))
+                continue
+            outs = generate_fn(model, tokenizer, [ids[i] for i in rows], max_new_tokens=budget[rows[0]],
                                temperature=temperature, top_p=top_p, stop=stop,
                                seed=None if seed is None else seed + b0, **(generate_options or {}))
             for i, out in zip(rows, outs):
@@ -82,7 +96,9 @@ def evaluate(model, tokenizer, task, examples, *, batch_size=16, max_new_tokens=
         "accuracy": correct / len(examples) if examples else 0.0,
         "settings": {"batch_size": batch_size, "max_new_tokens": max_new_tokens,
                      "temperature": temperature, "top_p": top_p, "seed": seed, "stop": list(stop),
-                     "mbpp_timeout_s": timeout, **(info or {})},
+                     "mbpp_timeout_s": timeout, **(info or {}),
+                     "context_capped": {examples[i]["id"]: max(0, n) for i, n in enumerate(budget)
+                                        if n < max_new_tokens}},
         "seconds": {"generate": round(t1 - t0, 3), "score": round(t2 - t1, 3)},
         "examples": [{"id": ex["id"], "prompt": p, "completion": c, "extracted": x,
                       "gold": ex["gold"], "verdict": bool(v)}

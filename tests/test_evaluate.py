@@ -81,6 +81,28 @@ def test_gsm8k_batches_by_length_and_writes_results(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["gsm8k.json"]     # no temporary left behind
 
 
+def test_a_prompt_too_long_for_the_context_gets_the_room_left():
+    """Prompts sorted longest first; the longest, past the context with 77 new tokens, runs alone with
+    what is left (or, filling the context, not at all); the others run as before."""
+    from types import SimpleNamespace
+    tok = ChatCharTokenizer()
+    examples = load_examples("gsm8k", "test", data_dir=DATA)[:6]
+    lengths = [len(tok.encode(format_prompt("gsm8k", ex, tok))) for ex in examples]
+    (L1, first), (L2, _) = sorted(zip(lengths, range(6)), reverse=True)[:2]
+    assert L2 + 77 <= L1                                     # the others fit whatever happens to the longest
+    answers = {tok.decode(tok.encode(format_prompt("gsm8k", ex, tok))): "#### 1" for ex in examples}
+    for context, room in ((L1 + 40, 40), (L1, 0)):
+        fake = FakeGenerate(tok, answers)
+        model = SimpleNamespace(args=SimpleNamespace(max_seq_len=context))
+        r = evaluate(model, tok, "gsm8k", examples, batch_size=4, max_new_tokens=77, generate_fn=fake,
+                     progress=False)
+        calls = [(c["lengths"], c["max_new_tokens"]) for c in fake.calls]
+        rest = sorted((n for n in lengths if n != L1), reverse=True)
+        assert calls == ([([L1], room)] if room else []) + [(rest[:4], 77), (rest[4:], 77)]
+        assert r["settings"]["context_capped"] == {examples[first]["id"]: room}
+        assert (r["examples"][first]["completion"] == "") == (room == 0)
+
+
 class EndOfTurnTextTokenizer(ChatCharTokenizer):
     """<|im_end|> is an ordinary special (id 0) that decodes to its text; eos is another id."""
     SPECIAL = {"<|im_start|>": 3, "<|im_end|>": 0}
