@@ -154,6 +154,10 @@ def resumed_config(argv, folder):
             raise SystemExit(f"--resume {folder}: --{k.replace('_', '-')} {given[k]!r} differs from the run's "
                              f"{saved.get(k)!r}; a resumed run keeps its task, model, adapters, data and batch "
                              f"(start a new run with another --out)")
+    world, was = int(os.environ.get("WORLD_SIZE", "1")), saved.get("world")
+    if was is not None and was != world:    # every step's sequences are split over the processes
+        raise SystemExit(f"--resume {folder}: the run had {was} processes, this one has {world}; "
+                         f"resume it with {was} (torchrun --nproc_per_node={was})")
     return argparse.Namespace(**{**vars(make_parser().parse_args([])), **saved, **given, "out": folder})
 
 
@@ -539,6 +543,7 @@ def main(argv=None):
                          f"or give another --out (nothing was written)")
     check_options(cfg)
     rank, world, device = setup_distributed(cfg.device)
+    cfg.world = world                       # saved in config.json: a resume must use as many
     main_proc = rank == 0
     say = print if main_proc else (lambda *a, **k: None)
     random.seed(cfg.seed)

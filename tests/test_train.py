@@ -119,6 +119,9 @@ def test_a_run_folder_is_never_overwritten_and_a_resume_keeps_its_run(tmp_path):
         train.resumed_config(["--resume", str(out), "--batch-size", "2"], out)
     cfg = train.resumed_config(["--resume", str(out), "--max-steps", "9", "--lr", "1e-3"], out)
     assert (cfg.task, cfg.batch_size, cfg.max_steps, cfg.lr, cfg.out) == ("gsm8k", 4, 9, 1e-3, out)
+    (out / "config.json").write_text(json.dumps({**saved, "out": str(out), "world": 2}))
+    with pytest.raises(SystemExit, match="the run had 2 processes, this one has 1"):
+        train.resumed_config(["--resume", str(out)], out)
     (out / "config.json").write_text("{")
     with pytest.raises(SystemExit, match="config.json is not valid JSON"):
         train.resumed_config(["--resume", str(out)], out)
