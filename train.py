@@ -145,6 +145,7 @@ def resumed_config(argv, folder):
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SystemExit(f"--resume {folder}: {path} is not valid JSON ({e})") from None
     given = vars(make_parser(suppress=True).parse_args(argv))
+
     def same(k, a, b):
         if k == "ckpt" and a and b:
             return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
