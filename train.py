@@ -117,8 +117,15 @@ FIXED_ON_RESUME = ("task", "ckpt", "method", "targets", "rank", "factors", "tau"
                    "alpha", "batch_size", "grad_accum", "max_len", "heldout", "seed")
 
 
-def check_options(cfg):
-    """Refuse option values that would crash later or silently mean something else."""
+SOKA_ONLY = ("tau", "r_min", "r_max", "factors", "init")   # LoRA / PiSSA train one fixed --rank
+
+
+def check_options(cfg, given=()):
+    """Refuse option values that would crash later or silently mean something else; `given` names the
+    options on the command line."""
+    if cfg.method != "soka" and (soka_only := [o for o in SOKA_ONLY if o in given]):
+        raise SystemExit(f"train.py: --{soka_only[0].replace('_', '-')} is a SoKA option; {cfg.method} "
+                         f"trains one fixed --rank (default {adapters.LORA_RANK})")
     def need(ok, option, rule):
         if not ok:
             raise SystemExit(f"train.py: --{option.replace('_', '-')} must be {rule}, got {getattr(cfg, option)!r}")
@@ -542,7 +549,7 @@ def main(argv=None):
     elif cfg.out and any((Path(cfg.out) / f).exists() for f in ("config.json", "checkpoint", "checkpoint.old")):
         raise SystemExit(f"--out {cfg.out} holds a run already; continue it with --resume {cfg.out}, "
                          f"or give another --out (nothing was written)")
-    check_options(cfg)
+    check_options(cfg, vars(make_parser(suppress=True).parse_args(argv)))
     rank, world, device = setup_distributed(cfg.device)
     cfg.world = world                       # saved in config.json: a resume must use as many
     main_proc = rank == 0

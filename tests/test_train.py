@@ -156,6 +156,15 @@ def test_bad_numbers_are_refused_with_the_option_named(option, value, rule):
     train.check_options(train.make_parser().parse_args([]))                  # the defaults pass
 
 
+def test_soka_options_are_refused_for_lora_and_pissa():
+    for method in ("lora", "pissa"):
+        for option in (["--tau", "0.8"], ["--r-max", "4"], ["--init", "random"], ["--factors", "8,8,8,8"]):
+            with pytest.raises(SystemExit, match=f"{option[0]} is a SoKA option; {method} trains one fixed --rank"):
+                train.main(["--method", method, *option])                   # before anything is loaded
+    argv = ["--method", "soka", "--tau", "0.8"]
+    train.check_options(train.make_parser().parse_args(argv), vars(train.make_parser(suppress=True).parse_args(argv)))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_device_cuda_without_a_gpu_says_so():
     with pytest.raises(SystemExit, match="--device cuda: torch .* sees no CUDA device"):
