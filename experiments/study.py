@@ -20,7 +20,7 @@ smoother loss, and gradient norms rarely above 1.5. Here, on the demo model (tar
   final     the "paper" setting: each method at its best rate, seeds 0, 1, 2, on GSM8K, MATH and MBPP,
             each run ending with the task's evaluation on its test split (GSM8K 1,319, MATH-500, MBPP 500)
   ablate    SoKA on GSM8K at its best rate: τ ∈ {0.8, 0.95, 0.99}, random init (σ = 0); two other
-            factor shapes, and the rule at about the larger one's parameter count (FACTOR_RANKS),
+            factor shapes, and the rule at about each one's parameter count (FACTOR_RANKS),
             each at its own best rate from shapes_sweep (SoKA's before that has run); seeds 0, 1, 2
   matched   the "matched" setting, as `final`
   shapes_sweep  a learning-rate sweep (GSM8K, seed 0) of every factor shape of ablate and shapes,
