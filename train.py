@@ -120,6 +120,11 @@ FIXED_ON_RESUME = ("task", "ckpt", "method", "targets", "rank", "factors", "tau"
 SOKA_ONLY = ("tau", "r_min", "r_max", "factors", "init")   # LoRA / PiSSA train one fixed --rank
 
 
+def given_options(argv):
+    """{option: value} of the options on the command line only (the defaults left out)."""
+    return vars(make_parser(suppress=True).parse_args(argv))
+
+
 def check_options(cfg, given=()):
     """Refuse option values that would crash later or silently mean something else; `given` names the
     options on the command line."""
@@ -151,7 +156,7 @@ def resumed_config(argv, folder):
         saved = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SystemExit(f"--resume {folder}: {path} is not valid JSON ({e})") from None
-    given = vars(make_parser(suppress=True).parse_args(argv))
+    given = given_options(argv)
 
     def same(k, a, b):
         if k == "ckpt" and a and b:
@@ -549,7 +554,7 @@ def main(argv=None):
     elif cfg.out and any((Path(cfg.out) / f).exists() for f in ("config.json", "checkpoint", "checkpoint.old")):
         raise SystemExit(f"--out {cfg.out} holds a run already; continue it with --resume {cfg.out}, "
                          f"or give another --out (nothing was written)")
-    check_options(cfg, vars(make_parser(suppress=True).parse_args(argv)))
+    check_options(cfg, given_options(argv))
     rank, world, device = setup_distributed(cfg.device)
     cfg.world = world                       # saved in config.json: a resume must use as many
     main_proc = rank == 0

@@ -34,8 +34,9 @@ A load vectorizes only as far as its mask stays constant, so a factor whose rows
 column-major (factor_buffer); the kernels read a factor stored either way in place.
 The weight gradients are summed per chunk of tokens into a float32 buffer and the chunks are added by
 torch: no atomics, and the chunking depends only on the token count, r and the factor shape, so an
-eager step and a CUDA-graph replay give bit-identical gradients. No autotuning (graphs are captured after warm-up, and
-tuning inside a capture breaks it): fixed launch settings, measured on an H100 (below).
+eager step and a CUDA-graph replay give bit-identical gradients. No autotuning (graphs are captured
+after warm-up, and tuning inside a capture breaks it): fixed launch settings, measured on an H100
+(below).
 
 It runs where Triton runs: CUDA tensors, compiled; or CPU tensors under Triton's interpreter, which
 TRITON_INTERPRET=1 turns on when set before this module is imported (tests/test_kron_fused.py).
@@ -73,11 +74,11 @@ def _factor_tile(i_r, i_c, ROWS: tl.constexpr, COLS: tl.constexpr, TRANSPOSED: t
 # train.GraphedStep capture a new length without an eager warm-up pass first.
 @triton.jit(do_not_specialize=["n_tokens", "R"])
 def _kron_apply_kernel(out_ptr, x_ptr, a_ptr, b_ptr, n_tokens, R, TOKENS: tl.constexpr,
-                     M: tl.constexpr, N: tl.constexpr, P: tl.constexpr, Q: tl.constexpr,
-                     A_T: tl.constexpr, SA: tl.constexpr, LDA: tl.constexpr,
-                     B_T: tl.constexpr, SB: tl.constexpr, LDB: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr,
-                     ACCUMULATE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+                       M: tl.constexpr, N: tl.constexpr, P: tl.constexpr, Q: tl.constexpr,
+                       A_T: tl.constexpr, SA: tl.constexpr, LDA: tl.constexpr,
+                       B_T: tl.constexpr, SB: tl.constexpr, LDB: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr,
+                       ACCUMULATE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     # out_t (M, P) = Σ_k A_k X_t B_kᵀ (+= if ACCUMULATE) for this program's TOKENS tokens; A (R, M, N),
     # X (tokens, N, Q), B (R, P, Q), out (tokens, M, P), X and out contiguous. A_k starts at
     # a_ptr + k·SA, its rows LDA apart, or if A_T its columns (A_k stored transposed); B likewise.
@@ -254,9 +255,9 @@ def _layout(A):
 
 def kron_apply_(out, X, A, B, *, accumulate=True, tokens=None, warps=None, stages=None):
     """out (n_tok, M·P) += Σ_k A_k X_t B_kᵀ for every token t, in place (= if not accumulate), with
-    X_t = X[t].view(N, Q), X (n_tok, N·Q), A (r, M, N), B (r, P, Q); out and X contiguous; A and B contiguous, or
-    transposed views of contiguous tensors (factor_buffer(), dx's Usᵀ), read in place; anything else
-    is copied. Returns out. tokens / warps / stages override TOKENS_PER_PROGRAM, WARPS and _stages
+    X_t = X[t].view(N, Q), X (n_tok, N·Q), A (r, M, N), B (r, P, Q); out and X contiguous; A and B
+    contiguous, or transposed views of contiguous tensors (factor_buffer(), dx's Usᵀ), read in place;
+    anything else is copied. Returns out. tokens / warps / stages override TOKENS_PER_PROGRAM, WARPS and _stages
     (benchmarks/kron_fused_configs.py)."""
     r, M, N = A.shape
     _, P, Q = B.shape
@@ -332,7 +333,7 @@ class KronFused(torch.autograd.Function):
         torch.mul(U, sigma[:, None, None], out=Us)            # Us_k = σ_k U_k (r, m, n), cast on write
         Vd = factor_buffer(r, p, q, dtype=dt, device=x.device).copy_(V)   # (r, p, q)
         y = torch.empty(X.shape[0], m * p, dtype=dt, device=x.device)
-        kron_apply_(y, X, Us, Vd, accumulate=False)            # (N, m·p) = Σ_k Us_k X_t V_kᵀ, then ...
+        kron_apply_(y, X, Us, Vd, accumulate=False)          # (N, m·p) = Σ_k Us_k X_t V_kᵀ, then ...
         y.addmm_(X, weight.to(dt).t())                        # ... += X W_resᵀ: cuBLAS adds y in its epilogue
         ctx.save_for_backward(X, weight, sigma, U, Us, Vd)
         ctx.x_dtype = x.dtype
@@ -348,7 +349,7 @@ class KronFused(torch.autograd.Function):
         dx = dweight = dsigma = dU = dV = None
         if ctx.needs_input_grad[0]:
             dx = torch.empty(G.shape[0], n * q, dtype=Us.dtype, device=G.device)
-            kron_apply_(dx, G, Us.transpose(1, 2), Vd.transpose(1, 2), accumulate=False)   # Σ_k Us_kᵀ G_t V_k
+            kron_apply_(dx, G, Us.transpose(1, 2), Vd.transpose(1, 2), accumulate=False)  # Σ_k Us_kᵀ G_t V_k
             dx.addmm_(G, weight.to(Us.dtype))                 # += G W_res (the frozen part)
             dx = dx.view(*gy.shape[:-1], n * q).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:                           # W_res is frozen in SoKALinear; for completeness

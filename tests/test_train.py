@@ -162,7 +162,7 @@ def test_soka_options_are_refused_for_lora_and_pissa():
             with pytest.raises(SystemExit, match=f"{option[0]} is a SoKA option; {method} trains one fixed --rank"):
                 train.main(["--method", method, *option])                   # before anything is loaded
     argv = ["--method", "soka", "--tau", "0.8"]
-    train.check_options(train.make_parser().parse_args(argv), vars(train.make_parser(suppress=True).parse_args(argv)))
+    train.check_options(train.make_parser().parse_args(argv), train.given_options(argv))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
