@@ -28,7 +28,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -546,6 +546,16 @@ def count_params(model):
 
 # ----------------------------------------------------------------------------- main
 
+@contextmanager
+def input_errors():
+    """Turn the errors of reading the user's files and options (OSError: missing, unreadable or not
+    downloadable; ValueError: malformed or inconsistent) into an exit with their message."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"train.py: {type(e).__name__}: {e}") from e
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = make_parser().parse_args(argv)
@@ -563,26 +573,31 @@ def main(argv=None):
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    # ---- data files first (a wrong --data-dir should not wait for the model), then model, adapters
-    train_raw, held_raw = heldout_split(cfg.task, cfg.data_dir, cfg.heldout)
-    ckpt = Path(cfg.ckpt).expanduser() if cfg.ckpt else demo_checkpoint()
-    say(f"model: {ckpt}" + ("" if cfg.ckpt else "  (the demo model; for LLaMA-2-7B pass --ckpt path/to/llama-2-7b)"))
-    model, tok = load_checkpoint(ckpt, device=device)
-    if tok is None:
-        raise SystemExit(f"{ckpt}: no tokenizer found beside the checkpoint (tokenizer.model / tokenizer.json)")
-    dtype = next(model.parameters()).dtype
-    targets = tuple(t.strip() for t in cfg.targets.split(",") if t.strip())
-    out = Path(cfg.out or f"out/{cfg.task}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if cfg.soka_impl:
-        adapters.IMPL = cfg.soka_impl       # every SoKALinear built below (inject or load_adapter)
-    if cfg.resume:
-        state_dir, st = find_checkpoint(out)
-        report = adapters.load_adapter(model, state_dir / "adapter.pt")
-    else:
-        report = adapters.inject(model, cfg.method, targets, rank=cfg.rank, tau=cfg.tau, r_min=cfg.r_min,
-                                 r_max=cfg.r_max, init=cfg.init if cfg.method == "soka" else "kpsvd",
-                                 alpha=cfg.alpha, factors=parse_factors(cfg.factors), seed=cfg.seed,
-                                 verbose=False)
+    # ---- data files first (a wrong --data-dir should not wait for the model), then model, adapters.
+    # A missing or broken file, a failed download or a bad adapter option ends the run here with the
+    # library's message alone (it names the file and what is wrong), not with a traceback.
+    with input_errors():
+        train_raw, held_raw = heldout_split(cfg.task, cfg.data_dir, cfg.heldout)
+        test_raw = (load_examples(cfg.task, EVAL_SPLIT[cfg.task], data_dir=cfg.data_dir, download=True)
+                    if cfg.eval_limit != 0 else [])     # the final evaluation's: not after hours of training
+        ckpt = Path(cfg.ckpt).expanduser() if cfg.ckpt else demo_checkpoint()
+        say(f"model: {ckpt}" + ("" if cfg.ckpt else "  (the demo model; for LLaMA-2-7B pass --ckpt path/to/llama-2-7b)"))
+        model, tok = load_checkpoint(ckpt, device=device)
+        if tok is None:
+            raise SystemExit(f"{ckpt}: no tokenizer found beside the checkpoint (tokenizer.model / tokenizer.json)")
+        dtype = next(model.parameters()).dtype
+        targets = tuple(t.strip() for t in cfg.targets.split(",") if t.strip())
+        out = Path(cfg.out or f"out/{cfg.task}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if cfg.soka_impl:
+            adapters.IMPL = cfg.soka_impl   # every SoKALinear built below (inject or load_adapter)
+        if cfg.resume:
+            state_dir, st = find_checkpoint(out)
+            report = adapters.load_adapter(model, state_dir / "adapter.pt")
+        else:
+            report = adapters.inject(model, cfg.method, targets, rank=cfg.rank, tau=cfg.tau, r_min=cfg.r_min,
+                                     r_max=cfg.r_max, init=cfg.init if cfg.method == "soka" else "kpsvd",
+                                     alpha=cfg.alpha, factors=parse_factors(cfg.factors), seed=cfg.seed,
+                                     verbose=False)
     if world > 1:                           # every rank starts from rank 0's adapters, bit for bit
         for _, layer in adapters.adapter_layers(model):
             for t in list(layer.parameters()) + list(layer.buffers()):
@@ -760,8 +775,7 @@ def main(argv=None):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             split = EVAL_SPLIT[cfg.task]
-            test = load_examples(cfg.task, split, data_dir=cfg.data_dir, download=True)
-            test = test[:cfg.eval_limit] if cfg.eval_limit else test
+            test = test_raw[:cfg.eval_limit] if cfg.eval_limit else test_raw
             adapters.merge(model)           # inference at the base model's cost
             model_py.compile_pointwise(False)   # generation: its own CUDA graph; shapes change every call
             model.eval()

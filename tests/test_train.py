@@ -6,6 +6,8 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -163,6 +165,34 @@ def test_soka_options_are_refused_for_lora_and_pissa():
                 train.main(["--method", method, *option])                   # before anything is loaded
     argv = ["--method", "soka", "--tau", "0.8"]
     train.check_options(train.make_parser().parse_args(argv), train.given_options(argv))
+
+
+def test_a_broken_checkpoint_ends_the_run_with_its_message_and_writes_nothing(tiny, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny, bad)
+    (bad / "params.json").write_text('{"dim": 32')
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"train.py: ValueError: .*params.json: not valid JSON") as e:
+        train.main(["--task", "gsm8k", "--ckpt", str(bad), "--out", str(out), *FAST])
+    assert isinstance(e.value.__cause__, ValueError) and not out.exists()
+
+
+def test_a_missing_test_file_is_found_before_the_model_loads(tiny, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data"
+    (data / "gsm8k").mkdir(parents=True)
+    os.symlink(DATA / "gsm8k" / "train.jsonl", data / "gsm8k" / "train.jsonl")   # no test.jsonl
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("offline")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    argv = ["--task", "gsm8k", "--ckpt", str(tiny), "--out", str(tmp_path / "out"), *FAST, "--data-dir", str(data),
+            "--max-steps", "1"]
+    with pytest.raises(SystemExit, match=r"train.py: ConnectionError: .*could not fetch .*test.jsonl.*put the file "
+                                         r"there yourself"):
+        train.main(argv)
+    assert "model:" not in capsys.readouterr().out and not (tmp_path / "out").exists()
+    argv[argv.index("--out") + 1] = str(tmp_path / "no_eval")                   # no evaluation: not read
+    assert train.main(argv + ["--eval-limit", "0"]) == 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
