@@ -767,9 +767,11 @@ def main(argv=None):
         plot_curves(metrics, out / "curves.png")
         losses = [m["loss"] for m in metrics]
         k = max(1, min(50, len(losses) // 4))
+        timed = metrics[1:] or metrics      # the first step includes compiling and graph capture
         say(f"trained {step} steps: loss {np.mean(losses[:k]):.4f} → {np.mean(losses[-k:]):.4f} "
             f"(mean of first/last {k}), largest gradient norm {max(m['grad_norm'] for m in metrics):.3f}, "
-            f"{np.mean([m['tokens_per_s'] for m in metrics[1:] or metrics]):,.0f} tokens/s")
+            f"{sum(m['tokens'] for m in timed) / sum(m['time_s'] for m in timed):,.0f} tokens/s "
+            f"({sum(m['time_s'] for m in timed):.1f} s past the first step)")
         if cfg.eval_limit != 0:
             micro_step = None                 # frees the CUDA graphs' memory pool for generation
             if device.type == "cuda":

@@ -3,6 +3,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -82,6 +83,11 @@ def test_run_writes_every_output(tiny, tmp_path, task):
     # the first screen states the model, device, trainable against total, tokens per step
     for s in ("model:", "device: cpu", "trainable of", "tokens per step"):
         assert s in p.stdout
+    # the closing line's rate is tokens over time past the first step (not a mean of per-step rates)
+    rate, secs = re.search(r"([\d,]+) tokens/s \(([\d.]+) s past the first step\)", p.stdout).groups()
+    assert float(secs) == pytest.approx(sum(r["time_s"] for r in m[1:]), abs=0.06)
+    assert float(rate.replace(",", "")) == pytest.approx(sum(r["tokens"] for r in m[1:]) / sum(r["time_s"] for r in m[1:]),
+                                                         abs=0.6)
     # the adapter loads into a fresh base and reproduces the trained model's logits
     base, _ = load_checkpoint(tiny)
     adapters.load_adapter(base, out / "adapter.pt")
