@@ -771,7 +771,7 @@ def main(argv=None):
         say(f"trained {step} steps: loss {np.mean(losses[:k]):.4f} → {np.mean(losses[-k:]):.4f} "
             f"(mean of first/last {k}), largest gradient norm {max(m['grad_norm'] for m in metrics):.3f}, "
             f"{sum(m['tokens'] for m in timed) / sum(m['time_s'] for m in timed):,.0f} tokens/s "
-            f"({sum(m['time_s'] for m in timed):.1f} s past the first step)")
+            f"({sum(m['time_s'] for m in timed):.1f} s{' past the first step' if len(metrics) > 1 else ''})")
         if cfg.eval_limit != 0:
             micro_step = None                 # frees the CUDA graphs' memory pool for generation
             if device.type == "cuda":
