@@ -43,6 +43,7 @@ from rank_select import R_MAX, R_MIN, TAU
 from soka import adapters
 from soka.evaluate import evaluate, write_json
 from soka.tasks import DATA_DIR, IGNORE_INDEX, TASKS, build_examples, load_examples
+from soka.tokenizer import json_object
 
 # Per task: the split that gives held-out loss, the split evaluated at the end, new-token budget.
 HELDOUT = {"gsm8k": "train", "math": "train", "mbpp": "validation"}
@@ -153,9 +154,9 @@ def resumed_config(argv, folder):
     if not path.is_file():
         raise SystemExit(f"--resume {folder}: no config.json there (not a train.py output folder)")
     try:
-        saved = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SystemExit(f"--resume {folder}: {path} is not valid JSON ({e})") from None
+        saved = json_object(path)
+    except ValueError as e:                 # names the file: not valid JSON, or not an object
+        raise SystemExit(f"--resume {folder}: {e}") from None
     given = given_options(argv)
 
     def same(k, a, b):
@@ -768,10 +769,11 @@ def main(argv=None):
         losses = [m["loss"] for m in metrics]
         k = max(1, min(50, len(losses) // 4))
         timed = metrics[1:] or metrics      # the first step includes compiling and graph capture
+        secs = sum(m["time_s"] for m in timed)
         say(f"trained {step} steps: loss {np.mean(losses[:k]):.4f} → {np.mean(losses[-k:]):.4f} "
             f"(mean of first/last {k}), largest gradient norm {max(m['grad_norm'] for m in metrics):.3f}, "
-            f"{sum(m['tokens'] for m in timed) / sum(m['time_s'] for m in timed):,.0f} tokens/s "
-            f"({sum(m['time_s'] for m in timed):.1f} s{' past the first step' if len(metrics) > 1 else ''})")
+            f"{sum(m['tokens'] for m in timed) / secs:,.0f} tokens/s "
+            f"({secs:.1f} s{' past the first step' if len(metrics) > 1 else ''})")
         if cfg.eval_limit != 0:
             micro_step = None                 # frees the CUDA graphs' memory pool for generation
             if device.type == "cuda":

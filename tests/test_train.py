@@ -131,7 +131,10 @@ def test_a_run_folder_is_never_overwritten_and_a_resume_keeps_its_run(tmp_path):
     with pytest.raises(SystemExit, match="the run had 2 processes, this one has 1"):
         train.resumed_config(["--resume", str(out)], out)
     (out / "config.json").write_text("{")
-    with pytest.raises(SystemExit, match="config.json is not valid JSON"):
+    with pytest.raises(SystemExit, match="config.json: not valid JSON"):
+        train.resumed_config(["--resume", str(out)], out)
+    (out / "config.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="config.json: holds a JSON list, not an object"):
         train.resumed_config(["--resume", str(out)], out)
     with pytest.raises(SystemExit, match="no config.json there"):
         train.resumed_config(["--resume", str(tmp_path)], tmp_path)
