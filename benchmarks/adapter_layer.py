@@ -30,6 +30,12 @@ and KronLinear r·n·p·(4q + 3m); KronFused 2·r·(n·p·q + m·n·p + m·p·q 
 token and term (KronLinear's 7 reuse Usᵀ G for dx and dV; unpadded sizes); autograd SoKA
 3·r·n·p·(q + m); LoRA 3·r·(d_in + d_out); dense 3·d_out·d_in + 4·r·d_out·d_in / tokens (forming ΔW
 twice, projecting dW twice). docs/adapters.md.
+Ceilings: for each shape and rank, the least a SoKA layer could cost, the frozen layer's time plus
+train_step.py's LEAST multiply-adds (the cheapest schedule of small products we know) at the run's
+bf16 GEMM rate and nothing else, against --target × the frozen layer (issue 4: 1.10); and the GEMM
+rate (% of the measured one) at which the added FLOPs, fused's own and LEAST's, would have to run,
+all else free, to meet it (over 100 %: out of reach). The frozen time is the CUDA-graph one where
+there is one.
 Compare implementations only within one run (one device, one torch).
 Prints a table and writes JSON (default benchmarks/results/adapter_layer.json).
 """
@@ -49,6 +55,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kpsvd import factor_shape, kron_apply                      # noqa: E402
 from soka.adapters import LoRALinear, SoKALinear               # noqa: E402
+from train_step import adapter_macs, gemm_tflops               # noqa: E402  (this folder)
 
 SOKA_IMPLS = {"soka": "kron", "soka_v2": "kron_v2", "soka_dense": "dense", "soka_fused": "fused"}   # method -> impl
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
@@ -168,7 +175,22 @@ def flops_ratio(method, d_out, d_in, r, tokens):
     return None if extra is None else 1 + extra / (2 * d_out * d_in)
 
 
-def main():
+def ceiling_rows(frozen_times, ranks, tokens, rate, target):
+    """The ceilings (module docstring) for every measured shape and rank; rate in FLOP/s."""
+    out = []
+    for (d_out, d_in), frozen_ms in frozen_times.items():
+        for r in ranks:
+            added = {impl: 2 * tokens * adapter_macs("soka", d_out, d_in, r, impl=impl, tokens=tokens, dx=True)
+                     for impl in ("fused", "least")}                                 # FLOPs per step
+            budget_s = (target - 1) * frozen_ms / 1e3
+            out.append(dict(d_out=d_out, d_in=d_in, r=r, frozen_ms=frozen_ms,
+                            gflop_added={k: v / 1e9 for k, v in added.items()},
+                            least_x_frozen=1 + added["least"] / rate / (frozen_ms / 1e3),
+                            needs_pct_gemm={k: 100 * v / budget_s / rate for k, v in added.items()}))
+    return out
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
@@ -176,10 +198,12 @@ def main():
     ap.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008", help="d_out x d_in, comma-separated")
     ap.add_argument("--ranks", default="1,4,8")
     ap.add_argument("--methods", default="frozen,soka,soka_v2,soka_fused,soka_dense,soka_ref,lora,lokr")
+    ap.add_argument("--target", type=float, default=1.10, help="the cost asked of SoKA, × the frozen layer")
+    ap.add_argument("--gemm-size", type=int, default=None, help="n of the n³ matmul (default 8192 on CUDA, 512 on CPU)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "adapter_layer.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     cuda = device.type == "cuda"
     methods = args.methods.split(",")
@@ -195,7 +219,9 @@ def main():
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ranks = [int(r) for r in args.ranks.split(",")]
 
-    rows = []
+    gemm_n = args.gemm_size or (8192 if cuda else 512)
+    gemm = [gemm_tflops(gemm_n, device=device, dtype=dtype)]
+    rows, frozen_times = [], {}
     print(f"{'d_out×d_in':>11} {'r':>2} {'method':>10} {'(m,n,p,q)':>16} {'trainable':>10} {'ms':>8} "
           f"{'×frozen':>8} {'graph ms':>8} {'×frozen':>8} {'FLOP ×':>7} {'peak MiB':>9} {'saved MiB':>9}")
     for d_out, d_in in shapes:
@@ -215,6 +241,7 @@ def main():
                 ms, graph_ms, peak = measure(fn, x, g, warmup=args.warmup, repeat=args.repeat, cuda=cuda)
                 if method == "frozen":
                     frozen_ms, frozen_graph_ms = ms, graph_ms
+                    frozen_times[d_out, d_in] = graph_ms or ms
                 row = dict(d_out=d_out, d_in=d_in, r=None if method == "frozen" else r, method=method,
                            factors=list(factor_shape(d_out, d_in)) if method.startswith("soka") else None,
                            trainable=trainable, ms=ms, ratio_vs_frozen=ms / frozen_ms if frozen_ms else None,
@@ -232,13 +259,26 @@ def main():
                 if cuda:
                     torch.cuda.empty_cache()
 
+    gemm.append(gemm_tflops(gemm_n, device=device, dtype=dtype))
+    ceilings = ceiling_rows(frozen_times, ranks, args.tokens, max(gemm) * 1e12, args.target)
+    print(f"\nCeilings: the frozen layer plus the added FLOPs at the {gemm_n}³ GEMM's {max(gemm):.4g} TFLOP/s, all "
+          f"else free; target {args.target} × frozen. 'needs': that GEMM rate's share the added FLOPs must run at")
+    print(f"{'d_out×d_in':>11} {'r':>2} {'frozen ms':>9} {'GFLOP added (fused / least)':>27} "
+          f"{'least ×frozen':>13} {'needs % GEMM (fused / least)':>28}")
+    for c in ceilings:
+        shape = f"{c['d_out']}×{c['d_in']}"
+        print(f"{shape:>11} {c['r']:>2} {c['frozen_ms']:>9.3f} "
+              f"{c['gflop_added']['fused']:>16.2f} / {c['gflop_added']['least']:>6.2f} {c['least_x_frozen']:>13.3f} "
+              f"{c['needs_pct_gemm']['fused']:>19.0f} / {c['needs_pct_gemm']['least']:>6.0f}")
     info = dict(device=torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
                 torch=torch.__version__, dtype=str(dtype), tokens=args.tokens, warmup=args.warmup,
-                repeat=args.repeat, timing="CUDA events, median" if cuda else "perf_counter, median")
+                repeat=args.repeat, timing="CUDA events, median" if cuda else "perf_counter, median",
+                gemm_n=gemm_n, gemm_tflops=gemm, target_x_frozen=args.target)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(config=info, results=rows), indent=1) + "\n")
+    out.write_text(json.dumps(dict(config=info, results=rows, ceilings=ceilings), indent=1) + "\n")
     print(f"wrote {out}")
+    return rows, ceilings
 
 
 if __name__ == "__main__":

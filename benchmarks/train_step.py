@@ -47,7 +47,18 @@ gradients for the frozen base; plus each adapter's own, docs/adapters.md's per-l
 SoKA kron / kron_v2 r·n·p·(4q + 3m) multiply-adds, fused 2·r·(npq + mnp + mpq + mnq), dense d_out·d_in + 4·r·d_out·d_in / tokens,
 LoRA / PiSSA 3·r·(d_in + d_out), PEFT LoKr 3·d_out·d_in (its second dense GEMM, its dx and dW).
 Where a layer's input needs no gradient (layer 0's wq wk wv in the adapter configs) its dx is not
-counted, as autograd does not compute it. Achieved TFLOP/s = FLOPs per token × tokens/s; % GEMM
+counted, as autograd does not compute it.
+LEAST (impl "least", no implementation runs it): the fewest multiply-adds of any schedule of small
+products we know for one SoKA term and token. The forward's chain U (X Vᵀ) or (U X) Vᵀ in its cheaper
+order (n·p·(q + m) or m·q·(n + p)), dx's chain in the order that leaves the other intermediate
+(Usᵀ G, or G V), and each factor gradient one more product on the intermediate it shares (dU = (G V)
+Xᵀ, dV = Gᵀ (U X); or dU = G (X Vᵀ)ᵀ, dV = (Usᵀ G)ᵀ X): 3 × the forward, keeping r × the
+activation per layer alive for backward, which no implementation here does (the memory target).
+Forming the dense update is not a schedule of this kind: issue 4 rules it out during training.
+CEILINGS: for each SoKA row, the fastest such a step could be, the floor of the same options plus
+LEAST's added FLOPs at the run's GEMM rate and nothing else, against --target × HF's floor; and the
+GEMM rate (% of the measured one) at which the adapter's FLOPs, the implementation's own and LEAST's,
+would have to run, with every other cost zero, to reach the target (over 100 %: out of reach). Achieved TFLOP/s = FLOPs per token × tokens/s; % GEMM
 is that over the same run's bf16 GEMM rate (an --gemm-size³ matmul, measured at the start and at the
 end; the higher counts).
 Prints a table and writes JSON (default benchmarks/results/train_step.json).
@@ -127,6 +138,9 @@ def adapter_macs(method, d_out, d_in, r, *, impl, tokens, dx):
             return d_out * d_in + (3 + dx) * r * d_out * d_in / tokens
         if impl == "fused":     # 8 small products per token and term, 2 of them for dx (kron_fused.py)
             return 2 * r * (n * p * q + m * n * p + m * p * q + m * n * q) - (0 if dx else r * (m * n * p + n * p * q))
+        if impl == "least":     # the cheapest schedule of small products we know (LEAST in the docstring)
+            a, b = m * q * (n + p), n * p * (q + m)             # the forward's chain, U X first / X Vᵀ first
+            return r * (min(3 * a, 3 * b) if dx else min(2 * a + m * p * q, 2 * b + m * n * p))
         return r * n * p * ((4 if dx else 3) * q + 3 * m)           # kron, kron_v2
     if method in ("lora", "pissa"):
         return 3 * r * (d_in + d_out) - (0 if dx else r * d_in)
@@ -354,9 +368,12 @@ def measure(name, a, args, *, device, dtype, graphed, have_hf):
     free(device)
     if row["status"] == "ok":
         kind, method, rank, targets = CONFIGS[base]
-        row["flops_per_token"] = flops_per_token(
-            a, args.seq, method=method, rank=rank, targets=targets, impl=row["impl"], tokens=args.batch * args.seq,
+        flops = lambda impl: flops_per_token(                                        # noqa: E731
+            a, args.seq, method=method, rank=rank, targets=targets, impl=impl, tokens=args.batch * args.seq,
             head_rows=1.0 if kind == "hf" or not train.CE_CHUNK else (args.seq - 1) / args.seq)
+        row["flops_per_token"] = flops(row["impl"])
+        if method == "soka":
+            row["flops_per_token_least"] = flops("least")
     print(f"{name}: " + (f"{row['tokens_per_s']:,.0f} tokens/s, step {1e3 * row['step_s']:.1f} ms, "
                          f"first step {row['first_step_s']:.1f} s, init {row['init_s']:.1f} s, loss {row['loss']:.3f}"
                          + (f", peak {row['peak_gib']:.2f} GiB" if device.type == "cuda" else "")
@@ -364,18 +381,48 @@ def measure(name, a, args, *, device, dtype, graphed, have_hf):
     return row
 
 
+def our_floor(name, by):
+    """The row of our floor that `name` is compared with: ours_frozen with the same options, else with the
+    same +compile setting (a compiled SoKA row against the compiled floor), else None."""
+    opts = parse_config(name)[2]
+    floors = [(parse_config(k)[2], r) for k, r in by.items() if parse_config(k)[0] == "ours_frozen"]
+    same = [r for o, r in floors if o == opts] or [r for o, r in floors if ("compile" in o) == ("compile" in opts)]
+    return same[0] if same else None
+
+
 def add_ratios(rows, gemm_rate, *, cuda):
-    """Each ok row against the floors of the same list: × HF's floor, × ours (speed, memory), % of the GEMM rate."""
+    """Each ok row against the floors of the same list: × HF's floor, × ours (speed, memory; our_floor),
+    % of the GEMM rate."""
     by = {r["config"]: r for r in rows if r["status"] == "ok"}
-    floor, hf_floor = by.get("ours_frozen"), by.get("hf_frozen")
+    hf_floor = by.get("hf_frozen")
     for r in rows:
         if r["status"] != "ok":
             continue
+        floor = our_floor(r["config"], by)
         r["x_hf_floor"] = r["tokens_per_s"] / hf_floor["tokens_per_s"] if hf_floor else None
         r["x_our_floor"] = r["tokens_per_s"] / floor["tokens_per_s"] if floor else None
         r["mem_x_our_floor"] = r["peak_gib"] / floor["peak_gib"] if floor and cuda else None
         r["tflops"] = r["flops_per_token"] * r["tokens_per_s"] / 1e12
         r["pct_gemm"] = 100 * r["tflops"] / gemm_rate
+
+
+def add_ceilings(rows, gemm_rate, target):
+    """CEILINGS (module docstring) for each ok SoKA row that has its floor and HF's in the same list."""
+    by = {r["config"]: r for r in rows if r["status"] == "ok"}
+    hf_floor, rate = by.get("hf_frozen"), gemm_rate * 1e12                    # FLOP/s
+    for r in rows:
+        floor = our_floor(r["config"], by) if r["status"] == "ok" and r["method"] == "soka" else None
+        if floor is None or hf_floor is None:
+            continue
+        s_floor = 1 / floor["tokens_per_s"]                                      # seconds per token
+        budget = 1 / (target * hf_floor["tokens_per_s"]) - s_floor               # what the target lets it add
+        added = {k: r[f] - floor["flops_per_token"] for k, f in (("impl", "flops_per_token"),
+                                                                 ("least", "flops_per_token_least"))}
+        r["added_flops_per_token"] = added
+        r["ceiling_tokens_per_s"] = 1 / (s_floor + added["least"] / rate)
+        r["ceiling_x_hf_floor"] = r["ceiling_tokens_per_s"] / hf_floor["tokens_per_s"]
+        r["target_needs_pct_gemm"] = {k: 100 * v / budget / rate if budget > 0 else math.inf
+                                      for k, v in added.items()}
 
 
 def median_round(runs):
@@ -407,6 +454,8 @@ def main(argv=None):
     ap.add_argument("--vocab", type=int, default=ModelArgs.vocab_size)
     ap.add_argument("--eager", action="store_true", help="our model without CUDA graphs (HF is always eager)")
     ap.add_argument("--gemm-size", type=int, default=None, help="n of the n³ matmul (default 8192 on CUDA, 512 on CPU)")
+    ap.add_argument("--target", type=float, default=1.2,
+                    help="the tokens/s asked of SoKA, × HF's floor (issue 7), for the ceilings table")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "train_step.json"))
     args = ap.parse_args(argv)
@@ -459,6 +508,7 @@ def main(argv=None):
         add_ratios(round_rows, gemm_rate, cuda=cuda)
     rows = [median_round([rr[i] for rr in rounds]) for i in range(len(names))]
     add_ratios(rows, gemm_rate, cuda=cuda)
+    add_ceilings(rows, gemm_rate, args.target)
 
     f = lambda v, fmt: "-" if v is None else fmt.format(v)   # noqa: E731
     print(f"\n{'config':<20} {'trainable':>11} {'init s':>7} {'tokens/s':>9} {'×HF floor':>9} {'×our floor':>10} "
@@ -472,6 +522,19 @@ def main(argv=None):
               f"{f(r.get('peak_gib'), '{:.2f}'):>8} {f(r['mem_x_our_floor'], '{:.3f}'):>10} "
               f"{r['flops_per_token'] / 1e9:>9.4g} {r['tflops']:>8.4g} {r['pct_gemm']:>6.1f}")
     print(f"{gemm_n}³ GEMM: {gemm[0]:.4g} TFLOP/s at the start, {gemm[1]:.4g} at the end; % GEMM uses {gemm_rate:.4g}")
+    ceil = [r for r in rows if "ceiling_x_hf_floor" in r]
+    if ceil:
+        print(f"\nCeilings: the floor's step plus the adapter's FLOPs at the GEMM rate, nothing else; target "
+              f"{args.target} × HF's floor. 'needs': the GEMM rate at which the added FLOPs must run, all else free")
+        print(f"{'config':<20} {'GFLOP/tok added':>16} {'ceiling tok/s':>13} {'ceiling ×HF':>11} {'measured ×HF':>12} "
+              f"{'needs % GEMM':>13}")
+        pct = lambda v: "never" if math.isinf(v) else f"{v:.0f}"      # noqa: E731  (never: the floor alone misses)
+        for r in ceil:
+            added, need = r["added_flops_per_token"], r["target_needs_pct_gemm"]
+            print(f"{r['config']:<20} {added['impl'] / 1e9:>7.3f} / {added['least'] / 1e9:>6.3f} "
+                  f"{r['ceiling_tokens_per_s']:>13,.0f} "
+                  f"{r['ceiling_x_hf_floor']:>11.3f} {r['x_hf_floor']:>12.3f} {pct(need['impl']):>6} / {pct(need['least']):>5}")
+        print("(added GFLOP and needs: the implementation's schedule / LEAST's; over 100 % is out of reach)")
     if args.rounds > 1:
         print(f"\n× HF floor in each of the {args.rounds} rounds (against that round's hf_frozen); the table above "
               "takes each config's median round")
@@ -480,7 +543,7 @@ def main(argv=None):
                 x = [q["x_hf_floor"] for q in r["rounds"]]
                 print(f"{r['config']:<20} " + " ".join(f"{v:.3f}" for v in x) + f"   min {min(x):.3f}  max {max(x):.3f}")
 
-    info.update(rounds=args.rounds, gemm_n=gemm_n, gemm_tflops=gemm, gemm_tflops_used=gemm_rate, params_linear_and_head=n_params)
+    info.update(rounds=args.rounds, target_x_hf_floor=args.target, gemm_n=gemm_n, gemm_tflops=gemm, gemm_tflops_used=gemm_rate, params_linear_and_head=n_params)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(config=info, results=rows), indent=1) + "\n")

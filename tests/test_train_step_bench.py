@@ -134,3 +134,87 @@ def test_rounds_keep_each_configs_median_round(tmp_path):
         # each round's ratio is against that round's floor
         assert r["rounds"][0]["x_our_floor"] == pytest.approx(speeds[0] / rows[0]["rounds"][0]["tokens_per_s"])
     assert rows[1]["x_our_floor"] == pytest.approx(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"])
+
+
+def least_schedule(x, gy, sigma, U, V, *, u_x_first, dx):
+    """LEAST (train_step.py's docstring) run for real: y, dx (or None), dσ, dU, dV of one SoKA layer's
+    Kronecker part from the small products it counts, one term at a time; x (N, n·q), gy (N, m·p)."""
+    r, m, n = U.shape
+    _, p, q = V.shape
+    N = x.shape[0]
+    X, G = x.reshape(N, n, q), gy.reshape(N, m, p)
+    y, dX = torch.zeros_like(gy).reshape(N, m, p), torch.zeros_like(X) if dx else None
+    dsigma, dU, dV = torch.zeros_like(sigma), torch.zeros_like(U), torch.zeros_like(V)
+    for k in range(r):
+        Us = sigma[k] * U[k]
+        if u_x_first:                                    # intermediates U X and G V, both (N, m, q)
+            UX = Us @ X
+            y += UX @ V[k].T
+            GV = G @ V[k]
+            if dx:
+                dX += Us.T @ GV
+            dUs = GV.transpose(0, 1).reshape(m, N * q) @ X.transpose(1, 2).reshape(N * q, n)     # Σ_t (G V) Xᵀ
+            dV[k] = G.permute(2, 0, 1).reshape(p, N * m) @ UX.reshape(N * m, q)                # Σ_t Gᵀ (U X)
+        else:                                            # intermediates X Vᵀ and Usᵀ G, both (N, n, p)
+            XV = X @ V[k].T
+            y += Us @ XV
+            UG = Us.T @ G
+            if dx:
+                dX += UG @ V[k]
+            dUs = G.transpose(0, 1).reshape(m, N * p) @ XV.permute(0, 2, 1).reshape(N * p, n)  # Σ_t G (X Vᵀ)ᵀ
+            dV[k] = UG.permute(2, 0, 1).reshape(p, N * n) @ X.reshape(N * n, q)                # Σ_t (Usᵀ G)ᵀ X
+        dsigma[k], dU[k] = (dUs * U[k]).sum(), sigma[k] * dUs
+    return y.reshape(N, m * p), None if dX is None else dX.reshape(N, n * q), dsigma, dU, dV
+
+
+@pytest.mark.parametrize("dx", [True, False])
+@pytest.mark.parametrize("d_out,d_in", [(20, 6), (12, 42), (48, 32), (86 * 2, 24)])
+def test_least_schedule_computes_the_gradients_with_the_counted_flops(d_out, d_in, dx):
+    from kpsvd import kron_apply
+    m, n, p, q = factor_shape(d_out, d_in)                      # the shapes the FLOP model assumes
+    r, N = 3, 5
+    g = torch.Generator().manual_seed(m * n + p * q)
+    x, gy = torch.randn(N, n * q, generator=g, dtype=torch.float64), torch.randn(N, m * p, generator=g, dtype=torch.float64)
+    sigma, U, V = (torch.randn(s, generator=g, dtype=torch.float64) for s in [(r,), (r, m, n), (r, p, q)])
+    leaves = [t.clone().requires_grad_(True) for t in (x, sigma, U, V)]
+    y_ref = kron_apply(*leaves)
+    y_ref.backward(gy)
+    ref = [y_ref.detach()] + [t.grad for t in leaves]
+    counts = {}
+    for u_x_first in (True, False):
+        with FlopCounterMode(display=False) as counter:
+            y, dX, dsigma, dU, dV = least_schedule(x, gy, sigma, U, V, u_x_first=u_x_first, dx=dx)
+        counts[u_x_first] = counter.get_total_flops()
+        for got, want in zip((y, dX, dsigma, dU, dV), ref):
+            if got is not None:
+                assert torch.allclose(got, want, rtol=1e-10, atol=1e-10)
+    # the cheaper of the two orders is what the FLOP model counts, per token, as multiply-adds
+    want = ts.adapter_macs("soka", d_out, d_in, r, impl="least", tokens=N, dx=dx)
+    assert min(counts.values()) == 2 * N * want, (counts, want)
+    assert want < ts.adapter_macs("soka", d_out, d_in, r, impl="kron_v2", tokens=N, dx=dx)
+
+
+def test_compiled_rows_are_compared_with_the_compiled_floor():
+    row = lambda name, tps: dict(config=name, status="ok", tokens_per_s=tps, peak_gib=1.0, flops_per_token=1.0)  # noqa: E731
+    rows = [row("hf_frozen", 10.0), row("ours_frozen", 12.0), row("ours_frozen+compile", 15.0),
+            row("soka_r1", 9.0), row("soka_r1+compile+glu", 13.5)]
+    ts.add_ratios(rows, gemm_rate=1.0, cuda=True)
+    x = {r["config"]: r["x_our_floor"] for r in rows}
+    assert x == {"hf_frozen": 10 / 12, "ours_frozen": 1.0, "ours_frozen+compile": 1.0, "soka_r1": 0.75,
+                 "soka_r1+compile+glu": 0.9}
+
+
+@pytest.mark.parametrize("least_gflop", [0.5, 2.0, 4.0, 8.0])
+def test_ceilings_reach_the_target_exactly_when_the_needed_gemm_rate_is_at_most_the_measured(least_gflop):
+    gemm = 800.0                                                     # TFLOP/s
+    rows = [dict(config="hf_frozen", status="ok", method="frozen", tokens_per_s=14_000.0, flops_per_token=27e9),
+            dict(config="ours_frozen+compile", status="ok", method="frozen", tokens_per_s=20_000.0,
+                 flops_per_token=27e9),
+            dict(config="soka_r8+compile", status="ok", method="soka", tokens_per_s=13_000.0,
+                 flops_per_token=27e9 + 1.5 * least_gflop * 1e9, flops_per_token_least=27e9 + least_gflop * 1e9)]
+    ts.add_ceilings(rows, gemm, target=1.2)
+    r = rows[2]
+    assert r["ceiling_tokens_per_s"] == pytest.approx(1 / (1 / 20_000 + least_gflop * 1e9 / (gemm * 1e12)))
+    assert r["target_needs_pct_gemm"]["impl"] == pytest.approx(1.5 * r["target_needs_pct_gemm"]["least"])
+    assert (r["ceiling_x_hf_floor"] >= 1.2) == (r["target_needs_pct_gemm"]["least"] <= 100)
+    assert "ceiling_tokens_per_s" not in rows[0] and "ceiling_tokens_per_s" not in rows[1]
