@@ -351,6 +351,13 @@ def hf_available():
 
 # ----------------------------------------------------------------------------- main
 
+def row_flops(row, a, seq, tokens, impl):
+    """flops_per_token of a measured row's config, its adapters counted as `impl` does them."""
+    kind, method, rank, targets = CONFIGS[parse_config(row["config"])[0]]
+    return flops_per_token(a, seq, method=method, rank=rank, targets=targets, impl=impl, tokens=tokens,
+                           head_rows=1.0 if kind == "hf" or not train.CE_CHUNK else (seq - 1) / seq)
+
+
 def measure(name, a, args, *, device, dtype, graphed, have_hf):
     """One config's row: its timings, or a status saying why there are none."""
     base, _, _ = parse_config(name)
@@ -367,13 +374,9 @@ def measure(name, a, args, *, device, dtype, graphed, have_hf):
         row = dict(config=name, status=f"error: {type(e).__name__}: {e}")
     free(device)
     if row["status"] == "ok":
-        kind, method, rank, targets = CONFIGS[base]
-        flops = lambda impl: flops_per_token(                                        # noqa: E731
-            a, args.seq, method=method, rank=rank, targets=targets, impl=impl, tokens=args.batch * args.seq,
-            head_rows=1.0 if kind == "hf" or not train.CE_CHUNK else (args.seq - 1) / args.seq)
-        row["flops_per_token"] = flops(row["impl"])
-        if method == "soka":
-            row["flops_per_token_least"] = flops("least")
+        row["flops_per_token"] = row_flops(row, a, args.seq, args.batch * args.seq, row["impl"])
+        if row["method"] == "soka":
+            row["flops_per_token_least"] = row_flops(row, a, args.seq, args.batch * args.seq, "least")
     print(f"{name}: " + (f"{row['tokens_per_s']:,.0f} tokens/s, step {1e3 * row['step_s']:.1f} ms, "
                          f"first step {row['first_step_s']:.1f} s, init {row['init_s']:.1f} s, loss {row['loss']:.3f}"
                          + (f", peak {row['peak_gib']:.2f} GiB" if device.type == "cuda" else "")
@@ -438,6 +441,64 @@ def median_round(runs):
     return row
 
 
+def print_tables(rows, *, gemm_n, gemm, target, rounds):
+    """The results table, the ceilings (SoKA rows) and, with several rounds, × HF floor in each."""
+    f = lambda v, fmt: "-" if v is None else fmt.format(v)   # noqa: E731
+    print(f"\n{'config':<20} {'trainable':>11} {'init s':>7} {'tokens/s':>9} {'×HF floor':>9} {'×our floor':>10} "
+          f"{'peak GiB':>8} {'×floor mem':>10} {'GFLOP/tok':>9} {'TFLOP/s':>8} {'% GEMM':>6}")
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"{r['config']:<20} {r['status']}")
+            continue
+        print(f"{r['config']:<20} {r['trainable']:>11,} {r['init_s']:>7.1f} {r['tokens_per_s']:>9,.0f} "
+              f"{f(r['x_hf_floor'], '{:.3f}'):>9} {f(r['x_our_floor'], '{:.3f}'):>10} "
+              f"{f(r.get('peak_gib'), '{:.2f}'):>8} {f(r['mem_x_our_floor'], '{:.3f}'):>10} "
+              f"{r['flops_per_token'] / 1e9:>9.4g} {r['tflops']:>8.4g} {r['pct_gemm']:>6.1f}")
+    print(f"{gemm_n}³ GEMM: {gemm[0]:.4g} TFLOP/s at the start, {gemm[1]:.4g} at the end; % GEMM uses {max(gemm):.4g}")
+    ceil = [r for r in rows if "ceiling_x_hf_floor" in r]
+    if ceil:
+        print(f"\nCeilings: the floor's step plus the adapter's FLOPs at the GEMM rate, nothing else; target "
+              f"{target} × HF's floor. 'needs': the GEMM rate at which the added FLOPs must run, all else free")
+        print(f"{'config':<20} {'GFLOP/tok added':>16} {'ceiling tok/s':>13} {'ceiling ×HF':>11} {'measured ×HF':>12} "
+              f"{'needs % GEMM':>13}")
+        pct = lambda v: "never" if math.isinf(v) else f"{v:.0f}"      # noqa: E731  (never: the floor alone misses)
+        for r in ceil:
+            added, need = r["added_flops_per_token"], r["target_needs_pct_gemm"]
+            print(f"{r['config']:<20} {added['impl'] / 1e9:>7.3f} / {added['least'] / 1e9:>6.3f} "
+                  f"{r['ceiling_tokens_per_s']:>13,.0f} "
+                  f"{r['ceiling_x_hf_floor']:>11.3f} {r['x_hf_floor']:>12.3f} {pct(need['impl']):>6} / {pct(need['least']):>5}")
+        print("(added GFLOP and needs: the implementation's schedule / LEAST's; over 100 % is out of reach)")
+    if rounds > 1:
+        print(f"\n× HF floor in each of the {rounds} rounds (against that round's hf_frozen); the table above "
+              "takes each config's median round")
+        for r in rows:
+            if r["status"] == "ok" and r.get("rounds") and r["rounds"][0].get("x_hf_floor") is not None:
+                x = [q["x_hf_floor"] for q in r["rounds"]]
+                print(f"{r['config']:<20} " + " ".join(f"{v:.3f}" for v in x) + f"   min {min(x):.3f}  max {max(x):.3f}")
+
+
+def report(path, target):
+    """Print the tables of a saved run again, with the ceilings against `target` (LEAST's FLOPs counted
+    from the saved shape where the run predates them). Returns its rows."""
+    try:
+        saved = json.loads(Path(path).read_text())
+        info, rows = saved["config"], saved["results"]
+        shape = info["shape"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"train_step.py: {path} is not a train_step.py results file ({type(e).__name__}: {e})")
+    a = ModelArgs(dim=shape["dim"], n_layers=shape["layers"], n_heads=shape["heads"], n_kv_heads=shape["kv_heads"],
+                  vocab_size=shape["vocab"], hidden_dim=shape["ffn"], max_seq_len=max(4096, info["seq"]))
+    for r in rows:
+        if r["status"] == "ok" and r["method"] == "soka" and "flops_per_token_least" not in r:
+            r["flops_per_token_least"] = row_flops(r, a, info["seq"], info["tokens_per_step"], "least")
+    add_ratios(rows, info["gemm_tflops_used"], cuda=all("peak_gib" in r for r in rows if r["status"] == "ok"))
+    add_ceilings(rows, info["gemm_tflops_used"], target)
+    print(f"{path}: {info['device']}, {', '.join(f'{k} {v}' for k, v in info['versions'].items())}, "
+          f"batch {info['batch']} × {info['seq']}")
+    print_tables(rows, gemm_n=info["gemm_n"], gemm=info["gemm_tflops"], target=target, rounds=info.get("rounds", 1))
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated; soka configs take @impl")
@@ -458,7 +519,10 @@ def main(argv=None):
                     help="the tokens/s asked of SoKA, × HF's floor (issue 7), for the ceilings table")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "train_step.json"))
+    ap.add_argument("--report", metavar="JSON", help="measure nothing: print a saved run's tables and ceilings")
     args = ap.parse_args(argv)
+    if args.report:
+        return report(args.report, args.target)
     if args.rounds < 1 or args.steps < 1:
         ap.error(f"--rounds and --steps must be at least 1, got {args.rounds} and {args.steps}")
     device = torch.device(args.device)
@@ -510,39 +574,7 @@ def main(argv=None):
     add_ratios(rows, gemm_rate, cuda=cuda)
     add_ceilings(rows, gemm_rate, args.target)
 
-    f = lambda v, fmt: "-" if v is None else fmt.format(v)   # noqa: E731
-    print(f"\n{'config':<20} {'trainable':>11} {'init s':>7} {'tokens/s':>9} {'×HF floor':>9} {'×our floor':>10} "
-          f"{'peak GiB':>8} {'×floor mem':>10} {'GFLOP/tok':>9} {'TFLOP/s':>8} {'% GEMM':>6}")
-    for r in rows:
-        if r["status"] != "ok":
-            print(f"{r['config']:<20} {r['status']}")
-            continue
-        print(f"{r['config']:<20} {r['trainable']:>11,} {r['init_s']:>7.1f} {r['tokens_per_s']:>9,.0f} "
-              f"{f(r['x_hf_floor'], '{:.3f}'):>9} {f(r['x_our_floor'], '{:.3f}'):>10} "
-              f"{f(r.get('peak_gib'), '{:.2f}'):>8} {f(r['mem_x_our_floor'], '{:.3f}'):>10} "
-              f"{r['flops_per_token'] / 1e9:>9.4g} {r['tflops']:>8.4g} {r['pct_gemm']:>6.1f}")
-    print(f"{gemm_n}³ GEMM: {gemm[0]:.4g} TFLOP/s at the start, {gemm[1]:.4g} at the end; % GEMM uses {gemm_rate:.4g}")
-    ceil = [r for r in rows if "ceiling_x_hf_floor" in r]
-    if ceil:
-        print(f"\nCeilings: the floor's step plus the adapter's FLOPs at the GEMM rate, nothing else; target "
-              f"{args.target} × HF's floor. 'needs': the GEMM rate at which the added FLOPs must run, all else free")
-        print(f"{'config':<20} {'GFLOP/tok added':>16} {'ceiling tok/s':>13} {'ceiling ×HF':>11} {'measured ×HF':>12} "
-              f"{'needs % GEMM':>13}")
-        pct = lambda v: "never" if math.isinf(v) else f"{v:.0f}"      # noqa: E731  (never: the floor alone misses)
-        for r in ceil:
-            added, need = r["added_flops_per_token"], r["target_needs_pct_gemm"]
-            print(f"{r['config']:<20} {added['impl'] / 1e9:>7.3f} / {added['least'] / 1e9:>6.3f} "
-                  f"{r['ceiling_tokens_per_s']:>13,.0f} "
-                  f"{r['ceiling_x_hf_floor']:>11.3f} {r['x_hf_floor']:>12.3f} {pct(need['impl']):>6} / {pct(need['least']):>5}")
-        print("(added GFLOP and needs: the implementation's schedule / LEAST's; over 100 % is out of reach)")
-    if args.rounds > 1:
-        print(f"\n× HF floor in each of the {args.rounds} rounds (against that round's hf_frozen); the table above "
-              "takes each config's median round")
-        for r in rows:
-            if r["status"] == "ok" and r.get("rounds") and r["rounds"][0].get("x_hf_floor") is not None:
-                x = [q["x_hf_floor"] for q in r["rounds"]]
-                print(f"{r['config']:<20} " + " ".join(f"{v:.3f}" for v in x) + f"   min {min(x):.3f}  max {max(x):.3f}")
-
+    print_tables(rows, gemm_n=gemm_n, gemm=gemm, target=args.target, rounds=args.rounds)
     info.update(rounds=args.rounds, target_x_hf_floor=args.target, gemm_n=gemm_n, gemm_tflops=gemm, gemm_tflops_used=gemm_rate, params_linear_and_head=n_params)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

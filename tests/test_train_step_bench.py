@@ -218,3 +218,29 @@ def test_ceilings_reach_the_target_exactly_when_the_needed_gemm_rate_is_at_most_
     assert r["target_needs_pct_gemm"]["impl"] == pytest.approx(1.5 * r["target_needs_pct_gemm"]["least"])
     assert (r["ceiling_x_hf_floor"] >= 1.2) == (r["target_needs_pct_gemm"]["least"] <= 100)
     assert "ceiling_tokens_per_s" not in rows[0] and "ceiling_tokens_per_s" not in rows[1]
+
+
+def test_report_prints_a_saved_run_again_with_its_ceilings(tmp_path, capsys):
+    configs = ["hf_frozen", "ours_frozen", "soka_r1"] if HAVE_HF else ["ours_frozen", "soka_r1"]
+    out = tmp_path / "r.json"
+    argv = [f"--{k}={v}" for k, v in TINY.items()] + ["--steps=1", "--warmup=1", "--device=cpu", "--gemm-size=64",
+                                                      f"--configs={','.join(configs)}", f"--out={out}"]
+    measured = ts.main(argv)
+    saved = json.loads(out.read_text())
+    for r in saved["results"]:                        # as a run from before LEAST was counted
+        r.pop("flops_per_token_least", None)
+    out.write_text(json.dumps(saved))
+    capsys.readouterr()
+    again = ts.main(["--report", str(out), "--target", "0.5"])
+    printed = capsys.readouterr().out
+    assert [r["tokens_per_s"] for r in again] == [r["tokens_per_s"] for r in measured]
+    assert again[-1]["flops_per_token_least"] == measured[-1]["flops_per_token_least"]
+    if HAVE_HF:
+        assert "Ceilings" in printed and "target 0.5" in printed
+        floor, soka, rate = again[1], again[2], saved["config"]["gemm_tflops_used"] * 1e12
+        added = soka["flops_per_token_least"] - floor["flops_per_token"]
+        assert soka["ceiling_tokens_per_s"] == pytest.approx(1 / (1 / floor["tokens_per_s"] + added / rate))
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="not a train_step.py results file"):
+        ts.main(["--report", str(bad)])
