@@ -47,7 +47,9 @@ gradients for the frozen base; plus each adapter's own, docs/adapters.md's per-l
 SoKA kron / kron_v2 r·n·p·(4q + 3m) multiply-adds, fused 2·r·(npq + mnp + mpq + mnq), dense d_out·d_in + 4·r·d_out·d_in / tokens,
 LoRA / PiSSA 3·r·(d_in + d_out), PEFT LoKr 3·d_out·d_in (its second dense GEMM, its dx and dW).
 Where a layer's input needs no gradient (layer 0's wq wk wv in the adapter configs) its dx is not
-counted, as autograd does not compute it.
+counted, as autograd does not compute it. Achieved TFLOP/s = FLOPs per token × tokens/s; % GEMM
+is that over the same run's bf16 GEMM rate (an --gemm-size³ matmul, measured at the start and at the
+end; the higher counts).
 LEAST (impl "least", no implementation runs it): the fewest multiply-adds of any schedule of small
 products we know for one SoKA term and token. The forward's chain U (X Vᵀ) or (U X) Vᵀ in its cheaper
 order (n·p·(q + m) or m·q·(n + p)), dx's chain in the order that leaves the other intermediate
@@ -58,9 +60,8 @@ Forming the dense update is not a schedule of this kind: issue 4 rules it out du
 CEILINGS: for each SoKA row, the fastest such a step could be, the floor of the same options plus
 LEAST's added FLOPs at the run's GEMM rate and nothing else, against --target × HF's floor; and the
 GEMM rate (% of the measured one) at which the adapter's FLOPs, the implementation's own and LEAST's,
-would have to run, with every other cost zero, to reach the target (over 100 %: out of reach). Achieved TFLOP/s = FLOPs per token × tokens/s; % GEMM
-is that over the same run's bf16 GEMM rate (an --gemm-size³ matmul, measured at the start and at the
-end; the higher counts).
+would have to run, with every other cost zero, to reach the target (over 100 %: out of reach).
+`--report JSON` prints a saved run's tables and ceilings again, measuring nothing.
 Prints a table and writes JSON (default benchmarks/results/train_step.json).
 """
 import argparse
@@ -461,12 +462,12 @@ def print_tables(rows, *, gemm_n, gemm, target, rounds):
               f"{target} × HF's floor. 'needs': the GEMM rate at which the added FLOPs must run, all else free")
         print(f"{'config':<20} {'GFLOP/tok added':>16} {'ceiling tok/s':>13} {'ceiling ×HF':>11} {'measured ×HF':>12} "
               f"{'needs % GEMM':>13}")
-        pct = lambda v: "never" if math.isinf(v) else f"{v:.0f}"      # noqa: E731  (never: the floor alone misses)
+        pct = lambda v: "never" if math.isinf(v) else f"{v:.0f}"   # noqa: E731  (never: the floor alone misses)
         for r in ceil:
             added, need = r["added_flops_per_token"], r["target_needs_pct_gemm"]
             print(f"{r['config']:<20} {added['impl'] / 1e9:>7.3f} / {added['least'] / 1e9:>6.3f} "
-                  f"{r['ceiling_tokens_per_s']:>13,.0f} "
-                  f"{r['ceiling_x_hf_floor']:>11.3f} {r['x_hf_floor']:>12.3f} {pct(need['impl']):>6} / {pct(need['least']):>5}")
+                  f"{r['ceiling_tokens_per_s']:>13,.0f} {r['ceiling_x_hf_floor']:>11.3f} {r['x_hf_floor']:>12.3f} "
+                  f"{pct(need['impl']):>6} / {pct(need['least']):>5}")
         print("(added GFLOP and needs: the implementation's schedule / LEAST's; over 100 % is out of reach)")
     if rounds > 1:
         print(f"\n× HF floor in each of the {rounds} rounds (against that round's hf_frozen); the table above "
@@ -575,7 +576,8 @@ def main(argv=None):
     add_ceilings(rows, gemm_rate, args.target)
 
     print_tables(rows, gemm_n=gemm_n, gemm=gemm, target=args.target, rounds=args.rounds)
-    info.update(rounds=args.rounds, target_x_hf_floor=args.target, gemm_n=gemm_n, gemm_tflops=gemm, gemm_tflops_used=gemm_rate, params_linear_and_head=n_params)
+    info.update(rounds=args.rounds, target_x_hf_floor=args.target, gemm_n=gemm_n, gemm_tflops=gemm,
+                gemm_tflops_used=gemm_rate, params_linear_and_head=n_params)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(config=info, results=rows), indent=1) + "\n")

@@ -166,7 +166,7 @@ def _kron_grad_kernel(part_ptr, x_ptr, g_ptr, us_ptr, v_ptr, sigma_ptr, u_ptr, n
 INTERPRETED = not isinstance(_kron_apply_kernel, triton.runtime.JITFunction)   # TRITON_INTERPRET=1 at import
 
 if INTERPRETED:
-    # Triton's interpreter (3.5-3.9) turns a runtime loop bound (above) into an int with int() of a
+    # Triton's interpreter (3.5-3.8) turns a runtime loop bound (above) into an int with int() of a
     # 1-element array, which numpy 2.4 refuses; .item() is what it means. (From 3.6 the patch takes a
     # scope argument too: passed through.)
     from triton.runtime import interpreter as _interpreter

@@ -174,7 +174,8 @@ def test_least_schedule_computes_the_gradients_with_the_counted_flops(d_out, d_i
     m, n, p, q = factor_shape(d_out, d_in)                      # the shapes the FLOP model assumes
     r, N = 3, 5
     g = torch.Generator().manual_seed(m * n + p * q)
-    x, gy = torch.randn(N, n * q, generator=g, dtype=torch.float64), torch.randn(N, m * p, generator=g, dtype=torch.float64)
+    x = torch.randn(N, n * q, generator=g, dtype=torch.float64)
+    gy = torch.randn(N, m * p, generator=g, dtype=torch.float64)
     sigma, U, V = (torch.randn(s, generator=g, dtype=torch.float64) for s in [(r,), (r, m, n), (r, p, q)])
     leaves = [t.clone().requires_grad_(True) for t in (x, sigma, U, V)]
     y_ref = kron_apply(*leaves)
@@ -195,7 +196,9 @@ def test_least_schedule_computes_the_gradients_with_the_counted_flops(d_out, d_i
 
 
 def test_compiled_rows_are_compared_with_the_compiled_floor():
-    row = lambda name, tps: dict(config=name, status="ok", tokens_per_s=tps, peak_gib=1.0, flops_per_token=1.0)  # noqa: E731
+    def row(name, tps):
+        return dict(config=name, status="ok", tokens_per_s=tps, peak_gib=1.0, flops_per_token=1.0)
+
     rows = [row("hf_frozen", 10.0), row("ours_frozen", 12.0), row("ours_frozen+compile", 15.0),
             row("soka_r1", 9.0), row("soka_r1+compile+glu", 13.5)]
     ts.add_ratios(rows, gemm_rate=1.0, cuda=True)
