@@ -50,17 +50,17 @@ Where a layer's input needs no gradient (layer 0's wq wk wv in the adapter confi
 counted, as autograd does not compute it. Achieved TFLOP/s = FLOPs per token × tokens/s; % GEMM
 is that over the same run's bf16 GEMM rate (an --gemm-size³ matmul, measured at the start and at the
 end; the higher counts).
-LEAST (impl "least", no implementation runs it): the fewest multiply-adds of any schedule of small
-products we know for one SoKA term and token. The forward's chain U (X Vᵀ) or (U X) Vᵀ in its cheaper
-order (n·p·(q + m) or m·q·(n + p)), dx's chain in the order that leaves the other intermediate
-(Usᵀ G, or G V), and each factor gradient one more product on the intermediate it shares (dU = (G V)
-Xᵀ, dV = Gᵀ (U X); or dU = G (X Vᵀ)ᵀ, dV = (Usᵀ G)ᵀ X): 3 × the forward, keeping r × the
-activation per layer alive for backward, which no implementation here does (the memory target).
-Forming the dense update is not a schedule of this kind: issue 4 rules it out during training.
-CEILINGS: for each SoKA row, the fastest such a step could be, the floor of the same options plus
-LEAST's added FLOPs at the run's GEMM rate and nothing else, against --target × HF's floor; and the
-GEMM rate (% of the measured one) at which the adapter's FLOPs, the implementation's own and LEAST's,
-would have to run, with every other cost zero, to reach the target (over 100 %: out of reach).
+LEAST (impl "least", no implementation runs it): the fewest multiply-adds we know for one SoKA term
+and token among schedules of pairwise products that never form U ⊗ V. The forward's chain U (X Vᵀ)
+or (U X) Vᵀ in its cheaper order (n·p·(q + m) or m·q·(n + p)), dx's chain in the order that leaves
+the other intermediate (Usᵀ G, or G V), and each factor gradient one more product on the intermediate
+it shares (dU = (G V) Xᵀ, dV = Gᵀ (U X); or dU = G (X Vᵀ)ᵀ, dV = (Usᵀ G)ᵀ X): 3 × the forward, keeping
+r·m·q (or r·n·p) values per token and layer alive for backward, which no implementation here does
+(the memory target). Forming the dense update is not such a schedule: issue 4 rules it out in training.
+CEILINGS: for each SoKA row, the step if the floor of the same options ran as measured and LEAST's
+added FLOPs ran after it at the run's GEMM rate, nothing else costing anything, against --target × HF's
+floor; and the GEMM rate (% of the measured one) at which the adapter's FLOPs, the implementation's
+own and LEAST's, would have to run, all else free, to reach the target (over 100 %: out of reach).
 `--report JSON` prints a saved run's tables and ceilings again, measuring nothing.
 Prints a table and writes JSON (default benchmarks/results/train_step.json).
 """
