@@ -166,13 +166,19 @@ def graph_time(step, *, replays, per_timing=10):
 
 
 def flops_ratio(method, d_out, d_in, r, tokens):
-    """Predicted (method cost) / (frozen cost), multiply-adds per token, forward + backward."""
-    m, n, p, q = factor_shape(d_out, d_in)
-    kron = r * n * p * (4 * q + 3 * m)
-    extra = {"frozen": 0, "soka": kron, "soka_v2": kron, "soka_ref": 3 * r * n * p * (q + m),
-             "soka_fused": 2 * r * (n * p * q + m * n * p + m * p * q + m * n * q),
-             "soka_dense": d_out * d_in * (1 + 4 * r / tokens), "lora": 3 * r * (d_in + d_out)}.get(method)
-    return None if extra is None else 1 + extra / (2 * d_out * d_in)
+    """Predicted (method cost) / (frozen cost), multiply-adds per token, forward + backward: the
+    adapters' own from train_step.adapter_macs; None for LoKr (its own factorization)."""
+    if method == "frozen":
+        extra = 0
+    elif method == "soka_ref":                  # autograd through kron_apply: keeps Z, recomputes nothing
+        m, n, p, q = factor_shape(d_out, d_in)
+        extra = 3 * r * n * p * (q + m)
+    elif method in SOKA_IMPLS or method == "lora":
+        extra = adapter_macs("soka" if method in SOKA_IMPLS else "lora", d_out, d_in, r,
+                             impl=SOKA_IMPLS.get(method), tokens=tokens, dx=True)
+    else:
+        return None
+    return 1 + extra / (2 * d_out * d_in)
 
 
 def ceiling_rows(frozen_times, ranks, tokens, rate, target):
@@ -261,10 +267,12 @@ def main(argv=None):
 
     gemm.append(gemm_tflops(gemm_n, device=device, dtype=dtype))
     ceilings = ceiling_rows(frozen_times, ranks, args.tokens, max(gemm) * 1e12, args.target)
-    print(f"\nCeilings: the frozen layer plus the added FLOPs at the {gemm_n}³ GEMM's {max(gemm):.4g} TFLOP/s, all "
-          f"else free; target {args.target} × frozen. 'needs': that GEMM rate's share the added FLOPs must run at")
-    print(f"{'d_out×d_in':>11} {'r':>2} {'frozen ms':>9} {'GFLOP added (fused / least)':>27} "
-          f"{'least ×frozen':>13} {'needs % GEMM (fused / least)':>28}")
+    if ceilings:                                # they need the frozen layer's time
+        print(f"\nCeilings: the frozen layer plus the added FLOPs at the {gemm_n}³ GEMM's {max(gemm):.4g} TFLOP/s, "
+              f"all else free; target {args.target} × frozen. 'needs': that GEMM rate's share the added "
+              "FLOPs must run at")
+        print(f"{'d_out×d_in':>11} {'r':>2} {'frozen ms':>9} {'GFLOP added (fused / least)':>27} "
+              f"{'least ×frozen':>13} {'needs % GEMM (fused / least)':>28}")
     for c in ceilings:
         shape = f"{c['d_out']}×{c['d_in']}"
         print(f"{shape:>11} {c['r']:>2} {c['frozen_ms']:>9.3f} "
