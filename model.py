@@ -5,25 +5,26 @@
     out = generate(model, tok, [tok.encode(tok.chat_prompt("What is 2+3?"))], max_new_tokens=64)
     print(tok.decode(out[0]))
 
-The file reads bottom-up: config, norm, rotary, attention, feed-forward, block, model, then the
-KV cache and generation, then the three checkpoint readers. Module names are Meta's checkpoint keys
-(`layers.0.attention.wq.weight`), so loading is `load_state_dict(strict=True, assign=True)` after an
-explicit key table, and an adapter can replace `layers.N.attention.wq` by name.
+The file reads bottom-up: config; the elementwise functions (norm, rotary, SwiGLU); attention,
+feed-forward, block, model; the KV cache and generation; then load_checkpoint, which reads Meta's
+folders here and Hugging Face folders and GGUF files through soka/checkpoints.py and soka/gguf.py.
+Module names are Meta's checkpoint keys (`layers.0.attention.wq.weight`), so loading is
+`load_state_dict(strict=True, assign=True)` after an explicit key table, and an adapter can replace
+`layers.N.attention.wq` by name.
 """
-import json
-import math
-import mmap
 import numbers
-import re
-import struct
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from soka.checkpoints import hf_params, hf_tokenizer, read_hf_weights
+from soka.gguf import load_gguf
+from soka.tokenizer import SentencePieceTokenizer, json_object
 
 # ----------------------------------------------------------------------------------------------
 # config
@@ -89,35 +90,20 @@ class ModelArgs:
 
 
 # ----------------------------------------------------------------------------------------------
-# norm, rotary
-
-
-class RMSNorm(nn.Module):
-    """x / rms(x) · weight, computed in float32 whatever the model dtype (as Meta and HF do)."""
-
-    def __init__(self, dim, eps):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return rms_norm(x, self.weight, self.eps)
+# the elementwise functions: norm, rotary, SwiGLU
 
 
 def rms_norm(x, weight, eps):
+    """x / rms(x) · weight, computed in float32 whatever the model dtype (as Meta and HF do)."""
     return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x) * weight
-
-
-_rms_norm = rms_norm    # the eager one, for add_rms_norm (compile_pointwise rebinds rms_norm)
 
 
 def add_rms_norm(x, delta, weight, eps):
     """h = x + delta and rms_norm(h): a block's residual add and the norm after it, as one function so
-    that compile_pointwise makes them one kernel each way. Its backward then also adds h's two
-    gradients (from the residual stream and through the norm), which autograd would otherwise add
-    in a kernel of its own: two passes over the activation fewer per block."""
+    that, compiled, they are one kernel each way. Its backward then also adds h's two gradients
+    (from the residual stream and through the norm) in that kernel: two passes fewer per block."""
     h = x + delta
-    return h, _rms_norm(h, weight, eps)
+    return h, rms_norm(h, weight, eps)
 
 
 def rotary(positions, head_dim, theta):
@@ -141,74 +127,35 @@ def apply_rotary(x, rope):
 
 def apply_rotary_real(x, rope):
     """apply_rotary in real arithmetic, (a + ib)(c + is) = (ac − bs) + i(as + bc): each pair times
-    (c, c), plus the pair swapped, (b, a), times (−s, s). The form compile_pointwise compiles
-    (torch.compile generates no code for complex tensors). Swapped by flip, it compiles to faster
-    kernels than a and b unbound and the two results stacked: forward 123 against 161 µs, forward +
-    backward 213 against 320 µs on 16 × 1024 LLaMA-2-7B query rows (benchmarks/rotary_forms.py).
-    Eager, it runs several times the kernels of the complex product."""
+    (c, c), plus the pair swapped, (b, a), times (−s, s). The form Pointwise.compiled() compiles
+    (torch.compile generates no code for complex tensors); swapping by flip compiles to faster kernels
+    than unbinding a and b (docs/performance.md). Eager, it runs more kernels than the complex product."""
     c, s = rope.unbind(-1)                                    # (B, T, 1, head_dim/2) each
     pairs = x.float().unflatten(-1, (-1, 2))                  # (B, T, H, head_dim/2, 2): (a, b)
     out = pairs * torch.stack((c, c), -1) + pairs.flip(-1) * torch.stack((-s, s), -1)
     return out.flatten(-2).type_as(x)                         # (B, T, H, head_dim)
 
 
-# ----------------------------------------------------------------------------------------------
-# attention, feed-forward, block, model
+def swiglu(a, b):
+    return F.silu(a) * b
 
 
-class Attention(nn.Module):
-    def __init__(self, args):
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.n_rep = args.n_heads // args.n_kv_heads         # query heads per key/value head
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+@dataclass(frozen=True)
+class Pointwise:
+    """The elementwise functions a forward pass calls. Eager, each is a chain of 3-6 kernels (casts to
+    float32, the rotation, silu · gate), every one reading and writing the whole activation;
+    compiled (Transformer.compile_pointwise), each is one kernel forward and one backward."""
+    rms_norm: Callable = rms_norm
+    add_rms_norm: Callable = add_rms_norm
+    rotary: Callable = apply_rotary
+    swiglu: Callable = swiglu
 
-    def forward(self, x, rope, mask=None, kv=None, slots=None):
-        """Without a cache (training): causal attention over x. With one: this call's keys and values
-        go to cache slots `slots` (T,), and the queries attend to the first L slots under the additive
-        `mask` (B, 1, T, L): 0 = attend, -inf = not."""
-        B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
-        if kv is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_rep > 1)
-        else:
-            k_cache, v_cache = kv                                # (B, n_kv_heads, max_len, head_dim)
-            k_cache.index_copy_(2, slots, k)
-            v_cache.index_copy_(2, slots, v)
-            L = mask.shape[-1]
-            # The n_rep query heads that share a key/value head become n_rep·T query rows of one
-            # group, so the cache is read once and never repeated: head g·n_rep + r, token t -> row r·T + t.
-            qg = q.reshape(B, self.n_kv_heads, self.n_rep * T, self.head_dim)
-            mg = mask.repeat(1, 1, self.n_rep, 1) if self.n_rep > 1 and T > 1 else mask  # (B, 1, n_rep·T or 1, L)
-            y = F.scaled_dot_product_attention(qg, k_cache[:, :, :L], v_cache[:, :, :L], attn_mask=mg)
-            y = y.reshape(B, self.n_heads, T, self.head_dim)
-        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+    @classmethod
+    def compiled(cls):
+        return cls(*(torch.compile(f) for f in (rms_norm, add_rms_norm, apply_rotary_real, swiglu)))
 
 
-class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) · w3 x). With recompute=True (Transformer.recompute_swiglu), autograd
-    keeps w2's input h = silu(a) · b as a recipe, not as memory: recompute_saved."""
-
-    def __init__(self, dim, hidden_dim):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-
-    def forward(self, x, recompute=False):
-        a, b = self.w1(x), self.w3(x)                 # (B, T, hidden_dim)
-        h = swiglu(a, b)
-        if not recompute:
-            return self.w2(h)
-        with recompute_saved(h, swiglu, a, b):
-            return self.w2(h)
+EAGER = Pointwise()
 
 
 class recompute_saved(torch.autograd.graph.saved_tensors_hooks):
@@ -257,30 +204,73 @@ class _Recipe:
     shape: torch.Size
 
 
-def swiglu(a, b):
-    return F.silu(a) * b
+# ----------------------------------------------------------------------------------------------
+# norm, attention, feed-forward, block, model
 
 
-def compile_pointwise(enabled=True):
-    """Replace rms_norm, add_rms_norm, apply_rotary and swiglu by torch.compile'd versions (for
-    training speed); enabled=False puts the eager ones back.
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
 
-    Each is a chain of elementwise ops (casts to float32, the rotation, silu · gate) that eager
-    PyTorch runs as 3-6 kernels, each reading and writing the whole activation; compiled, each is
-    one kernel forward and one backward (rotary in its real-arithmetic form, apply_rotary_real).
-    The matmuls and attention stay as they are. Call once, before any forward that a CUDA graph
-    captures (compilation must not happen during capture). The first new shape makes a function's
-    kernel shape-generic (torch.compile's automatic dynamic), so sequence lengths that vary do not
-    recompile on every step. Measured on the 7B-shaped step: docs/performance.md.
-    """
-    global rms_norm, add_rms_norm, apply_rotary, swiglu, _EAGER_POINTWISE
-    _EAGER_POINTWISE = _EAGER_POINTWISE or (rms_norm, add_rms_norm, apply_rotary, swiglu)
-    norm, add_norm, _, glu = _EAGER_POINTWISE
-    rms_norm, add_rms_norm, apply_rotary, swiglu = (
-        tuple(torch.compile(f) for f in (norm, add_norm, apply_rotary_real, glu)) if enabled else _EAGER_POINTWISE)
+    def forward(self, x, ops=EAGER):
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
-_EAGER_POINTWISE = None
+class Attention(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.n_rep = args.n_heads // args.n_kv_heads         # query heads per key/value head
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x, rope, mask=None, kv=None, slots=None, ops=EAGER):
+        """Without a cache (training): causal attention over x. With one: this call's keys and values
+        go to cache slots `slots` (T,), and the queries attend to the first L slots under the additive
+        `mask` (B, 1, T, L): 0 = attend, -inf = not."""
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = ops.rotary(q, rope), ops.rotary(k, rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        if kv is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_rep > 1)
+        else:
+            k_cache, v_cache = kv                                # (B, n_kv_heads, max_len, head_dim)
+            k_cache.index_copy_(2, slots, k)
+            v_cache.index_copy_(2, slots, v)
+            L = mask.shape[-1]
+            # The n_rep query heads that share a key/value head become n_rep·T query rows of one
+            # group, so the cache is read once and never repeated: head g·n_rep + r, token t -> row r·T + t.
+            qg = q.reshape(B, self.n_kv_heads, self.n_rep * T, self.head_dim)
+            mg = mask.repeat(1, 1, self.n_rep, 1) if self.n_rep > 1 and T > 1 else mask  # (B, 1, n_rep·T or 1, L)
+            y = F.scaled_dot_product_attention(qg, k_cache[:, :, :L], v_cache[:, :, :L], attn_mask=mg)
+            y = y.reshape(B, self.n_heads, T, self.head_dim)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) · w3 x). With recompute=True (Transformer.recompute_swiglu), autograd
+    keeps w2's input h = silu(a) · b as a recipe, not as memory: recompute_saved."""
+
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x, recompute=False, ops=EAGER):
+        a, b = self.w1(x), self.w3(x)                 # (B, T, hidden_dim)
+        h = ops.swiglu(a, b)
+        if not recompute:
+            return self.w2(h)
+        with recompute_saved(h, ops.swiglu, a, b):
+            return self.w2(h)
 
 
 class TransformerBlock(nn.Module):
@@ -291,10 +281,10 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, rope, mask=None, kv=None, slots=None, recompute_swiglu=False):
-        a = self.attention(self.attention_norm(x), rope, mask, kv, slots)
-        h, n = add_rms_norm(x, a, self.ffn_norm.weight, self.ffn_norm.eps)     # h = x + a, n = ffn_norm(h)
-        return h + self.feed_forward(n, recompute_swiglu)
+    def forward(self, x, rope, mask=None, kv=None, slots=None, recompute_swiglu=False, ops=EAGER):
+        a = self.attention(self.attention_norm(x, ops), rope, mask, kv, slots, ops)
+        h, n = ops.add_rms_norm(x, a, self.ffn_norm.weight, self.ffn_norm.eps)   # h = x + a, n = ffn_norm(h)
+        return h + self.feed_forward(n, recompute_swiglu, ops)
 
 
 class Transformer(nn.Module):
@@ -308,14 +298,24 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         # Tied: no `output` module, so the state dict has no output.weight (as in the GGUF and HF files).
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
-        # Activation checkpointing: when True, training forwards keep only each block's input and
-        # recompute the block during backward (about one more forward of compute, for memory that
-        # no longer grows with the activations of all layers). Set it directly: model.checkpointing = True.
+        # Speed options of this model, set directly (model.checkpointing = True) or by compile_pointwise().
+        # checkpointing: training forwards keep only each block's input and recompute the block during
+        # backward (about one more forward of compute, for memory that no longer grows with the
+        # activations of all layers).
         self.checkpointing = False
-        # When True, training forwards keep each block's SwiGLU output, where an adapter on w2 would
-        # save it, as a recipe run again in backward (recompute_saved): 2.7 GiB less at the LLaMA-2-7B
-        # shape and 4,096 tokens, for one more elementwise pass per layer. Moot under checkpointing.
+        # recompute_swiglu: training forwards keep each block's SwiGLU output, where an adapter on w2
+        # would save it, as a recipe run again in backward (recompute_saved): 2.7 GiB less at the
+        # LLaMA-2-7B shape and 4,096 tokens, for one more elementwise pass per layer. Moot under checkpointing.
         self.recompute_swiglu = False
+        self.pointwise = EAGER
+
+    def compile_pointwise(self, enabled=True):
+        """Run the norms, residual adds, rotary and SwiGLU of this model's forward as torch.compile'd
+        kernels (training speed), or eagerly again (enabled=False). The matmuls and attention stay as
+        they are. Call before any forward that a CUDA graph captures (compilation must not happen
+        during capture). A second shape makes a kernel shape-generic (torch.compile's automatic
+        dynamic), so varying sequence lengths do not recompile on every step."""
+        self.pointwise = Pointwise.compiled() if enabled else EAGER
 
     def forward(self, tokens, *, cache=None, start=0, last_only=False, hidden=False):
         """tokens (B, T) -> float32 logits (B, T, vocab), or (B, 1, vocab) with last_only; with
@@ -346,6 +346,7 @@ class Transformer(nn.Module):
             mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill_(~allowed, float("-inf"))
             mask = mask[:, None]                                   # (B, 1, T, L)
         rope = rotary(positions, self.args.head_dim, self.args.rope_theta)
+        ops = self.pointwise
         training = cache is None and torch.is_grad_enabled()
         recompute = self.checkpointing and training
         # inside a checkpointed block nothing is saved anyway, and a recipe would keep a and b alive
@@ -353,12 +354,13 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             if recompute:   # no dropout anywhere, so no RNG state to replay (and none during graph capture)
-                h = checkpoint(layer, h, rope, mask, kv, slots, use_reentrant=False, preserve_rng_state=False)
+                h = checkpoint(layer, h, rope, mask, kv, slots, False, ops, use_reentrant=False,
+                               preserve_rng_state=False)
             else:
-                h = layer(h, rope, mask, kv, slots, glu)
+                h = layer(h, rope, mask, kv, slots, glu, ops)
         if last_only:
             h = h[:, -1:]
-        h = self.norm(h)
+        h = self.norm(h, ops)
         if hidden:
             return h
         return F.linear(h, self.output_weight()).float()
@@ -558,13 +560,14 @@ def load_checkpoint(path, *, device="cpu", dtype=None):
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
     if path.is_file() and path.suffix == ".gguf":
-        from soka.gguf import load_gguf
-        params, state_dict, tokenizer = load_gguf(path)
-        args = ModelArgs(**params)
+        params, state_dict, tokenizer = load_gguf(path)       # soka/gguf.py
+        args = _model_args(params, path)
     elif path.is_dir() and (path / "params.json").is_file():
-        args, state_dict, tokenizer = _read_meta(path)
-    elif path.is_dir() and (path / "config.json").is_file():
-        args, state_dict, tokenizer = _read_hf(path)
+        args, state_dict, tokenizer = read_meta(path)
+    elif path.is_dir() and (path / "config.json").is_file():  # soka/checkpoints.py
+        args = _model_args(hf_params(path / "config.json"), path / "config.json")
+        state_dict = read_hf_weights(path, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads, tied=args.tie_embeddings)
+        tokenizer = hf_tokenizer(path)
     elif path.is_dir():
         raise ValueError(f"{path}: no params.json (Meta) or config.json (Hugging Face) in this folder")
     else:
@@ -598,14 +601,18 @@ def _build(args, state_dict, source, *, device, dtype):
 _SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
 
 
-def _read_json(path):
-    from soka.tokenizer import json_object     # one reader for every JSON file of a checkpoint
-    return json_object(Path(path))
+def _model_args(params, source):
+    try:
+        return ModelArgs(**params)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from e
 
 
-def _read_meta(folder):
+def read_meta(folder):
+    """Meta's download: params.json, consolidated.NN.pth shards, tokenizer.model beside or one folder
+    up -> (ModelArgs, state dict joined from the shards, tokenizer or None)."""
     params_file = folder / "params.json"
-    params = _read_json(params_file)
+    params = json_object(params_file)
     known = set(ModelArgs.__dataclass_fields__)
     if params.keys() - known:
         raise ValueError(f"{params_file}: unsupported keys {sorted(params.keys() - known)}")
@@ -615,17 +622,13 @@ def _read_meta(folder):
     tokenizer = None
     for tok_file in (folder / "tokenizer.model", folder.parent / "tokenizer.model"):
         if tok_file.is_file():
-            from soka.tokenizer import SentencePieceTokenizer
             tokenizer = SentencePieceTokenizer(tok_file)
             break
     if params.get("vocab_size", -1) == -1:
         if tokenizer is None:
             raise ValueError(f"{params_file}: vocab_size is -1 and no tokenizer.model beside or one folder up")
         params["vocab_size"] = tokenizer.vocab_size
-    try:
-        args = ModelArgs(**params)
-    except ValueError as e:
-        raise ValueError(f"{params_file}: {e}") from e
+    args = _model_args(params, params_file)
     if tokenizer is not None and tokenizer.vocab_size > args.vocab_size:   # larger is normal: padded rows
         raise ValueError(f"{params_file}: vocab_size {args.vocab_size} is smaller than the "
                          f"{tokenizer.vocab_size} tokens of {tok_file}; their ids would index past the embedding")
@@ -662,150 +665,3 @@ def _read_meta(folder):
         raise ValueError(f"{folder}: the {len(files)} shards {[f.name for f in files]} join to dim {emb.shape[1]}, "
                          f"{params_file.name} says {args.dim}: the shards disagree (a stray one?)")
     return args, state_dict, tokenizer
-
-
-# Hugging Face LLaMA names -> Meta names ({} is the layer number).
-_HF_KEYS = {
-    "model.embed_tokens.weight": "tok_embeddings.weight",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "output.weight",
-    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
-    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
-    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
-    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
-    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
-    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
-    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
-    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
-    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
-}
-
-
-def _hf_to_meta_key(key):
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.*)", key)
-    if m:
-        name = _HF_KEYS.get("model.layers.{}." + m.group(2))
-        return name.format(m.group(1)) if name else None
-    return _HF_KEYS.get(key)
-
-
-def unpermute_rotary(w, n_heads):
-    """HF stores wq/wk rows per head as [even pairs' first halves..., second halves...] (half-rotation
-    RoPE); put them back in Meta's interleaved order: row h·hd + 2i + j <- row h·hd + j·hd/2 + i."""
-    out_dim, in_dim = w.shape
-    return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
-
-
-def _read_hf(folder):
-    config_file = folder / "config.json"
-    c = _read_json(config_file)
-    if c.get("model_type", "llama") != "llama":
-        raise ValueError(f"{config_file}: model_type {c.get('model_type')!r}, only 'llama' is supported")
-    rope = c.get("rope_parameters") or {}
-    scaling = c.get("rope_scaling") or {}
-    if rope.get("rope_type", "default") != "default" or scaling.get("rope_type", scaling.get("type", "default")) != "default":
-        raise ValueError(f"{config_file}: rope scaling is not supported")
-    if c.get("attention_bias") or c.get("mlp_bias") or c.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{config_file}: biases or a non-SiLU activation are not LLaMA; unsupported")
-    try:
-        args = ModelArgs(
-            dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
-            n_kv_heads=c.get("num_key_value_heads"), vocab_size=c["vocab_size"], norm_eps=c["rms_norm_eps"],
-            rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
-            max_seq_len=c.get("max_position_embeddings", 4096), tie_embeddings=c.get("tie_word_embeddings", False),
-            hidden_dim=c["intermediate_size"])
-    except KeyError as e:
-        raise ValueError(f"{config_file}: missing key {e}") from e
-    except ValueError as e:
-        raise ValueError(f"{config_file}: {e}") from e
-    if c.get("head_dim", args.head_dim) != args.head_dim:
-        raise ValueError(f"{config_file}: head_dim {c['head_dim']} != hidden_size / num_attention_heads")
-
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index}: no weight_map {{tensor name: file}}")
-        files = sorted(set(weight_map.values()))
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise ValueError(f"{folder}: config.json but no model.safetensors or model.safetensors.index.json")
-    state_dict = {}
-    for name in files:
-        for key, t in read_safetensors(folder / name).items():
-            if key.endswith("rotary_emb.inv_freq"):   # old transformers saved the rotary table
-                continue
-            meta_key = _hf_to_meta_key(key)
-            if meta_key is None:
-                raise ValueError(f"{folder / name}: unexpected tensor {key}")
-            if meta_key == "output.weight" and args.tie_embeddings:
-                continue   # a tied lm_head saved anyway; the model uses the embedding
-            if meta_key.endswith("wq.weight"):
-                t = unpermute_rotary(t, args.n_heads)
-            elif meta_key.endswith("wk.weight"):
-                t = unpermute_rotary(t, args.n_kv_heads)
-            state_dict[meta_key] = t
-    tokenizer = None
-    if (folder / "tokenizer.model").is_file():
-        from soka.tokenizer import SentencePieceTokenizer
-        tokenizer = SentencePieceTokenizer(folder / "tokenizer.model")
-    elif (folder / "tokenizer.json").is_file():
-        from soka.tokenizer import BPETokenizer
-        tokenizer = BPETokenizer.from_tokenizer_json(folder / "tokenizer.json")
-    return args, state_dict, tokenizer
-
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-
-
-def read_safetensors(path):
-    """A .safetensors file -> {name: tensor}, memory-mapped (pages load on first touch).
-
-    Layout: 8-byte little-endian header size N, N bytes of JSON {name: {dtype, shape, data_offsets:
-    [begin, end]}} (offsets relative to the end of the header), then the raw little-endian bytes.
-    Every entry is checked against the file size and its shape before any tensor is made.
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path}: too short for a safetensors header")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise ValueError(f"{path}: header claims {n} bytes, the file has {size - 8} after the size field")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: header is not valid JSON: {e}") from e
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)   # copy-on-write: frombuffer wants writable
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: corrupt safetensors header: a JSON {type(header).__name__}, not an object")
-    header.pop("__metadata__", None)
-    tensors = {}
-    for name, e in header.items():
-        shape, offsets = (e.get("shape"), e.get("data_offsets")) if isinstance(e, dict) else (None, None)
-        if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
-                and all(type(i) is int and i >= 0 for i in shape + offsets)):
-            raise ValueError(f"{path}: corrupt safetensors header: {name} is {e!r}, not "
-                             "{dtype, shape: [sizes], data_offsets: [begin, end]}")
-        if e.get("dtype") not in _ST_DTYPES:
-            raise ValueError(f"{path}: {name} has unsupported dtype {e.get('dtype')!r}")
-        dtype, shape = _ST_DTYPES[e["dtype"]], tuple(shape)
-        begin, end = offsets
-        numel = math.prod(shape)
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        if not 0 <= begin <= end <= size - 8 - n:
-            raise ValueError(f"{path}: {name} data_offsets {[begin, end]} lie outside the file's "
-                             f"{size - 8 - n} data bytes")
-        if end - begin != nbytes:
-            raise ValueError(f"{path}: {name} is {e['dtype']} {list(shape)} = {nbytes} bytes, "
-                             f"but its offsets span {end - begin}")
-        if numel == 0:
-            tensors[name] = torch.empty(shape, dtype=dtype)
-        else:
-            tensors[name] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=8 + n + begin).view(shape)
-    return tensors

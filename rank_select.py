@@ -1,6 +1,6 @@
 """Choosing the Kronecker rank of each layer from its spectrum σ_1 ≥ σ_2 ≥ … ≥ σ_K.
 
-Two rules and their combination, as SPEC.md fixes them (the paper leaves the details open):
+Two rules and their combination, as docs/method.md states them (the paper leaves the details open):
 
     energy:  r_energy = min { k : Σ_{i≤k} σ_i² ≥ τ·E },  E = ‖W‖_F²  (K + 1 if no k ≤ K reaches it)
     elbow:   r_elbow  = first i with the largest gap δ_i = σ_i − σ_{i+1}, i = 1 … K−1  (1 if K = 1)
@@ -19,7 +19,7 @@ from dataclasses import dataclass, asdict
 
 import torch
 
-# SPEC.md's defaults, the one place they are written: inject, soka_factors and train.py use these.
+# The defaults, the one place they are written: inject, soka_factors and train.py use these.
 TAU = 0.9        # energy threshold τ
 R_MIN = 1        # rank bounds per layer
 R_MAX = 16

@@ -1,31 +1,24 @@
-"""soka: the SoKA adapter and everything around it that is not the model or the Kronecker math.
+"""soka: the SoKA adapter and everything around the model that is not the model or the Kronecker math.
 
-    adapters.py   SoKA, LoRA and PiSSA layers; inject, compress, merge, unmerge, save_adapter, load_adapter
-    kron_fused.py the SoKA layer's Kronecker part as two Triton kernels (the default on a GPU)
-    export.py     a merged model written as a Meta checkpoint or an HF safetensors folder
-    gguf.py       a GGUF reader with hand-written dequantization (the SmolLM2 demo model)
-    tokenizer.py  SentencePiece (LLaMA 2) and byte-level BPE (SmolLM2) behind one interface
-    tasks.py      GSM8K, MATH and MBPP: files, downloader, prompts, training examples
-    scorers.py    gsm8k_extract, math_last_boxed, math_equal
-    sandbox.py    mbpp_run: model-written code in a locked-down child process
-    evaluate.py   batched generation over a split, scoring, a results file
+    adapters.py     SoKA (reference forward), LoRA and PiSSA layers; inject, compress, merge, save, load
+    kron_fused.py   the SoKA layer's fast path: its Kronecker part in two Triton kernels (GPU default)
+    tokenizer.py    SentencePiece (LLaMA 2) and byte-level BPE (SmolLM2) behind one interface
+    gguf.py         a GGUF reader with hand-written dequantization (the SmolLM2 demo model)
+    checkpoints.py  the Hugging Face reader (config.json + safetensors) and the demo model's file
+    export.py       a merged model written as a Meta checkpoint or an HF safetensors folder
+    tasks.py        GSM8K, MATH and MBPP: files, downloader, prompts, training examples
+    scorers.py      gsm8k_extract, math_last_boxed, math_equal
+    sandbox.py      mbpp_run: model-written code in a locked-down child process
+    evaluate.py     batched generation over a split, scoring, a results file
+    runs.py         a training run's folder: options, resume, checkpoints, curves
+    steps.py        one training micro-step: the chunked loss and its CUDA-graph replay
 
-Names are imported on first use (PEP 562), so `model.py` can read a GGUF file through
-`soka.gguf` without importing the adapters.
+Imports run one way: kpsvd.py, rank_select.py <- soka/ <- model.py <- train.py. Nothing here imports
+model.py or train.py; model.py reads Hugging Face and GGUF files through checkpoints.py and gguf.py.
 """
-import importlib
+from soka.adapters import compress, inject, load_adapter, merge, save_adapter, unmerge
+from soka.sandbox import mbpp_run
+from soka.scorers import gsm8k_extract, math_equal, math_last_boxed
 
-_WHERE = {
-    "inject": "adapters", "compress": "adapters", "merge": "adapters", "unmerge": "adapters",
-    "save_adapter": "adapters", "load_adapter": "adapters",
-    "gsm8k_extract": "scorers", "math_last_boxed": "scorers", "math_equal": "scorers",
-    "mbpp_run": "sandbox",
-}
-
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name):
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"soka.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'soka' has no attribute {name!r}")
+__all__ = ["compress", "gsm8k_extract", "inject", "load_adapter", "math_equal", "math_last_boxed",
+           "mbpp_run", "merge", "save_adapter", "unmerge"]

@@ -1,10 +1,14 @@
 """SoKA, LoRA and PiSSA layers, and the calls that put them into a model, save them and load them.
 
-Every adapted linear layer keeps a frozen residual weight W_res (d_out, d_in) in the model's dtype and
-adds a trainable update applied to the activations, never formed as a dense matrix while training
-(except by the opt-in impl "dense", which forms it transiently for speed; docs/adapters.md "Speed"):
+    report = inject(model, "soka", ("wq", "wk", "wv", "wo"))   # KPSVD init, rank per layer by the rule
+    ... train the factors ...
+    save_adapter(model, "adapter.pt");  load_adapter(fresh_base_model, "adapter.pt")
+    merge(model)                                                # inference at the base model's cost
 
-    SoKA   y = x W_resᵀ + Σ_k σ_k (U_k ⊗ V_k) x       U (r, m, n), V (r, p, q), σ (r,)   SPEC.md
+Every adapted linear layer keeps a frozen residual weight W_res (d_out, d_in) in the model's dtype and
+adds a trainable update applied to the activations, never formed as a dense matrix while training:
+
+    SoKA   y = x W_resᵀ + Σ_k σ_k (U_k ⊗ V_k) x       U (r, m, n), V (r, p, q), σ (r,)
     LoRA   y = x W_resᵀ + (α/r) · B A x              A (r, d_in), B (d_out, r), W_res = W
     PiSSA  y = x W_resᵀ + B A x                      A = √S_r V_rᵀ, B = U_r √S_r, W_res = W − B A
 
@@ -12,13 +16,11 @@ The factors are float32 Parameters (float64 for a float64 model) cast to x's dty
 so a bfloat16 model trains without autocast. A KPSVD (or SVD) initialization moves the principal
 part of W into the factors, so W_res depends on the *initial* factors: the adapter file keeps them,
 with a sha256 fingerprint of each base weight, so that `load_adapter` rebuilds W_res bit for bit
-from the original checkpoint. docs/adapters.md has the file format, the FLOP model and measurements.
+from the original checkpoint. docs/method.md states the conventions and the file format.
 
     python -m pytest -q tests/test_adapters.py tests/test_peft_parity.py
 """
-import functools
 import hashlib
-import importlib.util
 import math
 import numbers
 import os
@@ -28,28 +30,27 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kpsvd import factor_shape, kpsvd, kron_sum, work_dtype
+from kpsvd import factor_shape, kpsvd, kron_apply, kron_sum, work_dtype
 from rank_select import R_MAX, R_MIN, TAU, explain_rank
 
+try:
+    from soka.kron_fused import KronFused   # the fast path: Triton kernels (triton ships with CUDA torch)
+except ImportError:
+    KronFused = None
+
 DEFAULT_TARGETS = ("wq", "wk", "wv", "wo")
-LORA_RANK = 8             # rank for LoRA / PiSSA when inject gets rank=None (GPU.md's baselines use 8)
+LORA_RANK = 8             # rank for LoRA / PiSSA when inject gets rank=None
 RANDOMIZED_ABOVE = 1024   # exact SVD while min side of the rearranged matrix ≤ this (SmolLM2: all
                           # layers); above it (LLaMA-2-7B: 4096) a seeded randomized top-(r_max+1) SVD
 FORMAT = "soka-adapter"
 VERSION = 1
-# How SoKALinear computes forward + backward (same math, docs/adapters.md "Speed"), all applying the
-# factors to the activations as SPEC.md requires except "dense":
-#   "fused"   kron_fused.KronFused: KronLinear's math with the Kronecker part in Triton kernels that
-#             keep each token's small matrices on chip (CUDA; CPU only under TRITON_INTERPRET=1)
-#   "kron_v2" KronLinear: batched cuBLAS GEMMs (1.3-4x faster than "kron" at LLaMA-2-7B shapes)
-#   "kron"    KronApply: saves the least
-#   "dense"   KronDense: forms the merged weight transiently (opt-in; departs from SPEC's "never the
-#             dense update")
-#   "auto"    the default: "fused" for CUDA tensors where triton imports (it ships with CUDA builds of
-#             torch), else "kron_v2"; float64 always "kron_v2" (its 128² tiles outgrow shared memory)
-# SoKALinear(impl=...) overrides it per layer; train.py --soka-impl or $SOKA_IMPL a whole run.
-IMPLS = ("auto", "fused", "kron_v2", "kron", "dense")
-IMPL = os.environ.get("SOKA_IMPL", "auto")
+# How a SoKA layer computes its forward (and backward), chosen per layer:
+#   "reference"  F.linear(x, W_res) + kron_apply(x, σ, U, V): the equation, differentiated by autograd
+#   "fused"      soka/kron_fused.py: the same function, the Kronecker part in two Triton kernels that
+#                keep each token's small matrices on chip (CUDA; on CPU only under TRITON_INTERPRET=1)
+#   "auto"       "fused" for CUDA tensors where triton imports, else "reference"
+# float64 on a GPU always runs the reference (uses_fused)
+IMPLS = ("auto", "fused", "reference")
 
 
 def fingerprint(weight):
@@ -59,213 +60,28 @@ def fingerprint(weight):
             "dtype": str(weight.dtype).removeprefix("torch.")}
 
 
-# -----------------------------------------------------------------------------
-# applying the Kronecker factors: a custom autograd Function that saves only x
-
-class KronApply(torch.autograd.Function):
-    """y = Σ_k σ_k U_k X V_kᵀ for X = x.reshape(n, q), equal to kpsvd.kron_apply but laid out so that
-    forward copies no intermediate, and recomputing Z = X Vᵀ in backward instead of saving it.
-
-    Z (N, n, r·p) = X @ [V_1; …; V_r]ᵀ is one GEMM, and its free view (N, n·r, p) has rows i·r + k,
-    so Y (N, m, p) = Us @ Z with Us[a, i·r + k] = σ_k U_k[a, i] (a permutation of the small factor,
-    not of Z). autograd through kron_apply would save Z's transposed copy, r·n·p values per token
-    (r × the layer's output for square factors); this saves only x, which the caller holds anyway.
-    Backward: dZ = Usᵀ G, dX = dZ V, dV = dZᵀ X, dUs = Σ_tokens G Zᵀ: one GEMM more than autograd.
-    """
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")   # backward runs under forward's autocast state
-    def forward(ctx, x, sigma, U, V):
-        if x.shape[-1] != U.shape[2] * V.shape[2]:
-            raise ValueError(f"adapters.py: x has {x.shape[-1]} features, the factors expect n·q = "
-                             f"{U.shape[2]}·{V.shape[2]}")
-        ctx.save_for_backward(x, sigma, U, V)
-        Z, Us, shape = KronApply._z(x, sigma, U, V)
-        return (Us @ Z).reshape(shape)                       # (N, m, p) -> (..., m·p)
-
-    @staticmethod
-    def _z(x, sigma, U, V):
-        r, m, n = U.shape
-        _, p, q = V.shape
-        Vc = V.reshape(r * p, q).to(x.dtype)                  # rows k·p + b
-        Us = (sigma[:, None, None] * U).permute(1, 2, 0).reshape(m, n * r).to(x.dtype)
-        X = x.reshape(-1, q)                                  # (N·n, q)
-        Z = (X @ Vc.T).view(-1, n * r, p)                     # (N, n·r, p), rows i·r + k
-        return Z, Us, (*x.shape[:-1], m * p)
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, gy):
-        x, sigma, U, V = ctx.saved_tensors
-        r, m, n = U.shape
-        _, p, q = V.shape
-        Z, Us, _ = KronApply._z(x, sigma, U, V)
-        G = gy.reshape(-1, m, p).to(x.dtype)                  # (N, m, p)
-        dZ = (Us.T @ G).reshape(-1, r * p)                    # (N·n, r·p)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = (dZ @ V.reshape(r * p, q).to(x.dtype)).reshape(x.shape).to(x.dtype)
-        dV = (dZ.T @ x.reshape(-1, q)).reshape(r, p, q).to(V.dtype)                   # (r, p, q)
-        dUs = torch.einsum("tab,txb->ax", G, Z).reshape(m, n, r).permute(2, 0, 1).to(U.dtype)
-        dsigma = (dUs * U).sum((1, 2))                        # Us_k = σ_k U_k
-        return dx, dsigma, dUs * sigma[:, None, None], dV
-
-
-@functools.cache
-def _has_triton():
-    return importlib.util.find_spec("triton") is not None
-
-
-def resolve_impl(impl, *, cuda, dtype):
-    """The implementation SoKALinear runs for `impl` on CUDA (or CPU) tensors of `dtype`: "auto" is
-    "fused" on CUDA where triton imports, else "kron_v2"; float64 on CUDA is always "kron_v2"."""
-    if impl in ("auto", "fused") and cuda and dtype == torch.float64:
-        return "kron_v2"
-    if impl == "auto":
-        return "fused" if cuda and _has_triton() else "kron_v2"
+def check_impl(impl):
+    if impl not in IMPLS:
+        raise ValueError(f"adapters.py: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "fused" and KronFused is None:
+        raise ValueError("adapters.py: impl 'fused' needs triton (it ships with CUDA builds of torch)")
     return impl
 
 
-def _compute_dtype(x):
-    """The dtype the GEMMs run in: autocast's when it is on for x's device, else x's own."""
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-
-
-def _flat_input(x, n, q):
-    """x (..., n·q) as X (N, n·q), contiguous, in the GEMMs' dtype (one cast at most, not one per GEMM);
-    a clear error for the wrong width. KronLinear's and KronFused's forward both start here."""
-    if x.shape[-1] != n * q:
-        raise ValueError(f"adapters.py: x has {x.shape[-1]} features, the factors expect n·q = {n}·{q}")
-    return x.reshape(-1, n * q).to(_compute_dtype(x)).contiguous()
-
-
-class KronLinear(torch.autograd.Function):
-    """The whole SoKA layer y = x W_resᵀ + Σ_k σ_k U_k X V_kᵀ in one Function (impl "kron_v2"): the same
-    GEMMs as KronApply, with fewer copies and kernels.
-
-    - The frozen GEMM joins in: the adapter output is added by the batched GEMM itself (baddbmm, β = 1)
-      and dx's two parts by addmm, instead of separate adds over the output and input.
-    - The small factor matrices Us (m, n·r) and V (r·p, q) are built once, in the GEMMs' dtype, in
-      forward and saved (r·(m·n + p·q) values), not rebuilt in backward.
-    - dUs = Σ_tokens G Zᵀ needs Z with rows (t, b): backward recomputes it directly in that layout,
-      Zt (N, p·r, n) = V' @ X_tᵀ with V'[b·r + k] = V_k[b] (a permutation of the small factor), whose free
-      view (N·p, r·n) is the GEMM's right operand. KronApply's einsum instead copies Z, r·n·p values per
-      token; here only G (the layer's output size) is permuted.
-    Backward streams the r·n·p-per-token intermediate 5 times (KronApply: 7), forward 2.
-    """
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")   # backward runs under forward's autocast state
-    def forward(ctx, x, weight, sigma, U, V):
-        r, m, n = U.shape
-        _, p, q = V.shape
-        X = _flat_input(x, n, q)                              # (N, n·q)
-        N, dt = X.shape[0], X.dtype
-        Us = torch.empty(m, n, r, dtype=dt, device=x.device)
-        torch.mul(U.permute(1, 2, 0), sigma, out=Us)          # Us[a, i, k] = σ_k U_k[a, i], cast on write
-        Vd = V.to(dt)                                         # (r, p, q), rows k·p + b
-        Z = X.view(N * n, q) @ Vd.view(r * p, q).T            # (N·n, r·p) = Z[t, i, k, b] = (X_t V_kᵀ)[i, b]
-        y = F.linear(X, weight.to(dt))                        # (N, m·p)
-        y = torch.baddbmm(y.view(N, m, p), Us.view(1, m, n * r).expand(N, -1, -1), Z.view(N, n * r, p))
-        ctx.save_for_backward(X, weight, sigma, U, Us, Vd)
-        ctx.x_dtype = x.dtype
-        return y.view(*x.shape[:-1], m * p)
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, gy):
-        X, weight, sigma, U, Us, Vd = ctx.saved_tensors
-        r, m, n = U.shape
-        _, p, q = Vd.shape
-        N = X.shape[0]
-        G = gy.reshape(N, m, p).to(Us.dtype)                  # (N, m, p)
-        dZ = (Us.view(m, n * r).T @ G).view(N * n, r * p)     # (N, n·r, p) ≡ (N·n, r·p): rows (t, i), cols (k, b)
-        dx = dweight = None
-        if ctx.needs_input_grad[0]:
-            dx = G.view(N, m * p) @ weight.to(Us.dtype)       # (N, n·q): the frozen part ...
-            dx = torch.addmm(dx.view(N * n, q), dZ, Vd.view(r * p, q))   # ... plus Σ_k dZ_k V_k
-            dx = dx.view(*gy.shape[:-1], n * q).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:                           # W_res is frozen in SoKALinear; for completeness
-            dweight = (G.view(N, m * p).T @ X).to(weight.dtype)
-        dV = (dZ.T @ X.view(N * n, q)).view(r, p, q).to(U.dtype)       # U, V share the factors' dtype
-        Vt = Vd.transpose(0, 1).reshape(p * r, q)             # rows b·r + k
-        Zt = Vt @ X.view(N, n, q).transpose(1, 2)             # (N, p·r, n) ≡ (N·p, r·n): rows (t, b), cols (k, i)
-        Gt = G.permute(1, 0, 2).reshape(m, N * p)             # Gt[a, t·p + b] = G[t, a, b]: the output's size
-        dUs = (Gt @ Zt.view(N * p, r * n)).view(m, r, n).transpose(0, 1)   # (r, m, n): ∂L/∂(σ_k U_k)
-        dsigma = (dUs * U).sum((1, 2))                        # in U's dtype (type promotion)
-        dU = torch.empty_like(U)
-        torch.mul(dUs, sigma[:, None, None], out=dU)          # contiguous like U, cast on write
-        return dx, dweight, dsigma, dU, dV
-
-
-def _merged(weight, sigma, U, V):
-    """W_res + Σ_k σ_k U_k ⊗ V_k as merge() forms it: the update in the factors' dtype (float32), added
-    to W_res and rounded once to the weight's dtype. R(ΔW) = Σ_k σ_k u_k v_kᵀ (kpsvd.py eq. 3) is one
-    GEMM; the add reads it through the inverse rearrangement, eq. (2), so nothing else is copied."""
-    r, m, n = U.shape
-    _, p, q = V.shape
-    with torch.autocast(weight.device.type, enabled=False):
-        R = (sigma[:, None] * U.reshape(r, m * n)).T @ V.reshape(r, p * q)          # (m·n, p·q)
-        W = torch.empty_like(weight)
-        torch.add(weight.view(m, p, n, q), R.view(m, n, p, q).permute(0, 2, 1, 3), out=W.view(m, p, n, q))
-    return W                                                  # (m·p, n·q)
-
-
-class KronDense(torch.autograd.Function):
-    """The SoKA layer through its merged weight (impl "dense"): y = x (W_res + ΔW)ᵀ as ONE GEMM.
-
-    ΔW (d_out, d_in) costs r·d_out·d_in multiply-adds to form, once per call, against N·d_out·d_in for
-    the GEMM; it is never saved (forward and backward each form it, then free it). Backward:
-    dx = G (W_res + ΔW), one GEMM; the weight gradient dW = Gᵀ X, one GEMM of N·d_out·d_in; and the
-    factor gradients are its projections (R = kpsvd.rearrange, W = Σ_k σ_k U_k ⊗ V_k + W_res):
-        ∂L/∂σ_k = u_kᵀ R(dW) v_k,   ∂L/∂U_k = σ_k R(dW) v_k,   ∂L/∂V_k = σ_k R(dW)ᵀ u_k.
-    So the cost is three large, efficient GEMMs (the frozen layer's two plus dW) whatever r is, against
-    the Kronecker path's r-proportional, memory-bound small GEMMs. It departs from SPEC.md's "training
-    never needs the dense update": it forms it transiently (a d_out × d_in weight in the model's dtype,
-    plus R(ΔW) and R(dW) in float32), trading that memory for time. Opt-in: docs/adapters.md.
-    """
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, weight, sigma, U, V):
-        if x.shape[-1] != weight.shape[1]:
-            raise ValueError(f"adapters.py: x has {x.shape[-1]} features, the layer expects {weight.shape[1]}")
-        dt = _compute_dtype(x)
-        X = x.reshape(-1, x.shape[-1]).to(dt)                 # (N, d_in)
-        ctx.save_for_backward(X, weight, sigma, U, V)
-        ctx.x_dtype = x.dtype
-        return F.linear(X, _merged(weight, sigma, U, V).to(dt)).view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, gy):
-        X, weight, sigma, U, V = ctx.saved_tensors
-        r, m, n = U.shape
-        _, p, q = V.shape
-        G = gy.reshape(-1, m * p).to(X.dtype)                 # (N, d_out)
-        dx = dweight = dsigma = dU = dV = None
-        if ctx.needs_input_grad[0]:
-            dx = (G @ _merged(weight, sigma, U, V).to(X.dtype)).view(*gy.shape[:-1], n * q).to(ctx.x_dtype)
-        if any(ctx.needs_input_grad[1:]):
-            dW = G.T @ X                                      # (d_out, d_in)
-            if ctx.needs_input_grad[1]:
-                dweight = dW.to(weight.dtype)
-            with torch.autocast(X.device.type, enabled=False):
-                R = torch.empty(m * n, p * q, dtype=U.dtype, device=dW.device)    # R(dW), kpsvd.py eq. (2),
-                R.view(m, n, p, q).copy_(dW.view(m, p, n, q).permute(0, 2, 1, 3))  # in float32: one copy
-                Rv = V.reshape(r, p * q) @ R.T               # (r, m·n): row k is R(dW) v_k
-                Ru = U.reshape(r, m * n) @ R                 # (r, p·q): row k is R(dW)ᵀ u_k
-            dsigma = (Rv * U.reshape(r, m * n)).sum(1)
-            dU = (Rv * sigma[:, None]).view(r, m, n)
-            dV = (Ru * sigma[:, None]).view(r, p, q)
-        return dx, dweight, dsigma, dU, dV
+def uses_fused(impl, x):
+    """Whether a SoKA layer with `impl` runs the fused kernels on input x. Never for float64 on a GPU:
+    its tiles outgrow shared memory."""
+    if impl == "reference" or (x.is_cuda and x.dtype == torch.float64):
+        return False
+    return impl == "fused" or (KronFused is not None and x.is_cuda)
 
 
 # -----------------------------------------------------------------------------
 # the layers
 
 class AdapterLinear(nn.Module):
-    """What SoKA, LoRA and PiSSA share: a frozen `weight` (the residual), merge/unmerge, forward."""
+    """What SoKA, LoRA and PiSSA share: a frozen `weight` (the residual), merge/unmerge, and the
+    forward y = x W_resᵀ + adapter(x), each method's update applied to the activations."""
     method = ""
     factor_names = ()
 
@@ -286,6 +102,8 @@ class AdapterLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x):
+        if x.shape[-1] != self.d_in:
+            raise ValueError(f"adapters.py: x has {x.shape[-1]} features, the {self.method} layer expects {self.d_in}")
         y = F.linear(x, self.weight)
         if self.merged:
             if self.training and torch.is_grad_enabled():
@@ -321,18 +139,16 @@ class AdapterLinear(nn.Module):
 
 
 class SoKALinear(AdapterLinear):
-    """SPEC.md's SoKA layer. `weight` is the base weight W. subtract=True (the KPSVD init): W_res =
-    W − Σ_k σ_k U_k ⊗ V_k in float32, and the initial factors stay as buffers sigma0, U0, V0 (not in
-    the state dict; save_adapter writes them). subtract=False (random init, compress): W_res = W."""
+    """The SoKA layer: y = x W_resᵀ + Σ_k σ_k (U_k ⊗ V_k) x. `weight` is the base weight W.
+    subtract=True (the KPSVD init): W_res = W − Σ_k σ_k U_k ⊗ V_k in float32, and the initial factors
+    stay as buffers sigma0, U0, V0 (not in the state dict; save_adapter writes them). subtract=False
+    (random init, compress): W_res = W. `impl` picks how forward runs (IMPLS above); results agree."""
     method = "soka"
     factor_names = ("sigma", "U", "V")
 
-    def __init__(self, weight, sigma, U, V, *, subtract, impl=None):
+    def __init__(self, weight, sigma, U, V, *, subtract, impl="auto"):
         r, m, n = U.shape
         _, p, q = V.shape
-        impl = IMPL if impl is None else impl
-        if impl not in IMPLS:
-            raise ValueError(f"adapters.py: impl (or $SOKA_IMPL) must be one of {IMPLS}, got {impl!r}")
         if (m * p, n * q) != tuple(weight.shape):
             raise ValueError(f"adapters.py: factors (m, n, p, q) = {(m, n, p, q)} give a {m * p}×{n * q} "
                              f"update, the weight is {tuple(weight.shape)}")
@@ -342,7 +158,7 @@ class SoKALinear(AdapterLinear):
         self.sigma = nn.Parameter(sigma.clone())             # (r,)
         self.U = nn.Parameter(U.clone())                     # (r, m, n)
         self.V = nn.Parameter(V.clone())                     # (r, p, q)
-        self.subtract, self.impl = subtract, impl
+        self.subtract, self.impl = subtract, check_impl(impl)
         if subtract:
             for k, t in (("sigma0", sigma), ("U0", U), ("V0", V)):
                 self.register_buffer(k, t.clone(), persistent=False)
@@ -351,18 +167,14 @@ class SoKALinear(AdapterLinear):
         return kron_sum(self.sigma, self.U, self.V).detach()
 
     def adapter(self, x):
-        return KronApply.apply(x, self.sigma, self.U, self.V)
+        """Σ_k σ_k (U_k ⊗ V_k) x on the activations, never forming the update (kpsvd.py eq. 4)."""
+        return kron_apply(x, *(t.to(x.dtype) for t in (self.sigma, self.U, self.V)))
 
     def forward(self, x):
-        impl = resolve_impl(self.impl, cuda=x.is_cuda, dtype=x.dtype)
-        if self.merged or impl == "kron":
-            return super().forward(x)                        # x W_resᵀ + KronApply(x)
-        if impl == "fused":
-            from soka.kron_fused import KronFused            # lazy: triton only when used
-            fn = KronFused
-        else:
-            fn = KronLinear if impl == "kron_v2" else KronDense
-        return fn.apply(x, self.weight, self.sigma, self.U, self.V)
+        if not self.merged and uses_fused(self.impl, x):
+            # the same function, its Kronecker part in two Triton kernels (soka/kron_fused.py)
+            return KronFused.apply(x, self.weight, self.sigma, self.U, self.V)
+        return super().forward(x)            # the reference: F.linear(x, W_res) + self.adapter(x)
 
     def extra_repr(self):
         r, m, n = self.U.shape
@@ -559,22 +371,23 @@ def _shape_for(name, W, factors):
 
 
 def inject(model, method="soka", targets=DEFAULT_TARGETS, *, rank=None, tau=TAU, r_min=R_MIN, r_max=R_MAX,
-           init="kpsvd", alpha=None, factors=None, randomized=None, seed=0, verbose=True):
+           init="kpsvd", alpha=None, factors=None, randomized=None, seed=0, impl="auto", verbose=True):
     """Replace the targeted nn.Linear layers by adapter layers in place, freeze everything else, and
     return the report {"method", "options", "layers": [row per layer], "totals"} (printed if verbose).
 
     method "soka": factor shapes by kpsvd.factor_shape, or `factors` = (m, n, p, q), or a dict
     {target name: (m, n, p, q)}; rank fixed by `rank` or chosen per layer by rank_select on the
-    layer's Kronecker spectrum (tau, r_min, r_max); init "kpsvd" (SPEC.md) or "random" (σ = 0,
+    layer's Kronecker spectrum (tau, r_min, r_max); init "kpsvd" (docs/method.md) or "random" (σ = 0,
     same rank rule, W_res = W). randomized None: exact SVD up to RANDOMIZED_ABOVE, True/False forces.
     method "lora" (scale alpha / r, alpha None = r) and "pissa" take `rank`, default LORA_RANK.
-    Layer i draws its random numbers from seed + i.
+    Layer i draws its random numbers from seed + i. impl: how SoKA layers run (IMPLS; same results).
     """
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     if method not in ("soka", "lora", "pissa"):
         raise ValueError(f"adapters.py: method must be 'soka', 'lora' or 'pissa', got {method!r}")
     if init not in ("kpsvd", "random"):
         raise ValueError(f"adapters.py: init must be 'kpsvd' or 'random', got {init!r}")
+    check_impl(impl)
     if method != "soka" and (init != "kpsvd" or factors is not None):
         raise ValueError(f"adapters.py: init= and factors= are SoKA options; {method} has its own init")
     if method != "lora" and alpha is not None:
@@ -611,7 +424,7 @@ def inject(model, method="soka", targets=DEFAULT_TARGETS, *, rank=None, tau=TAU,
             if init == "random":
                 sigma, U, V = random_soka_factors(row["r"], shape, seed=seed + i)
                 row["energy_kept"] = 0.0                      # σ = 0: the factors hold nothing yet
-            layer = SoKALinear(W, sigma, U, V, subtract=init == "kpsvd")
+            layer = SoKALinear(W, sigma, U, V, subtract=init == "kpsvd", impl=impl)
         elif method == "pissa":
             A, B, row["energy_kept"] = pissa_factors(W, rank, randomized=randomized, seed=seed + i)
             layer = PiSSALinear(W, A, B)
@@ -623,13 +436,14 @@ def inject(model, method="soka", targets=DEFAULT_TARGETS, *, rank=None, tau=TAU,
 
 
 def compress(model, updates, *, rank=None, tau=TAU, r_min=R_MIN, r_max=R_MAX, factors=None, randomized=None,
-             seed=0, verbose=True):
-    """SoKA adapters from given weight updates (SPEC "Compress"): the KPSVD of ΔW gives the factors
+             seed=0, impl="auto", verbose=True):
+    """SoKA adapters from given weight updates (docs/method.md, "Compress"): the KPSVD of ΔW gives the factors
     and W_res = W_base, so the model starts at W_base + (ΔW's top-r Kronecker part).
 
     updates: {module name ("layers.0.attention.wq", ".weight" allowed): ΔW (d_out, d_in), or a LoRA
     pair (B, A) with ΔW = B A (fold LoRA's α/r into B)}. A fine-tuned checkpoint gives
     {k: tuned[k] - base[k] for k in targeted keys}. Rank and factor options as in inject."""
+    check_impl(impl)
     options = dict(method="soka", targets=sorted(updates), rank=rank, tau=tau, r_min=r_min, r_max=r_max,
                    init="compress", alpha=None, factors=factors, randomized=randomized, seed=seed)
     named = dict(model.named_modules())
@@ -655,7 +469,8 @@ def compress(model, updates, *, rank=None, tau=TAU, r_min=R_MIN, r_max=R_MAX, fa
         sigma, U, V, choice = soka_factors(dW, shape, rank=rank, tau=tau, r_min=r_min, r_max=r_max,
                                            randomized=randomized, seed=seed + i)
         row = dict(name=name, shape=list(W.shape), factors=list(shape), **choice)
-        rows.append(_finish(model, name, SoKALinear(W, sigma, U, V, subtract=False), row, W, options))
+        rows.append(_finish(model, name, SoKALinear(W, sigma, U, V, subtract=False, impl=impl), row, W,
+                                    options))
     return _report("soka", options, rows, verbose)
 
 
@@ -766,10 +581,11 @@ def _check_record(path, name, rec, weight):
                 raise corrupt(f"{group} {k} has shape {got}, expected {shape} (r = {r})")
 
 
-def load_adapter(model, path):
+def load_adapter(model, path, *, impl="auto"):
     """Rebuild the fine-tuned model from a base model as loaded from its checkpoint (no adapters):
     check each targeted weight's fingerprint, re-create W_res from the stored initial factors (no
-    SVD), set the trained factors, freeze the rest. Returns the saved report."""
+    SVD), set the trained factors, freeze the rest. Returns the saved report. impl as in inject."""
+    check_impl(impl)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -800,7 +616,7 @@ def load_adapter(model, path):
         W = named[name].weight.detach()
         start = {k: t.to(W.device) for k, t in (rec["init"] if rec["subtract"] else rec["params"]).items()}
         if rec["method"] == "soka":
-            layer = SoKALinear(W, start["sigma"], start["U"], start["V"], subtract=rec["subtract"])
+            layer = SoKALinear(W, start["sigma"], start["U"], start["V"], subtract=rec["subtract"], impl=impl)
         elif rec["method"] == "pissa":
             layer = PiSSALinear(W, start["A"], start["B"])
         else:

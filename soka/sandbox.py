@@ -9,8 +9,8 @@ pipe. Only that exact token counts as a pass: not the exit status (`sys.exit(0)`
 fail), not stdout (which the program may print to, or close).
 
 The child:
-  - is `python -S -E -B -u` (given the parent's sys.path) in a new session, i.e. its own process
-    group, killed as a group at the deadline (or as soon as the token arrives);
+  - is `python -S -E -B -u` (given the parent's sys.path) started with setsid(), so it leads its own
+    process group, killed as a group at the deadline (or as soon as the token arrives);
   - runs in a fresh temporary directory (also its HOME and TMPDIR), removed afterwards;
   - has stdin on /dev/null, stdout and stderr captured to `output_limit` bytes (the rest drained
     and dropped), and an environment of PATH, HOME, TMPDIR, LANG and one-thread BLAS settings;

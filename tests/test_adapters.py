@@ -15,8 +15,8 @@ from model import ModelArgs, Transformer, load_checkpoint
 from rank_select import explain_rank, select_rank
 from soka import inject, load_adapter, merge, save_adapter, unmerge
 from soka import adapters
-from soka.adapters import (IMPLS, KronApply, KronDense, KronLinear, LoRALinear, PiSSALinear, SoKALinear,
-                           adapter_layers, compress, fingerprint)
+from soka.adapters import (IMPLS, KronFused, LoRALinear, PiSSALinear, SoKALinear, adapter_layers, compress,
+                           fingerprint, uses_fused)
 from soka.export import export_meta
 
 ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=96, max_seq_len=64)
@@ -31,9 +31,6 @@ CASES = [("soka", {}), ("soka", {"rank": 2, "randomized": True, "targets": ("wq"
          ("soka", {"init": "random"}),
          ("pissa", {"rank": 4}), ("lora", {"rank": 4, "alpha": 8})]
 IDS = ["soka", "soka-randomized", "soka-random-init", "pissa", "lora"]
-# impl "fused" runs Triton kernels (CUDA, or the interpreter on CPU: too slow for training here);
-# tests/test_kron_fused.py checks it against kron_v2, in a model too.
-CPU_IMPLS = tuple(i for i in IMPLS if i != "fused")
 
 
 def tiny(dtype=torch.float32, seed=0):
@@ -383,89 +380,50 @@ SHAPES = [(2, 3, 4, 5, 3), (1, 4, 6, 2, 2), (3, 2, 1, 1, 1), (4, 4, 4, 4, 5)]   
 
 @pytest.mark.parametrize("m,n,p,q,r", SHAPES)
 def test_kron_apply_gradients_float64(m, n, p, q, r):
+    # The reference forward's Kronecker part: autograd through kpsvd.kron_apply, checked numerically
+    # (gradcheck) and against the dense layer x (Σ σ_k U_k ⊗ V_k)ᵀ.
     g = torch.Generator().manual_seed(m * 100 + n * 10 + r)
     x = torch.randn(2, 3, n * q, generator=g, dtype=torch.float64, requires_grad=True)
     sigma = torch.rand(r, generator=g, dtype=torch.float64, requires_grad=True)
     U = torch.randn(r, m, n, generator=g, dtype=torch.float64, requires_grad=True)
     V = torch.randn(r, p, q, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(kron_apply, (x, sigma, U, V))
-    assert torch.autograd.gradcheck(KronApply.apply, (x, sigma, U, V))
     gy = torch.randn(2, 3, m * p, generator=g, dtype=torch.float64)
     dense = torch.autograd.grad((x @ kron_sum(sigma, U, V).T * gy).sum(), (x, sigma, U, V))
-    for fn in (kron_apply, KronApply.apply):
-        y = fn(x, sigma, U, V)
-        torch.testing.assert_close(y, x @ kron_sum(sigma, U, V).T, rtol=1e-12, atol=1e-12)
-        for got, want in zip(torch.autograd.grad((y * gy).sum(), (x, sigma, U, V)), dense):
-            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    y = kron_apply(x, sigma, U, V)
+    torch.testing.assert_close(y, x @ kron_sum(sigma, U, V).T, rtol=1e-12, atol=1e-12)
+    for got, want in zip(torch.autograd.grad((y * gy).sum(), (x, sigma, U, V)), dense):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-def test_kron_apply_function_without_input_grad_and_in_bfloat16():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(7, 24, generator=g)
-    sigma, U, V = (torch.randn(*s, generator=g, requires_grad=True) for s in ((3,), (3, 4, 6), (3, 5, 4)))
-    KronApply.apply(x, sigma, U, V).sum().backward()          # x needs no gradient
-    assert U.grad is not None and V.grad is not None and sigma.grad is not None
-    ref = kron_apply(x.double(), sigma.double(), U.double(), V.double())
-    out = KronApply.apply(x.bfloat16(), sigma, U, V)
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.double(), ref, rtol=0, atol=0.03 * ref.abs().max().item())
-
-
-@pytest.mark.parametrize("fn", [KronLinear, KronDense], ids=["kron_v2", "dense"])
 @pytest.mark.parametrize("m,n,p,q,r", SHAPES)
-def test_whole_layer_functions_gradcheck_and_reference_float64(fn, m, n, p, q, r):
-    # The faster implementations take the frozen weight too: check every gradient, W_res's included,
-    # numerically (gradcheck) and against autograd through W_res + kpsvd.kron_apply.
+def test_soka_layer_is_the_equation_float64(m, n, p, q, r):
+    # SoKALinear's reference forward is F.linear(x, W_res) + kron_apply(x, σ, U, V): its output and
+    # every gradient equal autograd through the dense weight W_res + Σ σ_k U_k ⊗ V_k.
     g = torch.Generator().manual_seed(m * 100 + n * 10 + r)
+    W = torch.randn(m * p, n * q, generator=g, dtype=torch.float64)
+    sigma, U, V = torch.rand(r, generator=g), torch.randn(r, m, n, generator=g), torch.randn(r, p, q, generator=g)
+    layer = SoKALinear(W, sigma, U, V, subtract=False, impl="reference")
     x = torch.randn(2, 3, n * q, generator=g, dtype=torch.float64, requires_grad=True)
-    W = torch.randn(m * p, n * q, generator=g, dtype=torch.float64, requires_grad=True)
-    sigma = torch.rand(r, generator=g, dtype=torch.float64, requires_grad=True)
-    U = torch.randn(r, m, n, generator=g, dtype=torch.float64, requires_grad=True)
-    V = torch.randn(r, p, q, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(fn.apply, (x, W, sigma, U, V))
     gy = torch.randn(2, 3, m * p, generator=g, dtype=torch.float64)
-    ref = F.linear(x, W) + kron_apply(x, sigma, U, V)
-    y = fn.apply(x, W, sigma, U, V)
+    y = layer(x)
+    got = torch.autograd.grad((y * gy).sum(), (x, layer.sigma, layer.U, layer.V))
+    s, Uf, Vf = (t.detach().clone().requires_grad_(True) for t in (layer.sigma, layer.U, layer.V))
+    ref = x @ (W + kron_sum(s, Uf, Vf)).T
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
-    want = torch.autograd.grad((ref * gy).sum(), (x, W, sigma, U, V))
-    for got, w in zip(torch.autograd.grad((y * gy).sum(), (x, W, sigma, U, V)), want):
-        torch.testing.assert_close(got, w, rtol=1e-10, atol=1e-10)
-    (fn.apply(x.detach(), W.detach(), sigma, U, V) * gy).sum().backward()   # only the factors need grads
-    torch.testing.assert_close(U.grad, want[3], rtol=1e-10, atol=1e-10)
+    for a, b in zip(got, torch.autograd.grad((ref * gy).sum(), (x, s, Uf, Vf))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("impl", [i for i in CPU_IMPLS if i != "kron"])
-def test_impls_give_kron_gradients_in_a_model(impl, monkeypatch):
-    # The module switch (what $SOKA_IMPL sets) reaches every layer inject builds; a training step's
-    # loss and gradients equal KronApply's in float64 (same math, other GEMM order).
-    def loss_and_grads(model):
-        logits = model(TOKENS[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), TOKENS[:, 1:].reshape(-1))
-        keys = sorted(factor_keys(model))
-        prm = dict(model.named_parameters())
-        return loss, dict(zip(keys, torch.autograd.grad(loss, [prm[k] for k in keys])))
-    grads = {}
-    for which in ("kron", impl):
-        monkeypatch.setattr(adapters, "IMPL", which)
-        model = tiny(torch.float64)
-        inject(model, "soka", ALL, verbose=False)
-        assert {layer.impl for _, layer in adapter_layers(model)} == {which}
-        grads[which] = loss_and_grads(model)
-    torch.testing.assert_close(grads[impl][0], grads["kron"][0], rtol=1e-12, atol=0)
-    for k, want in grads["kron"][1].items():
-        torch.testing.assert_close(grads[impl][1][k], want, rtol=1e-9, atol=1e-12)
-
-
-@pytest.mark.parametrize("impl", CPU_IMPLS)
-def test_impls_in_bfloat16_and_under_autocast(impl):
+def test_reference_in_bfloat16_and_under_autocast():
     # bf16 model, and a float32 model under CPU autocast: outputs, dx and the float32 factor gradients
     # stay within 2 % of the largest float64 value (a few bf16 roundings, eps 2⁻⁸; wrong math is O(1)).
     g = torch.Generator().manual_seed(3)
     W, x = torch.randn(20, 18, generator=g) / 5, torch.randn(7, 2, 18, generator=g)
     factors = torch.rand(3, generator=g), torch.randn(3, 4, 6, generator=g), torch.randn(3, 5, 3, generator=g)
 
-    def run(impl, dtype, amp=False):
-        layer = SoKALinear(W.to(dtype), *factors, subtract=False, impl=impl)
+    def run(dtype, amp=False):
+        layer = SoKALinear(W.to(dtype), *factors, subtract=False, impl="reference")
         xx = x.to(dtype).detach().clone().requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             y = layer(xx)
@@ -474,40 +432,27 @@ def test_impls_in_bfloat16_and_under_autocast(impl):
         assert all(getattr(layer, k).grad.dtype == acc for k in layer.factor_names)
         return [y.double(), xx.grad.double()] + [getattr(layer, k).grad.double() for k in layer.factor_names]
 
-    ref = run("kron", torch.float64)
+    ref = run(torch.float64)
     for dtype, amp in ((torch.bfloat16, False), (torch.float32, True)):
-        got = run(impl, dtype, amp)
+        got = run(dtype, amp)
         for a, b in zip(got, ref):
             assert (a - b).abs().max() <= 0.02 * b.abs().max(), (dtype, amp)
 
 
-@pytest.mark.parametrize("impl", CPU_IMPLS)
-def test_impls_step0_and_merge(impl):
-    # Every implementation: step 0 equals the base model, and after training merged equals unmerged.
-    model = tiny(torch.float64)
-    base = model(TOKENS)
-    inject(model, "soka", ALL, verbose=False)
-    for _, layer in adapter_layers(model):
-        layer.impl = impl
-    torch.testing.assert_close(model(TOKENS), base, rtol=0, atol=1e-12 * base.abs().max().item())
-    train_steps(model, n=2)
-    with torch.no_grad():
-        unmerged = model(TOKENS)
-        assert (unmerged - base).abs().max() > 1e-3               # the adapters moved
-        merge(model)
-        torch.testing.assert_close(model(TOKENS), unmerged, rtol=0, atol=1e-12 * unmerged.abs().max().item())
-
-
-def test_dense_impl_is_the_merged_layer_and_impl_is_checked():
-    g = torch.Generator().manual_seed(5)
-    W = torch.randn(12, 20, generator=g)
-    sigma, U, V = kpsvd(W, 3, 4, 4, 5, rank=2)
-    layer = SoKALinear(W, sigma * 1.5, U, V, subtract=True, impl="dense")
-    x = torch.randn(6, 20, generator=g)
-    torch.testing.assert_close(layer(x), F.linear(x, layer.merged_weight()), rtol=1e-6, atol=1e-6)
-    assert "impl=dense" in repr(layer)
-    with pytest.raises(ValueError, match="impl"):
-        SoKALinear(W, sigma, U, V, subtract=True, impl="nope")
+def test_impl_is_an_argument_and_is_checked():
+    # inject(impl=...) reaches every SoKA layer it builds, load_adapter(impl=...) likewise; a name
+    # outside IMPLS is refused before any work. On CPU "auto" is the reference forward.
+    model = tiny()
+    inject(model, "soka", ("wq", "w2"), rank=2, impl="reference", verbose=False)
+    assert {layer.impl for _, layer in adapter_layers(model)} == {"reference"}
+    with pytest.raises(ValueError, match="impl must be one of"):
+        inject(tiny(), "soka", impl="kron_v2", verbose=False)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        load_adapter(tiny(), "nowhere.pt", impl="dense")
+    x = torch.zeros(2, 64)
+    assert IMPLS == ("auto", "fused", "reference")
+    assert not uses_fused("auto", x) and not uses_fused("reference", x)
+    assert uses_fused("fused", x) == (KronFused is not None)
 
 
 def test_layers_direct_and_extra_repr():
@@ -543,16 +488,3 @@ def test_smollm2_step0_and_report():
     assert all(1 <= r["r"] <= 16 for r in report["layers"])
     torch.testing.assert_close(out, base, rtol=0, atol=1e-4 * base.abs().max().item())
     assert out[0, -1].argmax() == base[0, -1].argmax()
-
-
-def test_resolve_impl():
-    # "auto" (the default) is the fused Triton kernels on CUDA where triton imports, else kron_v2;
-    # float64 on CUDA always kron_v2; a named impl otherwise stands.
-    from soka.adapters import _has_triton, resolve_impl
-    assert resolve_impl("auto", cuda=False, dtype=torch.bfloat16) == "kron_v2"
-    assert resolve_impl("auto", cuda=True, dtype=torch.bfloat16) == ("fused" if _has_triton() else "kron_v2")
-    assert resolve_impl("auto", cuda=True, dtype=torch.float64) == "kron_v2"
-    assert resolve_impl("fused", cuda=True, dtype=torch.float64) == "kron_v2"
-    assert resolve_impl("fused", cuda=False, dtype=torch.float32) == "fused"
-    assert resolve_impl("dense", cuda=True, dtype=torch.float64) == "dense"
-    assert IMPLS[0] == "auto"

@@ -150,17 +150,17 @@ def test_mbpp_scoring_in_sandboxes(tmp_path):
 
 
 def test_with_model_generate_on_a_tiny_model(tmp_path):
-    """The default generate_fn is model.generate, called with the agreed signature."""
+    """model.generate as generate_fn, called with the agreed signature."""
     torch = pytest.importorskip("torch")
-    from model import ModelArgs, Transformer
+    from model import ModelArgs, Transformer, generate
     from soka.tokenizer import SentencePieceTokenizer
     tok = SentencePieceTokenizer(DATA / "llama2-tokenizer" / "tokenizer.model")
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.vocab_size,
                                   max_seq_len=1024)).eval()
     examples = load_examples("gsm8k", "test", data_dir=DATA)[:3]
-    a = evaluate(model, tok, "gsm8k", examples, batch_size=2, max_new_tokens=4, progress=False)
-    b = evaluate(model, tok, "gsm8k", examples, batch_size=3, max_new_tokens=4, progress=False)
+    a = evaluate(model, tok, "gsm8k", examples, generate_fn=generate, batch_size=2, max_new_tokens=4, progress=False)
+    b = evaluate(model, tok, "gsm8k", examples, generate_fn=generate, batch_size=3, max_new_tokens=4, progress=False)
     assert a["n"] == 3 and all(isinstance(r["completion"], str) for r in a["examples"])
     assert [r["completion"] for r in a["examples"]] == [r["completion"] for r in b["examples"]]
     assert all(len(tok.encode(r["completion"], bos=False)) <= 4 + 1 for r in a["examples"])

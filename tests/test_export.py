@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import ModelArgs, Transformer, load_checkpoint, unpermute_rotary
+from model import ModelArgs, Transformer, load_checkpoint
 from soka import inject
 from soka.adapters import adapter_layers
-from soka.export import export_hf, export_meta, merged_state_dict, permute_rotary, write_safetensors
+from soka.checkpoints import permute_rotary, unpermute_rotary
+from soka.export import export_hf, export_meta, merged_state_dict, write_safetensors
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -72,7 +73,7 @@ def test_merged_state_dict_has_base_keys_and_merged_weights():
     torch.testing.assert_close(sd["layers.0.attention.wq.weight"], wq.weight + wq.B @ wq.A, rtol=0, atol=1e-6)
 
 
-def test_permute_rotary_inverts_model_unpermute():
+def test_permute_rotary_inverts_unpermute():
     w = torch.randn(4 * 16, 24)
     assert torch.equal(unpermute_rotary(permute_rotary(w, 4), 4), w)
     assert torch.equal(permute_rotary(unpermute_rotary(w, 4), 4), w)

@@ -74,8 +74,8 @@ def test_load_gguf_params_and_keys(demo):
     assert params["vocab_size"] == md["llama.vocab_size"] == len(md["tokenizer.ggml.tokens"])
     assert params["max_seq_len"] == md["llama.context_length"]
     assert np.float32(params["norm_eps"]) == np.float32(md["llama.attention.layer_norm_rms_epsilon"])
-    assert params["rope_theta"] == 100000.0  # SPEC.md
-    assert params["tie_embeddings"] is True and "output.weight" not in sd  # SPEC.md: tied embeddings
+    assert params["rope_theta"] == 100000.0  # docs/method.md, "Checkpoint layouts"
+    assert params["tie_embeddings"] is True and "output.weight" not in sd  # tied embeddings
     # Meta's FFN rule (2/3 · 4·dim rounded up to multiple_of) gives the file's size, so no hidden_dim.
     hidden = 2 * 4 * params["dim"] // 3
     assert "hidden_dim" not in params

@@ -237,7 +237,7 @@ def test_factor_shape_llama_ffn():
 def test_factor_shape_prime_warns():
     with pytest.warns(UserWarning, match="prime"):
         assert factor_shape(4099, 4096) == (1, 64, 4099, 64)
-    for d in (2, 3):                                         # the smallest primes too (SPEC.md)
+    for d in (2, 3):                                         # the smallest primes too (docs/method.md)
         with pytest.warns(UserWarning, match=f"d_in = {d} is prime"):
             assert factor_shape(4, d) == (2, 1, 2, d)
 

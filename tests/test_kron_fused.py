@@ -1,6 +1,7 @@
-"""soka/kron_fused.py: KronFused equals KronLinear (forward and all five gradients) and the dense layer,
-for factor sizes that are not powers of two, token counts that leave blocks and chunks part-full, and
-one token; it is deterministic; SoKALinear(impl="fused") trains a model as impl "kron_v2" does.
+"""soka/kron_fused.py, the fast path: KronFused equals the reference forward F.linear(x, W_res) +
+kron_apply(x, σ, U, V) (values and all five gradients) and the dense layer, for factor sizes that are
+not powers of two, token counts that leave blocks and chunks part-full, and one token; it is
+deterministic; SoKALinear(impl="fused") trains a model as impl "reference" does.
 Without CUDA the kernels run under Triton's interpreter on CPU; with CUDA they are compiled and these
 tests run on the GPU, plus bf16 autocast at LLaMA-2-7B shapes and a CUDA-graph replay.
 
@@ -24,10 +25,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from kpsvd import factor_shape, kron_sum                        # noqa: E402
+from kpsvd import factor_shape, kron_apply, kron_sum            # noqa: E402
 from model import ModelArgs, Transformer                        # noqa: E402
 from soka import inject, kron_fused                             # noqa: E402
-from soka.adapters import KronLinear, adapter_layers            # noqa: E402
+from soka.adapters import SoKALinear, adapter_layers            # noqa: E402
 from soka.kron_fused import KronFused                           # noqa: E402
 
 DEVICE = "cpu" if kron_fused.INTERPRETED else "cuda"
@@ -39,9 +40,19 @@ if DEVICE == "cuda" and not torch.cuda.is_available():
 # (rows of 7 or 3 values load in narrower vectors than columns of 8 or 6: those factors are stored
 # transposed, kron_fused.factor_buffer)
 SHAPES = [(24, 24, 24, 24), (12, 24, 16, 24), (32, 24, 48, 24), (86, 64, 128, 64), (8, 7, 6, 3)]
-# Largest error over largest |value|. The two implementations sum the same products in another order
+# Largest error over largest |value|. The two paths sum the same products in another order
 # (float32 dots are exact "ieee" ones, no TF32), so they agree to a few ulps of the result's scale.
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+class Reference:
+    """SoKALinear's reference forward as a function of (x, W_res, σ, U, V), differentiated by autograd:
+    the factors cast to the GEMMs' dtype, as the layer does."""
+
+    @staticmethod
+    def apply(x, W, sigma, U, V):
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return F.linear(x, W) + kron_apply(x, *(t.to(dt) for t in (sigma, U, V)))
 
 
 def layer(m, n, p, q, r, dtype, *, tokens=(2, 3), seed=0):
@@ -72,14 +83,14 @@ def assert_close(got, want, tol, what=""):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("r", [1, 3])
 @pytest.mark.parametrize("m,n,p,q", SHAPES)
-def test_equals_kronlinear_and_the_dense_layer(m, n, p, q, r, dtype):
+def test_equals_the_reference_and_the_dense_layer(m, n, p, q, r, dtype):
     x, W, sigma, U, V, gy = layer(m, n, p, q, r, dtype, seed=m + r)     # 6 tokens
     if DEVICE == "cuda" and dtype == torch.float64 and max(m, n, p, q) > 64:
         with pytest.raises(ValueError, match="shared memory"):    # 128² float64 tiles do not fit on a GPU
             run(KronFused, x, W, sigma, U, V, gy)
         return
     got = run(KronFused, x, W, sigma, U, V, gy)
-    want = run(KronLinear, x, W, sigma, U, V, gy)
+    want = run(Reference, x, W, sigma, U, V, gy)
     for name, a, b in zip(("y", "dx", "dW", "dsigma", "dU", "dV"), got, want):
         assert_close(a, b, TOL[dtype], name)
     assert_close(got[0], F.linear(x, W + kron_sum(sigma, U, V)), TOL[dtype], "y vs dense")
@@ -121,7 +132,7 @@ def test_only_the_gradients_asked_for():
     # Inside SoKALinear W_res is frozen (and the first layer's x may need no gradient): then backward
     # returns None for them and the rest unchanged.
     args = layer(12, 24, 16, 24, 3, torch.float64)
-    want = run(KronLinear, *args)
+    want = run(Reference, *args)
     for wrt in ((2, 3, 4), (0, 2, 3, 4), (0,)):
         got = run(KronFused, *args, wrt=wrt)
         assert len(got) == 1 + len(wrt)
@@ -136,7 +147,7 @@ def test_token_counts_that_leave_blocks_and_chunks_part_full(tokens, monkeypatch
     monkeypatch.setattr(kron_fused, "GRAD_PROGRAMS", 3)       # factor sides below 64: 2 · 3 programs
     monkeypatch.setattr(kron_fused, "TOKENS_PER_PROGRAM", 4)
     args = layer(12, 24, 16, 24, 3, torch.float64, tokens=(tokens,), seed=tokens)
-    for name, a, b in zip(("y", "dx", "dW", "dsigma", "dU", "dV"), run(KronFused, *args), run(KronLinear, *args)):
+    for name, a, b in zip(("y", "dx", "dW", "dsigma", "dU", "dV"), run(KronFused, *args), run(Reference, *args)):
         assert_close(a, b, TOL[torch.float64], f"{name}, {tokens} tokens")
 
 
@@ -144,7 +155,7 @@ def test_bfloat16_and_autocast_within_bf16_rounding():
     # bf16 tensors, and float32 ones under bf16 autocast: y, dx and the float32 factor gradients stay
     # within 2 % of the largest float64 value (a few bf16 roundings, eps 2⁻⁸; wrong math is O(1)).
     args = layer(12, 24, 16, 24, 3, torch.float64)
-    want = run(KronLinear, *args, wrt=(0, 2, 3, 4))
+    want = run(Reference, *args, wrt=(0, 2, 3, 4))
     for dtype, amp in ((torch.bfloat16, False), (torch.float32, True)):
         x, W, gy = (args[i].to(dtype) for i in (0, 1, 5))
         sigma, U, V = (t.float() for t in args[2:5])
@@ -164,35 +175,37 @@ def test_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
-def test_soka_layers_fused_train_as_kron_v2():
+def test_soka_layers_fused_train_as_the_reference():
     # A tiny LLaMA with SoKA on all seven linear types, float64: the loss and every factor gradient of
-    # impl "fused" equal impl "kron_v2"'s.
+    # impl "fused" equal impl "reference"'s.
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=96, max_seq_len=64)
     tokens = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     out = {}
-    for impl in ("kron_v2", "fused"):
+    for impl in ("reference", "fused"):
         torch.manual_seed(0)
         model = Transformer(args).to(DEVICE, torch.float64)
-        inject(model, "soka", ("wq", "wk", "wv", "wo", "w1", "w2", "w3"), rank=2, verbose=False)
-        for _, mod in adapter_layers(model):
-            mod.impl = impl
+        inject(model, "soka", ("wq", "wk", "wv", "wo", "w1", "w2", "w3"), rank=2, impl=impl, verbose=False)
+        assert {mod.impl for _, mod in adapter_layers(model)} == {impl}
         logits = model(tokens[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
         prm = [(k, v) for k, v in model.named_parameters() if v.requires_grad]
         out[impl] = dict(zip([k for k, _ in prm], torch.autograd.grad(loss, [v for _, v in prm])), loss=loss.detach())
     assert len(out["fused"]) == 1 + 2 * 7 * 3                   # loss, and σ, U, V of 14 layers
-    for k, want in out["kron_v2"].items():
+    for k, want in out["reference"].items():
         assert_close(out["fused"][k], want, 1e-10, k)
 
 
-def test_adapters_does_not_import_triton():
-    # CPU installs may lack triton: soka.adapters and a model with SoKA of another impl never import it.
-    code = ("import sys, torch; from soka.adapters import SoKALinear; "
+def test_adapters_without_triton():
+    # CPU installs may lack triton: soka.adapters then imports, its layers run the reference forward,
+    # and impl "fused" is refused by name. (A None entry in sys.modules makes `import triton` fail.)
+    code = ("import sys, torch; sys.modules['triton'] = None; "
+            "from soka.adapters import SoKALinear, KronFused; assert KronFused is None; "
             "layer = SoKALinear(torch.randn(6, 4), torch.ones(1), torch.randn(1, 2, 2), torch.randn(1, 3, 2), "
-            "subtract=True); layer(torch.randn(5, 4)).sum().backward(); "
-            "assert 'triton' not in sys.modules and 'soka.kron_fused' not in sys.modules, 'imported'")
-    env = {k: v for k, v in os.environ.items() if k != "SOKA_IMPL"}
-    res = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+            "subtract=True); layer(torch.randn(5, 4)).sum().backward()\n"
+            "try:\n    SoKALinear(torch.randn(6, 4), torch.ones(1), torch.randn(1, 2, 2), torch.randn(1, 3, 2), "
+            "subtract=True, impl='fused')\nexcept ValueError as e:\n    assert 'needs triton' in str(e)\n"
+            "else:\n    raise AssertionError('fused accepted without triton')")
+    res = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
 
@@ -206,10 +219,10 @@ cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA (compiled Tr
 @pytest.mark.parametrize("r", [1, 8])
 @pytest.mark.parametrize("d_out,d_in", [(4096, 4096), (11008, 4096), (4096, 11008)])
 def test_cuda_bf16_autocast_at_llama7b_shapes(d_out, d_in, r):
-    # bf16 weights and activations under bf16 autocast, as train.py runs. fused and kron_v2 round the
-    # same operands to bf16 and accumulate in float32, but not at the same places (kron_v2 rounds dU,
-    # dV to bf16 as well), so each is compared with float32 math on the same bf16 inputs (no autocast,
-    # no TF32): fused's largest error must be within twice kron_v2's plus one bf16 eps (2⁻⁸) of the
+    # bf16 weights and activations under bf16 autocast, as train.py runs. fused and the reference round
+    # the same operands to bf16 and accumulate in float32, but not at the same places (the reference
+    # rounds its intermediates to bf16 as well), so each is compared with float32 math on the same bf16
+    # inputs (no autocast, no TF32): fused's largest error must be within twice the reference's plus one bf16 eps (2⁻⁸) of the
     # result's scale. Wrong indexing gives errors of the order of the scale itself. Also bit-identical
     # on a second call.
     m, n, p, q = factor_shape(d_out, d_in)
@@ -229,10 +242,10 @@ def test_cuda_bf16_autocast_at_llama7b_shapes(d_out, d_in, r):
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        ref = go(KronLinear, False)
+        ref = go(Reference, False)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    v2, fused, again = go(KronLinear, True), go(KronFused, True), go(KronFused, True)
+    v2, fused, again = go(Reference, True), go(KronFused, True), go(KronFused, True)
     # dσ_k = Σ dUs_k ∘ U_k sums m·n products of both signs: its rounding error scales with Σ |dUs_k ∘ U_k|
     # (the sum's condition), not with |dσ_k|, which cancellation can make small (r = 1: one number).
     dus = ref[3] / sigma[:, None, None]
@@ -240,7 +253,7 @@ def test_cuda_bf16_autocast_at_llama7b_shapes(d_out, d_in, r):
     for name, a, b, f, f2 in zip(("y", "dx", "dsigma", "dU", "dV"), ref, v2, fused, again):
         scale = scales.get(name, a.abs().max().item())
         e_v2, e_f = (b - a).abs().max().item(), (f - a).abs().max().item()
-        assert e_f <= 2 * e_v2 + 2 ** -8 * scale, f"{name}: fused error {e_f:.3g}, kron_v2 {e_v2:.3g}, scale {scale:.3g}"
+        assert e_f <= 2 * e_v2 + 2 ** -8 * scale, f"{name}: fused error {e_f:.3g}, reference {e_v2:.3g}, scale {scale:.3g}"
         assert torch.equal(f, f2), f"{name}: a second call differs"
 
 
@@ -269,11 +282,10 @@ def test_cuda_graph_replay_equals_eager():
 
 
 @cuda_only
-def test_cuda_auto_impl_is_fused_and_float64_is_kron_v2():
-    # The default impl "auto" runs KronFused on CUDA tensors, and float64 layers (whose 128² tiles
-    # would not fit) through KronLinear, for "fused" too: the same bits as the impl it stands for.
-    from soka.adapters import SoKALinear
-    for dtype, same_as in ((torch.bfloat16, "fused"), (torch.float64, "kron_v2")):
+def test_cuda_auto_impl_is_fused_and_float64_is_the_reference():
+    # The default impl "auto" runs KronFused on CUDA tensors; float64 layers (whose 128² tiles would
+    # not fit) run the reference forward, for "fused" too: the same bits as the path each stands for.
+    for dtype, same_as in ((torch.bfloat16, "fused"), (torch.float64, "reference")):
         x, W, sigma, U, V, gy = layer(86, 64, 128, 64, 2, torch.float32, tokens=(16,))
         x, W, gy = x.to(dtype), W.to(dtype), gy.to(dtype)
         outs = {}
@@ -287,10 +299,15 @@ def test_cuda_auto_impl_is_fused_and_float64_is_kron_v2():
             assert all(torch.equal(a, b) for a, b in zip(outs[impl], outs[same_as])), (dtype, impl)
 
 
-@pytest.mark.parametrize("fn", [KronLinear, KronFused], ids=["kron_v2", "fused"])
+@pytest.mark.parametrize("fn", [Reference, KronFused], ids=["reference", "fused"])
 def test_wrong_input_width_is_a_clear_error(fn):
     r, m, n, p, q = 2, 4, 3, 5, 2
     U, V = torch.randn(r, m, n, device=DEVICE), torch.randn(r, p, q, device=DEVICE)
     W, sigma = torch.randn(m * p, n * q, device=DEVICE), torch.ones(r, device=DEVICE)
+    if fn is Reference:                                        # the layer checks the width first
+        layer = SoKALinear(W, sigma, U, V, subtract=False, impl="reference")
+        with pytest.raises(ValueError, match=r"x has 7 features, the soka layer expects 6"):
+            layer(torch.randn(4, 7, device=DEVICE))
+        return
     with pytest.raises(ValueError, match=r"x has 7 features, the factors expect n·q = 3·2"):
         fn.apply(torch.randn(4, 7, device=DEVICE), W, sigma, U, V)

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 import model as M
 from model import ModelArgs, Transformer, generate, load_checkpoint
+from soka.checkpoints import read_safetensors
 
 transformers = pytest.importorskip("transformers")
 
@@ -225,15 +226,13 @@ def test_compile_pointwise_matches_eager():
     torch.manual_seed(0)
     m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96))
     x = torch.randint(0, 96, (2, 12))
+    other = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96))
     out0, g0 = _grads(m, x)
-    eager = M.rms_norm
-    try:
-        M.compile_pointwise()
-        assert M.rms_norm is not eager
-        out1, g1 = _grads(m, x)
-    finally:
-        M.compile_pointwise(False)
-    assert M.rms_norm is eager
+    m.compile_pointwise()
+    assert m.pointwise is not M.EAGER and other.pointwise is M.EAGER      # per model, not per module
+    out1, g1 = _grads(m, x)
+    m.compile_pointwise(False)
+    assert m.pointwise is M.EAGER
     torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-5)
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -540,7 +539,7 @@ def test_safetensors_header_that_lies(tmp_path, hf_folder):
 def test_safetensors_reader_matches_library(hf_folder):
     from safetensors.torch import load_file
     f = hf_folder[1] / "model.safetensors"
-    ours, ref = M.read_safetensors(f), load_file(f)
+    ours, ref = read_safetensors(f), load_file(f)
     assert ours.keys() == ref.keys()
     for k in ref:
         assert ours[k].dtype == ref[k].dtype and torch.equal(ours[k], ref[k])

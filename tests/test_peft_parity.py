@@ -11,7 +11,8 @@ import copy
 import pytest
 import torch
 
-from model import load_checkpoint, unpermute_rotary
+from model import load_checkpoint
+from soka.checkpoints import unpermute_rotary
 from soka import inject
 from soka.adapters import adapter_layers
 

