@@ -1,43 +1,22 @@
 """Forward + backward time and memory of one adapted linear layer at LLaMA-2-7B shapes.
 
-    python benchmarks/adapter_layer.py                          # the H100 run: bf16, 4096 tokens, r = 1, 4, 8
+    python benchmarks/adapter_layer.py                          # a GPU: bf16, 4,096 tokens, r = 1, 4, 8
+    python benchmarks/adapter_layer.py --methods frozen,soka_fused,lora --out /tmp/adapter_layer.json
+    python benchmarks/adapter_layer.py --shapes 576x576,192x576 --tokens 3440 --ranks 1,4,8,16   # SmolLM2's layers
     python benchmarks/adapter_layer.py --device cpu --dtype float32 --tokens 64 \\
-        --shapes 256x256,384x256 --ranks 1,2 --warmup 1 --repeat 3 --out /tmp/adapter_layer.json   # logic check
-    python benchmarks/adapter_layer.py --shapes 576x576,192x576 --tokens 3440 --ranks 1,4,8,16 \\
-        --methods frozen,soka,soka_v2,soka_dense,lora --out benchmarks/results/adapter_layer_smollm2.json
-    python benchmarks/adapter_layer.py --methods frozen,soka_v2,soka_fused --out $OUT/adapter_layer_fused.json
+        --shapes 256x256,384x256 --ranks 1,2 --warmup 1 --repeat 3 --out /tmp/adapter_layer.json   # CPU logic check
     TRITON_INTERPRET=1 python benchmarks/adapter_layer.py --device cpu --dtype float32 --tokens 16 \\
-        --shapes 64x64 --ranks 1,2 --methods frozen,soka_v2,soka_fused --warmup 1 --repeat 2 \\
-        --out /tmp/adapter_layer.json          # logic check of soka_fused on CPU (Triton's interpreter)
+        --shapes 64x64 --ranks 1,2 --methods frozen,soka_fused,soka_ref --warmup 1 --repeat 2 \\
+        --out /tmp/adapter_layer.json          # soka_fused on CPU, under Triton's interpreter
 
-One step is y = layer(x); y.backward(g) with x requiring grad (backward always reaches the input, as
-inside a model). Methods:
-    frozen     the plain frozen layer: the floor (backward to the input only)
-    soka       SoKALinear, impl "kron": KronApply, saves only x, recomputes X Vᵀ in backward
-    soka_v2    SoKALinear, impl "kron_v2" (the default without a GPU): KronLinear, the same GEMMs, fewer copies and kernels
-    soka_fused SoKALinear, impl "fused" (the default on a GPU): KronFused, the Kronecker part in Triton kernels (soka/kron_fused.py)
-    soka_dense SoKALinear, impl "dense": KronDense, one GEMM with W_res + ΔW formed transiently
-    soka_ref   W_res + kpsvd.kron_apply through autograd (saves the (N, r·n, p) intermediate)
-    lora       LoRALinear (PiSSA costs the same)
-    lokr       PEFT's LoKr (forms the dense Kronecker update every forward), when peft imports
-Time: CUDA events around each step, median of --repeat after --warmup ("ms": eager, so it includes
-Python launching each kernel, which at r = 1 is most of it); on CUDA also the step replayed as a CUDA
-graph ("graph ms": the GPU's own time, as train.py runs it). Memory: peak allocated during
-one step minus what was allocated before it (weights, x, g), and the bytes autograd saves for
-backward beyond x and the parameters (device-independent, so the CPU check shows it too).
-FLOP model (multiply-adds per token, forward + backward): frozen 2·d_out·d_in; SoKA (KronApply)
-and KronLinear r·n·p·(4q + 3m); KronFused 2·r·(n·p·q + m·n·p + m·p·q + m·n·q), 8 small products per
-token and term (KronLinear's 7 reuse Usᵀ G for dx and dV; unpadded sizes); autograd SoKA
-3·r·n·p·(q + m); LoRA 3·r·(d_in + d_out); dense 3·d_out·d_in + 4·r·d_out·d_in / tokens (forming ΔW
-twice, projecting dW twice). docs/adapters.md.
-Ceilings: for each shape and rank, the least a SoKA layer could cost, the frozen layer's time plus
-train_step.py's LEAST multiply-adds (the cheapest schedule of small products we know) at the run's
-bf16 GEMM rate and nothing else, against --target × the frozen layer (issue 4: 1.10); and the GEMM
-rate (% of the measured one) at which the added FLOPs, fused's own and LEAST's, would have to run,
-all else free, to meet it (over 100 %: out of reach). The frozen time is the CUDA-graph one where
-there is one.
-Compare implementations only within one run (one device, one torch).
-Prints a table and writes JSON (default benchmarks/results/adapter_layer.json).
+One step is y = layer(x); y.backward(g), x requiring grad. Methods: frozen (the plain frozen layer,
+the floor), soka_fused and soka_ref (SoKALinear with impl "fused" and "reference"), lora (LoRALinear;
+PiSSA costs the same), lokr (PEFT's LoKr, when peft imports). Printed per row: eager ms (median of
+--repeat after --warmup), graph ms on CUDA (the step replayed as a CUDA graph), × frozen, the FLOP
+ratio (train_step.adapter_macs), peak extra memory and the bytes autograd saves for backward; then
+the per-layer ceilings against --target × the frozen layer. Compare methods only within one run.
+Writes JSON (default benchmarks/results/adapter_layer.json); docs/performance.md explains the columns
+and the ceilings.
 """
 import argparse
 import json
@@ -53,11 +32,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kpsvd import factor_shape, kron_apply                      # noqa: E402
-from soka.adapters import LoRALinear, SoKALinear               # noqa: E402
+from kpsvd import factor_shape                                  # noqa: E402
+from soka.adapters import KronFused, LoRALinear, SoKALinear    # noqa: E402
 from train_step import adapter_macs, gemm_tflops               # noqa: E402  (this folder)
 
-SOKA_IMPLS = {"soka": "kron", "soka_v2": "kron_v2", "soka_dense": "dense", "soka_fused": "fused"}   # method -> impl
+SOKA_IMPLS = {"soka_fused": "fused", "soka_ref": "reference"}   # method -> SoKALinear's impl
+METHODS = ("frozen", *SOKA_IMPLS, "lora", "lokr")
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 
 
@@ -67,15 +47,11 @@ def build(method, W, r):
     g = torch.Generator().manual_seed(0)
     if method == "frozen":
         return (lambda x: F.linear(x, W)), 0
-    if method.startswith("soka"):
+    if method in SOKA_IMPLS:
         m, n, p, q = factor_shape(d_out, d_in)
         sigma, U, V = torch.rand(r, generator=g), torch.randn(r, m, n, generator=g), torch.randn(r, p, q, generator=g)
-        impl = SOKA_IMPLS.get(method, "kron")
-        layer = SoKALinear(W, sigma, U, V, subtract=False, impl=impl).to(W.device)
-        if method in SOKA_IMPLS:
-            return layer, layer.trainable()
-        return (lambda x: F.linear(x, layer.weight) + kron_apply(x, layer.sigma.to(x.dtype), layer.U.to(x.dtype),
-                                                                 layer.V.to(x.dtype))), layer.trainable()
+        layer = SoKALinear(W, sigma, U, V, subtract=False, impl=SOKA_IMPLS[method]).to(W.device)
+        return layer, layer.trainable()
     if method == "lora":
         layer = LoRALinear(W, torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g)).to(W.device)
         return layer, layer.trainable()
@@ -170,9 +146,6 @@ def flops_ratio(method, d_out, d_in, r, tokens):
     adapters' own from train_step.adapter_macs; None for LoKr (its own factorization)."""
     if method == "frozen":
         extra = 0
-    elif method == "soka_ref":                  # autograd through kron_apply: keeps Z, recomputes nothing
-        m, n, p, q = factor_shape(d_out, d_in)
-        extra = 3 * r * n * p * (q + m)
     elif method in SOKA_IMPLS or method == "lora":
         extra = adapter_macs("soka" if method in SOKA_IMPLS else "lora", d_out, d_in, r,
                              impl=SOKA_IMPLS.get(method), tokens=tokens, dx=True)
@@ -182,7 +155,10 @@ def flops_ratio(method, d_out, d_in, r, tokens):
 
 
 def ceiling_rows(frozen_times, ranks, tokens, rate, target):
-    """The ceilings (module docstring) for every measured shape and rank; rate in FLOP/s."""
+    """For every measured shape and rank, the least a SoKA layer could cost: the frozen layer's time
+    plus LEAST's added FLOPs (train_step.adapter_macs) at `rate` (FLOP/s) and nothing else, as a
+    multiple of the frozen time; and the share of that rate at which the added FLOPs, fused's own and
+    LEAST's, would have to run, all else free, to stay within `target` × the frozen time."""
     out = []
     for (d_out, d_in), frozen_ms in frozen_times.items():
         for r in ranks:
@@ -203,7 +179,7 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008", help="d_out x d_in, comma-separated")
     ap.add_argument("--ranks", default="1,4,8")
-    ap.add_argument("--methods", default="frozen,soka,soka_v2,soka_fused,soka_dense,soka_ref,lora,lokr")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     ap.add_argument("--target", type=float, default=1.10, help="the cost asked of SoKA, × the frozen layer")
     ap.add_argument("--gemm-size", type=int, default=None, help="n of the n³ matmul (default 8192 on CUDA, 512 on CPU)")
     ap.add_argument("--warmup", type=int, default=5)
@@ -213,14 +189,17 @@ def main(argv=None):
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     cuda = device.type == "cuda"
     methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
     if "lokr" in methods:
         try:
             import peft  # noqa: F401
         except ImportError:
             print("peft not importable: skipping lokr")
             methods.remove("lokr")
-    if "soka_fused" in methods and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        print("soka_fused runs Triton kernels: CUDA, or CPU under TRITON_INTERPRET=1; skipping it")
+    if "soka_fused" in methods and (KronFused is None or not cuda and os.environ.get("TRITON_INTERPRET") != "1"):
+        print("soka_fused runs Triton kernels: CUDA with triton, or CPU under TRITON_INTERPRET=1; skipping it")
         methods.remove("soka_fused")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ranks = [int(r) for r in args.ranks.split(",")]
@@ -249,7 +228,7 @@ def main(argv=None):
                     frozen_ms, frozen_graph_ms = ms, graph_ms
                     frozen_times[d_out, d_in] = graph_ms or ms
                 row = dict(d_out=d_out, d_in=d_in, r=None if method == "frozen" else r, method=method,
-                           factors=list(factor_shape(d_out, d_in)) if method.startswith("soka") else None,
+                           factors=list(factor_shape(d_out, d_in)) if method in SOKA_IMPLS else None,
                            trainable=trainable, ms=ms, ratio_vs_frozen=ms / frozen_ms if frozen_ms else None,
                            graph_ms=graph_ms, graph_ratio_vs_frozen=graph_ms / frozen_graph_ms
                            if graph_ms and frozen_ms and frozen_graph_ms else None,

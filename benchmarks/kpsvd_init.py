@@ -2,7 +2,7 @@
 
     python benchmarks/kpsvd_init.py                      # on the GPU: all 224 layers, randomized
     python benchmarks/kpsvd_init.py --exact-per-shape 3  # exact SVD on 3 matrices of each shape
-    python benchmarks/kpsvd_init.py --exact-all          # exact on all 224 (about 6 minutes on an H100)
+    python benchmarks/kpsvd_init.py --exact-all          # exact SVD on all 224
     python benchmarks/kpsvd_init.py --layers 2 --device cpu --dim-scale 8   # a quick CPU smoke run
 
 The weights are random bfloat16 matrices whose Kronecker spectrum follows a power law,

@@ -1,16 +1,15 @@
-"""Launch settings of the fused Kronecker kernels (soka/kron_fused.py), timed one kernel at a time.
+"""Launch settings of the fused Kronecker kernels (soka/kron_fused.py), timed one kernel call at a time.
 
-    python benchmarks/kron_fused_configs.py --out benchmarks/results/kron_fused_configs.json   # an H100: ~3 min
+    python benchmarks/kron_fused_configs.py --out benchmarks/results/kron_fused_configs.json
+    python benchmarks/kron_fused_configs.py --rule-only --out benchmarks/results/kron_fused_rule.json
 
-For each factor shape (LLaMA-2-7B's and SmolLM2's) and rank, it times the three kernel calls of one
-SoKA layer step, bfloat16 at 4,096 tokens: the forward sum (out += Σ_k Us_k X_t V_kᵀ), the dx sum
-(the same kernel on the transposed factors: read in place, and as contiguous copies, dx_copies) and
-the factor gradients (kron_grads: dσ, dU, dV, partials summed),
-over a grid of launch settings: tokens per program, warps, pipeline stages (the sums) and programs,
-warps, stages (the gradients). Each setting is timed as a CUDA graph of 20 calls (so Python's launch
-cost is out), median of 5 replays. It prints the best setting per call next to the module's rule and
-writes every time as JSON, which is how TOKENS_PER_PROGRAM, GRAD_PROGRAMS, STAGES and _num_warps
-were chosen (docs/performance.md).
+Needs a GPU. For each factor shape (LLaMA-2-7B's and SmolLM2's, SHAPES) and rank (--ranks), bf16 at
+--tokens tokens, it times the kernel calls of one SoKA layer step: the forward sum, the dx sum (the
+same kernel on the transposed factors, read in place; dx_copies: as contiguous copies) and the
+factor gradients, over a grid of launch settings (SUM_GRID, GRAD_GRID), each as a CUDA graph of 20
+calls (median of 5 replays); --rule-only times the module's own settings only. Prints the best
+setting per call beside the module's and writes every time as JSON; kron_fused.py's TOKENS_PER_PROGRAM,
+WARPS, GRAD_PROGRAMS and _stages come from it (docs/performance.md).
 """
 import argparse
 import itertools

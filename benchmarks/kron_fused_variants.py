@@ -1,6 +1,6 @@
 """Variants of the fused Kronecker kernels that were measured and not kept (soka/kron_fused.py).
 
-    python benchmarks/kron_fused_variants.py --out benchmarks/results/kron_fused_variants.json   # an H100: ~1.5 min
+    python benchmarks/kron_fused_variants.py --out benchmarks/results/kron_fused_variants.json   # a GPU
     TRITON_INTERPRET=1 python benchmarks/kron_fused_variants.py    # CPU: small shapes, correctness only
 
 Each variant is checked against the module's kernels (max |difference|, `err`) and timed next to them
@@ -27,6 +27,8 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kron_fused_configs import graph_time                                  # noqa: E402  (this folder)
 from soka import kron_fused as kf                                          # noqa: E402
 
 @triton.jit(do_not_specialize=["n_tokens", "R"])
@@ -227,8 +229,7 @@ def main(argv=None):
     dev, dt = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     tokens = 4096 if cuda else 3
     if cuda:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from kron_fused_configs import graph_time as timer
+        timer = graph_time
     else:
         def timer(fn):
             fn()

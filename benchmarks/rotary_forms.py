@@ -1,17 +1,15 @@
 """Compiled rotary embeddings: the form model.apply_rotary_real compiles against the one it replaced.
 
-    python benchmarks/rotary_forms.py --out benchmarks/results/rotary_forms.json     # a GPU: ~30 s
+    python benchmarks/rotary_forms.py --out benchmarks/results/rotary_forms.json
+    python benchmarks/rotary_forms.py --batch 4 --seq 4096 --iters 20
 
-Both compute Meta's interleaved rotation of each pair (a, b) by (cos, sin), in float32, on a
-(B, T, heads, head_dim) bf16 tensor shaped like LLaMA-2-7B's queries (4 × 1024 tokens per step;
-`--batch 16` by default):
-
-- `unbind`: a, b = pairs.unbind(-1); stack((a·c − b·s, a·s + b·c), -1): the second session's form;
-- `flip`: pairs · (c, c) + pairs.flip(-1) · (−s, s): model.apply_rotary_real now.
-
-Each is torch.compile'd; the table gives the GPU time of the forward's and of the forward + backward's
-kernels per call (the profiler's sum over 50 calls), the forward's bandwidth (bytes read and written
-once), and the largest difference from `flip`.
+Needs a GPU. Both forms compute Meta's interleaved rotation of each pair (a, b) by (cos, sin), in
+float32, on a (batch, seq, heads, head_dim) bf16 tensor shaped like LLaMA-2-7B's queries:
+`unbind` (a, b = pairs.unbind(-1); stack((a·c − b·s, a·s + b·c), -1), the form it replaced) and
+`flip` (pairs · (c, c) + pairs.flip(-1) · (−s, s): model.apply_rotary_real). Each is
+torch.compile'd; the table gives the GPU time of the forward's and of the forward + backward's
+kernels per call (the profiler's sum over --iters calls), the forward's bandwidth (bytes read and
+written once), and the largest difference from `flip`.
 """
 import argparse
 import json

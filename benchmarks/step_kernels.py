@@ -1,16 +1,15 @@
 """GPU time of one LLaMA-2-7B-shaped training step, by kind of kernel, for train_step.py's configs.
 
-    python benchmarks/step_kernels.py --configs ours_frozen+compile,soka_r1+compile --layers 8 \
-        --out benchmarks/results/step_kernels.json
+    python benchmarks/step_kernels.py --configs ours_frozen+compile,soka_r1+compile --layers 8 --ops 25 \\
+        --out benchmarks/results/step_kernels_7b.json
 
-Builds each config as benchmarks/train_step.py does (random bf16 weights, batch 4 × 1024 tokens,
-AdamW), with `--layers` of the 32 layers to keep it quick (every layer costs the same), runs three
-eager steps to warm up, then one step under torch.profiler, and adds up the GPU time of its kernels by
-kind: cuBLAS GEMMs, the fused Kronecker kernels (sum, gradients), attention, compiled pointwise
-kernels, the optimizer, reductions, and other elementwise kernels by name. The difference between
-two configs is where the adapter's time goes. `--ops N` also records CPU ops and lists the N largest
-(launching op, kernel) pairs outside the GEMMs: `aten::add_` on (4, 1024, 4096) is autograd adding the
-gradients of an input that several layers share, `aten::add` a residual add or such a sum.
+Needs a GPU. Each config (train_step.py's names, `@impl` and `+options` included) is built as
+benchmarks/train_step.py builds it (random bf16 weights, batch 4 × 1024 tokens, AdamW), with --layers
+of the 32 layers (every layer costs the same). Three eager steps warm up, then one step runs under
+torch.profiler, and its kernels' GPU time is summed by kind: cuBLAS GEMMs, the fused Kronecker
+kernels (sum, gradients), attention, compiled pointwise kernels, the optimizer, reductions, and other
+kernels by name. `--ops N` also lists the N largest (launching op, kernel) pairs outside the GEMMs.
+Prints a table per config; --out writes JSON.
 """
 import argparse
 import collections
@@ -30,7 +29,8 @@ from model import ModelArgs  # noqa: E402
 
 def kind(name):
     n = name.lower()
-    # _kron_apply_kernel was _kron_sum_kernel until the ninth session (step_kernels_session{6,7}.json)
+    # _kron_apply_kernel is named _kron_sum_kernel, its earlier name, in step_kernels_7b.json and
+    # step_kernels_7b_eager_loss.json
     for key, words in (("kron_apply", ("kron_apply", "kron_sum")), ("kron_grad", ("kron_grad",)),
                        ("gemm", ("nvjet", "gemm", "cutlass", "xmma")), ("attention", ("flash", "fmha", "attention")),
                        ("compiled pointwise", ("triton",)), ("optimizer", ("adam", "multi_tensor")),

@@ -1,68 +1,22 @@
-"""One training step of a LLaMA-2-7B-shaped model: tokens/s, peak memory and achieved TFLOP/s, per method.
+"""One training step of a LLaMA-2-7B-shaped model: tokens/s, peak memory and achieved TFLOP/s, per config.
 
-    python benchmarks/train_step.py                     # the H100 run: 7B shape, bf16, 4 × 1024 tokens, all configs
-    python benchmarks/train_step.py --configs ours_frozen,soka_r8,soka_r8@dense,hf_frozen   # a subset
+    python benchmarks/train_step.py                     # every config: 7B shape, bf16, batch 4 × 1024 tokens
+    python benchmarks/train_step.py --configs ours_frozen,soka_r1,soka_r4,soka_r8,hf_frozen
+    python benchmarks/train_step.py --configs hf_frozen,ours_frozen+compile,soka_r8+compile --rounds 3
+    python benchmarks/train_step.py --configs ours_frozen,soka_r8@fused,soka_r8@reference   # the two SoKA paths
+    python benchmarks/train_step.py --report benchmarks/results/train_step_7b.json     # reprint a saved run
     python benchmarks/train_step.py --layers 2 --dim 64 --heads 4 --ffn 128 --vocab 256 --batch 2 \\
         --seq 32 --steps 2 --warmup 1 --out /tmp/train_step.json                      # CPU logic check
 
-Every ratio comes from one run (one process, one GPU, one torch). Each config is built on its own,
-measured, and freed (del, gc, empty_cache) before the next. The GPU's own speed drifts within a run
-(the start and end GEMM rates differ by up to 2.5 %) and between machines, so `--rounds 3` runs the
-list three times in turn: each config's row is its median round, and a second table gives × HF
-floor in every round, each against the same round's hf_frozen. The configs:
-    ours_frozen      model.py's Transformer, nothing trainable, backward to the embedding output
-                     only (a hook makes it require grad): the floor every adapter adds to
-    soka_r1/_r4/_r8  + SoKA on wq wk wv wo w1 w2 w3, inject(rank=r, randomized=True)
-    soka_attn_r8     + SoKA on wq wk wv wo, r = 8
-    lora_r16         + LoRA r = 16 on all seven
-    pissa_r16        + PiSSA r = 16 on all seven (randomized SVD init)
-    hf_frozen        transformers' LlamaForCausalLM, same shape, SDPA, backward to inputs_embeds only
-    peft_lora_r16    + PEFT LoRA r = 16 on q k v o gate up down
-    peft_lokr_r8     + PEFT LoKr r = 8 on the same (forms the dense update: ~72 GiB; 'OOM' if it fails)
-A SoKA config may name an implementation, `soka_r8@dense` (adapters.IMPLS); plain `soka_r8` uses
-adapters' default ($SOKA_IMPL, else "auto": "fused" on a GPU with triton, else "kron_v2"). HF configs are skipped when transformers/peft do not import.
-Our model's configs take options after '+': `+compile` runs model.compile_pointwise() and
-train.compile_loss() (norms, residual adds, rotary, SwiGLU and the loss's softmax as compiled
-kernels; off again for configs without it), `+ckpt` sets
-model.checkpointing (each block recomputed in backward), `+glu` model.recompute_swiglu (each SwiGLU
-output recomputed in backward, not kept for w2's adapter). `ours_frozen+compile,soka_r8+ckpt`. HF's
-configs take `+noamp`: no autocast, PEFT's own precision (its adapter weights float32, so its LoKr
-forms and applies ΔW in float32), as ../shared/GPU.md measured PEFT: `peft_lokr_r8+noamp`.
-With +ckpt the FLOP model still counts one forward: % GEMM is useful work, not work done.
-
-Setup. Weights: random, built on the meta device and materialized on the target device with to_empty
-(never a CPU copy), N(0, 0.02) for matrices and 1 for norms; bfloat16 on CUDA, float32 on CPU. Batch:
-random ids, labels = ids. Our model: train.py's loss_sum under train.py's autocast, forward + backward
-replayed as one CUDA graph by train.py's GraphedStep (--eager: plain autograd). HF: eager, autocast
-bf16, loss from `labels=` (use_cache off). One fused AdamW step per iteration on the trainable
-parameters (the frozen floors have none, so no optimizer). Time: synchronize + perf_counter around
-each iteration, median of --steps after --warmup (the first warmup step holds graph capture).
-Memory: torch.cuda.max_memory_allocated from just before the first step (so CUDA graph capture and
-the optimizer state are in it) to the end, in GiB.
-
-FLOPs per token (flops_per_token; multiply-add = 2 FLOPs): forward 2·(linear weights) + causal
-attention 2·2·d·(T+1)/2 per layer; backward to the input the same for the linear layers and twice
-the forward for attention (dQ, dK, dV, dP: the usual 3× of forward, as in 12·L·d·T); no weight
-gradients for the frozen base; plus each adapter's own, docs/adapters.md's per-layer model:
-SoKA kron / kron_v2 r·n·p·(4q + 3m) multiply-adds, fused 2·r·(npq + mnp + mpq + mnq), dense d_out·d_in + 4·r·d_out·d_in / tokens,
-LoRA / PiSSA 3·r·(d_in + d_out), PEFT LoKr 3·d_out·d_in (its second dense GEMM, its dx and dW).
-Where a layer's input needs no gradient (layer 0's wq wk wv in the adapter configs) its dx is not
-counted, as autograd does not compute it. Achieved TFLOP/s = FLOPs per token × tokens/s; % GEMM
-is that over the same run's bf16 GEMM rate (an --gemm-size³ matmul, measured at the start and at the
-end; the higher counts).
-LEAST (impl "least", no implementation runs it): the fewest multiply-adds we know for one SoKA term
-and token among schedules of pairwise products that never form U ⊗ V. The forward's chain U (X Vᵀ)
-or (U X) Vᵀ in its cheaper order (n·p·(q + m) or m·q·(n + p)), dx's chain in the order that leaves
-the other intermediate (Usᵀ G, or G V), and each factor gradient one more product on the intermediate
-it shares (dU = (G V) Xᵀ, dV = Gᵀ (U X); or dU = G (X Vᵀ)ᵀ, dV = (Usᵀ G)ᵀ X): 3 × the forward, keeping
-r·m·q (or r·n·p) values per token and layer alive for backward, which no implementation here does
-(the memory target). Forming the dense update is not such a schedule: issue 4 rules it out in training.
-CEILINGS: for each SoKA row, the step if the floor of the same options ran as measured and LEAST's
-added FLOPs ran after it at the run's GEMM rate, nothing else costing anything, against --target × HF's
-floor; and the GEMM rate (% of the measured one) at which the adapter's FLOPs, the implementation's
-own and LEAST's, would have to run, all else free, to reach the target (over 100 %: out of reach).
-`--report JSON` prints a saved run's tables and ceilings again, measuring nothing.
-Prints a table and writes JSON (default benchmarks/results/train_step.json).
+Configs (CONFIGS): ours_frozen, soka_r1, soka_r4, soka_r8, soka_attn_r8, lora_r16, pissa_r16 on
+model.py's Transformer; hf_frozen, peft_lora_r16, peft_lokr_r8 on transformers' LlamaForCausalLM
+(skipped when transformers / peft do not import). A SoKA config may name its path, `soka_r8@fused` or
+`soka_r8@reference` (adapters.IMPLS; plain `soka_r8` is "auto": fused on a GPU with triton). Options
+after '+': ours `+compile` (Transformer.compile_pointwise and a compiled ce_chunk, as train.py
+--compile), `+ckpt` (checkpointing), `+glu` (recompute_swiglu); HF's `+noamp` (no autocast). Each
+config is built, timed and freed before the next, and every ratio is taken within one run. Prints a
+table with the ceilings and writes JSON (default benchmarks/results/train_step.json); `--report JSON`
+prints a saved run again. docs/performance.md describes the setup, the FLOP model, LEAST and the ceilings.
 """
 import argparse
 import gc
@@ -79,11 +33,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import model as model_py                                        # noqa: E402
 from kpsvd import factor_shape                                  # noqa: E402
 from model import ModelArgs, Transformer                        # noqa: E402
 from soka import adapters                                       # noqa: E402
-import train                                                   # noqa: E402
+from soka.steps import CE_CHUNK, GraphedStep, ce_chunk, eager_step   # noqa: E402
 
 ALL7 = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 ATTN = ("wq", "wk", "wv", "wo")
@@ -105,18 +58,25 @@ CONFIGS = {
 GiB = 2**30
 
 
-# config suffixes. Our model: +compile (model.compile_pointwise, train.compile_loss), +ckpt (checkpointing), +glu
-# (recompute_swiglu). HF: +noamp
-# (no autocast: PEFT's own precision, the bf16 base with float32 adapter weights as get_peft_model
-# makes them, so PEFT runs the adapter's GEMMs in float32; how ../shared/GPU.md's PEFT rows were taken)
+# config suffixes. Our model: +compile (Transformer.compile_pointwise and a compiled ce_chunk, as
+# train.py --compile), +ckpt (checkpointing), +glu (recompute_swiglu). HF: +noamp (no autocast:
+# PEFT's own precision, the bf16 base with float32 adapter weights as get_peft_model makes them, so
+# PEFT runs the adapter's GEMMs, and LoKr forms and applies its ΔW, in float32)
 OPTIONS = {"ours": ("compile", "ckpt", "glu"), "hf": ("noamp",)}
 
 
-def parse_config(name):
-    """'soka_r8@dense+ckpt' -> ('soka_r8', 'dense', {'ckpt'}); the implementation only for SoKA
-    configs, the options those of the config's model (OPTIONS)."""
+def split_config(name):
+    """'soka_r8@reference+ckpt' -> ('soka_r8', 'reference', {'ckpt'}), checking nothing (a saved run
+    may name implementations that no longer exist)."""
     head, *opts = name.split("+")
     base, _, impl = head.partition("@")
+    return base, impl or None, set(opts)
+
+
+def parse_config(name):
+    """split_config, checked: a known config, the implementation only for SoKA configs and one of
+    adapters.IMPLS, the options those of the config's model (OPTIONS)."""
+    base, impl, opts = split_config(name)
     if base not in CONFIGS:
         raise ValueError(f"train_step.py: unknown config {name!r}; known: {', '.join(CONFIGS)}")
     impls = adapters.IMPLS
@@ -125,24 +85,25 @@ def parse_config(name):
     allowed = OPTIONS[CONFIGS[base][0]]
     if any(o not in allowed for o in opts):
         raise ValueError(f"train_step.py: {name!r}: this model's options are {allowed}")
-    return base, impl or None, set(opts)
+    return base, impl, opts
 
 
 # ----------------------------------------------------------------------------- FLOP model
 
 def adapter_macs(method, d_out, d_in, r, *, impl, tokens, dx):
     """The adapter's own multiply-adds per token, forward + backward (docs/adapters.md), without the
-    input-gradient part when dx is False."""
+    input-gradient part when dx is False. SoKA's impl: "fused", "reference", or "least" (LEAST,
+    docs/performance.md: a schedule no implementation runs, for the ceilings)."""
     if method == "soka":
         m, n, p, q = factor_shape(d_out, d_in)
-        if impl == "dense":     # dW = Gᵀ X per token; ΔW formed in forward (and backward for dx), 2 projections
-            return d_out * d_in + (3 + dx) * r * d_out * d_in / tokens
         if impl == "fused":     # 8 small products per token and term, 2 of them for dx (kron_fused.py)
             return 2 * r * (n * p * q + m * n * p + m * p * q + m * n * q) - (0 if dx else r * (m * n * p + n * p * q))
-        if impl == "least":     # the cheapest schedule of small products we know (LEAST in the docstring)
+        if impl == "reference":  # autograd through kpsvd.kron_apply: Z = X Vᵀ, Y = Us Z, and each one's two
+            return r * n * p * (3 * (q + m) - (0 if dx else q))   # gradients (dX of Z only when dx)
+        if impl == "least":     # the cheapest schedule of small products we know
             a, b = m * q * (n + p), n * p * (q + m)             # the forward's chain, U X first / X Vᵀ first
             return r * (min(3 * a, 3 * b) if dx else min(2 * a + m * p * q, 2 * b + m * n * p))
-        return r * n * p * ((4 if dx else 3) * q + 3 * m)           # kron, kron_v2
+        raise ValueError(f"train_step.py: no FLOP model for SoKA impl {impl!r}")
     if method in ("lora", "pissa"):
         return 3 * r * (d_in + d_out) - (0 if dx else r * d_in)
     if method == "lokr":        # y += x ΔWᵀ: a second dense GEMM, its dx and its weight gradient
@@ -150,9 +111,11 @@ def adapter_macs(method, d_out, d_in, r, *, impl, tokens, dx):
     raise ValueError(f"train_step.py: no FLOP model for {method!r}")
 
 
-def flops_per_token(a, seq, *, method=None, rank=None, targets=(), impl="kron", tokens=1, causal=True,
+def flops_per_token(a, seq, *, method=None, rank=None, targets=(), impl="reference", tokens=1, causal=True,
                     head_rows=1.0):
-    """Model FLOPs per token of one forward + backward (see the module docstring)."""
+    """Model FLOPs per token of one forward + backward (docs/performance.md): the linear layers' forward
+    and dx, causal attention 3 × its forward, the output head's forward and dx on `head_rows` of the
+    tokens, and each adapter's own (adapter_macs); no dx where a layer's input needs no gradient."""
     ctx = (seq + 1) / 2 if causal else seq                    # mean keys per query
     attn_fwd = 2 * 2 * a.n_heads * a.head_dim * ctx           # Q Kᵀ and P V
     total = 0.0
@@ -164,7 +127,7 @@ def flops_per_token(a, seq, *, method=None, rank=None, targets=(), impl="kron", 
             total += 2 * d_out * d_in * (1 + dx)
             if name in targets:
                 total += 2 * adapter_macs(method, d_out, d_in, rank, impl=impl, tokens=tokens, dx=dx)
-    # the output head, forward and dx, on the rows that get logits: HF all T, ours T - 1 (train.loss_sum)
+    # the output head, forward and dx, on the rows that get logits: HF all T, ours T - 1 (soka.steps.loss_sum)
     return total + 2 * 2 * a.vocab_size * a.dim * head_rows
 
 
@@ -209,10 +172,11 @@ def setup(name, a, *, device, dtype, graphed):
     cuda = device.type == "cuda"
     amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if cuda else nullcontext()
     t0 = time.perf_counter()
-    model_py.compile_pointwise("compile" in opts)          # compiled norm / rotary / SwiGLU, or eager
-    train.compile_loss("compile" in opts)                  # and the loss's softmax
     model = (build_ours if kind == "ours" else build_hf)(a, device=device, dtype=dtype)
+    ce = None
     if kind == "ours":
+        model.compile_pointwise("compile" in opts)         # compiled norms / rotary / SwiGLU, or eager
+        ce = torch.compile(ce_chunk) if "compile" in opts else None   # and the loss's softmax
         model.checkpointing = "ckpt" in opts
         model.recompute_swiglu = "glu" in opts
     model.train()
@@ -224,11 +188,10 @@ def setup(name, a, *, device, dtype, graphed):
             p.requires_grad_(False)
         hook = require_input_grad(model.tok_embeddings if kind == "ours" else model.get_input_embeddings())
     elif kind == "ours":
-        opts = dict(randomized=True) if method in ("soka", "pissa") else {}
-        adapters.inject(model, method, targets, rank=rank, verbose=False, **opts)
-        if impl:
-            for _, layer in adapters.adapter_layers(model):
-                layer.impl = impl
+        extra = dict(randomized=True) if method in ("soka", "pissa") else {}
+        if method == "soka":
+            extra["impl"] = impl or "auto"
+        adapters.inject(model, method, targets, rank=rank, verbose=False, **extra)
     else:
         import peft
         hf_targets = [HF_NAMES[t] for t in targets]
@@ -240,9 +203,9 @@ def setup(name, a, *, device, dtype, graphed):
     sync(device)
     t2 = time.perf_counter()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if method == "soka":
-        impl = impl or adapters.adapter_layers(model)[0][1].impl
-        impl = adapters.resolve_impl(impl, cuda=cuda, dtype=dtype)    # what SoKALinear runs here
+    if method == "soka":                        # what SoKALinear runs on this model's activations
+        probe = torch.empty(0, device=device, dtype=dtype)
+        impl = "fused" if adapters.uses_fused(adapters.adapter_layers(model)[0][1].impl, probe) else "reference"
     opt = torch.optim.AdamW(trainable, lr=1e-5, fused=cuda) if trainable else None
     if kind == "ours":
         for p in trainable:                     # allocated once, as train.py does: graphs write into them
@@ -252,9 +215,9 @@ def setup(name, a, *, device, dtype, graphed):
             # the floor has none, so it gets a one-element stand-in that nothing reads.
             anchor = [torch.zeros(1, device=device, requires_grad=True)]
             anchor[0].grad = torch.zeros_like(anchor[0])
-            step = train.GraphedStep(model, trainable or anchor, amp=amp, pad_id=0)
+            step = GraphedStep(model, trainable or anchor, amp=amp, pad_id=0, ce=ce)
         else:
-            step = train.eager_step(model, amp)
+            step = eager_step(model, amp, ce=ce)
     else:
         hf_amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and "noamp" not in opts else nullcontext()
 
@@ -354,9 +317,9 @@ def hf_available():
 
 def row_flops(row, a, seq, tokens, impl):
     """flops_per_token of a measured row's config, its adapters counted as `impl` does them."""
-    kind, method, rank, targets = CONFIGS[parse_config(row["config"])[0]]
+    kind, method, rank, targets = CONFIGS[split_config(row["config"])[0]]
     return flops_per_token(a, seq, method=method, rank=rank, targets=targets, impl=impl, tokens=tokens,
-                           head_rows=1.0 if kind == "hf" or not train.CE_CHUNK else (seq - 1) / seq)
+                           head_rows=1.0 if kind == "hf" or not CE_CHUNK else (seq - 1) / seq)
 
 
 def measure(name, a, args, *, device, dtype, graphed, have_hf):
@@ -388,8 +351,8 @@ def measure(name, a, args, *, device, dtype, graphed, have_hf):
 def our_floor(name, by):
     """The row of our floor that `name` is compared with: ours_frozen with the same options, else with the
     same +compile setting (a compiled SoKA row against the compiled floor), else None."""
-    opts = parse_config(name)[2]
-    floors = [(parse_config(k)[2], r) for k, r in by.items() if parse_config(k)[0] == "ours_frozen"]
+    opts = split_config(name)[2]
+    floors = [(split_config(k)[2], r) for k, r in by.items() if split_config(k)[0] == "ours_frozen"]
     same = [r for o, r in floors if o == opts] or [r for o, r in floors if ("compile" in o) == ("compile" in opts)]
     return same[0] if same else None
 
@@ -411,7 +374,11 @@ def add_ratios(rows, gemm_rate, *, cuda):
 
 
 def add_ceilings(rows, gemm_rate, target):
-    """CEILINGS (module docstring) for each ok SoKA row that has its floor and HF's in the same list."""
+    """The ceilings (docs/performance.md) for each ok SoKA row that has its floor and HF's in the same
+    list: the step if the floor of the same options ran as measured and LEAST's added FLOPs ran after
+    it at the GEMM rate, nothing else costing anything; and the GEMM rate (% of the measured one) at
+    which the added FLOPs, the implementation's own and LEAST's, would have to run, all else free, to
+    reach `target` × HF's floor (over 100 %: out of reach)."""
     by = {r["config"]: r for r in rows if r["status"] == "ok"}
     hf_floor, rate = by.get("hf_frozen"), gemm_rate * 1e12                    # FLOP/s
     for r in rows:
@@ -490,7 +457,8 @@ def report(path, target):
     a = ModelArgs(dim=shape["dim"], n_layers=shape["layers"], n_heads=shape["heads"], n_kv_heads=shape["kv_heads"],
                   vocab_size=shape["vocab"], hidden_dim=shape["ffn"], max_seq_len=max(4096, info["seq"]))
     for r in rows:
-        if r["status"] == "ok" and r["method"] == "soka" and "flops_per_token_least" not in r:
+        if (r["status"] == "ok" and r["method"] == "soka" and "flops_per_token_least" not in r
+                and split_config(r["config"])[0] in CONFIGS):
             r["flops_per_token_least"] = row_flops(r, a, info["seq"], info["tokens_per_step"], "least")
     add_ratios(rows, info["gemm_tflops_used"], cuda=all("peak_gib" in r for r in rows if r["status"] == "ok"))
     add_ceilings(rows, info["gemm_tflops_used"], target)
@@ -517,7 +485,7 @@ def main(argv=None):
     ap.add_argument("--eager", action="store_true", help="our model without CUDA graphs (HF is always eager)")
     ap.add_argument("--gemm-size", type=int, default=None, help="n of the n³ matmul (default 8192 on CUDA, 512 on CPU)")
     ap.add_argument("--target", type=float, default=1.2,
-                    help="the tokens/s asked of SoKA, × HF's floor (issue 7), for the ceilings table")
+                    help="the tokens/s asked of SoKA, × HF's floor, for the ceilings table")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "train_step.json"))
     ap.add_argument("--report", metavar="JSON", help="measure nothing: print a saved run's tables and ceilings")
@@ -549,9 +517,9 @@ def main(argv=None):
                 shape=dict(layers=a.n_layers, dim=a.dim, heads=a.n_heads, kv_heads=a.n_kv_heads,
                            ffn=a.ffn_dim, vocab=a.vocab_size),
                 batch=args.batch, seq=args.seq, tokens_per_step=tokens, steps=args.steps, warmup=args.warmup,
-                our_forward_backward="CUDA graph (train.GraphedStep)" if graphed else "eager",
+                our_forward_backward="CUDA graph (soka.steps.GraphedStep)" if graphed else "eager",
                 hf_forward_backward="eager, autocast bf16" if cuda else "eager",
-                soka_default_impl=adapters.IMPL, optimizer="AdamW fused" if cuda else "AdamW",
+                soka_default_impl="auto", optimizer="AdamW fused" if cuda else "AdamW",
                 timing="synchronize + perf_counter, median of steps after warmup")
     n_params = sum(d_out * d_in for d_out, d_in in a.linear_shapes().values()) * a.n_layers + 2 * a.vocab_size * a.dim
     print(f"device {info['device']}, {', '.join(f'{k} {v}' for k, v in versions.items())}, {info['dtype']}")

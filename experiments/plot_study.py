@@ -1,4 +1,4 @@
-"""Tables and plots of the reproduction study (issue 8), every number read from the study's records.
+"""Tables and plots of the reproduction study (experiments/study.py), every number read from its records.
 
     python experiments/plot_study.py                 # experiments/results/tables.md, docs/img/repro_*.png
     python experiments/plot_study.py --results DIR --img DIR --out FILE
@@ -151,7 +151,7 @@ def sweep_table(sweep, planned=None):
 def shape_name(name):
     """A factor shape as the tables print it: "(m, n, p, q) / (m, n, p, q)" for wq wo / wk wv."""
     f = {**study.FACTORS, **study.SHAPES}[name]
-    return "SPEC's rule" if f is None else f"{tuple(f['wq'])} / {tuple(f['wk'])}"
+    return "default rule" if f is None else f"{tuple(f['wq'])} / {tuple(f['wk'])}"
 
 
 def shapes_sweep_table(shapes_sweep):

@@ -1,9 +1,9 @@
-"""Kronecker spectra, selected ranks and trainable-parameter counts (issue 8, "spectra and ranks").
+"""Kronecker spectra, selected ranks and trainable-parameter counts: the reproduction study's first stage.
 
-    python experiments/spectra.py                  # SmolLM2 demo model, ~30 s on 2 free CPU cores:
+    python experiments/spectra.py                  # the SmolLM2 demo model, on the CPU:
                                                    # experiments/results/spectra.json + docs/img/repro_spectra*.png
     python experiments/spectra.py --ckpt PATH --out /tmp/s.json --img-dir /tmp   # any load_checkpoint input
-                                                   # (LLaMA-2-7B: 27 GB of float32, exact SVDs for hours)
+                                                   # (LLaMA-2-7B: 27 GB of float32 and long exact SVDs)
     python experiments/spectra.py --plot-only      # redraw the PNGs from the JSON
 
 For every targeted linear layer W (d_out, d_in) = (m·p, n·q) it takes the exact KPSVD spectrum
@@ -12,7 +12,7 @@ For every targeted linear layer W (d_out, d_in) = (m·p, n·q) it takes the exac
 energy threshold uses E = Σ_k σ_k² of the full spectrum, as inject does (it equals ‖W‖_F² up to
 float32 rounding; the JSON stores ‖W‖_F² in float64).
 
-Trainable parameters (SPEC.md): SoKA Σ_layers r_ℓ·(m·n + p·q + 1); LoRA/PiSSA r·(d_in + d_out).
+Trainable parameters (docs/method.md): SoKA Σ_layers r_ℓ·(m·n + p·q + 1); LoRA/PiSSA r·(d_in + d_out).
 The paper sets LoRA/PiSSA about a third above SoKA ("25 % fewer"); we report the integer LoRA rank
 closest to SoKA's count and to 4/3 of it. The same accounting for LLaMA-2-7B's shapes, where no
 spectra are at hand, is a formula of the ranks (llama2_7b_accounting), checked against the
@@ -38,8 +38,9 @@ import torch.nn as nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from kpsvd import factor_shape, kpsvd  # noqa: E402
-from model import ModelArgs  # noqa: E402
+from model import ModelArgs, load_checkpoint  # noqa: E402
 from rank_select import explain_rank  # noqa: E402
+from soka.checkpoints import demo_checkpoint  # noqa: E402
 
 # The study's settings, in one place.
 TAUS = (0.80, 0.90, 0.95, 0.99)                     # energy thresholds
@@ -419,10 +420,11 @@ def main(argv=None):
     a = ap.parse_args(argv)
     out = Path(a.out)
     if not a.plot_only:
-        from model import load_checkpoint
         if a.ckpt is None:
-            from train import demo_checkpoint
-            a.ckpt = demo_checkpoint()
+            try:
+                a.ckpt = demo_checkpoint()
+            except OSError as e:
+                raise SystemExit(f"spectra.py: {e}")
         ckpt = Path(a.ckpt).expanduser()
         model, _ = load_checkpoint(ckpt, device="cpu", dtype=torch.float32)
         print(f"{ckpt.name}: {sum(p.numel() for p in model.parameters()):,} parameters, "

@@ -1,4 +1,4 @@
-"""The reproduction study (issue 8): which of the SoKA paper's claims hold on SmolLM2-135M-Instruct.
+"""The reproduction study: which of the SoKA paper's claims hold on SmolLM2-135M-Instruct.
 
     python experiments/study.py                      # every stage in order; resumes where it stopped
     python experiments/study.py --stage sweep        # one stage: spectra, sweep, final, shapes_sweep,
@@ -7,7 +7,7 @@
     python experiments/study.py --plan               # list the runs and what is done, train nothing
     for i in 0 1 2; do OMP_NUM_THREADS=4 python experiments/study.py --stage matched --claims /tmp/c1 --tag w$i & done; wait
                                                      # three processes side by side on one GPU (a small
-                                                     # model leaves it mostly idle: ~2x the runs per hour)
+                                                     # model leaves most of it idle)
     python experiments/plot_study.py                 # tables and PNGs for docs/reproduction.md
 
 The paper (Chong & Qu, arXiv 2506.15251) claims, on LLaMA-2-7B: ~25 % fewer trainable parameters
@@ -26,7 +26,7 @@ smoother loss, and gradient norms rarely above 1.5. Here, on the demo model (tar
   shapes_sweep  a learning-rate sweep (GSM8K, seed 0) of every factor shape of ablate and shapes,
             grown at an edge as the sweep is
   shapes    SoKA on GSM8K at one fixed rank (SHAPES_RANK) for three factor shapes with the same
-            parameter count per term (SPEC's rule, a tall U, a wide U), each at its own best rate from
+            parameter count per term (the default rule, a tall U, a wide U), each at its own best rate from
             shapes_sweep (SoKA's best rate before that has run); seeds 0, 1, 2
 
 Settings (SETTINGS below; the ranks are computed from the model, printed by --plan):
@@ -53,10 +53,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import train                                    # noqa: E402
-from model import load_checkpoint               # noqa: E402
 from experiments import spectra                 # noqa: E402
+from model import load_checkpoint               # noqa: E402
 from soka import adapters                       # noqa: E402
+from soka.checkpoints import demo_checkpoint    # noqa: E402
+from soka.tasks import DATA_DIR                 # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
 RUNS = ROOT / "experiments" / "runs"
@@ -74,21 +75,21 @@ EXTEND = 3     # a grid whose best rate sits at its edge grows by one rate (×3 
 LR_GRID = {"soka": (1e-4, 3e-4, 1e-3, 3e-3), "lora": (1e-4, 3e-4, 1e-3, 3e-3), "pissa": (3e-5, 1e-4, 3e-4, 1e-3)}
 TAUS = (0.8, 0.95, 0.99)                          # the ablation; 0.9 is the final runs'
 # Other Kronecker factor shapes for the ablation: (m, n, p, q) per target (SmolLM2: wq wo 576 × 576,
-# wk wv 192 × 576). SPEC's rule gives (24, 24, 24, 24) and (12, 24, 16, 24).
+# wk wv 192 × 576). The default rule (kpsvd.factor_shape) gives (24, 24, 24, 24) and (12, 24, 16, 24).
 FACTORS = {"small_U": {"wq": (8, 8, 72, 72), "wo": (8, 8, 72, 72), "wk": (8, 8, 24, 72), "wv": (8, 8, 24, 72)},
            "large_U": {"wq": (72, 72, 8, 8), "wo": (72, 72, 8, 8), "wk": (24, 72, 8, 8), "wv": (24, 72, 8, 8)},
            "rule_r23": None, "rule_r37": None}
 # The ablation's shapes train at the rule's selected ranks, except these, at one fixed rank in every
 # layer, to tell what an unbalanced shape gains from its shape from what it gains from its count:
-# SPEC's rule at rank 23 trains 2.52 M parameters, about large_U's 2.47 M (rank 22: 2.41 M); at
+# the default rule at rank 23 trains 2.52 M parameters, about large_U's 2.47 M (rank 22: 2.41 M); at
 # rank 37, 4.05 M, about small_U's 4.01 M (rank 36: 3.94 M).
 FACTOR_RANKS = {"rule_r23": 23, "rule_r37": 37}
-# Factor shapes with the same parameters per term as SPEC's rule (m·n + p·q: 1,152 for wq wo, 672 for
+# Factor shapes with the same parameters per term as the default rule (m·n + p·q: 1,152 for wq wo, 672 for
 # wk wv), so that at one fixed rank every run trains the same count: U tall (m > n) or wide (m < n).
 SHAPES = {"rule": None,
           "tall_U": {"wq": (48, 12, 12, 48), "wo": (48, 12, 12, 48), "wk": (24, 12, 8, 48), "wv": (24, 12, 8, 48)},
           "wide_U": {"wq": (12, 48, 48, 12), "wo": (12, 48, 48, 12), "wk": (8, 48, 24, 12), "wv": (8, 48, 24, 12)}}
-SHAPES_RANK = 3    # every layer; SPEC's rule selected 312 terms over the 120 layers (2.6 a layer)
+SHAPES_RANK = 3    # every layer; the rank rule selected 312 terms over the 120 layers (2.6 a layer)
 # The shapes sweep: every shape above, at the rank its stage trains it (shape_variants), over these
 # rates, so that no shape is judged at another shape's best rate.
 SHAPES_LR_GRID = (1e-3, 3e-3, 9e-3)
@@ -343,8 +344,11 @@ def main(argv=None):
     if not set(stages) <= set(known):
         ap.error(f"--stage {args.stage!r}: choose from all, {', '.join(known)}")
     t_start = time.perf_counter()
-    ckpt = str(Path(args.ckpt).expanduser() if args.ckpt else train.demo_checkpoint())
-    data_dir = args.data_dir or str(train.DATA_DIR)
+    try:
+        ckpt = str(Path(args.ckpt).expanduser() if args.ckpt else demo_checkpoint())
+    except OSError as e:
+        raise SystemExit(f"study.py: {e}")
+    data_dir = args.data_dir or str(DATA_DIR)
     if "spectra" in stages and not args.plan:
         spectra.main(["--ckpt", ckpt])
     stages = [s for s in stages if s != "spectra"]

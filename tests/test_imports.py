@@ -130,3 +130,24 @@ def test_the_checker_catches_a_back_edge_and_a_circle(monkeypatch):
     assert [m for m, _, _ in imports("model")] == ["soka", "soka.adapters"]
     with pytest.raises(AssertionError, match="import circle: .*model -> soka.adapters -> model"):
         test_no_circle()
+
+
+def test_readme_line_counts_are_the_files():
+    """The README's file table quotes each file's length: it must be what `wc -l` says."""
+    rows = [line.split("|")[1:3] for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+            if line.startswith("| `")]
+    checked = 0
+    for names, counts in rows:
+        files, folder = [], ""
+        for name in (n.strip("`") for n in names.split() if n.startswith("`")):
+            name = name.rstrip("`,")
+            folder = name.rpartition("/")[0] + "/" if "/" in name else folder
+            files.append(name if "/" in name else folder + name)
+        numbers = [int(c.replace(",", "")) for c in counts.replace(" ", "").split(",") if c]
+        if not numbers:
+            continue                                         # a folder row
+        assert len(files) == len(numbers), (names, counts)
+        for f, n in zip(files, numbers):
+            assert len((ROOT / f).read_text(encoding="utf-8").splitlines()) == n, f"README: {f} is not {n} lines"
+            checked += 1
+    assert checked >= 15

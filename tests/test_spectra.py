@@ -133,7 +133,7 @@ def test_llama2_7b_per_rank():
     per = acc["per_type"]
     args = ModelArgs()
     assert (args.n_layers, args.dim, args.ffn_dim, args.n_kv_heads) == (32, 4096, 11008, 32)
-    # SPEC.md's splits: 4096 → 64 × 64, 11008 → 86 × 128
+    # the default balanced splits (docs/method.md): 4096 → 64 × 64, 11008 → 86 × 128
     spec_split = {4096: (64, 64), 11008: (86, 128)}
     for t, v in per.items():
         d_out, d_in = v["shape"]

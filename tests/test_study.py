@@ -173,7 +173,7 @@ def test_factor_shapes_stage_trains_one_parameter_count():
         assert f"--rank={study.SHAPES_RANK}" in argv
         given = [a for a in argv if a.startswith("--factors=")]
         if study.SHAPES[r["factors"]] is None:
-            assert given == []                                   # SPEC's rule
+            assert given == []                                   # the default rule
             continue
         factors = json.loads(given[0].removeprefix("--factors="))
         for t, (m, n, p, q) in factors.items():
@@ -330,7 +330,7 @@ def test_plot_study_tables_and_pngs(tmp_path):
     assert P.main(["--results", str(res), "--img", str(img)]) == 0
     md = (res / "tables.md").read_text()
     assert f"## Factor shapes at one parameter count: SoKA on GSM8K, rank {study.SHAPES_RANK}" in md
-    assert any(l.startswith("| rule | SPEC's rule | 0,1,2 | 75 |") for l in md.splitlines())
+    assert any(l.startswith("| rule | default rule | 0,1,2 | 75 |") for l in md.splitlines())
     assert any(l.startswith("| tall_U | (48, 12, 12, 48) / (24, 12, 8, 48) | 0,1,2 |") for l in md.splitlines())
 
     # a shapes sweep adds its table; a shape whose best rate moved leaves its old runs out

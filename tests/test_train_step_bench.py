@@ -1,5 +1,6 @@
 """benchmarks/train_step.py on a tiny model on CPU: every config runs and reports sane numbers, and the
-FLOP model matches torch's FlopCounterMode on one real forward + backward of each config."""
+FLOP model matches torch's FlopCounterMode on one real forward + backward of each config, on one
+SoKA layer's reference path, and on LEAST run as real products."""
 import importlib.util
 import json
 import math
@@ -17,8 +18,10 @@ spec = importlib.util.spec_from_file_location("train_step", ROOT / "benchmarks" 
 ts = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ts)
 
-from kpsvd import factor_shape  # noqa: E402
+from kpsvd import factor_shape, kron_apply  # noqa: E402
 from model import ModelArgs  # noqa: E402
+from soka.adapters import SoKALinear, uses_fused  # noqa: E402
+from soka.steps import CE_CHUNK  # noqa: E402
 
 TINY = dict(layers=2, dim=64, heads=4, ffn=128, vocab=256, batch=2, seq=32)
 HAVE_HF = ts.hf_available()
@@ -30,7 +33,7 @@ def tiny_args():
 
 
 def test_every_config_runs(tmp_path):
-    configs = list(ts.CONFIGS) + ["soka_r8@dense", "soka_r8+glu", "peft_lokr_r8+noamp"]
+    configs = list(ts.CONFIGS) + ["soka_r8@reference", "soka_r8+glu", "peft_lokr_r8+noamp"]
     argv = [f"--{k}={v}" for k, v in TINY.items()] + ["--steps=1", "--warmup=1", "--device=cpu",
                                                       "--gemm-size=64", f"--configs={','.join(configs)}",
                                                       f"--out={tmp_path / 'r.json'}"]
@@ -62,7 +65,10 @@ def test_every_config_runs(tmp_path):
         if want is not None:
             assert r["trainable"] == want, (name, r["trainable"], want)
     assert by["ours_frozen"]["x_our_floor"] == 1.0
-    assert by["soka_r8@dense"]["impl"] == "dense"
+    assert by["soka_r8@reference"]["impl"] == "reference"
+    # "auto" on CPU tensors runs the reference path, and the row says so
+    assert not uses_fused("auto", torch.empty(0)) and by["soka_r8"]["impl"] == "reference"
+    assert by["soka_r8@reference"]["flops_per_token"] == by["soka_r8"]["flops_per_token"]
     # the adapters add work on top of the floor, more with rank
     f = {n: by[n]["flops_per_token"] for n in ("ours_frozen", "soka_r1", "soka_r4", "soka_r8")}
     assert f["ours_frozen"] < f["soka_r1"] < f["soka_r4"] < f["soka_r8"]
@@ -87,7 +93,7 @@ def math_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
     return torch.softmax(s, -1) @ v
 
 
-CASES = ["ours_frozen", "soka_r4", "soka_r4@kron_v2", "soka_r4@dense", "soka_attn_r8", "lora_r16", "pissa_r16",
+CASES = ["ours_frozen", "soka_r4", "soka_r4@reference", "soka_attn_r8", "lora_r16", "pissa_r16",
          "hf_frozen", "peft_lora_r16", "peft_lokr_r8"]
 
 
@@ -107,7 +113,7 @@ def test_flop_model_matches_counted(name, monkeypatch):
     with FlopCounterMode(display=False) as counter:
         s["step"](ids, ids.clone(), float(B * (T - 1)))
     counted = counter.get_total_flops()
-    rows = 1.0 if kind == "hf" or not ts.train.CE_CHUNK else (T - 1) / T     # rows that get logits
+    rows = 1.0 if kind == "hf" or not CE_CHUNK else (T - 1) / T     # rows that get logits
     model = ts.flops_per_token(a, T, method=method, rank=rank, targets=targets, impl=s["impl"], tokens=B * T,
                                causal=False, head_rows=rows) * B * T
     # HF computes its rotary angles with a (B, head_dim/2, 1) @ (B, 1, T) matmul; LoKr forms w2 = w2_a @ w2_b
@@ -137,7 +143,7 @@ def test_rounds_keep_each_configs_median_round(tmp_path):
 
 
 def least_schedule(x, gy, sigma, U, V, *, u_x_first, dx):
-    """LEAST (train_step.py's docstring) run for real: y, dx (or None), dσ, dU, dV of one SoKA layer's
+    """LEAST (docs/performance.md, train_step.adapter_macs) run for real: y, dx (or None), dσ, dU, dV of one SoKA layer's
     Kronecker part from the small products it counts, one term at a time; x (N, n·q), gy (N, m·p)."""
     r, m, n = U.shape
     _, p, q = V.shape
@@ -170,7 +176,6 @@ def least_schedule(x, gy, sigma, U, V, *, u_x_first, dx):
 @pytest.mark.parametrize("dx", [True, False])
 @pytest.mark.parametrize("d_out,d_in", [(20, 6), (12, 42), (48, 32), (86 * 2, 24)])
 def test_least_schedule_computes_the_gradients_with_the_counted_flops(d_out, d_in, dx):
-    from kpsvd import kron_apply
     m, n, p, q = factor_shape(d_out, d_in)                      # the shapes the FLOP model assumes
     r, N = 3, 5
     g = torch.Generator().manual_seed(m * n + p * q)
@@ -192,7 +197,33 @@ def test_least_schedule_computes_the_gradients_with_the_counted_flops(d_out, d_i
     # the cheaper of the two orders is what the FLOP model counts, per token, as multiply-adds
     want = ts.adapter_macs("soka", d_out, d_in, r, impl="least", tokens=N, dx=dx)
     assert min(counts.values()) == 2 * N * want, (counts, want)
-    assert want < ts.adapter_macs("soka", d_out, d_in, r, impl="kron_v2", tokens=N, dx=dx)
+    assert want <= ts.adapter_macs("soka", d_out, d_in, r, impl="reference", tokens=N, dx=dx)
+    assert want < ts.adapter_macs("soka", d_out, d_in, r, impl="fused", tokens=N, dx=dx)
+
+
+@pytest.mark.parametrize("dx", [True, False])
+@pytest.mark.parametrize("d_out,d_in", [(20, 6), (12, 42), (48, 32), (86 * 2, 24)])
+def test_reference_path_flops_are_counted(d_out, d_in, dx):
+    """SoKALinear(impl="reference"), forward + backward through autograd, costs what adapter_macs
+    says for "reference" on top of the frozen layer's 2·d_out·d_in (d_out·d_in without dx)."""
+    m, n, p, q = factor_shape(d_out, d_in)
+    r, N = 3, 5
+    g = torch.Generator().manual_seed(d_out + d_in)
+    W = torch.randn(d_out, d_in, generator=g)
+    layer = SoKALinear(W, torch.rand(r, generator=g), torch.randn(r, m, n, generator=g),
+                       torch.randn(r, p, q, generator=g), subtract=False, impl="reference")
+    x = torch.randn(2, N, d_in, generator=g).requires_grad_(dx)
+    with FlopCounterMode(display=False) as counter:
+        layer(x).backward(torch.randn(2, N, d_out, generator=g))
+    want = ts.adapter_macs("soka", d_out, d_in, r, impl="reference", tokens=2 * N, dx=dx)
+    assert counter.get_total_flops() == 2 * 2 * N * (want + d_out * d_in * (1 + dx))
+    assert layer.sigma.grad is not None and (x.grad is not None) == dx
+    # kpsvd.kron_apply alone: r·n·p·(q + m) multiply-adds per token forward, a third of the whole with dx
+    with FlopCounterMode(display=False) as counter:
+        kron_apply(x.detach(), layer.sigma, layer.U, layer.V)
+    assert counter.get_total_flops() == 2 * 2 * N * r * n * p * (q + m)
+    if dx:
+        assert 3 * r * n * p * (q + m) == want
 
 
 def test_compiled_rows_are_compared_with_the_compiled_floor():
@@ -243,6 +274,15 @@ def test_report_prints_a_saved_run_again_with_its_ceilings(tmp_path, capsys):
         floor, soka, rate = again[1], again[2], saved["config"]["gemm_tflops_used"] * 1e12
         added = soka["flops_per_token_least"] - floor["flops_per_token"]
         assert soka["ceiling_tokens_per_s"] == pytest.approx(1 / (1 / floor["tokens_per_s"] + added / rate))
+    # rows of implementations that no longer exist (older runs: kron_v2, dense) are printed, not refused
+    old = dict(saved["results"][-1], config="soka_r1@kron_v2", impl="kron_v2")
+    saved["results"] += [old, dict(old, config="soka_r1@dense+compile", impl="dense")]
+    out.write_text(json.dumps(saved))
+    capsys.readouterr()
+    again = ts.main(["--report", str(out)])
+    printed = capsys.readouterr().out
+    assert "soka_r1@kron_v2" in printed and "soka_r1@dense+compile" in printed
+    assert again[-2]["flops_per_token_least"] == measured[-1]["flops_per_token_least"]
     bad = tmp_path / "bad.json"
     bad.write_text("[1, 2]")
     with pytest.raises(SystemExit, match="not a train_step.py results file"):
