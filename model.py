@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from soka.checkpoints import hf_params, hf_tokenizer, read_hf_weights
+from soka.checkpoints import first_line, hf_params, hf_tokenizer, read_hf_weights
 from soka.gguf import load_gguf
 from soka.tokenizer import SentencePieceTokenizer, json_object
 
@@ -638,9 +638,10 @@ def read_meta(folder):
     shards = []
     for f in files:
         try:
-            shards.append(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
+            shards.append(torch.load(f, map_location="cpu", mmap=True, weights_only=True))  # runs no code
         except Exception as e:
-            raise ValueError(f"{f}: cannot read this checkpoint shard (truncated or not a torch file?): {e}") from e
+            raise ValueError(f"{f}: cannot read this checkpoint shard, truncated or not a torch file of "
+                             f"tensors ({first_line(e)})") from e
         if not isinstance(shards[-1], dict):
             raise ValueError(f"{f}: holds a {type(shards[-1]).__name__}, not a state dict {{name: tensor}}")
     keys = set(shards[0])

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from kpsvd import factor_shape, kpsvd, kron_apply, kron_sum, work_dtype
 from rank_select import R_MAX, R_MIN, TAU, explain_rank
+from soka.checkpoints import first_line
 
 try:
     from soka.kron_fused import KronFused   # the fast path: Triton kernels (triton ships with CUDA torch)
@@ -587,9 +588,9 @@ def load_adapter(model, path, *, impl="auto"):
     SVD), set the trained factors, freeze the rest. Returns the saved report. impl as in inject."""
     check_impl(impl)
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = torch.load(path, map_location="cpu", weights_only=True)   # tensors and plain values: no code runs
     except Exception as e:
-        raise ValueError(f"{path}: not a readable adapter file: {e}") from e
+        raise ValueError(f"{path}: not a readable adapter file ({first_line(e)})") from e
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"{path}: not a {FORMAT} file")
     if blob.get("version") != VERSION:

@@ -24,6 +24,13 @@ import torch
 
 from soka.tokenizer import BPETokenizer, SentencePieceTokenizer, json_object
 
+def first_line(e, limit=200):
+    """An exception as one line, `Type: first line of its message`: torch's unpickling errors (a
+    planted file that weights_only=True refuses) run to many lines."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:limit] if lines else ''}"
+
+
 # Hugging Face LLaMA names -> Meta names ({} is the layer number).
 HF_KEYS = {
     "model.embed_tokens.weight": "tok_embeddings.weight",

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from soka.adapters import save_adapter
+from soka.checkpoints import first_line
 from soka.tokenizer import json_object
 
 # What makes a run the run it is: a resume that changed one of these would continue another run
@@ -108,7 +109,7 @@ def input_errors():
     try:
         yield
     except (OSError, ValueError) as e:
-        raise SystemExit(f"train.py: {type(e).__name__}: {e}") from e
+        raise SystemExit(f"train.py: {first_line(e, limit=2000)}") from e
 
 
 def setup_distributed(device_arg):
@@ -142,7 +143,10 @@ def save_checkpoint(out, model, opt, step, n_metrics):
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_adapter(model, tmp / "adapter.pt")
-    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+    key, mt, pos, has_gauss, gauss = np.random.get_state()   # tensors and plain values only (weights_only)
+    rng = dict(python=random.getstate(), torch=torch.get_rng_state(),
+               numpy=dict(key=key, state=torch.from_numpy(mt.astype(np.int64)), pos=pos, has_gauss=has_gauss,
+                          cached_gaussian=gauss),
                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
     torch.save(dict(step=step, n_metrics=n_metrics, optimizer=opt.state_dict(), rng=rng), tmp / "state.pt")
     if final.exists():
@@ -154,7 +158,8 @@ def save_checkpoint(out, model, opt, step, n_metrics):
 
 def find_checkpoint(out):
     """(folder, its state.pt loaded): checkpoint/, or checkpoint.old/ where a crash during a save left
-    checkpoint/ missing or unreadable."""
+    checkpoint/ missing or unreadable. state.pt is read with weights_only=True: tensors and plain
+    containers, so a planted file runs no code, it only fails to load."""
     problems = []
     for name in ("checkpoint", "checkpoint.old"):
         d = out / name
@@ -162,11 +167,11 @@ def find_checkpoint(out):
             problems.append(f"{d}: no adapter.pt and state.pt")
             continue
         try:
-            state = torch.load(d / "state.pt", map_location="cpu", weights_only=False)
+            state = torch.load(d / "state.pt", map_location="cpu", weights_only=True)
             if not isinstance(state, dict) or not {"step", "n_metrics", "optimizer", "rng"} <= state.keys():
                 raise ValueError("not a train.py state (step, n_metrics, optimizer, rng)")
-        except Exception as e:                # a truncated or foreign file: torch raises many kinds
-            problems.append(f"{d / 'state.pt'}: unreadable ({type(e).__name__}: {str(e)[:120]})")
+        except Exception as e:                # a truncated, foreign or planted file: torch raises many kinds
+            problems.append(f"{d / 'state.pt'}: unreadable ({first_line(e)})")
             continue
         if problems:
             print(f"warning: {'; '.join(problems)}; using {d}")
@@ -177,7 +182,8 @@ def find_checkpoint(out):
 def restore_rng(rng):
     """The random states save_checkpoint stored, so a resumed run draws what the run would have."""
     random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
+    n = rng["numpy"]
+    np.random.set_state((n["key"], n["state"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])

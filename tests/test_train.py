@@ -506,3 +506,53 @@ def test_compiled_loss_matches_eager():
         out[name] = (loss,) + torch.autograd.grad(loss, (h, W))
     for a, b in zip(out["compiled"], out["eager"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class Planted:
+    """A pickle that writes a file when unpickled without weights_only: what a shared run folder
+    or checkpoint could carry."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def one_line_naming(message, path):
+    assert "\n" not in message and str(path) in message, message
+
+
+def test_planted_files_run_no_code(tiny, tmp_path):
+    """state.pt, adapter.pt and a Meta shard holding a code-running pickle: nothing runs, and the
+    error is one line naming the file (train.py --resume used to unpickle state.pt in full)."""
+    marker = tmp_path / "ran"
+    out = tmp_path / "run"
+    assert train.main(["--task", "gsm8k", "--ckpt", str(tiny), "--max-steps", "1", "--eval-limit", "0",
+                       "--out", str(out), *map(str, FAST)]) == 0
+    for name in ("checkpoint", "checkpoint.old"):
+        (out / name).mkdir(exist_ok=True)
+        shutil.copy(out / "adapter.pt", out / name / "adapter.pt")
+        torch.save({"step": 1, "n_metrics": 1, "optimizer": {}, "rng": Planted(marker)}, out / name / "state.pt")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(out)])
+    one_line_naming(str(e.value), out / "checkpoint" / "state.pt")
+    assert "unreadable (UnpicklingError" in str(e.value)
+
+    adapter = tmp_path / "adapter.pt"
+    torch.save({"format": "soka-adapter", "version": 1, "layers": Planted(marker)}, adapter)
+    base, _ = load_checkpoint(tiny)
+    with pytest.raises(ValueError) as e:
+        adapters.load_adapter(base, adapter)
+    one_line_naming(str(e.value), adapter)
+
+    shard_dir = tmp_path / "meta"
+    shutil.copytree(tiny, shard_dir)
+    torch.save({"tok_embeddings.weight": Planted(marker)}, shard_dir / "consolidated.00.pth")
+    with pytest.raises(ValueError) as e:
+        load_checkpoint(shard_dir)
+    one_line_naming(str(e.value), shard_dir / "consolidated.00.pth")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--task", "gsm8k", "--ckpt", str(shard_dir), "--out", str(tmp_path / "x"), *map(str, FAST)])
+    one_line_naming(str(e.value), shard_dir / "consolidated.00.pth")
+    assert not marker.exists()
