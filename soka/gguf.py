@@ -15,6 +15,8 @@ Layout (little-endian; docs/formats.md has the details):
 `ne[0]` is the fastest-varying dimension, so the numpy shape is `ne` reversed: a linear layer
 stored with ne = (d_in, d_out) is the (d_out, d_in) matrix of `y = x Wᵀ`, as in PyTorch.
 """
+import math
+import numbers
 import re
 import struct
 import warnings
@@ -29,6 +31,7 @@ from soka.tokenizer import BPETokenizer
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
+MAX_ARRAY_DEPTH = 4       # metadata arrays of arrays: llama.cpp writes none deeper than 2
 
 # Metadata value types. 8 is a string, 9 an array (element type u32, count u64, elements).
 # The fixed-size ones, as struct codes (numpy reads the same codes for arrays):
@@ -120,15 +123,19 @@ class _Cursor:
         except UnicodeDecodeError as e:
             raise ValueError(f"{self.path}: {what} is not valid UTF-8 ({e})") from None
 
-    def value(self, vtype, what):
+    def value(self, vtype, what, depth=0):
         if vtype == _STRING:
             return self.string(what)
         if vtype == _ARRAY:
+            if depth == MAX_ARRAY_DEPTH:
+                raise ValueError(f"{self.path}: {what} nests arrays more than {MAX_ARRAY_DEPTH} deep")
             etype, count = self.scalar("<I", what), self.scalar("<Q", what)
             if etype in _SCALAR:  # one vectorized read for numeric arrays (token types, scores)
                 dt = np.dtype(_SCALAR[etype])
                 return np.frombuffer(self.take(count * dt.itemsize, what), dtype=dt).tolist()
-            return [self.value(etype, what) for _ in range(count)]
+            if count > len(self.buf) - self.pos:              # every element takes at least a byte
+                raise ValueError(f"{self.path}: truncated GGUF file: {what} claims {count} elements")
+            return [self.value(etype, what, depth + 1) for _ in range(count)]
         if vtype not in _SCALAR:
             raise ValueError(f"{self.path}: {what} has unknown metadata value type {vtype}")
         return self.scalar(_SCALAR[vtype], what)
@@ -273,8 +280,23 @@ def gguf_params(gf):
             raise ValueError(f"{path}: metadata {full!r} is missing")
         return md.get(full, default)
 
-    dim, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
-    n_kv_heads = int(get("attention.head_count_kv", n_heads))
+    def count(key, default=None):
+        v = get(key, default)
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"{path}: metadata 'llama.{key}' should be a positive integer, got {v!r:.80}")
+        return int(v)
+
+    def real(key, default=None):
+        v = get(key, default)
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise ValueError(f"{path}: metadata 'llama.{key}' should be a number, got {v!r:.80}")
+        return v
+
+    dim, n_heads = count("embedding_length"), count("attention.head_count")
+    n_kv_heads = count("attention.head_count_kv", n_heads)
+    n_layers = count("block_count")
+    if n_layers > len(gf.tensor_info):       # each block holds 9 tensors: a larger count is corrupt
+        raise ValueError(f"{path}: block_count {n_layers} but the file holds only {len(gf.tensor_info)} tensors")
     head_dim = dim // n_heads
     if dim % n_heads or get("rope.dimension_count", head_dim) != head_dim \
             or get("attention.key_length", head_dim) != head_dim:
@@ -283,15 +305,17 @@ def gguf_params(gf):
     scaling = md.get("llama.rope.scaling.type", "none")
     if scaling != "none":
         raise ValueError(f"{path}: rope scaling {scaling!r} is not supported")
-    vocab = md.get("llama.vocab_size") or len(md.get("tokenizer.ggml.tokens", ())) \
-        or gf.tensor_info["token_embd.weight"].shape[0]
-    params = dict(dim=dim, n_layers=int(get("block_count")), n_heads=n_heads, n_kv_heads=n_kv_heads,
+    if "token_embd.weight" not in gf.tensor_info:
+        raise ValueError(f"{path}: no token_embd.weight tensor")
+    vocab = (count("vocab_size") if "llama.vocab_size" in md else
+             len(md.get("tokenizer.ggml.tokens", ())) or gf.tensor_info["token_embd.weight"].shape[0])
+    params = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                   vocab_size=int(vocab), multiple_of=256, ffn_dim_multiplier=None,
-                  norm_eps=_f32_value(get("attention.layer_norm_rms_epsilon")),
-                  rope_theta=_f32_value(get("rope.freq_base", 10000.0)),
-                  max_seq_len=int(get("context_length")),
+                  norm_eps=_f32_value(real("attention.layer_norm_rms_epsilon")),
+                  rope_theta=_f32_value(real("rope.freq_base", 10000.0)),
+                  max_seq_len=count("context_length"),
                   tie_embeddings="output.weight" not in gf.tensor_info)
-    hidden = int(get("feed_forward_length"))
+    hidden = count("feed_forward_length")
     if _ffn_size(dim, params["multiple_of"]) != hidden:  # not derivable: say it outright
         params["hidden_dim"] = hidden
     return params

@@ -217,9 +217,41 @@ def _need(data_dir, rel, task, download_, base_url):
     return path
 
 
-def _jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def _jsonl(path, keys, check=None):
+    """The JSON objects of a JSONL file, one per non-blank line, each holding `keys` {name: type} and
+    passing `check` (row -> what is wrong, or None); anything else is a ValueError naming the file
+    and the line."""
+    rows = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}, line {n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise ValueError(f"{where}: JSON nested too deeply") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: a JSON {type(row).__name__}, not an object {{key: value}}")
+            for key, kind in keys.items():
+                if not isinstance(row.get(key), kind) or isinstance(row.get(key), bool):
+                    got = "no such key" if key not in row else f"a {type(row[key]).__name__}"
+                    raise ValueError(f"{where}: {key!r} should be a {kind.__name__}, got {got}")
+            problem = check(row) if check else None
+            if problem:
+                raise ValueError(f"{where}: {problem}")
+            rows.append(row)
+    return rows
+
+
+def _gsm8k_answer(row):
+    return None if "####" in row["answer"] else "the answer has no final '#### <number>' line"
 
 
 def _math_folder(folder):
@@ -240,7 +272,8 @@ def load_examples(task, split, *, data_dir=DATA_DIR, download=False, base_url=No
     """
     _check_task(task, split)
     if task == "gsm8k":
-        rows = _jsonl(_need(data_dir, f"gsm8k/{split}.jsonl", task, download, base_url))
+        rows = _jsonl(_need(data_dir, f"gsm8k/{split}.jsonl", task, download, base_url),
+                      {"question": str, "answer": str}, _gsm8k_answer)
         return [{"id": f"{split}/{i}", "question": r["question"],
                  "target": re.sub(r"<<[^<>]*>>", "", r["answer"]),
                  "gold": r["answer"].rsplit("####", 1)[1].strip().replace(",", "")}
@@ -250,12 +283,14 @@ def load_examples(task, split, *, data_dir=DATA_DIR, download=False, base_url=No
         if split != "math500" and not (folder.parent / f"{split}.jsonl").is_file() and folder.is_dir():
             rows = _math_folder(folder)
         else:
-            rows = _jsonl(_need(data_dir, f"math/{split}.jsonl", task, download, base_url))
+            rows = _jsonl(_need(data_dir, f"math/{split}.jsonl", task, download, base_url),
+                          {"unique_id": str, "problem": str, "solution": str})
         return [{"id": r["unique_id"], "question": r["problem"], "target": r["solution"],
                  "gold": r["answer"] if "answer" in r else math_last_boxed(r["solution"]),
                  "level": _level(r["level"]), "subject": r.get("subject") or r["type"]} for r in rows]
     lo, hi = MBPP_TASK_IDS[split]
-    rows = _jsonl(_need(data_dir, "mbpp/mbpp.jsonl", task, download, base_url))
+    rows = _jsonl(_need(data_dir, "mbpp/mbpp.jsonl", task, download, base_url),
+                  {"task_id": int, "text": str, "code": str, "test_list": list, "test_setup_code": str})
     return [{"id": str(r["task_id"]), "question": r["text"], "target": _code(r["code"]),
              "gold": _code(r["code"]), "tests": r["test_list"], "setup_code": _code(r["test_setup_code"])}
             for r in rows if lo <= r["task_id"] <= hi]

@@ -5,6 +5,7 @@
 Real file: the SmolLM2 demo model (skips if absent). Small files: written with gguf.GGUFWriter.
 """
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -243,7 +244,7 @@ def test_truncated_and_foreign_files(tmp_path):
         read_gguf(tmp_path / "missing.gguf")
 
 
-def _tiny_llama(path, *, ffn=100, extra=(), drop=(), bad_shape=None):
+def _tiny_llama(path, *, ffn=100, extra=(), drop=(), bad_shape=None, metadata=()):
     """A 2-layer LLaMA GGUF (dim 32, 4 heads, 2 kv heads), untied, with a SentencePiece-type vocab."""
     rng = np.random.default_rng(2)
     dim, hd, kv, vocab = 32, 8, 2, 64
@@ -263,6 +264,8 @@ def _tiny_llama(path, *, ffn=100, extra=(), drop=(), bad_shape=None):
            ("uint32", "llama.attention.head_count", 4), ("uint32", "llama.attention.head_count_kv", kv),
            ("float32", "llama.rope.freq_base", 10000.0), ("float32", "llama.attention.layer_norm_rms_epsilon", 1e-6),
            ("uint32", "llama.vocab_size", vocab), ("string", "tokenizer.ggml.model", "llama")]
+    override = {key: (adder, value) for adder, key, value in metadata}    # (adder, key, value) replacing one
+    kv_ = [(override[k][0], k, override[k][1]) if k in override else (a, k, v) for a, k, v in kv_]
     return _write(path, kv_, tensors), tensors
 
 
@@ -290,6 +293,31 @@ def test_load_gguf_refuses_partial_or_inconsistent_files(tmp_path, kind):
     with pytest.raises(ValueError, match=word) as e:
         load_gguf(path)
     assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("adder, key, value, message", [
+    ("uint32", "llama.attention.head_count", 0, "head_count' should be a positive integer, got 0"),
+    ("array", "llama.embedding_length", [32, 32], "embedding_length' should be a positive integer, got \\[32, 32\\]"),
+    ("uint64", "llama.block_count", 10**12, "block_count 1000000000000 but the file holds only 21 tensors"),
+    ("string", "llama.attention.layer_norm_rms_epsilon", "1e-6", "layer_norm_rms_epsilon' should be a number"),
+])
+def test_bad_metadata_is_one_error_naming_the_file(tmp_path, adder, key, value, message):
+    # each used to end in ZeroDivisionError, TypeError or MemoryError
+    path, _ = _tiny_llama(tmp_path / "bad.gguf", metadata=[(adder, key, value)])
+    with pytest.raises(ValueError, match=message) as e:
+        load_gguf(path)
+    assert str(e.value).startswith(str(path))
+
+
+def test_deeply_nested_metadata_arrays_are_refused(tmp_path):
+    # magic, version 3, no tensors, one key whose array holds an array ... 20,000 deep (a RecursionError before)
+    depth = 20_000
+    body = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 5) + b"t.key" + struct.pack("<I", 9)
+    body += struct.pack("<IQ", 9, 1) * depth + struct.pack("<IQ", 4, 0)
+    path = tmp_path / "deep.gguf"
+    path.write_bytes(body)
+    with pytest.raises(ValueError, match=r"deep.gguf: metadata 't.key' nests arrays more than 4 deep"):
+        read_gguf(path)
 
 
 def test_type_names_cover_gguf_package():

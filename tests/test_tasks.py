@@ -360,3 +360,26 @@ def test_smollm2_chat_example():
     n = e["labels"].count(IGNORE_INDEX)
     assert e["input_ids"][-1] == tok.eos_id and e["input_ids"][n:].count(tok.eos_id) == 1
     assert tok.decode(e["input_ids"][n:]).strip() == ex["target"].strip()
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"question": "q"}', r"line 2: 'answer' should be a str, got no such key"),
+    ('{"question": "q", "answer": "42"}', r"line 2: the answer has no final '#### <number>' line"),
+    ('["q", "#### 1"]', r"line 2: a JSON list, not an object"),
+    ('{"question": "q", "answer": "#### 1"', r"line 2: not valid JSON \(Expecting ',' delimiter at column 37\)"),
+    ('{"question": 7, "answer": "#### 1"}', r"line 2: 'question' should be a str, got a int"),
+])
+def test_a_bad_gsm8k_line_is_one_error_naming_file_and_line(tmp_path, line, message):
+    path = tmp_path / "gsm8k" / "test.jsonl"
+    path.parent.mkdir()
+    path.write_text('{"question": "q", "answer": "#### 1"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ", " + message):
+        load_examples("gsm8k", "test", data_dir=tmp_path)
+
+
+def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
+    path = tmp_path / "gsm8k" / "test.jsonl"
+    path.parent.mkdir()
+    path.write_bytes(b'{"question": "q", "answer": "#### 1"}\n\n{"question": "\xff", "answer": "#### 2"}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{path}, line 3: not UTF-8 text (invalid start byte at byte 14)")):
+        load_examples("gsm8k", "test", data_dir=tmp_path)
