@@ -5,13 +5,14 @@
     from model import generate
     result = evaluate(model, tokenizer, "math", load_examples("math", "math500"), generate_fn=generate,
                       batch_size=32, max_new_tokens=512, out_path="out/math500.json")
-    result["accuracy"], result["examples"][0]   # {id, prompt, completion, extracted, gold, verdict}
+    result["accuracy"], result["examples"][0]   # {id, prompt, completion, extracted, gold, verdict, error}
 
 Prompts come from soka.tasks (the same format as fine-tuning), are sorted by token length (longest
 first, so an out-of-memory shows up in the first batch) and generated `batch_size` at a time with
-`generate_fn` (model.generate's signature). GSM8K and MATH are scored in this process (MATH's sympy
-step has its own child); MBPP programs run in parallel sandboxed processes. This module receives a
-model and its generate function; it imports neither model.py nor the adapters.
+`generate_fn` (model.generate's signature). GSM8K and MATH are scored in one child process, each
+example under a time limit (MATH's sympy step has a child of its own); MBPP programs run in parallel
+sandboxed processes. This module receives a model and its generate function; it imports neither
+model.py nor the adapters.
 """
 import json
 import os
@@ -21,24 +22,23 @@ from pathlib import Path
 from tqdm import tqdm
 
 from soka.sandbox import run_many
-from soka.scorers import gsm8k_equal, gsm8k_extract, math_equal, math_last_boxed, mbpp_extract_code
+from soka.scorers import mbpp_extract_code, score_answers
 from soka.tasks import TASKS, format_prompt
 
 
-def score(task, examples, completions, *, timeout=10.0, workers=None, progress=False):
-    """[(extracted, verdict)] per completion. MBPP: the program is the first fenced block (else
-    the whole completion), run against the task's asserts with `timeout` seconds each."""
-    if task == "gsm8k":
-        extracted = [gsm8k_extract(c) for c in completions]
-        return [(x, gsm8k_equal(x, ex["gold"])) for x, ex in zip(extracted, examples)]
-    if task == "math":
-        extracted = [math_last_boxed(c) for c in completions]
-        return [(x, math_equal(x, ex["gold"])) for x, ex in zip(extracted, examples)]
+def score(task, examples, completions, *, timeout=10.0, workers=None, progress=False, time_limit=60.0):
+    """[(extracted, verdict, error)] per completion; `error` is None, or why that example could not
+    be scored (its verdict is then False). GSM8K and MATH: scorers.score_answers, each example in a
+    child process with `time_limit` seconds, so one hostile completion (an exception, a hang) costs
+    only its own verdict. MBPP: the program is the first fenced block (else the whole completion),
+    run against the task's asserts with `timeout` seconds each."""
+    if task in ("gsm8k", "math"):
+        return score_answers(task, completions, [ex["gold"] for ex in examples], time_limit=time_limit)
     if task == "mbpp":
         programs = [mbpp_extract_code(c) for c in completions]
         runs = run_many([(p, ex["tests"], ex["setup_code"]) for p, ex in zip(programs, examples)],
                         timeout=timeout, workers=workers, progress=progress)
-        return [(p, r.passed) for p, r in zip(programs, runs)]
+        return [(p, r.passed, None) for p, r in zip(programs, runs)]
     raise ValueError(f"soka/evaluate.py: unknown task {task!r}; choose one of {TASKS}")
 
 
@@ -47,9 +47,10 @@ def evaluate(model, tokenizer, task, examples, *, generate_fn, batch_size=16, ma
              workers=None, progress=True, info=None, generate_options=None):
     """Generate for every example, score, and return (and write to `out_path`, atomically):
     {task, n, correct, accuracy, settings, seconds, examples: [{id, prompt, completion, extracted,
-    gold, verdict}]}. `generate_fn` is model.generate or a function of its signature, and
-    `generate_options` go to it as extra keywords (e.g. cuda_graph=True); `info` is any extra
-    JSON-able dict stored under settings (checkpoint, split, adapter ...).
+    gold, verdict, error}]}, error being None or why that example could not be scored (score()).
+    `generate_fn` is model.generate or a function of its signature, and `generate_options` go to it
+    as extra keywords (e.g. cuda_graph=True); `info` is any extra JSON-able dict stored under
+    settings (checkpoint, split, adapter ...).
 
     A prompt too long for max_new_tokens within the model's context (model.args.max_seq_len) gets
     what room is left, in a batch of its own (one MBPP test prompt is 3,752 LLaMA 2 tokens: 344 of
@@ -87,7 +88,7 @@ def evaluate(model, tokenizer, task, examples, *, generate_fn, batch_size=16, ma
     t1 = time.perf_counter()
     scored = score(task, examples, completions, timeout=timeout, workers=workers, progress=progress)
     t2 = time.perf_counter()
-    correct = sum(bool(v) for _, v in scored)
+    correct = sum(bool(v) for _, v, _ in scored)
     result = {
         "task": task, "n": len(examples), "correct": correct,
         "accuracy": correct / len(examples) if examples else 0.0,
@@ -98,8 +99,8 @@ def evaluate(model, tokenizer, task, examples, *, generate_fn, batch_size=16, ma
                                         if n < max_new_tokens}},
         "seconds": {"generate": round(t1 - t0, 3), "score": round(t2 - t1, 3)},
         "examples": [{"id": ex["id"], "prompt": p, "completion": c, "extracted": x,
-                      "gold": ex["gold"], "verdict": bool(v)}
-                     for ex, p, c, (x, v) in zip(examples, prompts, completions, scored)],
+                      "gold": ex["gold"], "verdict": bool(v), "error": e}
+                     for ex, p, c, (x, v, e) in zip(examples, prompts, completions, scored)],
     }
     if out_path is not None:
         write_json(out_path, result)

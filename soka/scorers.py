@@ -8,55 +8,123 @@
 MATH comparison runs in three steps, cheapest first: normalized strings equal; both sides exact
 rationals (Fraction) and equal; otherwise sympy decides, in a long-lived child process with a
 deadline per comparison, because a symbolic call can hang and `signal.alarm` works only in the main
-thread. The rules, and where they differ from lm-evaluation-harness, Hendrycks, Minerva and PRM800K,
-are in docs/tasks.md.
+thread. Lists and sets compare in order, as the reference graders do (`unordered=True` reads them in
+any order). The rules, and where they differ from lm-evaluation-harness, Hendrycks, Minerva and
+PRM800K, are in docs/tasks.md.
+
+Model output is hostile input: numbers are parsed only within bounds (MAX_DIGITS, MAX_EXPONENT),
+LaTeX only to MAX_DEPTH nested groups, MATH answers only up to MAX_ANSWER_CHARS; past a bound an
+answer matches only an identical string. `score_answers` scores a whole run, each example in a
+child process under a time limit, and records a failure as that example's error, never raising.
 """
 import atexit
 import json
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import threading
 import time
 from fractions import Fraction
 
+# ------------------------------------------------------------------------------------ numbers
+
+# Bounds no GSM8K or MATH answer comes near (the longest digit run in any gold is 9 digits, and no
+# gold uses e-notation), so a hostile answer cannot make an exact number cost time or memory: a
+# number with more digits, or a larger e-exponent, is not read as a number (only an identical string
+# matches it). 10**1000 is instant; Fraction("1e999999999") runs for hours and int() refuses more
+# than 4,300 digits.
+MAX_DIGITS = 1000       # digits of one number, integer and decimal part together
+MAX_EXPONENT = 1000     # |n| of an e-exponent: 1e1000 is read, 1e1001 is not
+
+# Minus signs: "-", U+2212 MINUS SIGN, U+FE63 SMALL HYPHEN-MINUS, U+FF0D FULLWIDTH HYPHEN-MINUS,
+# and the dashes models write for a minus, U+2012 FIGURE DASH and U+2013 EN DASH (not U+2014 EM
+# DASH, a punctuation dash).
+_MINUS = "-\u2212\ufe63\uff0d\u2012\u2013"
+_TO_HYPHEN = str.maketrans({c: "-" for c in _MINUS[1:]})
+
+
+class _Huge:
+    """What _decimal returns for a number past MAX_DIGITS or MAX_EXPONENT."""
+
+    def __repr__(self):
+        return "HUGE"
+
+
+_HUGE = _Huge()
+_DECIMAL = re.compile(r"([-+]?)(\d*)(?:\.(\d*))?(?:[eE]([-+]?)(\d+))?")
+
+
+def _decimal(s):
+    """Exact Fraction of "-12", "3.50", ".5", "2.", "1e-3"; None if `s` is no such number; _HUGE if
+    it has more than MAX_DIGITS digits or an exponent beyond +-MAX_EXPONENT."""
+    m = _DECIMAL.fullmatch(s)
+    if not m or not (m.group(2) or m.group(3)):
+        return None
+    sign, whole, frac, esign, exp = m.groups()
+    frac = frac or ""
+    exp = (exp or "0").lstrip("0") or "0"
+    if len(whole) + len(frac) > MAX_DIGITS or len(exp) > 5 or int(exp) > MAX_EXPONENT:
+        return _HUGE
+    value = Fraction(int(whole + frac or "0"), 10 ** len(frac))
+    value *= Fraction(10) ** (-int(exp) if esign == "-" else int(exp))
+    return -value if sign == "-" else value
+
+
 # ----------------------------------------------------------------------------------------- GSM8K
 
-# A number as people write it: "-12", "1,234.5", "$7", ".5". Thousands groups must be exact, so a
-# list "3,4,5" reads as three numbers, not 345. A trailing period is never part of it.
-_NUM = r"(-?)\$?((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
+# A number as people write it: "-12", "1,234.5", "$7", ".5", "−17" (any sign of _MINUS). Thousands
+# groups must be exact, so a list "3,4,5" reads as three numbers, not 345. A trailing period is
+# never part of it.
+_NUM = r"([" + _MINUS + r"]?)\$?((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
 
 
-def _plain(sign, digits):
-    digits = digits.replace(",", "")
-    return sign + ("0" + digits if digits.startswith(".") else digits)
+def _plain(text, m):
+    """The plain numeric string of a _NUM match. Its sign counts only where it stands before the
+    number and not after another one: after a digit, ")" or "]" (spaces between allowed) it is an
+    operator or a range dash, so "3–5", "8 - 5" and "(2+3) − 5" end in 5, not -5."""
+    sign, digits = m.group(1), m.group(2).replace(",", "")
+    i = m.start(1)
+    while i > 0 and text[i - 1] in " \t":
+        i -= 1
+    if sign and i > 0 and (text[i - 1].isdigit() or text[i - 1] in ")]"):
+        sign = ""
+    return ("-" if sign else "") + ("0" + digits if digits.startswith(".") else digits)
 
 
 def gsm8k_extract(text):
     """The final answer as a plain numeric string, or None.
 
     Order: the first "#### N" (GSM8K's own answer line), else the first "The answer is N", else
-    the last number in the text. "$" and thousands commas are dropped: "$1,234." -> "1234".
+    the last number in the text. "$" and thousands commas are dropped: "$1,234." -> "1234"; a
+    minus sign of any kind (U+2212 ...) becomes "-" unless it follows a number ("3–5" -> "5").
     """
     for pattern in (r"####\s*" + _NUM, r"[Tt]he (?:final )?answer is[\s:*]*" + _NUM):
         m = re.search(pattern, text)
         if m:
-            return _plain(*m.groups())
-    found = re.findall(_NUM, text)
-    return _plain(*found[-1]) if found else None
+            return _plain(text, m)
+    last = None
+    for last in re.finditer(_NUM, text):
+        pass
+    return _plain(text, last) if last else None
 
 
 def _fraction(s):
-    try:
-        return Fraction(s.replace(",", "").replace("$", "").strip())
-    except (ValueError, ZeroDivisionError):
-        return None
+    """Exact value of a GSM8K answer ("1,234", "$5", "−3.5", "3/4"); None past the bounds."""
+    s = s.replace(",", "").replace("$", "").strip().translate(_TO_HYPHEN)
+    m = re.fullmatch(r"([-+]?\d+)\s*/\s*(\d+)", s)
+    if m:
+        num, den = _decimal(m.group(1)), _decimal(m.group(2))
+        return None if num is _HUGE or den is _HUGE or den == 0 else num / den
+    value = _decimal(s)
+    return None if value is _HUGE else value
 
 
 def gsm8k_equal(pred, gold):
-    """Numeric equality of two answer strings ("29.00" == "29"); None never matches."""
+    """Numeric equality of two answer strings ("29.00" == "29"); None never matches. Strings that
+    are no number within the bounds compare as stripped strings."""
     if pred is None or gold is None:
         return False
     a, b = _fraction(pred), _fraction(gold)
@@ -64,6 +132,14 @@ def gsm8k_equal(pred, gold):
 
 
 # ------------------------------------------------------------------------------------------ MATH
+
+# The recursive steps (normalizing \frac and \sqrt, the LaTeX -> sympy converter, comparing nested
+# tuples) go at most MAX_DEPTH groups deep (MATH golds nest at most 3), so 1,000 nested braces give
+# "not equal", not a RecursionError. An answer longer than MAX_ANSWER_CHARS (the longest MATH gold
+# has 159 characters) is not normalized at all: it matches only the identical string.
+MAX_DEPTH = 100
+MAX_ANSWER_CHARS = 1000
+
 
 def _group(s, i):
     """(contents, end) of the brace group that opens at s[i] == "{", or (None, i) if unbalanced."""
@@ -113,8 +189,11 @@ def _arg(s, i):
     return s[i], i + 1
 
 
-def _braces(s):
-    r"""Canonical \frac{a}{b} and \sqrt{a}, \sqrt[n]{a}: \frac12 -> \frac{1}{2}, \sqrt2 -> \sqrt{2}."""
+def _braces(s, depth=0):
+    r"""Canonical \frac{a}{b} and \sqrt{a}, \sqrt[n]{a}: \frac12 -> \frac{1}{2}, \sqrt2 -> \sqrt{2}.
+    Below MAX_DEPTH nested arguments the text is left as it is."""
+    if depth > MAX_DEPTH:
+        return s
     out, i = [], 0
     while i < len(s):
         m = re.match(r"\\(frac|sqrt)(?![A-Za-z])", s[i:])
@@ -128,7 +207,7 @@ def _braces(s):
             den, i = _arg(s, i)
             if num is None or den is None:
                 return s  # malformed; leave it to string comparison
-            out.append("\\frac{" + _braces(num) + "}{" + _braces(den) + "}")
+            out.append("\\frac{" + _braces(num, depth + 1) + "}{" + _braces(den, depth + 1) + "}")
         else:
             index = ""
             if i < len(s) and s[i] == "[":
@@ -139,7 +218,7 @@ def _braces(s):
             rad, i = _arg(s, i)
             if rad is None:
                 return s
-            out.append("\\sqrt" + index + "{" + _braces(rad) + "}")
+            out.append("\\sqrt" + index + "{" + _braces(rad, depth + 1) + "}")
     return "".join(out)
 
 
@@ -164,9 +243,13 @@ def math_normalize(s):
     trailing unit (`\text{ cm}^2`, `inches`) go when something precedes them; \text{X} becomes X;
     `x = 5` becomes 5 when the left side is at most two characters; \frac12 -> \frac{1}{2},
     \sqrt2 -> \sqrt{2}; `a/b` of integers -> \frac{a}{b}; `1,000` -> 1000; `.5` -> 0.5;
-    `(C)` -> C; a trailing period goes. Unlike Hendrycks, `\\` (a row break) stays `\\`.
+    `(C)` -> C; a trailing period goes; every minus sign of _MINUS (U+2212 ...) becomes "-". Unlike
+    Hendrycks, `\\` (a row break) stays `\\`. Text longer than MAX_ANSWER_CHARS is only stripped
+    (some steps take time quadratic in the length).
     """
-    s = s.strip().replace("\n", " ").replace("\\!", "")
+    if len(s) > MAX_ANSWER_CHARS:
+        return s.strip()
+    s = s.strip().replace("\n", " ").replace("\\!", "").translate(_TO_HYPHEN)
     s = re.sub(r"(?<!\\)\\[,;: ]", " ", s)  # thin spaces; not the row break "\\\\ "
     s = s.replace("tfrac", "frac").replace("dfrac", "frac").replace("cfrac", "frac")
     s = s.replace("\\left", "").replace("\\right", "").replace("\\displaystyle", "")
@@ -199,13 +282,16 @@ def math_normalize(s):
 
 
 def _number(s):
-    r"""An exact Fraction for "-3", "2.50", "\frac{-1}{2}", "-\frac{3}{4}"; None otherwise."""
+    r"""An exact Fraction for "-3", "2.50", "1e-3", "\frac{-1}{2}", "-\frac{3}{4}"; _HUGE past the
+    bounds (MAX_DIGITS, MAX_EXPONENT); None otherwise."""
     m = re.fullmatch(r"(-?)\\frac\{(-?\d+(?:\.\d+)?)\}\{(-?\d+(?:\.\d+)?)\}", s)
     if m:
-        den = Fraction(m.group(3))
-        return None if den == 0 else (-1 if m.group(1) else 1) * Fraction(m.group(2)) / den
+        num, den = _decimal(m.group(2)), _decimal(m.group(3))
+        if num is _HUGE or den is _HUGE:
+            return _HUGE
+        return None if den == 0 else (-1 if m.group(1) else 1) * num / den
     if re.fullmatch(r"-?(\d+(\.\d*)?|\.\d+)(e-?\d+)?", s):
-        return Fraction(s)
+        return _decimal(s)
     return None
 
 
@@ -258,35 +344,55 @@ def _group_closes_at_end(s):
     return True
 
 
-def math_equal(pred, gold, *, timeout=5.0):
+def _nesting(s):
+    """How deep brackets of any kind nest in `s`."""
+    depth = deepest = 0
+    for c in s:
+        if c in "([{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in ")]}":
+            depth -= 1
+    return deepest
+
+
+def math_equal(pred, gold, *, timeout=5.0, unordered=False):
     r"""MATH answer equivalence after `math_normalize`; None never matches.
 
-    Words ("Evelyn", "odd") compare without case. Tuples and intervals compare element by element,
-    with the same brackets; sets (\{...\}) and bare lists ("2, -3") in any order; unions (\cup)
-    and matrices part by part. Single values: equal strings, else equal exact rationals ("0.5" vs
-    "\frac{1}{2}"), else sympy with `timeout` seconds.
+    Words ("Evelyn", "odd") compare without case. Tuples, intervals, sets (\{...\}) and bare lists
+    ("2, -3") compare element by element, in order, with the same brackets, as Hendrycks, lm-eval
+    and PRM800K compare them (`unordered=True`: sets and bare lists in any order); unions (\cup) and
+    matrices part by part. Single values: equal strings, else equal exact rationals ("0.5" vs
+    "\frac{1}{2}"), else sympy with `timeout` seconds per comparison. An answer longer than
+    MAX_ANSWER_CHARS matches only the identical string.
     """
     if pred is None or gold is None:
         return False
+    if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
+        return pred.strip() == gold.strip()
     p, g = math_normalize(pred), math_normalize(gold)
-    return _equal(p, g, timeout)
+    return _equal(p, g, timeout, unordered)
 
 
-def _equal(p, g, timeout):
+def _equal(p, g, timeout, unordered, depth=0):
     if p == g:
         return True
-    if not p or not g:
+    if not p or not g or depth > MAX_DEPTH:
         return False
     if re.fullmatch(r"[A-Za-z]+", p) and re.fullmatch(r"[A-Za-z]+", g):  # words: "Evelyn", "odd"
         return p.lower() == g.lower()
+
+    def eq(a, b):
+        return _equal(a, b, timeout, unordered, depth + 1)
+
     pm, gm = _matrix(p), _matrix(g)
     if pm or gm:
         return (pm is not None and gm is not None and len(pm) == len(gm)
-                and all(len(a) == len(b) and all(_equal(x, y, timeout) for x, y in zip(a, b))
+                and all(len(a) == len(b) and all(eq(x, y) for x, y in zip(a, b))
                         for a, b in zip(pm, gm)))
     pu, gu = _split_top(p, "\\cup"), _split_top(g, "\\cup")
     if len(pu) > 1 or len(gu) > 1:
-        return len(pu) == len(gu) and all(_equal(a, b, timeout) for a, b in zip(pu, gu))
+        return len(pu) == len(gu) and all(eq(a, b) for a, b in zip(pu, gu))
     ps, gs = _structure(p), _structure(g)
     if ps or gs:
         if not (ps and gs) or len(ps[1]) != len(gs[1]):
@@ -294,16 +400,18 @@ def _equal(p, g, timeout):
         (po, pitems, pc), (go, gitems, gc) = ps, gs
         if (po, pc) != (go, gc):
             return False
-        if po in ("", "{"):  # bare lists and sets: any order
+        if unordered and po in ("", "{"):  # the option: bare lists and sets in any order
             left = list(gitems)
             for a in pitems:
-                hit = next((b for b in left if _equal(a, b, timeout)), None)
+                hit = next((b for b in left if eq(a, b)), None)
                 if hit is None:
                     return False
                 left.remove(hit)
             return True
-        return all(_equal(a, b, timeout) for a, b in zip(pitems, gitems))
+        return all(eq(a, b) for a, b in zip(pitems, gitems))
     a, b = _number(p), _number(g)
+    if a is _HUGE or b is _HUGE:  # past the bounds: only equal strings (handled above) match
+        return False
     if a is not None and b is not None:
         return a == b
     if ("=" in p) != ("=" in g):
@@ -326,7 +434,7 @@ _RENAME = {"arcsin": "asin", "arccos": "acos", "arctan": "atan", "ln": "log", "i
 
 def _sympy_text(s):
     r"""Normalized LaTeX -> a sympy-parsable string, or None if it holds anything else."""
-    if s.count("=") > 1:
+    if s.count("=") > 1 or _nesting(s) > MAX_DEPTH:
         return None
     if "=" in s:  # an equation compares as lhs - rhs
         lhs, rhs = s.split("=")
@@ -337,7 +445,9 @@ def _sympy_text(s):
         return None
 
 
-def _tex(s):
+def _tex(s, depth=0):
+    if depth > MAX_DEPTH:
+        raise ValueError("nested too deeply")
     out, i = [], 0
     while i < len(s):
         c = s[i]
@@ -356,17 +466,17 @@ def _tex(s):
             if a is None or (frac and b is None):
                 raise ValueError(s)
             if frac:
-                out.append(f"(({_tex(a)})/({_tex(b)}))")
+                out.append(f"(({_tex(a, depth + 1)})/({_tex(b, depth + 1)}))")
             elif index is None:
-                out.append(f"sqrt({_tex(a)})")
+                out.append(f"sqrt({_tex(a, depth + 1)})")
             else:
-                out.append(f"(({_tex(a)})**(1/({_tex(index)})))")
+                out.append(f"(({_tex(a, depth + 1)})**(1/({_tex(index, depth + 1)})))")
             continue
         if c == "{":
             inner, j = _group(s, i)
             if inner is None:
                 raise ValueError(s)
-            out.append("(" + _tex(inner) + ")")
+            out.append("(" + _tex(inner, depth + 1) + ")")
             i = j
         elif m and m.group(1):
             name = m.group(1)
@@ -453,24 +563,43 @@ for line in sys.stdin:
 '''
 
 
-class _SympyWorker:
-    """A long-lived `python -c` child running sympy; a comparison past its deadline kills it.
+class _Child:
+    """A long-lived `python -c SOURCE ARGS...` child that answers JSON lines; started on first use.
 
-    Works from any thread (one comparison at a time, under a lock) and restarts after a fork.
+    Its first line is "ready". A reply past its deadline (or a child that died) kills it, and the
+    next request starts a fresh one. With `session=True` it runs in a process group of its own, and
+    killing it ends the whole group (the child's own children go with it). Works from any thread
+    (one request at a time, under `lock`) and restarts after a fork.
     """
 
-    def __init__(self):
+    def __init__(self, source, args=(), *, session=False, what="a child"):
+        self.source, self.args, self.session, self.what = source, list(args), session, what
         self.proc, self.pid, self.buf = None, None, b""
         self.lock = threading.Lock()
-        atexit.register(self.close)
+
+    def _ensure(self):
+        if self.proc is None or self.proc.poll() is not None or self.pid != os.getpid():
+            self.close()  # a dead child's pipes (after a fork: nothing; that child is the parent's)
+            self._start()
 
     def _start(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER_SOURCE], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen([sys.executable, "-c", self.source, *self.args],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, start_new_session=self.session)
         self.pid, self.buf = os.getpid(), b""
+        atexit.register(self.close)
         if self._readline(120.0) != b"ready":
             self.close()
-            raise RuntimeError("soka/scorers.py: the sympy worker did not start (is sympy installed?)")
+            raise RuntimeError(f"soka/scorers.py: {self.what} did not start")
+
+    def _send(self, obj):
+        """Write one JSON line; False if the child is gone."""
+        try:
+            self.proc.stdin.write(json.dumps(obj).encode() + b"\n")
+            self.proc.stdin.flush()
+            return True
+        except (BrokenPipeError, OSError):
+            return False
 
     def _readline(self, timeout):
         deadline = time.monotonic() + timeout
@@ -479,21 +608,41 @@ class _SympyWorker:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
                 return None
-            chunk = os.read(fd, 4096)
+            chunk = os.read(fd, 65536)
             if not chunk:
                 return None
             self.buf += chunk
         line, self.buf = self.buf.split(b"\n", 1)
         return line.strip()
 
+    def close(self):
+        if self.proc is not None and self.pid == os.getpid():
+            if self.session:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            self.proc.kill()
+            self.proc.wait()
+            for f in (self.proc.stdin, self.proc.stdout):
+                try:
+                    f.close()
+                except OSError:
+                    pass
+            atexit.unregister(self.close)
+        self.proc = None
+
+
+class _SympyWorker(_Child):
+    """The sympy child; a comparison past its deadline kills it (False)."""
+
+    def __init__(self):
+        super().__init__(_WORKER_SOURCE, what="the sympy worker (is sympy installed?)")
+
     def equal(self, a, b, timeout):
         with self.lock:
-            if self.proc is None or self.proc.poll() is not None or self.pid != os.getpid():
-                self._start()
-            try:
-                self.proc.stdin.write(json.dumps([a, b]).encode() + b"\n")
-                self.proc.stdin.flush()
-            except BrokenPipeError:
+            self._ensure()
+            if not self._send([a, b]):
                 self.close()
                 return False
             line = self._readline(timeout)
@@ -502,14 +651,111 @@ class _SympyWorker:
                 return False
             return line == b"1"
 
-    def close(self):
-        if self.proc is not None and self.pid == os.getpid():
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
 
 _worker = _SympyWorker()
+
+
+# ------------------------------------------------------------------------- scoring a whole run
+
+def _reason(e):
+    text = f"{type(e).__name__}: {e}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _score_steps(task, completion, gold, options):
+    """Yield the extracted answer, then (verdict, error); an exception is the error (verdict False)."""
+    extract, equal = {"gsm8k": (gsm8k_extract, gsm8k_equal), "math": (math_last_boxed, math_equal)}[task]
+    try:
+        x = extract(completion)
+    except Exception as e:
+        yield None
+        yield False, _reason(e)
+        return
+    yield x
+    try:
+        verdict = bool(equal(x, gold, **options))
+    except Exception as e:
+        yield False, _reason(e)
+        return
+    yield verdict, None
+
+
+# The scoring child: this file loaded by path (importing the soka package would import torch), one
+# JSON request [task, completion, gold, options] per line, answered by two lines: the extracted
+# answer, then [verdict, error].
+_SCORER_SOURCE = r"""
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("soka_scorers_child", sys.argv[1])
+scorers = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(scorers)
+print("ready", flush=True)
+for line in sys.stdin:
+    for reply in scorers._score_steps(*json.loads(line)):
+        print(json.dumps(reply), flush=True)
+"""
+
+
+class _AnswerScorer(_Child):
+    """The scoring child: one example at a time with a deadline; past it, or if the child dies, the
+    child's process group (its sympy worker included) is killed and a fresh child scores the next."""
+
+    def __init__(self):
+        super().__init__(_SCORER_SOURCE, [os.path.abspath(__file__)], session=True,
+                         what="the scoring child")
+
+    def score(self, task, completion, gold, options, time_limit):
+        with self.lock:
+            self._ensure()
+            deadline = time.monotonic() + time_limit
+            replies = []
+            if self._send([task, completion, gold, options]):
+                while len(replies) < 2:
+                    line = self._readline(max(0.0, deadline - time.monotonic()))
+                    try:
+                        replies.append(json.loads(line))
+                    except (TypeError, ValueError):  # None (no line) or not a reply
+                        break
+            if len(replies) == 2:
+                return replies[0], replies[1][0], replies[1][1]
+            status = self.proc.poll()
+            self.close()
+            if status is None and time.monotonic() >= deadline:
+                reason = f"TimeoutError: not scored within {time_limit:g} s (time_limit)"
+            else:
+                reason = f"ChildProcessError: the scoring process failed (exit status {status})"
+            return (replies[0] if replies else None), False, reason
+
+
+def score_answers(task, completions, golds, *, time_limit=60.0, options=None):
+    """[(extracted, verdict, error)] for "gsm8k" or "math" completions against their golds.
+
+    Extraction and comparison of each example run in a child process (started once, restarted
+    after a failure) under `time_limit` seconds; an exception, a timeout or a dead child is that
+    example's error (a string such as "RecursionError: ...", else None) with verdict False, and the
+    other examples are scored as usual. MATH's sympy step keeps its own per-comparison deadline
+    (math_equal's timeout, 5 s) inside the child. `options` go to math_equal (timeout, unordered).
+    `time_limit=None` scores in this process, with the same exception guard but no time limit.
+    """
+    if task not in ("gsm8k", "math"):
+        raise ValueError(f"soka/scorers.py: score_answers scores gsm8k or math, not {task!r}")
+    options = dict(options or {})
+    if task == "gsm8k" and options:
+        raise ValueError("soka/scorers.py: options are math_equal's keywords; gsm8k has none")
+    completions, golds = list(completions), list(golds)
+    if len(completions) != len(golds):
+        raise ValueError(f"soka/scorers.py: {len(completions)} completions, {len(golds)} golds")
+    if time_limit is None:
+        out = []
+        for c, g in zip(completions, golds):
+            steps = _score_steps(task, c, g, options)
+            x = next(steps)
+            out.append((x, *next(steps)))
+        return out
+    scorer = _AnswerScorer()
+    try:
+        return [scorer.score(task, c, g, options, time_limit) for c, g in zip(completions, golds)]
+    finally:
+        scorer.close()
 
 
 # ------------------------------------------------------------------------------------------ MBPP

@@ -73,6 +73,7 @@ def test_gsm8k_batches_by_length_and_writes_results(tmp_path):
                c["stop"] == ("<|im_end|>",) for c in fake.calls)
     for ex, r, ok, c in zip(examples, result["examples"], right, completions):
         assert r["id"] == ex["id"] and r["gold"] == ex["gold"] and r["verdict"] is ok
+        assert r["error"] is None
         assert r["prompt"] == format_prompt("gsm8k", ex, ChatCharTokenizer())
         assert r["completion"] == c.split("<|im_end|>")[0]
     assert result["examples"][1]["extracted"] == examples[1]["gold"]   # not the 12345 after the turn
@@ -132,6 +133,39 @@ def test_math_scoring(tmp_path):
     assert [r["verdict"] for r in result["examples"]] == [True] * 4 + [False] * 2
     assert result["examples"][4]["extracted"] == "\\frac{12345}{7}"
     assert result["examples"][5]["extracted"] is None
+
+
+def test_hostile_math_completions_cost_only_their_own_verdict(tmp_path):
+    """Completions that used to raise (RecursionError, ValueError past 4,300 digits) or run for hours
+    (\boxed{1e999999999}) are wrong answers now; the run goes on and scores the rest."""
+    examples = load_examples("math", "math500", data_dir=DATA)[:6]
+    hostile = ["{" * 1000 + "1" + "}" * 1000, "1" * 5000, "1e999999999", r"\sqrt{" * 1000 + "2" + "}" * 1000]
+    completions = [f"$\\boxed{{{examples[0]['gold']}}}$"] + [f"So $\\boxed{{{h}}}$." for h in hostile]
+    completions += [f"$\\boxed{{{examples[5]['gold']}}}$"]
+    result, _, out = _run("math", examples, completions, tmp_path, batch_size=8)
+    assert [r["verdict"] for r in result["examples"]] == [True, False, False, False, False, True]
+    assert [r["extracted"] for r in result["examples"][1:5]] == hostile
+    assert all(r["error"] is None for r in result["examples"])
+    assert result["correct"] == 2 and json.loads(out.read_text()) == result
+
+
+def test_an_example_past_the_time_limit_is_recorded_as_its_error(tmp_path, monkeypatch):
+    """Scoring one example ran past the time limit: that example is wrong with the reason in its
+    row, the child is replaced, and the next examples are scored."""
+    import soka.evaluate
+    from soka.scorers import score_answers
+    monkeypatch.setattr(soka.evaluate, "score_answers",
+                        lambda task, c, g, time_limit: score_answers(task, c, g, time_limit=1.5))
+    examples = load_examples("math", "math500", data_dir=DATA)[:3]
+    completions = [f"$\\boxed{{{ex['gold']}}}$" for ex in examples]
+    completions[1] = r"$\boxed{10^{10^{10}}}$"                  # sympy's own deadline is 5 s
+    result, _, out = _run("math", examples, completions, tmp_path)
+    rows = result["examples"]
+    assert [r["verdict"] for r in rows] == [True, False, True]
+    assert rows[1]["extracted"] == "10^{10^{10}}"
+    assert rows[1]["error"].startswith("TimeoutError: not scored within 1.5 s")
+    assert rows[0]["error"] is None and rows[2]["error"] is None
+    assert json.loads(out.read_text())["examples"][1]["error"] == rows[1]["error"]
 
 
 def test_mbpp_scoring_in_sandboxes(tmp_path):

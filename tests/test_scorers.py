@@ -1,6 +1,9 @@
 """Scorers: GSM8K extraction and numeric equality, MATH boxed extraction and equivalence, MBPP code
 extraction; run against hand cases and against every reference answer in the data."""
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -98,8 +101,9 @@ def test_math_last_boxed(text, expected):
     (r"[-\frac12, 3)", "[-0.5, 3)"),
     (r"(-\infty, -2] \cup [2, \infty)", r"(-\infty,-2]\cup[2,\infty)"),
     (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})"),
-    ("2, -3", "-3, 2"),                                               # a list of solutions: any order
-    (r"\{1, 2\}", r"\{2, 1\}"),
+    ("2, -3", "2,-3"),                                                # lists: in order (as the graders)
+    (r"\{1, 2\}", r"\{1,2\}"),
+    (r"\frac{1}{2}, -3", "0.5, -3"),                                 # ... element by element
     (r"12\text{ and }13", "12, 13"),
     (r"\text{(C)}", "C"),
     ("x = 5", "5"),
@@ -126,6 +130,10 @@ def test_math_equal(pred, gold):
     ("(1, 2]", "[1, 2]"),                   # interval ends matter
     ("(1, 2)", "1, 2"),                     # a tuple is not a bare list
     ("(2, 1)", "(1, 2)"),                   # tuples are ordered
+    ("10, 4, -2", "4, 10, -2"),             # so are bare lists and sets (Hendrycks, lm-eval, PRM800K)
+    ("2, -3", "-3, 2"),
+    (r"\{1, 2\}", r"\{2, 1\}"),
+    ("2, 3", "2, 3, 3"),
     ("0.33", r"\frac{1}{3}"),
     ("1.41421356237", r"\sqrt{2}"),         # a rounded decimal is not the exact value
     ("2x", "3x"),
@@ -185,6 +193,233 @@ def test_math_reference_answers():
         if r["unique_id"] not in EMPTY_BOX:
             assert math_normalize(gold) != "", r["unique_id"]
         assert math_normalize(math_normalize(gold)) == math_normalize(gold), r["unique_id"]
+
+
+# ------------------------------------------------------------------- hostile model output
+
+SCORERS = Path(__file__).resolve().parents[1] / "soka" / "scorers.py"
+
+
+def _in_child(calls, seconds=60):
+    """Run [(function name, args)] of soka/scorers.py in a fresh interpreter (loaded by path, so no
+    torch) and return the results: a call that holds the GIL for hours cannot be stopped in-process."""
+    code = ("import importlib.util, json, sys\n"
+            "spec = importlib.util.spec_from_file_location('s', sys.argv[1])\n"
+            "s = importlib.util.module_from_spec(spec); spec.loader.exec_module(s)\n"
+            "print(json.dumps([getattr(s, f)(*a) for f, a in json.loads(sys.stdin.read())]))\n")
+    try:
+        out = subprocess.run([sys.executable, "-c", code, str(SCORERS)], input=json.dumps(calls),
+                             capture_output=True, text=True, timeout=seconds)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running after {seconds} s: {calls}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
+def test_huge_exponents_are_not_expanded():
+    """1e999999999 would be a Fraction of 10**999999999 (hours, in one C call that holds the GIL)."""
+    t = time.monotonic()
+    assert _in_child([("math_equal", ["1e999999999", "5"]),
+                      ("math_equal", ["1e999999999", "1e999999999"]),      # identical strings still match
+                      ("math_equal", [r"\frac{1e999999999}{2}", "5"]),
+                      ("gsm8k_equal", ["1e999999999", "5"]),
+                      ("gsm8k_equal", ["-1e-999999999", "0"])]) == [False, True, False, False, False]
+    assert time.monotonic() - t < 30
+
+
+@pytest.mark.parametrize("pred, gold, equal", [
+    ("1" * 5000, "5", False),               # past int()'s 4,300 digits: was ValueError
+    ("1" * 5000, "1" * 5000, True),         # only the identical string matches past the bounds
+    (r"\frac{" + "1" * 5000 + "}{3}", "5", False),
+    ("0." + "1" * 5000, "0.1", False),
+    ("1e3", "1000", True),                  # within the bounds: exact values
+    ("2e1000", "20e999", True),
+    ("2e1001", "20e1000", False),           # exponent past MAX_EXPONENT: not read as a number
+    ("1" * 998, "1" * 998 + ".0", True),    # 999 digits, 1,000 characters: read
+    ("1" * 1000, "1" * 1000 + ".0", False), # past MAX_ANSWER_CHARS: only the identical string
+], ids=lambda v: v if isinstance(v, bool) or len(v) < 20 else f"{v[:8]}...({len(v)} chars)")
+def test_math_numbers_are_bounded(pred, gold, equal):
+    assert math_equal(pred, gold) is equal
+
+
+@pytest.mark.parametrize("pred, gold, equal", [
+    ("1" * 5000, "1" * 5000 + ".0", False),
+    ("1" * 1000, "1" * 1000 + ".", True),
+    ("1" * 1001, "1" * 1001 + ".", False),
+    ("2e1000", "20e999", True),
+    ("2e1001", "20e1000", False),
+], ids=lambda v: v if isinstance(v, bool) or len(v) < 20 else f"{v[:8]}...({len(v)} chars)")
+def test_gsm8k_numbers_are_bounded(pred, gold, equal):
+    assert gsm8k_equal(pred, gold) is equal
+
+
+@pytest.mark.parametrize("pred, gold", [
+    ("{" * 1000 + "1" + "}" * 1000, "1"),                              # was RecursionError
+    (r"\sqrt{" * 1000 + "2" + "}" * 1000, r"\sqrt{2}"),                # was RecursionError
+    (r"\frac{" * 1000 + "1}{2}" * 1000, "1"),
+    ("(1," * 1000 + "1" + ")" * 1000, "(1,(1,2))"),
+    ("(" * 1000 + "x" + ")" * 1000, "x"),
+    ("[1,2]" + r"\cup[1,2]" * 500, "[1,2]"),
+    (r"\begin{pmatrix}" * 300 + "1" + r"\end{pmatrix}" * 300, r"\begin{pmatrix}1\end{pmatrix}"),
+    ("5" + " cm" * 20000, "5"),                                         # past MAX_ANSWER_CHARS: not parsed
+], ids=["braces", "sqrt", "frac", "tuples", "parens", "cups", "matrices", "units"])
+def test_math_deep_or_long_answers_are_refused_not_crashed(pred, gold):
+    t = time.monotonic()
+    assert math_equal(pred, gold) is False
+    assert math_equal(gold, pred) is False
+    assert time.monotonic() - t < 10
+    math_normalize(pred)                                                # no RecursionError, no hour either
+    assert time.monotonic() - t < 10
+
+
+def test_math_nesting_below_the_limit_still_compares():
+    deep = r"\sqrt{" * 20 + "2" + "}" * 20                               # 20 levels: far past any gold (3)
+    assert math_equal(deep, deep.replace("2", r"\frac{4}{2}"))
+    assert math_equal("(1," * 30 + "2" + ")" * 30, "(1," * 30 + "2.0" + ")" * 30)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("#### \u221217", "-17"),                                          # U+2212 MINUS SIGN: was 17
+    ("#### \ufe6317", "-17"),                                          # U+FE63 SMALL HYPHEN-MINUS
+    ("#### \uff0d17", "-17"),                                          # U+FF0D FULLWIDTH HYPHEN-MINUS
+    ("#### \u201217", "-17"),                                          # U+2012 FIGURE DASH
+    ("#### \u201317", "-17"),                                          # U+2013 EN DASH used as minus
+    ("The answer is \u22123.5.", "-3.5"),
+    ("It fell to \u22125 degrees.", "-5"),
+    ("#### \u2212$1,234", "-1234"),
+    ("x = 2 - \u22123", "-3"),                                         # a minus after an operator
+])
+def test_gsm8k_minus_signs(text, expected):
+    assert gsm8k_extract(text) == expected
+    assert gsm8k_equal(gsm8k_extract(text), expected)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("It takes 3-5 days", "5"),                                         # a range: was -5
+    ("It takes 3\u20135 days", "5"),                                    # en dash range
+    ("It takes 3 \u2013 5 days", "5"),
+    ("so 8 \u2212 5", "5"),                                             # subtraction, not -5
+    ("(2+3) - 5", "5"),
+    ("pages 10\u201212", "12"),
+    ("it dropped \u20145", "5"),                                        # U+2014 EM DASH is no minus
+])
+def test_gsm8k_a_dash_after_a_number_is_no_sign(text, expected):
+    assert gsm8k_extract(text) == expected
+
+
+def test_gsm8k_equal_reads_minus_signs():
+    assert gsm8k_equal("\u221217", "-17") and gsm8k_equal("\uff0d17.0", "-17")
+    assert not gsm8k_equal("\u221217", "17")
+
+
+def test_math_minus_signs():
+    assert math_equal("\u22123", "-3")
+    assert math_equal("\\frac{\u22121}{2}", "-0.5")
+    assert math_equal("(\u22121, \ufe632)", "(-1,-2)")
+    assert not math_equal("\u22123", "3")
+
+
+@pytest.mark.parametrize("pred, gold", [
+    ("10, 4, -2", "4, 10, -2"),
+    ("2, -3", "-3, 2"),
+    (r"\{1, 2\}", r"\{2, 1\}"),
+    (r"-\frac{1}{2}, 1", "1, -0.5"),
+])
+def test_math_lists_unordered_only_as_an_option(pred, gold):
+    assert not math_equal(pred, gold)
+    assert math_equal(pred, gold, unordered=True)
+
+
+def test_math_unordered_keeps_multiplicity_and_tuples():
+    assert not math_equal("2, 2, 3", "2, 3, 3", unordered=True)
+    assert not math_equal("(2, 1)", "(1, 2)", unordered=True)          # tuples stay ordered
+
+
+def test_score_answers_guards_each_example():
+    """An exception while scoring one example is that example's error (verdict False), in the child
+    and in-process alike; the others are scored as usual."""
+    from soka.scorers import score_answers
+    completions = ["#### \u221217", "#### 3", "#### 18"]
+    golds = ["-17", 3, "18"]                               # a malformed gold: int, not str
+    for limit in (60.0, None):
+        rows = score_answers("gsm8k", completions, golds, time_limit=limit)
+        assert [r[:2] for r in rows] == [("-17", True), ("3", False), ("18", True)]
+        assert rows[0][2] is None and rows[2][2] is None
+        assert rows[1][2].startswith("AttributeError: ")
+    assert score_answers("math", [], []) == []
+
+
+def _live_in_group(pgid):
+    """Pids of live (not zombie) processes in process group `pgid`, from /proc."""
+    live = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+            except OSError:
+                continue
+            state, _ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
+            if int(pgrp) == pgid and state not in "ZX":
+                live.append(int(d))
+    return live
+
+
+def test_score_answers_time_limit_kills_the_child_and_its_sympy_worker():
+    from soka.scorers import _AnswerScorer
+    scorer = _AnswerScorer()
+    try:
+        assert scorer.score("math", r"\boxed{\sqrt8}", r"2\sqrt{2}", {}, 120.0) == (r"\sqrt8", True, None)
+        pgid = scorer.proc.pid                                          # the child and its sympy worker
+        t = time.monotonic()
+        x, verdict, error = scorer.score("math", r"\boxed{10^{10^{10}}}", "5", {"timeout": 600}, 2.0)
+        assert time.monotonic() - t < 2.0 + 10
+        assert (x, verdict) == ("10^{10^{10}}", False) and error.startswith("TimeoutError: ")
+        if os.path.isdir("/proc"):
+            deadline = time.monotonic() + 10
+            while _live_in_group(pgid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _live_in_group(pgid) == []
+        assert scorer.score("math", r"\boxed{5}", "5.0", {}, 120.0) == ("5", True, None)  # a fresh child
+    finally:
+        scorer.close()
+
+
+def test_score_answers_a_dead_child_is_that_examples_error():
+    """The scoring child dies mid-example (here: killed): that example is wrong with the reason,
+    the rest of its process group goes too, and a fresh child scores the next example."""
+    import signal
+    from soka.scorers import _AnswerScorer
+    scorer = _AnswerScorer()
+    try:
+        assert scorer.score("gsm8k", "#### 1", "1", {}, 60.0) == ("1", True, None)
+        pgid = scorer.proc.pid
+        timer = threading.Timer(1.0, os.kill, (pgid, signal.SIGKILL))
+        timer.start()
+        x, verdict, error = scorer.score("math", r"\boxed{10^{10^{10}}}", "5", {"timeout": 600}, 60.0)
+        timer.join()
+        assert (x, verdict) == ("10^{10^{10}}", False) and error.startswith("ChildProcessError: ")
+        if os.path.isdir("/proc"):
+            deadline = time.monotonic() + 10
+            while _live_in_group(pgid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _live_in_group(pgid) == []                          # its sympy worker went too
+        assert scorer.score("gsm8k", "#### 2", "2", {}, 60.0) == ("2", True, None)
+    finally:
+        scorer.close()
+
+
+@needs_data
+def test_every_gold_scores_against_itself():
+    """GSM8K test and MATH test + MATH-500 golds, as completions, score True against themselves
+    with no error, through the child that evaluate() uses."""
+    from soka.scorers import score_answers
+    golds = [r["answer"].rsplit("####", 1)[1].strip().replace(",", "") for r in _jsonl("gsm8k/test.jsonl")]
+    rows = score_answers("gsm8k", [f"#### {g}" for g in golds], golds)
+    assert all(v and e is None for _, v, e in rows), [r for r in rows if not r[1]][:5]
+    golds = [r["answer"] for r in _jsonl("math/math500.jsonl")]
+    golds += [math_last_boxed(r["solution"]) for r in _jsonl("math/test.jsonl")]
+    rows = score_answers("math", [f"so $\\boxed{{{g}}}$." for g in golds], golds)
+    assert all(v and e is None for _, v, e in rows), [r for r in rows if not r[1]][:5]
 
 
 @pytest.mark.parametrize("text, expected", [
