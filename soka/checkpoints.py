@@ -65,7 +65,10 @@ def hf_to_meta_key(key):
 
 
 def meta_to_hf_key(key):
-    return _rename(key, META_KEYS, "layers.")
+    name = _rename(key, META_KEYS, "layers.")
+    if name is None:
+        raise KeyError(f"{key}: no Hugging Face name for this tensor")
+    return name
 
 
 def unpermute_rotary(w, n_heads):
@@ -78,7 +81,7 @@ def unpermute_rotary(w, n_heads):
 def permute_rotary(w, n_heads):
     """The inverse of unpermute_rotary: Meta's interleaved rows -> HF's half-rotation order."""
     out_dim, in_dim = w.shape
-    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+    return w.reshape(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
 def hf_params(config_file):
@@ -103,7 +106,8 @@ def hf_params(config_file):
     except KeyError as e:
         raise ValueError(f"{config_file}: missing key {e}") from e
     head_dim, dim, heads = c.get("head_dim"), params["dim"], params["n_heads"]
-    if head_dim is not None and all(type(v) is int and v > 0 for v in (dim, heads)) and head_dim * heads != dim:
+    if head_dim is not None and all(type(v) is int and v > 0 for v in (dim, heads)) \
+            and head_dim * heads != dim:
         raise ValueError(f"{config_file}: head_dim {head_dim} != hidden_size / num_attention_heads")
     return params
 

@@ -46,10 +46,10 @@ import torch
 import triton
 import triton.language as tl
 
-# Launch settings, measured on an H100 over a grid (benchmarks/kron_fused_configs.py, bf16, 4,096
-# tokens, LLaMA-2-7B's and SmolLM2's factor shapes, r = 1 and 8; benchmarks/results/kron_fused_configs.json):
-TOKENS_PER_PROGRAM = 1   # _kron_apply_kernel: one token a program (4 or 16 were up to 1.4x slower)
-WARPS = 4                # both kernels: one warpgroup; 8 was up to 2x slower at 64⁴, r = 8
+# Launch settings, the fastest of a grid measured on an H100 (benchmarks/kron_fused_configs.py, bf16,
+# 4,096 tokens, LLaMA-2-7B's and SmolLM2's factor shapes, r = 1 and 8; docs/performance.md):
+TOKENS_PER_PROGRAM = 1   # _kron_apply_kernel: one token a program (4 or 16 were slower)
+WARPS = 4                # both kernels: one warpgroup (8 was slower)
 GRAD_PROGRAMS = 256      # _kron_grad_kernel: ~r·chunks programs; 512 for factor sides below 64; fixed,
                          # so the chunking (and the summation order) depends only on N, r and the shape
 
@@ -170,7 +170,7 @@ def _side(d):
 
 def _stages(dtype, side, *, grads=False):
     """Loads in flight per loop (software pipelining) for tiles whose largest side is `side`: 2 for the
-    sums; 3 for the gradients, but 2 from side 128 on (LLaMA-2-7B's FFN factors: 3 was 15 % slower);
+    sums; 3 for the gradients, but 2 from side 128 on (LLaMA-2-7B's FFN factors: 3 was slower);
     1 in float64, whose tiles are 4x bf16's (shared memory: 228 KB on an H100)."""
     if dtype == torch.float64:
         return 1
@@ -222,7 +222,7 @@ def factor_buffer(r, rows, cols, *, dtype, device):
     """An uninitialized (r, rows, cols) tensor for a factor the kernels read: contiguous, or the
     transposed view of a contiguous (r, cols, rows) one where a row of `cols` values loads in narrower
     vectors than a column of `rows` (LLaMA-2-7B's FFN factors of side 86: 4-byte loads instead of 16;
-    stored as rows of 86, the 4096×11008 layer's forward and dx at r = 8 ran 1.5x slower). The
+    stored as rows of 86, the 4096×11008 layer's forward and dx ran markedly slower). The
     kernels read either in place, the transposed one in dx too."""
     if _vector_bytes(cols, dtype) < _vector_bytes(rows, dtype):
         return torch.empty(r, cols, rows, dtype=dtype, device=device).transpose(1, 2)

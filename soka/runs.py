@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from soka.adapters import save_adapter
+from soka.adapters import IMPLS, LORA_RANK, check_impl, save_adapter
 from soka.checkpoints import first_line
 from soka.tokenizer import json_object
 
@@ -29,15 +29,18 @@ from soka.tokenizer import json_object
 # change (the schedule follows the new total).
 FIXED_ON_RESUME = ("task", "ckpt", "method", "targets", "rank", "factors", "tau", "r_min", "r_max", "init",
                    "alpha", "batch_size", "grad_accum", "max_len", "heldout", "seed")
-SOKA_ONLY = ("tau", "r_min", "r_max", "factors", "init")   # LoRA / PiSSA train one fixed --rank
+SOKA_ONLY = ("tau", "r_min", "r_max", "factors", "init", "soka_impl")   # LoRA / PiSSA train one fixed --rank
 
 
-def check_options(cfg, given, lora_rank):
+def check_options(cfg, given):
     """Refuse option values that would crash later or silently mean something else; `given` names the
     options on the command line."""
     if cfg.method != "soka" and (soka_only := [o for o in SOKA_ONLY if o in given]):
         raise SystemExit(f"train.py: --{soka_only[0].replace('_', '-')} is a SoKA option; {cfg.method} "
-                         f"trains one fixed --rank (default {lora_rank})")
+                         f"trains one fixed --rank (default {LORA_RANK})")
+    if cfg.eval_only and (cfg.resume or cfg.eval_limit == 0):
+        raise SystemExit("train.py: --eval-only evaluates --ckpt as it is: it takes neither --resume (the "
+                         "run's evaluation is in its eval.json) nor --eval-limit 0")
 
     def need(ok, option, rule):
         if not ok:
@@ -52,6 +55,17 @@ def check_options(cfg, given, lora_rank):
     need(cfg.epochs > 0, "epochs", "> 0")
     need(cfg.lr > 0, "lr", "> 0")
     need(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
+
+
+def check_setup(cfg, world, device):
+    """Refuse what the processes and the device cannot run."""
+    if cfg.eval_only and world > 1:
+        raise SystemExit("train.py: --eval-only runs in one process (python train.py, not torchrun)")
+    if cfg.method == "soka" and cfg.soka_impl == "fused":
+        try:
+            check_impl("fused", device)
+        except ValueError as e:
+            raise SystemExit(f"train.py: --soka-impl fused: {e}") from None
 
 
 def refuse_existing(out):
@@ -81,6 +95,8 @@ def resumed_config(folder, given, defaults):
             raise SystemExit(f"--resume {folder}: --{k.replace('_', '-')} {given[k]!r} differs from the run's "
                              f"{saved.get(k)!r}; a resumed run keeps its task, model, adapters, data and batch "
                              f"(start a new run with another --out)")
+    if saved.get("soka_impl") not in IMPLS:     # runs saved before the layer had one fast path: its default
+        saved["soka_impl"] = "auto"
     world, was = int(os.environ.get("WORLD_SIZE", "1")), saved.get("world")
     if was is not None and was != world:    # every step's sequences are split over the processes
         raise SystemExit(f"--resume {folder}: the run had {was} processes, this one has {world}; "
@@ -156,6 +172,10 @@ def save_checkpoint(out, model, opt, step, n_metrics):
     shutil.rmtree(old, ignore_errors=True)
 
 
+# What unpickling a plain NumPy array needs, and nothing else (weights_only=True refuses the rest)
+NUMPY_ARRAY = [np.core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def find_checkpoint(out):
     """(folder, its state.pt loaded): checkpoint/, or checkpoint.old/ where a crash during a save left
     checkpoint/ missing or unreadable. state.pt is read with weights_only=True: tensors and plain
@@ -167,7 +187,9 @@ def find_checkpoint(out):
             problems.append(f"{d}: no adapter.pt and state.pt")
             continue
         try:
-            state = torch.load(d / "state.pt", map_location="cpu", weights_only=True)
+            # runs saved before the NumPy state was stored as a tensor hold a NumPy array: allowed by name
+            with torch.serialization.safe_globals(NUMPY_ARRAY):
+                state = torch.load(d / "state.pt", map_location="cpu", weights_only=True)
             if not isinstance(state, dict) or not {"step", "n_metrics", "optimizer", "rng"} <= state.keys():
                 raise ValueError("not a train.py state (step, n_metrics, optimizer, rng)")
         except Exception as e:                # a truncated, foreign or planted file: torch raises many kinds
@@ -183,7 +205,9 @@ def restore_rng(rng):
     """The random states save_checkpoint stored, so a resumed run draws what the run would have."""
     random.setstate(rng["python"])
     n = rng["numpy"]
-    np.random.set_state((n["key"], n["state"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    if isinstance(n, dict):
+        n = (n["key"], n["state"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    np.random.set_state(n)
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])

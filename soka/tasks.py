@@ -250,6 +250,12 @@ def _jsonl(path, keys, check=None):
     return rows
 
 
+def _math_row(row):
+    if "level" not in row or not ("subject" in row or "type" in row):
+        return "no 'level', or neither 'subject' nor 'type'"
+    return None
+
+
 def _gsm8k_answer(row):
     return None if "####" in row["answer"] else "the answer has no final '#### <number>' line"
 
@@ -257,9 +263,19 @@ def _gsm8k_answer(row):
 def _math_folder(folder):
     """The original per-problem layout: <subject>/<n>.json, sorted by subject then number."""
     split = folder.name
-    files = sorted(folder.glob("*/*.json"), key=lambda p: (p.parent.name, int(p.stem)))
-    return [{**json.loads(p.read_text(encoding="utf-8")),
-             "unique_id": f"{split}/{p.parent.name}/{p.name}"} for p in files]
+    files = sorted((p for p in folder.glob("*/*.json") if p.stem.isdigit()), key=lambda p: (p.parent.name, int(p.stem)))
+    rows = []
+    for p in files:
+        try:
+            row = json.loads(p.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise ValueError(f"{p}: not a JSON file of UTF-8 text ({type(e).__name__}: {e})") from None
+        problem = "not an object" if not isinstance(row, dict) else _math_row(row) or (
+            None if {"problem", "solution"} <= row.keys() else "no 'problem' or 'solution'")
+        if problem:
+            raise ValueError(f"{p}: {problem}")
+        rows.append({**row, "unique_id": f"{split}/{p.parent.name}/{p.name}"})
+    return rows
 
 
 def load_examples(task, split, *, data_dir=DATA_DIR, download=False, base_url=None):
@@ -284,7 +300,7 @@ def load_examples(task, split, *, data_dir=DATA_DIR, download=False, base_url=No
             rows = _math_folder(folder)
         else:
             rows = _jsonl(_need(data_dir, f"math/{split}.jsonl", task, download, base_url),
-                          {"unique_id": str, "problem": str, "solution": str})
+                          {"unique_id": str, "problem": str, "solution": str}, _math_row)
         return [{"id": r["unique_id"], "question": r["problem"], "target": r["solution"],
                  "gold": r["answer"] if "answer" in r else math_last_boxed(r["solution"]),
                  "level": _level(r["level"]), "subject": r.get("subject") or r["type"]} for r in rows]

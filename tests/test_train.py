@@ -65,7 +65,7 @@ def resumed(argv, out):
 
 
 def check(argv):
-    runs.check_options(train.make_parser().parse_args(argv), train.given_options(argv), adapters.LORA_RANK)
+    runs.check_options(train.make_parser().parse_args(argv), train.given_options(argv))
 
 
 def adapter_params(path):
@@ -556,3 +556,36 @@ def test_planted_files_run_no_code(tiny, tmp_path):
         train.main(["--task", "gsm8k", "--ckpt", str(shard_dir), "--out", str(tmp_path / "x"), *map(str, FAST)])
     one_line_naming(str(e.value), shard_dir / "consolidated.00.pth")
     assert not marker.exists()
+
+
+def test_a_state_saved_with_a_numpy_array_still_resumes(tmp_path):
+    """Runs checkpointed when the NumPy RNG state was stored as an array still load (that one class is
+    allowed by name), and both forms restore the same state."""
+    np = pytest.importorskip("numpy")
+    np.random.seed(7)
+    want = np.random.get_state()
+    for name, rng_np in (("checkpoint", want), ("checkpoint.old", None)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter.pt").write_bytes(b"x")
+        torch.save({"step": 3, "n_metrics": 3, "optimizer": {}, "rng": {"python": (3, tuple(range(625)), None),
+                    "numpy": rng_np, "torch": torch.get_rng_state(), "cuda": []}}, tmp_path / name / "state.pt")
+    d, st = runs.find_checkpoint(tmp_path)
+    assert d.name == "checkpoint"
+    np.random.seed(0)
+    runs.restore_rng({**st["rng"], "python": __import__("random").getstate()})
+    got = np.random.get_state()
+    assert got[0] == want[0] and (got[1] == want[1]).all() and got[2:] == want[2:]
+
+
+def test_options_that_cannot_run_are_refused_before_anything_loads(monkeypatch):
+    for argv, message in ((["--eval-only", "--eval-limit", "0"], "--eval-only evaluates --ckpt as it is"),
+                          (["--method", "lora", "--soka-impl", "reference"], "--soka-impl is a SoKA option")):
+        with pytest.raises(SystemExit, match=message):
+            train.main(argv)
+    cfg = train.make_parser().parse_args(["--eval-only"])
+    with pytest.raises(SystemExit, match="--eval-only runs in one process"):
+        runs.check_setup(cfg, 2, torch.device("cpu"))
+    monkeypatch.setattr(adapters, "INTERPRETED", False)     # a CPU without Triton's interpreter
+    if adapters.KronFused is not None:
+        with pytest.raises(SystemExit, match="--soka-impl fused: .*runs Triton kernels on a CUDA device"):
+            runs.check_setup(train.make_parser().parse_args(["--soka-impl", "fused"]), 1, torch.device("cpu"))
