@@ -567,13 +567,13 @@ class _Child:
     """A long-lived `python -c SOURCE ARGS...` child that answers JSON lines; started on first use.
 
     Its first line is "ready". A reply past its deadline (or a child that died) kills it, and the
-    next request starts a fresh one. With `session=True` it runs in a process group of its own, and
+    next request starts a fresh one. With `own_group=True` it runs in a process group of its own, and
     killing it ends the whole group (the child's own children go with it). Works from any thread
     (one request at a time, under `lock`) and restarts after a fork.
     """
 
-    def __init__(self, source, args=(), *, session=False, what="a child"):
-        self.source, self.args, self.session, self.what = source, list(args), session, what
+    def __init__(self, source, args=(), *, own_group=False, what="a child"):
+        self.source, self.args, self.own_group, self.what = source, list(args), own_group, what
         self.proc, self.pid, self.buf = None, None, b""
         self.lock = threading.Lock()
 
@@ -585,7 +585,7 @@ class _Child:
     def _start(self):
         self.proc = subprocess.Popen([sys.executable, "-c", self.source, *self.args],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, start_new_session=self.session)
+                                     stderr=subprocess.DEVNULL, start_new_session=self.own_group)
         self.pid, self.buf = os.getpid(), b""
         atexit.register(self.close)
         if self._readline(120.0) != b"ready":
@@ -617,7 +617,7 @@ class _Child:
 
     def close(self):
         if self.proc is not None and self.pid == os.getpid():
-            if self.session:
+            if self.own_group:
                 try:
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
@@ -700,7 +700,7 @@ class _AnswerScorer(_Child):
     child's process group (its sympy worker included) is killed and a fresh child scores the next."""
 
     def __init__(self):
-        super().__init__(_SCORER_SOURCE, [os.path.abspath(__file__)], session=True,
+        super().__init__(_SCORER_SOURCE, [os.path.abspath(__file__)], own_group=True,
                          what="the scoring child")
 
     def score(self, task, completion, gold, options, time_limit):
