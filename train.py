@@ -299,7 +299,8 @@ def main(argv=None):
         say(f"resumed at step {start} from {state_dir}")
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", {k: v for k, v in vars(cfg).items() if k not in ("resume", "stop_after")})
+        saved = {**vars(cfg), "out": str(out)}                # the folder it went to, default or not
+        write_json(out / "config.json", {k: v for k, v in saved.items() if k not in ("resume", "stop_after")})
         if not cfg.resume:
             write_json(out / "ranks.json", report)
             (out / "ranks.txt").write_text(adapters.format_report(report) + "\n")
@@ -353,7 +354,7 @@ def main(argv=None):
         tokens = sum(len(e["input_ids"]) for e in batch)
         row = dict(step=step, epoch=round(step / steps_per_epoch, 4), loss=loss_v, lr=lr, grad_norm=gnorm_v,
                    tokens=tokens, time_s=round(dt, 4), tokens_per_s=round(tokens / dt, 1), heldout_loss=None)
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
+        if held and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):   # --heldout 0: none
             row["heldout_loss"] = heldout_loss(model, held, batch_size=cfg.batch_size, pad_id=tok.pad_id,
                                                device=device, amp=amp, rank=rank, world=world, ce=ce)
         metrics.append(row)

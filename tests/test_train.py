@@ -89,6 +89,7 @@ def test_run_writes_every_output(tiny, tmp_path, task):
     ev = json.loads((out / "eval.json").read_text())
     assert ev["n"] == 2 and len(ev["examples"]) == 2 and {"prompt", "completion", "verdict"} <= set(ev["examples"][0])
     assert json.loads((out / "config.json").read_text())["task"] == task
+    assert json.loads((out / "config.json").read_text())["out"] == str(out)
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the first screen states the model, device, trainable against total, tokens per step
     for s in ("model:", "device: cpu", "trainable of", "tokens per step"):
@@ -409,6 +410,12 @@ def test_soka_impl_reaches_every_layer(tiny, tmp_path, monkeypatch):
         for ra, rb in zip(out["reference"], out[impl], strict=True):
             assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6)
             assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-5)
+
+
+def test_heldout_0_records_no_heldout_loss(tiny, tmp_path):
+    out = tmp_path / "noheld"
+    run("--task", "gsm8k", "--ckpt", tiny, "--max-steps", 2, "--eval-limit", 0, "--out", out, *FAST, "--heldout", 0)
+    assert [r["heldout_loss"] for r in metrics(out)] == [None, None]          # was 0.0, plotted as a point
 
 
 def test_eval_only_evaluates_the_checkpoint_as_it_is(tiny, tmp_path):
