@@ -173,7 +173,7 @@ def save_checkpoint(out, model, opt, step, n_metrics):
 
 
 # What unpickling a plain NumPy array needs, and nothing else (weights_only=True refuses the rest)
-NUMPY_ARRAY = [np.core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+NUMPY_ARRAY = [np.zeros(1).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]  # [0]: _reconstruct
 
 
 def find_checkpoint(out):
