@@ -7,9 +7,11 @@
     text = format_prompt("gsm8k", examples[0], tokenizer)         # ends where the answer begins
     encoded, counts = build_examples("gsm8k", examples, tokenizer, max_len=512)
 
-The data directory has the layout of ../shared/data:
+The data directory's layout:
 
-    gsm8k/train.jsonl  gsm8k/test.jsonl          openai/grade-school-math, byte-identical
+    gsm8k/train.jsonl  gsm8k/test.jsonl          openai/grade-school-math, byte-identical (also
+                                                 shipped in soka/data/gsm8k/, xz-compressed: read
+                                                 when the data directory has no gsm8k/ files)
     math/train.jsonl   math/test.jsonl           MATH as one JSON line per problem (or the original
                                                  per-problem folders math/{train,test}/<subject>/<n>.json)
     math/math500.jsonl                           PRM800K's 500-problem test subset
@@ -19,7 +21,9 @@ Prompt formats, targets and the truncation policy are in docs/tasks.md.
 """
 import argparse
 import hashlib
+import io
 import json
+import lzma
 import os
 import re
 import tarfile
@@ -33,6 +37,7 @@ from tqdm import tqdm
 from soka.scorers import math_last_boxed
 
 DATA_DIR = "data"
+SHIPPED = Path(__file__).resolve().parent / "data"   # GSM8K (MIT licence), so the main job runs offline
 TASKS = ("gsm8k", "math", "mbpp")
 SPLITS = {"gsm8k": ("train", "test"), "math": ("train", "test", "math500"),
           "mbpp": ("prompt", "train", "validation", "test")}
@@ -44,7 +49,7 @@ IGNORE_INDEX = -100  # label of a position the loss skips (the prompt)
 class DataFile:
     path: str    # under the data directory; also the path under a --base-url mirror
     url: str     # canonical source
-    sha256: str  # of the file as stored (values from ../shared/data/SOURCES.md)
+    sha256: str  # of the file as stored (of the decompressed file, for the shipped GSM8K)
 
 
 _GSM8K = ("https://raw.githubusercontent.com/openai/grade-school-math/"
@@ -89,7 +94,8 @@ def _sha256(path):
 
 def _by_hand(dest, f):
     return (f"put the file there yourself: {dest} (sha256 {f.sha256}, from {f.url}"
-            + (", converted by `soka.tasks.math_from_tar`" if f.url == MATH_TAR_URL else "") + ")")
+            + (", converted by `soka.tasks.math_from_tar`" if f.url == MATH_TAR_URL else "")
+            + f"), or pass --data-dir with a folder that holds {f.path}")
 
 
 def _fetch(url, dest, sha256, *, progress, hint):
@@ -119,11 +125,12 @@ def _fetch(url, dest, sha256, *, progress, hint):
         tmp.unlink(missing_ok=True)
 
 
-def _write_checked(dest, data, sha256):
+def _write_checked(dest, data, sha256, source="MATH.tar"):
     got = hashlib.sha256(data).hexdigest()
     if got != sha256:
-        raise ValueError(f"soka/tasks.py: {dest.name} made from MATH.tar has sha256 {got}, "
+        raise ValueError(f"soka/tasks.py: {dest.name} made from {source} has sha256 {got}, "
                          f"expected {sha256}; {dest} was not written")
+    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{dest.name}.part-{os.getpid()}")
     tmp.write_bytes(data)
     os.replace(tmp, dest)
@@ -165,8 +172,9 @@ def download(task=None, *, data_dir=DATA_DIR, base_url=None, force=False, progre
 
     A file already there with the right sha256 is kept (the cache); `force` fetches anyway.
     `base_url` is a mirror with the data directory's layout: <base_url>/<path>, e.g.
-    http://127.0.0.1:8000/gsm8k/test.jsonl. Without it the canonical sources are used; MATH
-    train/test come from MATH.tar, converted here and checked against the expected sha256.
+    http://127.0.0.1:8000/gsm8k/test.jsonl. Without it GSM8K is written from the copy shipped
+    with soka, MATH train/test come from MATH.tar (converted here and checked against the expected
+    sha256), and MATH-500 and MBPP from their canonical sources.
     """
     data_dir = Path(data_dir)
     files = [f for t in (TASKS if task is None else (task,)) for f in FILES[_check_task(t)]]
@@ -178,6 +186,9 @@ def download(task=None, *, data_dir=DATA_DIR, base_url=None, force=False, progre
         if base_url:
             _fetch(f"{base_url.rstrip('/')}/{f.path}", dest, f.sha256, progress=progress,
                    hint=_by_hand(dest, f))
+        elif (SHIPPED / f"{f.path}.xz").is_file():
+            with _open(SHIPPED / f"{f.path}.xz") as src:
+                _write_checked(dest, src.read(), f.sha256, source=f"the shipped {f.path}.xz")
         elif f.url == MATH_TAR_URL:
             if from_tar:
                 continue  # made along with the other split
@@ -205,16 +216,40 @@ def _check_task(task, split=None):
 
 
 def _need(data_dir, rel, task, download_, base_url):
+    """The file to read: data_dir/rel; else the copy shipped with soka (GSM8K); else fetched."""
     path = Path(data_dir) / rel
-    if not path.is_file():
-        if download_:
-            download(task, data_dir=data_dir, base_url=base_url)
-        else:
-            f = next(f for f in FILES[task] if f.path == rel)
-            raise FileNotFoundError(f"soka/tasks.py: {path} is missing. Fetch it with `python -m "
-                                    f"soka.tasks --data-dir {data_dir} --task {task}`, or "
-                                    + _by_hand(path, f))
-    return path
+    if path.is_file():
+        return path
+    if (SHIPPED / f"{rel}.xz").is_file():
+        return SHIPPED / f"{rel}.xz"
+    if download_:
+        download(task, data_dir=data_dir, base_url=base_url)
+        return path
+    f = next(f for f in FILES[task] if f.path == rel)
+    raise FileNotFoundError(f"soka/tasks.py: {path} is missing. Fetch it with `python -m "
+                            f"soka.tasks --data-dir {data_dir} --task {task}`, or " + _by_hand(path, f))
+
+
+def data_file(task, split, data_dir=DATA_DIR):
+    """The file load_examples(task, split, data_dir=...) reads, if it is there (None if not)."""
+    _check_task(task, split)
+    rel = {"gsm8k": f"gsm8k/{split}.jsonl", "math": f"math/{split}.jsonl", "mbpp": "mbpp/mbpp.jsonl"}[task]
+    for path in (Path(data_dir) / rel, SHIPPED / f"{rel}.xz", Path(data_dir) / "math" / split):
+        if path.exists():
+            return path
+    return None
+
+
+def _open(path):
+    """A file of rows to read; a shipped .xz copy is decompressed and checked against its sha256."""
+    if path.suffix != ".xz":
+        return open(path, "rb")
+    data = lzma.decompress(path.read_bytes())
+    want = next(f.sha256 for files in FILES.values() for f in files if Path(f.path).name == path.stem)
+    if hashlib.sha256(data).hexdigest() != want:
+        raise ValueError(f"{path}: decompressed, its sha256 is not {want}; the shipped copy is damaged "
+                         f"(get it again from the repository, or pass --data-dir with the original file)")
+    return io.BytesIO(data)
 
 
 def _jsonl(path, keys, check=None):
@@ -222,7 +257,7 @@ def _jsonl(path, keys, check=None):
     passing `check` (row -> what is wrong, or None); anything else is a ValueError naming the file
     and the line."""
     rows = []
-    with open(path, "rb") as f:
+    with _open(path) as f:
         for n, raw in enumerate(f, 1):
             where = f"{path}, line {n}"
             try:
@@ -384,13 +419,18 @@ def build_examples(task, examples, tokenizer, *, max_len):
 
 
 def main():
-    ap = argparse.ArgumentParser(description="Fetch GSM8K, MATH and MBPP into a data directory.")
+    ap = argparse.ArgumentParser(description="Fetch MATH and MBPP (and GSM8K, which also ships with soka) "
+                                             "into a data directory, each file checked by sha256.")
     ap.add_argument("--data-dir", default=DATA_DIR)
-    ap.add_argument("--task", choices=TASKS, help="one task (default: all)")
+    ap.add_argument("--task", choices=TASKS, help="one task (default: all three)")
     ap.add_argument("--base-url", help="a mirror laid out like the data directory")
     ap.add_argument("--force", action="store_true", help="fetch even if a checked copy is there")
     args = ap.parse_args()
-    for path in download(args.task, data_dir=args.data_dir, base_url=args.base_url, force=args.force):
+    try:
+        paths = download(args.task, data_dir=args.data_dir, base_url=args.base_url, force=args.force)
+    except (OSError, ValueError, tarfile.TarError) as e:     # offline, a bad digest, a broken tarball
+        raise SystemExit(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    for path in paths:
         print(f"{_sha256(path)}  {path}")
 
 
