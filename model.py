@@ -608,9 +608,20 @@ def _model_args(params, source):
         raise ValueError(f"{source}: {e}") from e
 
 
-def read_meta(folder):
-    """Meta's download: params.json, consolidated.NN.pth shards, tokenizer.model beside or one folder
-    up -> (ModelArgs, state dict joined from the shards, tokenizer or None)."""
+def read_config(path):
+    """(ModelArgs, tokenizer or None) of a Meta or Hugging Face folder, reading no weight: for sharded
+    loading (soka/fsdp.py), where each process reads only its rows."""
+    path = Path(path).expanduser()
+    if path.is_dir() and (path / "params.json").is_file():
+        return meta_config(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return _model_args(hf_params(path / "config.json"), path / "config.json"), hf_tokenizer(path)
+    raise ValueError(f"{path}: sharded loading (--fsdp) reads a Meta or Hugging Face folder, not a GGUF file")
+
+
+def meta_config(folder):
+    """(ModelArgs, tokenizer or None) of a Meta folder: params.json, and tokenizer.model beside it or one
+    folder up (vocab_size -1 is its size)."""
     params_file = folder / "params.json"
     params = json_object(params_file)
     known = set(ModelArgs.__dataclass_fields__)
@@ -632,6 +643,14 @@ def read_meta(folder):
     if tokenizer is not None and tokenizer.vocab_size > args.vocab_size:   # larger is normal: padded rows
         raise ValueError(f"{params_file}: vocab_size {args.vocab_size} is smaller than the "
                          f"{tokenizer.vocab_size} tokens of {tok_file}; their ids would index past the embedding")
+    return args, tokenizer
+
+
+def read_meta(folder):
+    """Meta's download: params.json, consolidated.NN.pth shards, tokenizer.model beside or one folder
+    up -> (ModelArgs, state dict joined from the shards, tokenizer or None)."""
+    args, tokenizer = meta_config(folder)
+    params_file = folder / "params.json"
     files = sorted(folder.glob("consolidated.*.pth"))
     if not files:
         raise ValueError(f"{folder}: params.json but no consolidated.*.pth shards")

@@ -4,7 +4,10 @@ Two rules and their combination, as docs/method.md states them (the paper leaves
 
     energy:  r_energy = min { k : Σ_{i≤k} σ_i² ≥ τ·E },  E = ‖W‖_F²  (K + 1 if no k ≤ K reaches it)
     elbow:   r_elbow  = first i with the largest gap δ_i = σ_i − σ_{i+1}, i = 1 … K−1  (1 if K = 1)
-    rank:    r = clip(min(r_energy, r_elbow), r_min, r_max)
+    rank:    r = clip(min(r_energy, r_elbow), r_min, r_max)     rule "both" (the method's)
+
+`rule` picks one of the candidates instead, to tell the two apart: "energy" r = clip(r_energy),
+"elbow" r = clip(r_elbow). Both candidates are still computed and recorded.
 
 E is the whole energy of W. When only the top K values were computed (randomized KPSVD), pass
 E as `total`: Σ_{i≤K} σ_i² < E then, and the energy rule must not pretend the tail is empty.
@@ -23,6 +26,7 @@ import torch
 TAU = 0.9        # energy threshold τ
 R_MIN = 1        # rank bounds per layer
 R_MAX = 16
+RULES = ("both", "energy", "elbow")   # which candidates the rank takes: min of both, or one alone
 _SLACK = 1e-12   # relative tolerance on the energy comparison, see above
 # A given total may fall short of the values' own Σσ² by rounding: a float32 SVD's σ² summed against a
 # ‖W‖² summed in float64 differ by ~1e-7 relative. Short by more than this, the total is wrong.
@@ -51,6 +55,11 @@ def _total_energy(s, total):
         raise ValueError(f"rank_select.py: total energy {total:.6g} must be positive and at least the "
                          f"spectrum's own energy Σσ² = {captured:.6g}")
     return total
+
+
+def _check_rule(rule):
+    if rule not in RULES:
+        raise ValueError(f"rank_select.py: rule must be one of {RULES}, got {rule!r}")
 
 
 def _check_tau(tau):
@@ -88,26 +97,29 @@ class RankChoice:
     r_min: int
     r_max: int
     n_values: int          # K, how many singular values the choice saw
+    rule: str = "both"     # RULES: which candidates r was taken from
 
     def as_dict(self):
         return asdict(self)
 
 
-def explain_rank(sigma, tau=TAU, r_min=R_MIN, r_max=R_MAX, total=None):
+def explain_rank(sigma, tau=TAU, r_min=R_MIN, r_max=R_MAX, total=None, rule="both"):
     """select_rank with its reasons: a RankChoice."""
     _check_tau(tau)
+    _check_rule(rule)
     if not (isinstance(r_min, int) and isinstance(r_max, int) and 1 <= r_min <= r_max):
         raise ValueError(f"rank_select.py: need integers 1 ≤ r_min ≤ r_max, got r_min={r_min!r}, r_max={r_max!r}")
     s = _as_spectrum(sigma)
     E = _total_energy(s, total)
     r_e, r_b = energy_rank(s, tau, total=total), elbow_rank(s)
-    r = min(max(min(r_e, r_b), r_min), r_max)
+    r = min(max({"both": min(r_e, r_b), "energy": r_e, "elbow": r_b}[rule], r_min), r_max)
     kept = float((s[:r] ** 2).sum()) / E if E > 0 else 1.0         # a zero spectrum loses nothing
     return RankChoice(r=r, r_energy=r_e, r_elbow=r_b, energy_kept=kept, tau=float(tau),
-                      r_min=r_min, r_max=r_max, n_values=s.numel())
+                      r_min=r_min, r_max=r_max, n_values=s.numel(), rule=rule)
 
 
-def select_rank(sigma, tau=TAU, r_min=R_MIN, r_max=R_MAX, total=None):
-    """r = clip(min(r_energy, r_elbow), r_min, r_max). With a truncated spectrum, give at least
-    r_max + 1 values and the full energy as `total`."""
-    return explain_rank(sigma, tau=tau, r_min=r_min, r_max=r_max, total=total).r
+def select_rank(sigma, tau=TAU, r_min=R_MIN, r_max=R_MAX, total=None, rule="both"):
+    """r = clip(min(r_energy, r_elbow), r_min, r_max) (rule "both"; "energy" or "elbow" take that
+    candidate alone). With a truncated spectrum, give at least r_max + 1 values and the full energy
+    as `total`."""
+    return explain_rank(sigma, tau=tau, r_min=r_min, r_max=r_max, total=total, rule=rule).r

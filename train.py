@@ -6,6 +6,7 @@
                                                                 # consolidated.00.pth, tokenizer.model
     python train.py --resume out/gsm8k-soka-20261122-190000     # continue exactly where it stopped
     torchrun --nproc_per_node=4 train.py --task gsm8k --ckpt ~/llama/llama-2-7b   # data-parallel
+    torchrun --nproc_per_node=8 train.py --task gsm8k --ckpt ~/llama/llama-2-70b --fsdp   # base sharded
     python train.py --task gsm8k --max-steps 5 --eval-limit 8 --device cpu        # a smoke run
     python train.py --task gsm8k --eval-only --eval-limit 100   # evaluate the checkpoint, no training
 
@@ -30,18 +31,20 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import generate, load_checkpoint
-from rank_select import R_MAX, R_MIN, TAU
-from soka import adapters, runs
+from model import Transformer, generate, load_checkpoint, read_config
+from rank_select import R_MAX, R_MIN, RULES, TAU
+from soka import adapters, fsdp, runs
 from soka.checkpoints import demo_checkpoint
 from soka.evaluate import evaluate, write_json
 from soka.steps import GraphedStep, all_reduce_grads, ce_chunk, eager_step, loss_sum
-from soka.tasks import DATA_DIR, IGNORE_INDEX, TASKS, build_examples, load_examples
+from soka.tasks import DATA_DIR, IGNORE_INDEX, TASKS, build_examples, data_file, load_examples
 
 # Per task: the split that gives held-out loss, the split evaluated at the end, new-token budget.
 HELDOUT = {"gsm8k": "train", "math": "train", "mbpp": "validation"}
 EVAL_SPLIT = {"gsm8k": "test", "math": "math500", "mbpp": "test"}
 MAX_NEW_TOKENS = {"gsm8k": 320, "math": 512, "mbpp": 384}
+# --quick: a run of a few minutes on a laptop CPU that still shows the loss fall and writes every output
+QUICK = dict(max_steps=30, batch_size=4, max_len=384, eval_every=10, heldout=32, eval_limit=20, max_new_tokens=192)
 
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -60,6 +63,9 @@ def make_parser(suppress=False):
     d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
     a = p.add_argument
     a("--task", choices=TASKS, default=d("gsm8k"), help="dataset to fine-tune and evaluate on")
+    a("--quick", action="store_true", default=d(False),
+      help="a few minutes on a CPU: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items())
+           + " (options given beside it win)")
     a("--ckpt", default=d(None), help="Meta folder, HF folder or .gguf file (default: the SmolLM2 demo model)")
     a("--method", choices=("soka", "lora", "pissa"), default=d("soka"))
     a("--targets", default=d(",".join(adapters.DEFAULT_TARGETS)),
@@ -67,6 +73,8 @@ def make_parser(suppress=False):
     a("--tau", type=float, default=d(TAU), help="SoKA energy threshold of the rank rule")
     a("--r-min", type=int, default=d(R_MIN), help="SoKA smallest rank per layer")
     a("--r-max", type=int, default=d(R_MAX), help="SoKA largest rank per layer")
+    a("--rank-rule", choices=RULES, default=d("both"),
+      help="SoKA rank rule: both (min of r_energy and r_elbow), or energy / elbow alone (the rule isolated)")
     a("--rank", type=int, default=d(None),
       help=f"fixed rank for every layer (SoKA: skips the rule; LoRA/PiSSA: default {adapters.LORA_RANK})")
     a("--factors", default=d(None),
@@ -86,7 +94,8 @@ def make_parser(suppress=False):
     a("--batch-size", type=int, default=d(16), help="sequences per micro-batch per process")
     a("--grad-accum", type=int, default=d(1), help="micro-batches per optimizer step")
     a("--max-len", type=int, default=d(512), help="tokens per sequence: prompt + answer (longer answers are cut)")
-    a("--data-dir", default=d(DATA_DIR), help="GSM8K / MATH / MBPP files (fetched here if missing)")
+    a("--data-dir", default=d(DATA_DIR),
+      help="MATH and MBPP files, fetched here if missing; GSM8K too, else the copy in soka/data is read")
     a("--out", default=d(None), help="output folder (default out/<task>-<method>-<time>)")
     a("--eval-every", type=int, default=d(100), help="held-out loss every N steps (0: only at the end)")
     a("--heldout", type=int, default=d(256), help="held-out examples (GSM8K/MATH: from train; MBPP: validation)")
@@ -98,6 +107,8 @@ def make_parser(suppress=False):
       help="prompts per generate call (0: as many as a third of free GPU memory holds)")
     a("--max-new-tokens", type=int, default=d(None), help=f"generation budget (default per task: {MAX_NEW_TOKENS})")
     a("--resume", default=d(None), help="an output folder to continue")
+    a("--re-evaluate", action="store_true", default=d(False),
+      help="with --resume of a finished run: evaluate its adapter again (else it stops: nothing to do)")
     a("--stop-after", type=int, default=d(None), help="checkpoint and exit after this step, as if interrupted")
     a("--seed", type=int, default=d(0))
     a("--device", default=d(None), help="cuda, cuda:1, cpu (default: cuda if available)")
@@ -111,12 +122,27 @@ def make_parser(suppress=False):
            "(model.recompute_saved; 2.7 GiB less for LLaMA-2-7B at 4,096 tokens, one more pass per layer)")
     a("--no-cuda-graph", dest="cuda_graph", action="store_false", default=d(True),
       help="run forward + backward eagerly on CUDA (default: replay them as CUDA graphs)")
+    a("--fsdp", action=argparse.BooleanOptionalAction, default=d(False),
+      help="shard the frozen base over the processes (FSDP2 fully_shard), each reading only its rows of a "
+           "Meta or HF folder; adapters replicated; no end-of-run evaluation (docs/multi_gpu.md)")
     return p
 
 
 def given_options(argv):
     """{option: value} of the options on the command line only (the defaults left out)."""
     return vars(make_parser(suppress=True).parse_args(argv))
+
+
+def parse_options(argv):
+    """The run's options: the command line over --quick's values over the defaults; for --resume, the
+    run's saved config with the options given now on top. Checked: a bad value ends here."""
+    cfg, given = make_parser().parse_args(argv), given_options(argv)
+    if cfg.resume:
+        cfg = runs.resumed_config(cfg.resume, given, vars(make_parser().parse_args([])))
+    elif cfg.quick:
+        vars(cfg).update({k: v for k, v in QUICK.items() if k not in given})
+    runs.check_options(cfg, given)
+    return cfg
 
 
 def lr_at(step, total, cfg):
@@ -178,12 +204,17 @@ def heldout_loss(model, examples, *, batch_size, pad_id, device, amp, rank, worl
     model.eval()
     mine = sorted(examples[rank::world], key=lambda e: len(e["input_ids"]))
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for b in range(0, len(mine), batch_size):
+    # as many forwards on every process as on rank 0 (under --fsdp each gathers weights from all of
+    # them); a process out of examples runs its first again, counted zero
+    for b in tqdm(range(0, len(examples[0::world]), batch_size), desc="held-out loss", unit="batch", leave=False,
+                  disable=rank != 0, dynamic_ncols=True):
         chunk = mine[b:b + batch_size]
-        ids, labels = collate(chunk, pad_id, device)
+        ids, labels = collate(chunk or examples[:1], pad_id, device)
         with amp:
-            total[0] += loss_sum(model, ids, labels, ce=ce).double()
-        total[1] += answer_tokens(chunk)
+            loss = loss_sum(model, ids, labels, ce=ce).double()
+        if chunk:
+            total[0] += loss
+            total[1] += answer_tokens(chunk)
     if world > 1:
         dist.all_reduce(total)
     model.train()
@@ -194,13 +225,12 @@ def heldout_loss(model, examples, *, batch_size, pad_id, device, amp, rank, worl
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    cfg = make_parser().parse_args(argv)
-    given = given_options(argv)
-    if cfg.resume:                          # the saved config, with the options given now on top
-        cfg = runs.resumed_config(cfg.resume, given, vars(make_parser().parse_args([])))
-    else:
+    cfg = parse_options(argv)
+    if cfg.resume and not cfg.re_evaluate and (complete := runs.finished(cfg.resume, cfg)):
+        print(complete)
+        return 0
+    if not cfg.resume:
         runs.refuse_existing(cfg.out)
-    runs.check_options(cfg, given)
     rank, world, device = runs.setup_distributed(cfg.device)
     runs.check_setup(cfg, world, device)
     cfg.world = world                       # saved in config.json: a resume must use as many
@@ -221,23 +251,33 @@ def main(argv=None):
                     if cfg.eval_limit != 0 else [])     # the final evaluation's: not after hours of training
         ckpt = Path(cfg.ckpt).expanduser() if cfg.ckpt else demo_checkpoint()
         say(f"model: {ckpt}" + ("" if cfg.ckpt else "  (the demo; for LLaMA-2-7B pass --ckpt path/to/llama-2-7b)"))
-        model, tok = load_checkpoint(ckpt, device=device)
+        if cfg.fsdp:                        # the config only: each process reads its own rows below
+            model_args, tok = read_config(ckpt)
+        else:
+            model, tok = load_checkpoint(ckpt, device=device)
         if tok is None:
             raise SystemExit(f"{ckpt}: no tokenizer found beside the checkpoint (tokenizer.model / tokenizer.json)")
         targets = [t.strip() for t in cfg.targets.split(",") if t.strip()]
+        options = dict(rank=cfg.rank, tau=cfg.tau, r_min=cfg.r_min, r_max=cfg.r_max, alpha=cfg.alpha, seed=cfg.seed,
+                       init=cfg.init if cfg.method == "soka" else "kpsvd", factors=runs.parse_factors(cfg.factors),
+                       rule=cfg.rank_rule)
+        if cfg.resume:
+            state_dir, st = runs.find_checkpoint(out)
         if cfg.eval_only:
             report = None
+        elif cfg.fsdp:                      # the base sharded over the processes, the adapters replicated
+            model, report = fsdp.load_sharded(
+                Transformer, model_args, fsdp.checkpoint_weights(ckpt, model_args), mesh=fsdp.device_mesh(device),
+                device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, source=ckpt,
+                adapter=state_dir / "adapter.pt" if cfg.resume else None, method=cfg.method, targets=targets,
+                impl=cfg.soka_impl, **options)
         elif cfg.resume:
-            state_dir, st = runs.find_checkpoint(out)
             report = adapters.load_adapter(model, state_dir / "adapter.pt", impl=cfg.soka_impl)
         else:
-            init = cfg.init if cfg.method == "soka" else "kpsvd"
-            report = adapters.inject(model, cfg.method, targets, rank=cfg.rank, tau=cfg.tau, r_min=cfg.r_min,
-                                     r_max=cfg.r_max, init=init, alpha=cfg.alpha, seed=cfg.seed,
-                                     factors=runs.parse_factors(cfg.factors), impl=cfg.soka_impl, verbose=False)
+            report = adapters.inject(model, cfg.method, targets, impl=cfg.soka_impl, verbose=False, **options)
     if cfg.eval_only:
         return final_evaluation(model, tok, cfg, test_raw, split, ckpt, out, device, say)
-    if world > 1:                           # every process starts from rank 0's adapters, bit for bit
+    if world > 1 and not cfg.fsdp:          # every process starts from rank 0's adapters, bit for bit
         for _, layer in adapters.adapter_layers(model):
             for t in list(layer.parameters()) + list(layer.buffers()):
                 dist.broadcast(t.data, 0)
@@ -260,23 +300,26 @@ def main(argv=None):
     model.compile_pointwise(cfg.compile)
     ce = torch.compile(ce_chunk) if cfg.compile else ce_chunk
     amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if device.type == "cuda" else nullcontext()
-    graphed = device.type == "cuda" and cfg.cuda_graph
+    graphed = device.type == "cuda" and cfg.cuda_graph and not cfg.fsdp   # FSDP's collectives: eager
     micro_step = (GraphedStep(model, trainable, amp=amp, pad_id=tok.pad_id, compiled=cfg.compile, ce=ce) if graphed
                   else eager_step(model, amp, ce))
 
     # ---- the first screen
     n_total, n_train = runs.count_params(model)
     say(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
-        f"{world} process{'es' if world > 1 else ''}, dtype {str(next(model.parameters()).dtype).removeprefix('torch.')}")
-    say(adapters.format_report(report))
+        f"{world} process{'es' if world > 1 else ''}, dtype {str(next(model.parameters()).dtype).removeprefix('torch.')}"
+        + (", FSDP: the frozen base sharded, the adapters replicated" if cfg.fsdp else ""))
+    say(adapters.format_summary(report) + ("" if cfg.resume else f"  (per layer: {out / 'ranks.txt'})"))
     say(f"parameters: {n_train:,} trainable of {n_total:,} ({100 * n_train / n_total:.4f} %), "
         f"method {cfg.method}, targets {','.join(targets)}")
-    say(f"data: {cfg.task} train {counts['kept']:,} examples ({counts['truncated']} cut to {cfg.max_len} "
-        f"tokens, {counts['dropped']} dropped: prompt too long), held-out {len(held)}; "
+    say(f"data: {cfg.task} from {data_file(cfg.task, 'train', cfg.data_dir).parent}, train {counts['kept']:,} "
+        f"examples ({counts['truncated']} cut to {cfg.max_len} tokens, {counts['dropped']} dropped: prompt too long), held-out {len(held)}; "
         f"mean length {np.mean(lengths):.0f} tokens")
     say(f"tokens per step: {cfg.batch_size} seqs × {cfg.grad_accum} micro-batches × {world} processes = "
         f"{per_step} seqs, ≤ {per_step * cfg.max_len:,} tokens (≈ {per_step * np.mean(lengths):,.0f} on average); "
         f"{total} steps ({steps_per_epoch} per epoch), lr {cfg.lr:g}, out {out}")
+    if device.type == "cpu" and not (cfg.ckpt or cfg.quick or cfg.max_steps):
+        say(f"on a CPU, {total} steps of the demo model take hours; --quick runs a short version in minutes")
     activation = torch.empty(0, device=device, dtype=next(model.parameters()).dtype)   # what the layers will see
     fused = any(adapters.uses_fused(layer.impl, activation) for _, layer in adapters.adapter_layers(model)
                 if layer.method == "soka")
@@ -300,7 +343,8 @@ def main(argv=None):
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
         saved = {**vars(cfg), "out": str(out)}                # the folder it went to, default or not
-        write_json(out / "config.json", {k: v for k, v in saved.items() if k not in ("resume", "stop_after")})
+        write_json(out / "config.json", {k: v for k, v in saved.items()
+                                         if k not in ("resume", "stop_after", "re_evaluate")})
         if not cfg.resume:
             write_json(out / "ranks.json", report)
             (out / "ranks.txt").write_text(adapters.format_report(report) + "\n")
@@ -322,7 +366,7 @@ def main(argv=None):
         micro = [batch[(rank * cfg.grad_accum + k) * cfg.batch_size:][:cfg.batch_size] for k in range(cfg.grad_accum)]
         return batch, [collate(mb, tok.pad_id, device) for mb in micro], float(answer_tokens(batch))
 
-    stop = runs.StopRequest(say)
+    stop = runs.StopRequest(say, out, saved=start)
     step, status = start, "done"
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not main_proc, dynamic_ncols=True)
     nxt = prepare(step) if step < total else None
@@ -357,6 +401,7 @@ def main(argv=None):
         if held and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):   # --heldout 0: none
             row["heldout_loss"] = heldout_loss(model, held, batch_size=cfg.batch_size, pad_id=tok.pad_id,
                                                device=device, amp=amp, rank=rank, world=world, ce=ce)
+            bar.unpause()                   # the step rate leaves the held-out time out
         metrics.append(row)
         if main_proc:
             with open(out / "metrics.jsonl", "a") as f:
@@ -367,6 +412,7 @@ def main(argv=None):
         interrupted = stop.requested or (cfg.stop_after is not None and step >= cfg.stop_after)
         if main_proc and (step % cfg.save_every == 0 or interrupted or step == total):
             runs.save_checkpoint(out, model, opt, step, len(metrics))
+            stop.saved = step
         if interrupted:
             status = "interrupted"
             break
@@ -388,7 +434,10 @@ def main(argv=None):
         adapters.save_adapter(model, out / "adapter.pt")
         runs.plot_curves(metrics, out / "curves.png")
         say(f"trained {step} step{'s' if step != 1 else ''}: {runs.summary(metrics)}")
-        if cfg.eval_limit != 0:
+        if cfg.fsdp and cfg.eval_limit != 0:  # generation would need every process in step
+            say(f"--fsdp: no evaluation in the sharded model; evaluate the adapter in one process with "
+                f"python train.py --resume {out} --no-fsdp")
+        elif cfg.eval_limit != 0:
             micro_step = None                 # frees the CUDA graphs' memory pool for generation
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -396,7 +445,7 @@ def main(argv=None):
             code = final_evaluation(model, tok, cfg, test_raw, split, ckpt, out, device, say,
                                     adapter=out / "adapter.pt")
         say(f"outputs in {out}")
-    if world > 1:
+    if dist.is_initialized():               # torchrun's processes, or --fsdp's group of one
         dist.barrier()
         dist.destroy_process_group()
     return code
@@ -423,4 +472,7 @@ def final_evaluation(model, tok, cfg, test_raw, split, ckpt, out, device, say, a
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:               # outside the training loop (which checkpoints first)
+        sys.exit("\ninterrupted")

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kpsvd import factor_shape, kpsvd, kron_apply, kron_sum, work_dtype
-from rank_select import R_MAX, R_MIN, TAU, explain_rank
+from rank_select import R_MAX, R_MIN, RULES, TAU, explain_rank
 from soka.checkpoints import first_line
 
 try:
@@ -245,9 +245,10 @@ def unmerge(model):
 # -----------------------------------------------------------------------------
 # initializations: the math, one function each
 
-def soka_factors(M, shape, *, rank=None, tau=TAU, r_min=R_MIN, r_max=R_MAX, randomized=None, seed=0):
-    """KPSVD of M (a weight, or an update for compress) in float32 and the rank choice:
-    (sigma, U, V) truncated to r, and the RankChoice fields for the report."""
+def soka_factors(M, shape, *, rank=None, tau=TAU, r_min=R_MIN, r_max=R_MAX, randomized=None, seed=0,
+                 rule="both"):
+    """KPSVD of M (a weight, or an update for compress) in float32 and the rank choice (rule:
+    rank_select.RULES): (sigma, U, V) truncated to r, and the RankChoice fields for the report."""
     m, n, p, q = shape
     full = min(m * n, p * q)
     if rank is not None and not 1 <= rank <= full:
@@ -265,7 +266,7 @@ def soka_factors(M, shape, *, rank=None, tau=TAU, r_min=R_MIN, r_max=R_MAX, rand
         total = None
     if float(sigma[0]) == 0:
         raise ValueError("adapters.py: the matrix is all zeros; its Kronecker spectrum cannot choose a rank")
-    c = explain_rank(sigma, tau=tau, r_min=min(r_min, full), r_max=min(r_max, full), total=total)
+    c = explain_rank(sigma, tau=tau, r_min=min(r_min, full), r_max=min(r_max, full), total=total, rule=rule)
     r = min(c.r if rank is None else rank, sigma.numel())
     E = total if total is not None else float(sigma.double().square().sum())
     kept = float(sigma[:r].double().square().sum()) / E
@@ -377,13 +378,15 @@ def _shape_for(name, W, factors):
 
 
 def inject(model, method="soka", targets=DEFAULT_TARGETS, *, rank=None, tau=TAU, r_min=R_MIN, r_max=R_MAX,
-           init="kpsvd", alpha=None, factors=None, randomized=None, seed=0, impl="auto", verbose=True):
+           init="kpsvd", alpha=None, factors=None, randomized=None, seed=0, impl="auto", verbose=True,
+           rule="both"):
     """Replace the targeted nn.Linear layers by adapter layers in place, freeze everything else, and
     return the report {"method", "options", "layers": [row per layer], "totals"} (printed if verbose).
 
     method "soka": factor shapes by kpsvd.factor_shape, or `factors` = (m, n, p, q), or a dict
     {target name: (m, n, p, q)}; rank fixed by `rank` or chosen per layer by rank_select on the
-    layer's Kronecker spectrum (tau, r_min, r_max); init "kpsvd" (docs/method.md) or "random" (σ = 0,
+    layer's Kronecker spectrum (tau, r_min, r_max; rule "both", or "energy" / "elbow" alone: the
+    rule isolated, rank_select.RULES); init "kpsvd" (docs/method.md) or "random" (σ = 0,
     same rank rule, W_res = W). randomized None: exact SVD up to RANDOMIZED_ABOVE, True/False forces.
     method "lora" (scale alpha / r, alpha None = r) and "pissa" take `rank`, default LORA_RANK.
     Layer i draws its random numbers from seed + i. impl: how SoKA layers run (IMPLS; same results).
@@ -396,6 +399,8 @@ def inject(model, method="soka", targets=DEFAULT_TARGETS, *, rank=None, tau=TAU,
     check_impl(impl)
     if method != "soka" and (init != "kpsvd" or factors is not None):
         raise ValueError(f"adapters.py: init= and factors= are SoKA options; {method} has its own init")
+    if rule not in RULES or (method != "soka" and rule != "both"):
+        raise ValueError(f"adapters.py: rule must be one of {RULES} (a SoKA option), got {rule!r} for {method}")
     if method != "lora" and alpha is not None:
         raise ValueError("adapters.py: alpha is LoRA's scale (alpha / r); SoKA and PiSSA have none")
     if alpha is not None and not alpha > 0:
@@ -405,7 +410,7 @@ def inject(model, method="soka", targets=DEFAULT_TARGETS, *, rank=None, tau=TAU,
     if method != "soka" and rank is None:
         rank = LORA_RANK
     options = dict(method=method, targets=list(targets), rank=rank, tau=tau, r_min=r_min, r_max=r_max,
-                   init=init, alpha=alpha, factors=factors, randomized=randomized, seed=seed)
+                   init=init, alpha=alpha, factors=factors, randomized=randomized, seed=seed, rule=rule)
     found = _find(model, targets)
     _check_factors(factors, [name.rsplit(".", 1)[-1] for name, _ in found])
     if method != "soka":          # beyond min(d_out, d_in), B A gains parameters but no rank
@@ -425,7 +430,7 @@ def inject(model, method="soka", targets=DEFAULT_TARGETS, *, rank=None, tau=TAU,
             row["factors"] = list(shape)
             if init == "kpsvd" or rank is None:
                 sigma, U, V, choice = soka_factors(W, shape, rank=rank, tau=tau, r_min=r_min, r_max=r_max,
-                                                   randomized=randomized, seed=seed + i)
+                                                   randomized=randomized, seed=seed + i, rule=rule)
                 row.update(choice)
             if init == "random":
                 sigma, U, V = random_soka_factors(row["r"], shape, seed=seed + i)
@@ -513,6 +518,18 @@ def format_report(report):
                  f"LoRA/PiSSA at the same ranks would train {t['lora_trainable']:,} "
                  f"({t['trainable'] / max(t['lora_trainable'], 1):.3f}×)")
     return "\n".join(lines)
+
+
+def format_summary(report):
+    """A few lines for the screen: per target, its layers' ranks and trainable parameters; then the
+    totals line of format_report (whose per-layer table a run writes to ranks.txt)."""
+    by_target = {}
+    for row in report["layers"]:
+        by_target.setdefault(row["name"].rsplit(".", 1)[-1], []).append(row)
+    lines = [f"{t}: {len(rows)} layers, rank {min(r['r'] for r in rows)}-{max(r['r'] for r in rows)} "
+             f"(mean {sum(r['r'] for r in rows) / len(rows):.2f}), {sum(r['trainable'] for r in rows):,} trainable"
+             for t, rows in by_target.items()]
+    return "\n".join(lines + format_report(report).splitlines()[-1:])
 
 
 # -----------------------------------------------------------------------------

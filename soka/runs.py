@@ -38,6 +38,11 @@ def check_options(cfg, given):
     if cfg.method != "soka" and (soka_only := [o for o in SOKA_ONLY if o in given]):
         raise SystemExit(f"train.py: --{soka_only[0].replace('_', '-')} is a SoKA option; {cfg.method} "
                          f"trains one fixed --rank (default {LORA_RANK})")
+    if cfg.re_evaluate and not cfg.resume:
+        raise SystemExit("train.py: --re-evaluate evaluates a finished run again: give it with --resume FOLDER")
+    if cfg.fsdp and (cfg.eval_only or not cfg.ckpt):
+        raise SystemExit("train.py: --fsdp trains a model read from a Meta or Hugging Face folder (--ckpt); "
+                         "--eval-only and the demo model (a GGUF file) run in one process without it")
     if cfg.eval_only and (cfg.resume or cfg.eval_limit == 0):
         raise SystemExit("train.py: --eval-only evaluates --ckpt as it is: it takes neither --resume (the "
                          "run's evaluation is in its eval.json) nor --eval-limit 0")
@@ -99,8 +104,16 @@ def resumed_config(folder, given, defaults):
         saved["soka_impl"] = "auto"
     world, was = int(os.environ.get("WORLD_SIZE", "1")), saved.get("world")
     if was is not None and was != world:    # every step's sequences are split over the processes
-        raise SystemExit(f"--resume {folder}: the run had {was} processes, this one has {world}; "
-                         f"resume it with {was} (torchrun --nproc_per_node={was})")
+        if not (saved.get("fsdp") or given.get("fsdp")):
+            raise SystemExit(f"--resume {folder}: the run had {was} processes, this one has {world}; "
+                             f"resume it with {was} (torchrun --nproc_per_node={was})")
+        # An FSDP run's state is the replicated adapters' (soka/fsdp.py): it continues on another number
+        # of processes, each step the same micro-batches (grad_accum × processes stays).
+        micro = saved.get("grad_accum", 1) * was
+        if micro % world:
+            raise SystemExit(f"--resume {folder}: the run's {micro} micro-batches per step do not split over "
+                             f"{world} processes; resume it on a number of processes that divides {micro}")
+        saved["grad_accum"] = micro // world
     return argparse.Namespace(**{**defaults, **saved, **given, "out": folder})
 
 
@@ -215,20 +228,42 @@ def restore_rng(rng):
 
 class StopRequest:
     """Ctrl-C during training: the first asks the loop to stop after the current step (which is then
-    checkpointed); the second raises KeyboardInterrupt at once (the last checkpoint stays)."""
+    checkpointed); the second stops at once with one line naming the last checkpoint, `saved`, the
+    step the loop last wrote."""
 
-    def __init__(self, say):
-        self.requested, self.say = False, say
+    def __init__(self, say, out, saved):
+        self.requested, self.say, self.out, self.saved = False, say, out, saved
         signal.signal(signal.SIGINT, self._handler)
 
     def _handler(self, *_):
         if self.requested:
-            raise KeyboardInterrupt
+            self.say(f"\nstopped now; the last checkpoint is step {self.saved}: python train.py --resume {self.out}")
+            raise SystemExit(130)
         self.requested = True
         self.say("\nCtrl-C: stopping after this step (again to stop now)")
 
     def close(self):
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def finished(folder, cfg):
+    """None while the run in `folder` has training or its evaluation to do; else the line that says
+    it is complete (adapter.pt is written once training ends, eval.json once it is evaluated)."""
+    folder = Path(folder)
+    if not (folder / "adapter.pt").is_file():
+        return None
+    if cfg.eval_limit == 0:
+        result = "evaluation off (--eval-limit 0)"
+    elif (folder / "eval.json").is_file():
+        try:
+            r = json_object(folder / "eval.json")
+            result = f"eval.json: {r['correct']}/{r['n']} correct on {r['task']}"
+        except (ValueError, KeyError, TypeError):
+            return None                     # unreadable: evaluate again
+    else:
+        return None
+    return (f"--resume {folder}: the run is complete (adapter.pt, {result}); nothing to do. "
+            f"Add --re-evaluate to evaluate its adapter again")
 
 
 # ----------------------------------------------------------------------------- outputs

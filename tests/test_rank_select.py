@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from rank_select import elbow_rank, energy_rank, explain_rank, select_rank
+from rank_select import RULES, elbow_rank, energy_rank, explain_rank, select_rank
 
 
 def sq(*energies):
@@ -122,6 +122,43 @@ def test_explain_rank_records_why():
     assert set(c.as_dict()) >= {"r", "r_energy", "r_elbow", "energy_kept"}
 
 
+# ----------------------------------------------------------------------------- one rule alone
+
+def test_rule_takes_one_candidate_alone():
+    """rule "energy" / "elbow" keep that candidate (clipped); "both" the smaller. The record names the rule."""
+    s = torch.tensor([10.0, 9.5, 9.0, 3.0, 2.9, 2.8])   # elbow 3; energy 2 at τ = 0.5, 5 at τ = 0.95
+    assert (elbow_rank(s), energy_rank(s, 0.5), energy_rank(s, 0.95)) == (3, 2, 5)
+    assert [select_rank(s, tau=0.5, rule=r) for r in RULES] == [2, 2, 3]
+    assert [select_rank(s, tau=0.95, rule=r) for r in RULES] == [3, 5, 3]
+    assert select_rank(s, tau=0.95, rule="energy", r_max=4) == 4          # clipped as the rule is
+    c = explain_rank(s, tau=0.95, rule="energy")
+    assert (c.r, c.r_energy, c.r_elbow, c.rule) == (5, 5, 3, "energy")
+    assert c.energy_kept == pytest.approx(float((s[:5].double() ** 2).sum() / (s.double() ** 2).sum()))
+    assert explain_rank(s).rule == "both"
+
+
+def test_energy_alone_on_a_flat_spectrum_is_set_by_tau():
+    """On a flat spectrum (SmolLM2's are nearly flat) the elbow is 1 whatever τ, and the energy rule
+    alone grows with τ: rule "energy" is the only one of the three that τ moves."""
+    s = torch.linspace(10, 9, 40)
+    assert {select_rank(s, tau=t, rule="elbow") for t in (0.05, 0.5, 0.9)} == {elbow_rank(s)}
+    assert [select_rank(s, tau=t, rule="energy", r_max=64) for t in (0.05, 0.5, 0.9)] == \
+        [energy_rank(s, t) for t in (0.05, 0.5, 0.9)] == [2, 19, 36]
+    assert [select_rank(s, tau=t) for t in (0.05, 0.5, 0.9)] == [1, 1, 1]
+
+
+def test_energy_alone_with_a_truncated_spectrum_stays_within_r_max():
+    s = sq(4.0, 2.0, 1.0)                          # top 3 of ‖W‖² = 10: τ = 0.9 is never reached
+    c = explain_rank(s, tau=0.9, total=10.0, r_max=2, rule="energy")
+    assert (c.r_energy, c.r) == (4, 2)
+
+
+@pytest.mark.parametrize("rule", ["min", "", None, "Energy"])
+def test_unknown_rule(rule):
+    with pytest.raises(ValueError, match="rule must be one of"):
+        select_rank(sq(1.0), rule=rule)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def test_bad_spectra():
@@ -152,3 +189,38 @@ def test_matches_kpsvd_spectrum_of_a_planted_rank():
     sigma, _, _ = kpsvd(W, 8, 8, 8, 8)
     assert elbow_rank(sigma) == 3
     assert select_rank(sigma, tau=0.999) == 3
+
+
+# ----------------------------------------------------------------------------- through inject and train.py
+
+def test_inject_and_train_pass_the_rule_on():
+    """adapters.inject(rule=...) picks each layer's rank by that rule from the layer's own spectrum,
+    records it in the report's options, and refuses it for LoRA / PiSSA; train.py's --rank-rule
+    parses to it (default "both")."""
+    import copy
+    from kpsvd import factor_shape, kpsvd
+    from model import ModelArgs, Transformer
+    from soka import adapters
+    import train
+    torch.manual_seed(0)
+    base = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=32))
+    tau = 0.3                                     # random weights: flat spectra, energy ranks of a few terms
+    rs = {}
+    for rule in RULES:
+        report = adapters.inject(copy.deepcopy(base), "soka", ("wq", "wv"), tau=tau, rule=rule, verbose=False)
+        assert report["options"]["rule"] == rule
+        rs[rule] = [row["r"] for row in report["layers"]]
+        for row in report["layers"]:
+            W = dict(base.named_modules())[row["name"]].weight.detach()
+            sigma, _, _ = kpsvd(W.float(), *factor_shape(*W.shape))
+            assert row["r"] == select_rank(sigma, tau=tau, rule=rule)
+            assert (row["r_energy"], row["r_elbow"]) == (energy_rank(sigma, tau), elbow_rank(sigma))
+    assert rs["both"] == [min(a, b) for a, b in zip(rs["energy"], rs["elbow"])] and rs["energy"] != rs["elbow"]
+    with pytest.raises(ValueError, match="rule must be one of"):
+        adapters.inject(copy.deepcopy(base), "lora", ("wq",), rank=2, rule="energy", verbose=False)
+    with pytest.raises(ValueError, match="rule must be one of"):
+        adapters.inject(copy.deepcopy(base), "soka", ("wq",), rule="largest", verbose=False)
+    assert train.make_parser().parse_args([]).rank_rule == "both"
+    assert train.make_parser().parse_args(["--rank-rule", "energy"]).rank_rule == "energy"
+    with pytest.raises(SystemExit):
+        train.make_parser().parse_args(["--rank-rule", "min"])
