@@ -1,21 +1,30 @@
 """Tables and plots of the reproduction study (experiments/study.py), every number read from its records.
 
-    python experiments/plot_study.py                 # experiments/results/tables.md, docs/img/repro_*.png
-    python experiments/plot_study.py --results DIR --img DIR --out FILE
+    python experiments/plot_study.py          # experiments/results/tables.md, docs/img/repro_*.png, and the
+                                              # tables docs/reproduction.md quotes (between its markers)
+    python experiments/plot_study.py --results DIR --img DIR --out FILE --doc FILE
+    python experiments/check_tables.py        # recomputes every number of both, with code of its own
 
-Reads <stage>.jsonl and <stage>-<tag>.jsonl from --results (sweep, final, and, once they exist,
-ablate, matched, shapes_sweep and shapes); records whose status is not "done" are ignored, and a
-run recorded twice counts once (its last "done" record). Prints and writes tables.md: the sweep,
-the final runs, the paper's claims checked against them, the matched setting, the factor shapes'
-sweep, the ablation and the factor shapes; draws the training loss, the held-out loss, the gradient
-norms and the sweep, and redraws the spectra (experiments/spectra.py).
+Reads <stage>.jsonl and <stage>-<tag>.jsonl from --results; records whose status is not "done" are
+ignored, and a run recorded twice counts once (its last "done" record). Final runs count only at the
+rate the study now picks for them (a run made before a sweep moved is listed as left out). The second
+round's accuracies come from the per-problem files (study.problems_file); the first round's, which
+kept only counts, from those (stats.count_interval, unpaired).
 
-Seed statistics: mean ± spread, where spread = half the range (max − min) over the seeds. A claim
-"holds" when SoKA's mean is better by more than the larger of the two spreads, is a "tie" within it,
-and "fails" when worse beyond it.
+Statistics (experiments/stats.py): held-out loss and other per-seed measures as the mean with a
+Student t 95 % interval over seeds, differences with Welch's interval; accuracy with a bootstrap
+interval over problems and seeds, differences paired over problems, with McNemar's exact test. The
+verdict for Δ = SoKA − other is "better" or "worse" only where the interval excludes 0, else "tie".
+Losses are in nats per answer token; gradient norms are the global L2 norm over the trainable
+parameters before clipping, "after warmup" meaning past the first ceil(0.03 · steps) steps.
+
+docs/reproduction.md quotes tables between `<!-- tables.md: <heading> -->` and `<!-- end -->`;
+this script replaces each such block with that heading's table from tables.md.
 """
 import argparse
 import json
+import math
+import re
 import sys
 from pathlib import Path
 
@@ -23,64 +32,118 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from experiments import spectra, study          # noqa: E402  (study.read: the records, one reader)
+from experiments import spectra, stats, study          # noqa: E402  (study.read: the records, one reader)
+from train import EVAL_SPLIT                            # noqa: E402
 
 RESULTS = study.RESULTS
 IMG = ROOT / "docs" / "img"
-SMOOTH = 21                 # steps in the centered moving average (curves and roughness)
+DOC = ROOT / "docs" / "reproduction.md"
+SMOOTH = 21                 # steps in the moving average (curves and roughness); no value where it does not fit
 EARLY = 0.25                # share of the steps whose mean training loss measures convergence speed
 GNORM_LINE = 1.5            # the paper: gradient norms "rarely above 1.5"
-RARELY = 0.05               # "rarely": on under 5 % of the steps
+RARELY = 0.05               # "rarely": on under 5 % of the steps after warmup
+WARMUP = study.COMMON["warmup"]
 METHODS = ("soka", "lora", "pissa")
 NAMES = dict(soka="SoKA", lora="LoRA", pissa="PiSSA")
 COLORS = dict(soka="C0", lora="C1", pissa="C2")
+TASK_NAMES = dict(gsm8k="GSM8K", math="MATH-500", mbpp="MBPP")
+LOSS = "nats per token"
+GNORM = "gradient norm (global L2 norm, before clipping)"
+BAND = "band: min–max over seeds"
+NOT_RUN = "Not run."
+PAPER = dict(params="0.99 M vs 1.33 M: 25.6 % fewer", acc="matches or exceeds (abstract)",
+             loss="–", faster="faster convergence", smoother="smoother loss, more stable gradients",
+             gnorm="rarely above 1.5")
+SETTING_TITLES = dict(qv="Setting qv (the paper's: wq wv)", all7="Setting all7 (all seven linear types)",
+                      rule="Rule ablation (wq wv)")
 
 
-# ----------------------------------------------------------------------------- records and statistics
+# ----------------------------------------------------------------------------- records
 
 def load(results_dir, stage, *, superseded=False):
-    """The finished runs of a stage, one per id (the last "done" record), in file order. For the final,
-    matched, ablate and shapes stages only the runs at the rate the study now picks count
+    """The finished runs of a first-round stage, one per id (the last "done" record), in file order. For
+    the final, matched, ablate and shapes stages only the runs at the rate the study now picks count
     (study.planned_lr): a run made before a sweep moved past its rate is superseded (superseded=True
     returns those instead)."""
     runs = list({r["id"]: r for r in study.read(results_dir, stage) if r.get("status") == "done"}.values())
     if stage not in ("final", "matched", "ablate", "shapes"):
         return [] if superseded else runs
     sweep, shapes_sweep = study.read(results_dir, "sweep"), study.read(results_dir, "shapes_sweep")
+
     def at_best(r):
         b = study.planned_lr(r, sweep, shapes_sweep)
         return b is None or r["lr"] == b                       # nothing to judge by yet
     return [r for r in runs if at_best(r) != superseded]
 
 
-def variant(r):
-    """What an ablation run changed ("" for the default SoKA run)."""
-    return ", ".join(f"{k} {r[k]}" for k in ("tau", "init", "factors") if r.get(k) is not None)
+def settings2(results_dir):
+    path = Path(results_dir) / "settings2.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
-def spread(xs):
-    """Half the range over seeds: the ± of every table."""
-    return (max(xs) - min(xs)) / 2 if xs else float("nan")
+def swept_best(st2, sweeps, setting, arm, task):
+    """The rate of an arm's finished sweep run with the lowest final held-out loss (an arm that is
+    another's, same_as, takes that arm's); None before any finished."""
+    a = st2[setting]["arms"][arm]
+    if a.get("same_as"):
+        return swept_best(st2, sweeps, *a["same_as"].split("/"), task)
+    return study.best_of([r for r in sweeps[setting] if r["arm"] == arm and r["task"] == task])
 
 
-def stat(xs):
-    return (float(np.mean(xs)), spread(xs)) if xs else (float("nan"), float("nan"))
+def load2(results_dir, stage, st2):
+    """The finished runs of a second-round stage (last record per id); final runs only at their arm's
+    best swept rate (a final run starts once its sweep is finished, so that is the rate it ran at)."""
+    runs = list({r["id"]: r for r in study.read(results_dir, stage) if r.get("status") == "done"}.values())
+    if not stage.endswith("_final") or st2 is None:
+        return runs
+    sweeps = {s: study.read(results_dir, f"{s}_sweep") for s in ("qv", "all7", "rule")}
+    return [r for r in runs if swept_best(st2, sweeps, r["setting"], r["arm"], r["task"]) == r["lr"]]
 
+
+def group(runs, key):
+    out = {}
+    for r in runs:
+        out.setdefault(key(r), []).append(r)
+    return out
+
+
+ORDER = {x: i for i, x in enumerate((*study.TASKS, *METHODS, *NAMES.values()))}
+
+
+def ordered(groups):
+    """A group dict's items with tasks and methods in their usual order (others as they came)."""
+    return sorted(groups.items(), key=lambda kv: [ORDER.get(x, len(ORDER)) for x in kv[0]])
+
+
+def matrix(results_dir, runs):
+    """(ids, V, seeds): the runs' per-problem verdicts, one row per run in seed order, columns by id."""
+    runs = sorted(runs, key=lambda r: r["seed"])
+    rows = [{p["id"]: p["v"] for p in study.read_problems(Path(results_dir) / r["problems"])} for r in runs]
+    ids = sorted(rows[0])
+    if any(sorted(x) != ids for x in rows):
+        raise ValueError(f"plot_study.py: runs {[r['id'] for r in runs]} were evaluated on different problems")
+    return ids, np.array([[x[i] for i in ids] for x in rows], dtype=np.int8), [r["seed"] for r in runs]
+
+
+# ----------------------------------------------------------------------------- per-run measures
 
 def moving_average(x, w=SMOOTH):
-    """Centered w-step mean; near the ends the window shrinks symmetrically (so a straight line is
-    its own average, and the ends add no roughness of their own)."""
+    """Centered w-step mean where the whole window fits: len(x) − w + 1 values, for steps
+    w//2 + 1 … len(x) − w//2 (1-based). Fewer than w values: none."""
     x = np.asarray(x, dtype=float)
-    i = np.arange(len(x))
-    h = np.minimum(w // 2, np.minimum(i, len(x) - 1 - i))          # half-width at each step
+    if len(x) < w:
+        return np.array([])
     c = np.concatenate([[0.0], np.cumsum(x)])
-    return (c[i + h + 1] - c[i - h]) / (2 * h + 1)
+    return (c[w:] - c[:-w]) / w
 
 
-def roughness(loss):
-    """RMS of (loss − its centered moving average): step-to-step noise, not the downward trend."""
-    x = np.asarray(loss, dtype=float)
-    return float(np.sqrt(np.mean((x - moving_average(x)) ** 2)))
+def roughness(loss, w=SMOOTH):
+    """RMS of (loss − its centered w-step mean) over the steps where the window fits: step-to-step
+    noise, not the downward trend."""
+    x, ma = np.asarray(loss, dtype=float), moving_average(loss, w)
+    if not len(ma):
+        return float("nan")
+    return float(np.sqrt(np.mean((x[w // 2:len(x) - w // 2] - ma) ** 2)))
 
 
 def early_loss(loss):
@@ -93,20 +156,41 @@ def first_heldout(r):
     return tuple(r["heldout"][0]) if r.get("heldout") else (None, float("nan"))
 
 
-def verdict(soka, other, *, lower_is_better):
-    """holds / tie / fails from per-seed values: a tie when the means differ by no more than the
-    larger of the two spreads, else holds when SoKA's mean is the better one."""
-    (ms, ss), (mo, so) = stat(soka), stat(other)
-    d = mo - ms if lower_is_better else ms - mo      # > 0: SoKA better
-    if not (np.isfinite(d)):
-        return "n/a"
-    if abs(d) <= max(ss, so):
-        return "tie"
-    return "holds" if d > 0 else "fails"
+def warmup_steps(steps):
+    return math.ceil(WARMUP * steps)
 
+
+def after_warmup(r):
+    return r["grad_norm"][warmup_steps(len(r["grad_norm"])):]
+
+
+# ----------------------------------------------------------------------------- cells
 
 def fmt(m, s, digits=4):
     return "–" if not np.isfinite(m) else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def ci(m, lo, hi, digits=4, scale=1.0, sign=False):
+    """"m [lo, hi]"; "m" alone where there is no interval (one seed)."""
+    f = f"{{:{'+' if sign else ''}.{digits}f}}"
+    if not np.isfinite(m):
+        return "–"
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return f.format(scale * m)
+    return f"{f.format(scale * m)} [{f.format(scale * lo)}, {f.format(scale * hi)}]"
+
+
+def fmt_p(p):
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def spread(xs):
+    """Half the range over seeds (the first round's descriptive ±)."""
+    return (max(xs) - min(xs)) / 2 if xs else float("nan")
+
+
+def stat(xs):
+    return (float(np.mean(xs)), spread(xs)) if xs else (float("nan"), float("nan"))
 
 
 def table(header, rows):
@@ -114,7 +198,27 @@ def table(header, rows):
     return out + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
-# ----------------------------------------------------------------------------- tables
+def heldout_ci(rs, f=lambda r: r["heldout_final"]):
+    return stats.t_interval([f(r) for r in rs])
+
+
+def gnorm_cells(rs):
+    """Post-warmup gradient norms pooled over the runs: steps, p50, p90, p99, max, share > 1.5."""
+    g = np.concatenate([after_warmup(r) for r in rs])
+    p50, p90, p99 = np.percentile(g, [50, 90, 99])
+    return [f"{len(g):,}", f"{p50:.3f}", f"{p90:.3f}", f"{p99:.3f}", f"{g.max():.3f}",
+            f"{100 * float(np.mean(g > GNORM_LINE)):.1f} %"]
+
+
+GNORM_HEADER = ["steps after warmup", "p50", "p90", "p99", "max", f"share > {GNORM_LINE}"]
+GNORM_NOTE = (f"Gradient norm: the global L2 norm of the trainable parameters' gradient before clipping at 1.0, "
+              f"pooled over the seeds' steps after warmup (the first ceil({WARMUP} · steps) steps left out). "
+              "Each method's norm is taken in its own parametrisation (SoKA's σ, U, V; LoRA's and PiSSA's A, B), "
+              "so norms compare a method's steps with each other, not one method with another: the like-for-like "
+              "measure, the norm of the loss's gradient with respect to the adapted weights W, is not logged.")
+
+
+# ----------------------------------------------------------------------------- first round
 
 def rate_cells(rs):
     """One swept group's cells: "lr: held-out loss" per rate (the best in bold), and its best rate,
@@ -132,7 +236,7 @@ EDGE_NOTE = "A best rate at the edge of the swept rates was not bracketed: a rat
 
 def sweep_table(sweep, planned=None):
     """planned: settings.json's {setting: {method: rank}}, to name what has no finished sweep run."""
-    lines = ["## Learning-rate sweep (GSM8K, seed 0): final held-out loss per rate", ""]
+    lines = ["## First round: learning-rate sweep (GSM8K, seed 0): final held-out loss per rate", ""]
     rows = []
     for setting in sorted({r["setting"] for r in sweep}, key=lambda s: (s != "paper", s)):
         for method in METHODS:
@@ -141,7 +245,7 @@ def sweep_table(sweep, planned=None):
                 best, cells, best_lr = rate_cells(rs)
                 rows.append([setting, NAMES[method], "rule" if best["rank"] is None else best["rank"],
                              f"{best['trainable']:,}", cells, best_lr])
-    lines += table(["setting", "method", "rank", "trainable", "lr: held-out loss (best in bold)", "best lr"], rows)
+    lines += table(["setting", "method", "rank", "trainable", f"lr: held-out loss, {LOSS} (best in bold)", "best lr"], rows)
     lines += ["", EDGE_NOTE]
     absent = [f"{setting} {NAMES[m]}" for setting, methods in (planned or {}).items() for m in methods
               if not any(r["setting"] == setting and r["method"] == m for r in sweep)]
@@ -155,7 +259,7 @@ def shape_name(name):
 
 
 def shapes_sweep_table(shapes_sweep):
-    lines = ["## Learning-rate sweep of the factor shapes (SoKA, GSM8K, seed 0): final held-out loss per rate", ""]
+    lines = ["## First round: learning-rate sweep of the factor shapes (SoKA, GSM8K, seed 0)", ""]
     rows = []
     for name in study.shape_variants():
         rs = [r for r in shapes_sweep if r["factors"] == name]
@@ -164,15 +268,13 @@ def shapes_sweep_table(shapes_sweep):
             rows.append([name, shape_name(name), "rule" if best["rank"] is None else best["rank"],
                          f"{best['trainable']:,}", f"{best['gnorm_max']:.2f}", cells, best_lr])
     lines += table(["factors", "(m, n, p, q): wq wo / wk wv", "rank", "trainable", "max grad norm at the best rate",
-                    "lr: held-out loss (best in bold)", "best lr"], rows)
+                    f"lr: held-out loss, {LOSS} (best in bold)", "best lr"], rows)
     return lines + ["", EDGE_NOTE, ""]
 
 
-def group(runs, key):
-    out = {}
-    for r in runs:
-        out.setdefault(key(r), []).append(r)
-    return out
+def variant(r):
+    """What an ablation run changed ("" for the default SoKA run)."""
+    return ", ".join(f"{k} {r[k]}" for k in ("tau", "init", "factors") if r.get(k) is not None)
 
 
 def missing_runs(runs):
@@ -185,88 +287,104 @@ def missing_runs(runs):
     return miss
 
 
-def runs_table(runs, title, key=lambda r: (r["task"], NAMES[r["method"]]), key_names=("task", "method")):
-    """One row per group of seeds (default task × method)."""
+def label1(stage, key):
+    return f"acc|{stage}|{'|'.join(map(str, key))}"
+
+
+def runs_table(runs, title, stage, key=lambda r: (r["task"], NAMES[r["method"]]), key_names=("task", "method")):
+    """One row per group of seeds (default task × method): held-out loss and accuracy with their 95 %
+    intervals (accuracy from counts: unpaired), max grad norm, steps above 1.5, time."""
     rows = []
-    for k, rs in group(runs, key).items():
+    for k, rs in ordered(group(runs, key)):
         rs = sorted(rs, key=lambda r: r["seed"])
-        acc = [100 * r["accuracy"] for r in rs if r.get("accuracy") is not None]
-        n = sorted({r["n_eval"] for r in rs if r.get("n_eval") is not None})
+        ev = [r for r in rs if r.get("accuracy") is not None]
+        n = sorted({r["n_eval"] for r in ev})
+        acc = (ci(*stats.count_interval([r["correct"] for r in ev], n[0], label1(stage, k)), 2, 100)
+               + f" (n={n[0]})") if ev and len(n) == 1 else "–"
         rows.append([*k, ",".join(str(r["seed"]) for r in rs), f"{rs[0]['trainable']:,}", f"{rs[0]['lr']:g}",
-                     fmt(*stat([r["heldout_final"] for r in rs])),
-                     (fmt(*stat(acc), 2) + f" (n={'/'.join(map(str, n))})") if acc else "–",
-                     fmt(*stat([r["loss_first"] for r in rs])), fmt(*stat([r["loss_last"] for r in rs])),
-                     f"{max(r['gnorm_max'] for r in rs):.2f}", f"{100 * np.mean([r['gnorm_above_1_5'] for r in rs]):.1f} %",
+                     ci(*heldout_ci(rs)), acc, f"{max(r['gnorm_max'] for r in rs):.2f}",
+                     f"{100 * np.mean([r['gnorm_above_1_5'] for r in rs]):.1f} %",
                      f"{np.mean([r['train_s'] for r in rs]):.1f}" + (" ‡" if any(r.get("side_by_side") for r in rs) else "")])
-    header = [*key_names, "seeds", "trainable",
-              "lr", "held-out loss", "accuracy %", "loss first 10 %", "loss last 10 %", "max grad norm",
-              "steps > 1.5", "train s / run"]
+    header = [*key_names, "seeds", "trainable", "lr", f"held-out loss, {LOSS} [95 % CI]", "accuracy % [95 % CI]",
+              "max grad norm", "steps > 1.5", "train s / run"]
     lines = [f"## {title}", ""] + table(header, rows)
     miss = missing_runs(runs)
     lines += ["", f"Missing runs: {', '.join(miss)}." if miss else "No run is missing."]
     if any(r.get("side_by_side") for r in runs):
         lines += ["‡ some of these runs shared the GPU with other runs (study.py --claims): their times are "
                   "not comparable with the others'."]
-    return lines + ["Mean ± spread over seeds (spread = half the max − min range); max grad norm is the "
-                    "largest over seeds (before clipping at 1.0), steps > 1.5 the mean share over seeds.", ""]
+    return lines + ["Held-out loss: mean over seeds [Student t 95 % interval]. Accuracy: mean over seeds [95 % "
+                    "bootstrap interval over seeds and problems, from each run's count: these runs kept no "
+                    "per-problem results]. Max grad norm: the largest over seeds, before clipping at 1.0; steps > "
+                    "1.5: the mean share over seeds.", ""]
 
 
-def claims(runs):
-    """Rows (claim, task, measure, SoKA, other, Δ, verdict) of the paper's claims on these runs."""
+def measures1():
+    """(claim, measure, value of a run, lower is better, digits): the per-seed measures compared."""
+    return [("(2) matches or beats", "held-out loss (final)", lambda r: r["heldout_final"], True, 4),
+            ("(3) faster convergence", "held-out loss, first eval", lambda r: first_heldout(r)[1], True, 4),
+            ("(3) faster convergence", f"train loss, first {100 * EARLY:.0f} % of steps", lambda r: early_loss(r["loss"]), True, 4),
+            ("(4) smoother loss", f"roughness (RMS − {SMOOTH}-step mean)", lambda r: roughness(r["loss"]), True, 4)]
+
+
+def claims(runs, stage):
+    """Rows (claim, task, measure, SoKA, other, Δ = SoKA − other [95 % CI], verdict) on these runs."""
     by = group(runs, lambda r: (r["task"], r["method"]))
-    tasks = list(dict.fromkeys(r["task"] for r in runs))
+    tasks = [t for t in study.TASKS if any(k[0] == t for k in by)]
     others = [m for m in METHODS[1:] if any(k[1] == m for k in by)]
     rows = []
     count = {m: by[k][0]["trainable"] for k in by for m in METHODS if k[1] == m}
     if "soka" in count:
         for m in others:
             ratio = count["soka"] / count[m]
-            rows.append(["(1) ~25 % fewer trainable parameters", "all", "trainable", f"{count['soka']:,}",
+            rows.append(["(1) fewer trainable parameters", "all", "trainable", f"{count['soka']:,}",
                          f"{NAMES[m]} {count[m]:,}", f"ratio {ratio:.3f} ({100 * (1 - ratio):.1f} % fewer)",
-                         "holds" if ratio < 1 else "fails"])
-    measures = [("(2) matches or beats", "accuracy %", lambda r: 100 * r["accuracy"] if r.get("accuracy") is not None else None, False, 2),
-                ("(2) matches or beats", "held-out loss (final)", lambda r: r["heldout_final"], True, 4),
-                ("(3) faster convergence", "held-out loss, first eval", lambda r: first_heldout(r)[1], True, 4),
-                ("(3) faster convergence", f"train loss, first {100 * EARLY:.0f} % of steps", lambda r: early_loss(r["loss"]), True, 4),
-                ("(4) smoother loss", f"roughness (RMS − {SMOOTH}-step mean)", lambda r: roughness(r["loss"]), True, 4)]
+                         "fewer" if ratio < 1 else "more"])
     for task in tasks:
         if (task, "soka") not in by:
             continue
-        for claim, measure, f, lower, digits in measures:
-            s = [v for v in map(f, by[task, "soka"]) if v is not None]
-            if not s:
+        for m in others:
+            s, o = by[task, "soka"], by.get((task, m), [])
+            if not o or not all(r.get("accuracy") is not None for r in s + o):
                 continue
+            n = s[0]["n_eval"]
+            d = stats.count_difference([r["correct"] for r in s], [r["correct"] for r in o], n,
+                                       f"diff|{stage}|{task}|soka|{m}")
+            rows.append(["(2) matches or beats", task, "accuracy % (unpaired)",
+                         f"{100 * np.mean([r['accuracy'] for r in s]):.2f}",
+                         f"{NAMES[m]} {100 * np.mean([r['accuracy'] for r in o]):.2f}",
+                         ci(d["diff"], d["lo"], d["hi"], 2, 100, sign=True), stats.verdict(d["lo"], d["hi"], lower_is_better=False)])
+        for claim, measure, f, lower, digits in measures1():
             if "first eval" in measure:
                 measure += f" (step {first_heldout(by[task, 'soka'][0])[0]})"
             for m in others:
-                o = [v for v in map(f, by.get((task, m), [])) if v is not None]
+                s, o = [f(r) for r in by[task, "soka"]], [f(r) for r in by.get((task, m), [])]
                 if not o:
                     continue
-                d = np.mean(o) - np.mean(s)
-                rows.append([claim, task, measure, fmt(*stat(s), digits), f"{NAMES[m]} {fmt(*stat(o), digits)}", f"{d:+.{digits}f}",
-                             verdict(s, o, lower_is_better=lower)])
-        share = {m: [r["gnorm_above_1_5"] for r in by[task, m]] for m in METHODS if (task, m) in by}
-        top = {m: max(r["gnorm_max"] for r in by[task, m]) for m in share}
-        last = {m: max((i + 1 for r in by[task, m] for i, g in enumerate(r["grad_norm"]) if g > GNORM_LINE), default=None)
-                for m in share}
-        cell = lambda m: (f"{100 * np.mean(share[m]):.1f} % (max {top[m]:.2f}, "                            # noqa: E731
-                          + (f"last > {GNORM_LINE} at step {last[m]})" if last[m] else f"never > {GNORM_LINE})"))
-        rows.append([f"(5) grad norm rarely > {GNORM_LINE}", task, "share of steps > 1.5 (max norm, last step above)",
-                     cell("soka"), " · ".join(f"{NAMES[m]} {cell(m)}" for m in others if m in share),
-                     "", "holds" if np.mean(share["soka"]) < RARELY else "fails"])
+                w = stats.welch(s, o)
+                rows.append([claim, task, measure, f"{np.mean(s):.{digits}f}", f"{NAMES[m]} {np.mean(o):.{digits}f}",
+                             ci(w["diff"], w["lo"], w["hi"], digits, sign=True), stats.verdict(w["lo"], w["hi"], lower_is_better=lower)])
+        share = {m: float(np.mean(np.concatenate([np.asarray(after_warmup(r)) > GNORM_LINE for r in by[task, m]])))
+                 for m in METHODS if (task, m) in by}
+        rows.append([f"(5) grad norm rarely > {GNORM_LINE}", task, "share of steps > 1.5 after warmup",
+                     f"{100 * share['soka']:.1f} %", " · ".join(f"{NAMES[m]} {100 * share[m]:.1f} %" for m in others if m in share),
+                     "", "rarely" if share["soka"] < RARELY else "not rarely"])
     return rows
 
 
-def claims_table(runs, title):
+def claims_table(runs, title, stage):
     lines = [f"## {title}", ""]
-    lines += table(["claim", "task", "measure", "SoKA", "other", "Δ (other − SoKA)", "verdict"], claims(runs))
-    return lines + ["", "Rule: mean ± spread over seeds (spread = half the max − min range). (2)-(4): \"tie\" when the "
-                    "means differ by no more than the larger of the two spreads, else \"holds\" when SoKA's mean is "
-                    "better (higher accuracy, lower loss, lower roughness) and \"fails\" when worse. (1) holds when "
-                    "SoKA's count is lower; the LoRA / PiSSA rank was chosen as the one whose count is closest to "
-                    f"4/3 of SoKA's, so the ratio is set by design. (5) holds when SoKA's mean share of steps with "
-                    f"gradient norm > {GNORM_LINE} is under {100 * RARELY:.0f} %; norms are before clipping at 1.0. "
-                    f"Roughness = RMS of (loss − its centered {SMOOTH}-step moving average).", ""]
+    lines += table(["claim", "task", "measure", "SoKA", "other", "Δ = SoKA − other [95 % CI]", "verdict"], claims(runs, stage))
+    return lines + ["", "Means over seeds. Δ intervals: Welch's for the per-seed measures, the unpaired count bootstrap "
+                    "for accuracy (experiments/stats.py). Verdict: \"better\" or \"worse\" only where the interval "
+                    "excludes 0, else \"tie\". (1) compares exact counts. (5): \"rarely\" when SoKA's share of steps "
+                    f"after warmup with gradient norm > {GNORM_LINE} is under {100 * RARELY:.0f} %. Roughness = RMS of "
+                    f"(loss − its centered {SMOOTH}-step moving average) where the window fits.", ""]
+
+
+def gnorm_table(runs, title, key, key_names):
+    rows = [[*k, *gnorm_cells(rs)] for k, rs in ordered(group(runs, key))]
+    return [f"## {title}", ""] + table([*key_names, *GNORM_HEADER], rows) + ["", GNORM_NOTE, ""]
 
 
 def left_out(results_dir, stage, where, name):
@@ -279,106 +397,645 @@ def left_out(results_dir, stage, where, name):
             f"the sweep moved past it).", ""]
 
 
-def tables(results_dir):
-    """The markdown of tables.md."""
+def first_round(results_dir):
     stages = {s: load(results_dir, s) for s in ("sweep", "final", "ablate", "matched", "shapes_sweep", "shapes")}
-    lines = ["# Reproduction study: tables", "",
-             f"Generated by `python experiments/plot_study.py` from {', '.join(f'{s}.jsonl ({len(r)} runs)' for s, r in stages.items() if r) or 'no records'}.", ""]
+    lines = []
     st = Path(results_dir) / "settings.json"
     planned = {k: v for k, v in json.loads(st.read_text()).items() if k != "counts"} if st.is_file() else None
     if stages["sweep"]:
         lines += sweep_table(stages["sweep"], planned)
     for stage, setting in (("final", "paper"), ("matched", "matched")):
         if stages[stage]:
-            lines += runs_table(stages[stage], f"Final runs, {setting} setting (each method at its best swept rate)")
-            lines += claims_table(stages[stage], f"The paper's claims, {setting} setting")
+            lines += runs_table(stages[stage], f"First round: final runs, {setting} setting (wq wk wv wo)", stage)
+            lines += claims_table(stages[stage], f"First round: the paper's claims, {setting} setting", stage)
+            lines += gnorm_table(stages[stage], f"First round: gradient norms after warmup, {setting} setting",
+                                 lambda r: (r["task"], NAMES[r["method"]]), ("task", "method"))
         lines += left_out(results_dir, stage, f"the {setting} setting", lambda r: NAMES[r["method"]])
     if stages["shapes_sweep"]:
         lines += shapes_sweep_table(stages["shapes_sweep"])
     if stages["ablate"]:
         base = [r for r in stages["final"] if r["task"] == "gsm8k" and r["method"] == "soka"]
-        rows = stages["ablate"] + [dict(r, tau=0.9) for r in base]     # the final runs use τ = 0.9
-        lines += runs_table(rows, "Ablation: SoKA on GSM8K (τ = 0.9 is the final runs'; each factor shape at its "
-                            "best rate)", key=lambda r: (variant(r),), key_names=("variant",))
+        rows = [dict(r, tau=0.9) for r in base] + stages["ablate"]     # the final runs use τ = 0.9
+        lines += runs_table(rows, "First round: ablation, SoKA on GSM8K (τ = 0.9 is the final runs'; each factor "
+                            "shape at its best rate)", "ablate", key=lambda r: (variant(r),), key_names=("variant",))
         lines += left_out(results_dir, "ablate", "the ablation", variant)
     if stages["shapes"]:
-        lines += runs_table(stages["shapes"], "Factor shapes at one parameter count: SoKA on GSM8K, rank "
-                            f"{study.SHAPES_RANK} in every layer, each shape at its best rate",
+        lines += runs_table(stages["shapes"], "First round: factor shapes at one parameter count, SoKA on GSM8K, "
+                            f"rank {study.SHAPES_RANK} in every layer", "shapes",
                             key=lambda r: (r["factors"], shape_name(r["factors"])),
                             key_names=("factors", "(m, n, p, q): wq wo / wk wv"))
         lines += left_out(results_dir, "shapes", "the factor shapes", lambda r: r["factors"])
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+# ----------------------------------------------------------------------------- second round
+
+def arm_label(st2, setting, arm):
+    a = st2[setting]["arms"][arm]
+    if a["method"] != "soka":
+        return f"{NAMES[a['method']]} r={a['rank']} ({a['role']})"
+    return f"SoKA, {a['role']}"
+
+
+def finals2(results_dir, st2):
+    """{(setting, arm): runs} of the second round's final stages; setting "rule" also holds the rule's
+    own arm, "qv/soka", from qv_final."""
+    out = {}
+    for setting in ("qv", "all7", "rule"):
+        for r in load2(results_dir, f"{setting}_final", st2):
+            out.setdefault((setting, r["arm"]), []).append(r)
+    for (setting, arm), rs in list(out.items()):
+        if (setting, arm) == ("qv", "soka"):
+            out["rule", "qv/soka"] = rs
+    return out
+
+
+def acc_label(r):
+    return f"acc|{r['stage']}|{r['task']}|{r['arm']}"
+
+
+def diff_label(a, b, task):
+    return f"diff|{task}|{a['stage']}/{a['arm']}|{b['stage']}/{b['arm']}"
+
+
+def arms_of(st2, setting):
+    arms = list(st2[setting]["arms"])
+    return (["qv/soka"] + arms) if setting == "rule" else arms
+
+
+def base_table(results_dir):
+    runs = study.read(results_dir, "base")
+    done = {r["id"]: r for r in runs if r.get("status") == "done"}
+    lines = ["## Base model (SmolLM2-135M-Instruct as it is)", ""]
+    rows = []
+    for task in study.TASKS:
+        ev, held = done.get(f"base/{task}/eval"), done.get(f"base/{task}/heldout")
+        if ev is None and held is None:
+            continue
+        acc = "not run"
+        if ev is not None:
+            _, V, _ = matrix(results_dir, [ev])
+            acc = ci(*stats.acc_interval(V, acc_label(ev)), 2, 100)
+        rows.append([task, EVAL_SPLIT[task],
+                     f"{ev['n_eval']:,}" if ev else "–", acc,
+                     f"{held['heldout_final']:.4f}" if held else "not run"])
+    if not rows:
+        return lines + [NOT_RUN, ""]
+    return lines + table(["task", "split", "problems", "accuracy % [95 % CI]", f"held-out loss, {LOSS}"], rows) + [
+        "", "Accuracy: greedy generation through train.py --eval-only, 95 % bootstrap interval over problems. Held-out "
+        "loss: train.py's held-out code on the runs' held-out examples, after one LoRA step at learning rate 1e-12 from "
+        "B = 0 (an update of about 1e-13, below bfloat16's resolution of the weights: the base model).", ""]
+
+
+def sweep_table2(results_dir, st2, setting):
+    lines = [f"## {SETTING_TITLES[setting]}: learning-rate sweeps (seed 0)", ""]
+    sweep = [r for r in study.read(results_dir, f"{setting}_sweep") if r.get("status") == "done"]
+    sweep = list({r["id"]: r for r in sweep}.values())
+    rows = []
+    for task in study.TASKS:
+        for arm in st2[setting]["arms"]:
+            rs = [r for r in sweep if r["task"] == task and r["arm"] == arm]
+            if rs:
+                best, cells, best_lr = rate_cells(rs)
+                rows.append([task, arm, f"{best['trainable']:,}", cells, best_lr])
+    if not rows:
+        return lines + [NOT_RUN, ""]
+    shared = [f"{arm} takes {a['same_as']}'s rates (the same ranks in every layer)"
+              for arm, a in st2[setting]["arms"].items() if a.get("same_as")]
+    return lines + table(["task", "arm", "trainable", f"lr: final held-out loss, {LOSS} (best in bold)", "best lr"], rows) + \
+        ["", EDGE_NOTE + (" " + "; ".join(shared) + "." if shared else ""), ""]
+
+
+def finals_table2(results_dir, st2, setting, finals):
+    lines = [f"## {SETTING_TITLES[setting]}: final runs", ""]
+    rows = []
+    for task in study.TASKS:
+        for arm in arms_of(st2, setting):
+            rs = sorted(finals.get((setting, arm), []), key=lambda r: r["seed"])
+            rs = [r for r in rs if r["task"] == task]
+            if not rs:
+                continue
+            _, V, _ = matrix(results_dir, rs)
+            rows.append([task, arm, f"{rs[0]['trainable']:,}", f"{rs[0]['lr']:g}", ",".join(str(r["seed"]) for r in rs),
+                         ci(*heldout_ci(rs)), ci(*stats.acc_interval(V, acc_label(rs[0])), 2, 100)])
+    if not rows:
+        return lines + [NOT_RUN, ""]
+    return lines + table(["task", "arm", "trainable", "lr", "seeds", f"held-out loss, {LOSS} [95 % CI]",
+                          "accuracy % [95 % CI]"], rows) + [
+        "", "Held-out loss: mean over seeds [Student t 95 % interval]. Accuracy: mean over seeds and problems [95 % "
+        "bootstrap interval over problems and seeds].", ""]
+
+
+_COMPARED = {}
+
+
+def compare(results_dir, a_runs, b_runs, task):
+    """Δ = A − B on one task: held-out loss (Welch) and accuracy (paired bootstrap, McNemar);
+    remembered by the runs' ids (the claims table asks again for the comparisons of the settings')."""
+    key = (str(results_dir), task, tuple(r["id"] for r in a_runs), tuple(r["id"] for r in b_runs),
+           tuple(r.get("problems") for r in a_runs + b_runs))
+    if key not in _COMPARED:
+        _COMPARED[key] = _compare(results_dir, a_runs, b_runs, task)
+    return _COMPARED[key]
+
+
+def _compare(results_dir, a_runs, b_runs, task):
+    a = sorted((r for r in a_runs if r["task"] == task), key=lambda r: r["seed"])
+    b = sorted((r for r in b_runs if r["task"] == task), key=lambda r: r["seed"])
+    if not a or not b:
+        return None
+    ia, VA, sa = matrix(results_dir, a)
+    ib, VB, sb = matrix(results_dir, b)
+    if ia != ib:
+        raise ValueError(f"plot_study.py: {task}: two arms evaluated on different problems")
+    return dict(loss=stats.welch([r["heldout_final"] for r in a], [r["heldout_final"] for r in b]),
+                acc=stats.acc_difference(VA, VB, diff_label(a[0], b[0], task), sa, sb),
+                first=stats.welch([first_heldout(r)[1] for r in a], [first_heldout(r)[1] for r in b]),
+                rough=stats.welch([roughness(r["loss"]) for r in a], [roughness(r["loss"]) for r in b]),
+                step=first_heldout(a[0])[0])
+
+
+def compare_table2(results_dir, st2, setting, finals):
+    ref = "qv/soka" if setting == "rule" else "soka"
+    lines = [f"## {SETTING_TITLES[setting]}: {ref} against each arm (Δ = {ref} − arm)", ""]
+    rows = []
+    for task in study.TASKS:
+        for arm in arms_of(st2, setting):
+            if arm == ref:
+                continue
+            c = compare(results_dir, finals.get((setting, ref), []), finals.get((setting, arm), []), task)
+            if c is None:
+                continue
+            L, A = c["loss"], c["acc"]
+            rows.append([task, arm, ci(L["diff"], L["lo"], L["hi"], 4, sign=True),
+                         stats.verdict(L["lo"], L["hi"], lower_is_better=True),
+                         ci(A["diff"], A["lo"], A["hi"], 2, 100, sign=True), fmt_p(A["p_boot"]),
+                         f"{A['mcnemar_b']} / {A['mcnemar_c']}, {fmt_p(A['p_mcnemar'])}",
+                         stats.verdict(A["lo"], A["hi"], lower_is_better=False)])
+    if not rows:
+        return lines + [NOT_RUN, ""]
+    return lines + table(["task", "arm", f"Δ held-out loss, {LOSS} [95 % CI]", "verdict", "Δ accuracy, points [95 % CI]",
+                          "p (paired bootstrap)", "McNemar b / c, p", "verdict"], rows) + [
+        "", "Held-out loss: Welch's interval over seeds. Accuracy: paired bootstrap over problems (the same problems "
+        "for both arms) and seeds; McNemar's exact test on the runs of equal seed (b: right only for the first, c: "
+        "right only for the arm). Verdict: \"better\" or \"worse\" only where the interval excludes 0, else \"tie\".", ""]
+
+
+def gnorm_table2(st2, setting, finals):
+    rows = []
+    for task in study.TASKS:
+        for arm in arms_of(st2, setting):
+            rs = [r for r in finals.get((setting, arm), []) if r["task"] == task]
+            if rs:
+                rows.append([task, arm, *gnorm_cells(rs)])
+    lines = [f"## {SETTING_TITLES[setting]}: gradient norms after warmup", ""]
+    if not rows:
+        return lines + [NOT_RUN, ""]
+    return lines + table(["task", "arm", *GNORM_HEADER], rows) + ["", GNORM_NOTE, ""]
+
+
+def tasks_cell(parts):
+    return " · ".join(f"{TASK_NAMES[t]} {v}" for t, v in parts) if parts else "not run"
+
+
+def claims2(results_dir, st2, finals):
+    """The claims table's rows: claim, setting, ours [95 % CI], the paper's, verdict."""
+    if st2 is None:
+        return []
+    rows = []
+    a = st2["arithmetic"]
+
+    def count(setting, arm, planned):
+        rs = finals.get((setting, arm))
+        return (rs[0]["trainable"], "") if rs else (planned, " (from the spectra; not run)")
+    big = next(arm for arm, x in st2["qv"]["arms"].items() if x["method"] == "lora" and x["role"].startswith("1.33"))
+    for setting, arm, planned_s, planned_o in (("qv", big, a["soka_qv"], a["lora_rank_lokr"] * a["lora_per_rank_qv"]),
+                                               ("all7", f"lora_r{a['lora_rank_count_all7']}", a["soka_all7"],
+                                                a["lora_rank_count_all7"] * a["lora_per_rank_all7"])):
+        (s, note), (o, _) = count(setting, "soka", planned_s), count(setting, arm, planned_o)
+        rows.append(["25 % fewer trainable parameters than LoRA / PiSSA", f"{setting}: SoKA vs r={st2[setting]['arms'][arm]['rank']}",
+                     f"{s:,} vs {o:,}: {100 * abs(1 - s / o):.1f} % {'fewer' if s < o else 'more'}{note}",
+                     PAPER["params"], "fewer" if s < o else "more"])
+    baselines = [(setting, arm) for setting in ("qv", "all7") for arm, x in st2[setting]["arms"].items() if x["method"] != "soka"]
+    for measure in ("acc", "loss"):
+        for setting, arm in sorted(baselines, key=lambda x: (x[1].split("_")[0] != "lora", x[0] != "qv")):
+            parts, verdicts = [], []
+            for task in study.TASKS:
+                c = compare(results_dir, finals.get((setting, "soka"), []), finals.get((setting, arm), []), task)
+                if c is None:
+                    continue
+                d = c[measure]
+                if measure == "acc":
+                    parts.append((task, ci(d["diff"], d["lo"], d["hi"], 2, 100, sign=True)))
+                    verdicts.append((task, stats.verdict(d["lo"], d["hi"], lower_is_better=False)))
+                else:
+                    parts.append((task, ci(d["diff"], d["lo"], d["hi"], 4, sign=True)))
+                    verdicts.append((task, stats.verdict(d["lo"], d["hi"], lower_is_better=True)))
+            x = st2[setting]["arms"][arm]
+            claim = (f"matches or beats {NAMES[x['method']]}: accuracy, Δ points" if measure == "acc"
+                     else f"(ours) held-out loss against {NAMES[x['method']]}, Δ {LOSS}")
+            rows.append([claim, f"{setting}: r={x['rank']}, {x['role']}", tasks_cell(parts),
+                         PAPER["acc"] if measure == "acc" else PAPER["loss"], tasks_cell(verdicts)])
+    qv_base = [arm for arm, x in st2["qv"]["arms"].items() if x["method"] != "soka" and x["role"].startswith("1.33")]
+    for what, claim in (("first", "faster convergence: held-out loss at the first evaluation, Δ"),
+                        ("rough", f"smoother loss: roughness (RMS − {SMOOTH}-step mean), Δ")):
+        for arm in qv_base:
+            parts, verdicts = [], []
+            for task in study.TASKS:
+                c = compare(results_dir, finals.get(("qv", "soka"), []), finals.get(("qv", arm), []), task)
+                if c is None:
+                    continue
+                d = c[what]
+                parts.append((task, ci(d["diff"], d["lo"], d["hi"], 4, sign=True)
+                              + (f" (step {c['step']})" if what == "first" else "")))
+                verdicts.append((task, stats.verdict(d["lo"], d["hi"], lower_is_better=True)))
+            x = st2["qv"]["arms"][arm]
+            rows.append([claim, f"qv: vs {NAMES[x['method']]} r={x['rank']}", tasks_cell(parts),
+                         PAPER["faster" if what == "first" else "smoother"], tasks_cell(verdicts)])
+    parts, verdicts = [], []
+    for task in study.TASKS:
+        rs = [r for r in finals.get(("qv", "soka"), []) if r["task"] == task]
+        if rs:
+            g = np.concatenate([after_warmup(r) for r in rs])
+            share = float(np.mean(g > GNORM_LINE))
+            parts.append((task, f"{100 * share:.1f} % of steps (max {g.max():.2f})"))
+            verdicts.append((task, "rarely" if share < RARELY else "not rarely"))
+    rows.append([f"gradient norms rarely above {GNORM_LINE}", "qv: SoKA, steps after warmup", tasks_cell(parts),
+                 PAPER["gnorm"], tasks_cell(verdicts)])
+    return rows
+
+
+def claims_table2(results_dir, st2, finals):
+    lines = ["## Claims", ""]
+    rows = claims2(results_dir, st2, finals)
+    if not rows:
+        return lines + [NOT_RUN, ""]
+    return lines + table(["claim", "setting", "ours [95 % CI], per task", "paper (LLaMA-2-7B)", "verdict"], rows) + [
+        "", "Δ = SoKA − the other arm, each at its task's best swept rate, over seeds 0-2 (more where listed in the final "
+        "runs' table). Accuracy: paired bootstrap over problems and seeds; held-out loss, first held-out loss and "
+        "roughness: Welch's interval over seeds. Verdict: \"better\" or \"worse\" only where the 95 % interval "
+        f"excludes 0, else \"tie\"; gradient norms: \"rarely\" when under {100 * RARELY:.0f} % of the steps after "
+        "warmup are above 1.5, in each method's own parametrisation.", ""]
+
+
+def planned_count(st2, setting, arm):
+    """An arm's trainable parameters as the spectra (float32, CPU) give them: settings2's arithmetic."""
+    a, x = st2["arithmetic"], st2[setting]["arms"][arm]
+    if x["method"] != "soka":
+        return x["rank"] * a["lora_per_rank_qv" if setting != "all7" else "lora_per_rank_all7"]
+    if x.get("rank"):
+        return x["rank"] * a["soka_per_rank_qv"]
+    if x.get("rule") == "energy":
+        return a["energy_count_qv"]
+    return a["soka_all7"] if setting == "all7" else a["soka_qv"]
+
+
+def settings_table2(st2):
+    fixed = lambda x: x["method"] != "soka" or x.get("rank") is not None     # noqa: E731  (no rank rule)
+    rows = [[setting, arm, NAMES[x["method"]], "rule" if x.get("rank") is None else x["rank"],
+             "–" if fixed(x) else x.get("rule") or "both", "–" if fixed(x) else f"{x.get('tau', 0.9):g}",
+             f"{planned_count(st2, setting, arm):,}", x["role"] + (f"; the rule's rate ({x['same_as']})" if x.get("same_as") else "")]
+            for setting in ("qv", "all7", "rule") for arm, x in st2[setting]["arms"].items()]
+    return ["## Second round: the arms and their parameter counts", ""] + table(
+        ["setting", "arm", "method", "rank", "rank rule", "τ", "trainable (from the spectra)", "role"], rows) + [
+        "", "Counts from the float32 spectra on the CPU (settings2.json); a run selects its ranks from the bfloat16 "
+        "weights on the GPU and records its own count, which the final-run tables show.", ""]
+
+
+def quant_table(results_dir):
+    path = Path(results_dir) / "quant_noise.json"
+    if not path.is_file():
+        return []
+    q = json.loads(path.read_text())
+    rows = []
+    for t in spectra.ALL_TARGETS:
+        ls = [x for x in q["layers"] if x["type"] == t]
+        if ls:
+            rows.append([t, f"{len(ls)}", ", ".join(sorted({x['gguf_type'] for x in ls})),
+                         f"{100 * max(x['noise_energy_share'] for x in ls):.2f} %", f"{np.mean([x['noise_sigma1'] for x in ls]):.3f}",
+                         f"{min(x['ratio_r'] for x in ls):.1f}", f"{min(x['ratio_16'] for x in ls):.1f}",
+                         f"{min(x['ratio_64'] for x in ls):.1f}", f"{min(x['gap_ratio'] for x in ls):.1f}"])
+    return ["## Quantization noise (Q4_1) against the Kronecker spectra", ""] + table(
+        ["type", "layers", "GGUF type", "noise energy / ‖W‖² (max)", "σ₁ of the noise (mean)", "σ_r / σ₁(noise), min",
+         "σ_16 / σ₁(noise), min", "σ_64 / σ₁(noise), min", "elbow gap / noise RMS, min"], rows) + [
+        "", f"One draw (seed {q['seed']}) of rounding noise, uniform on ±d/2 per weight with d its Q4_1 block's step, "
+        "rearranged as the weight's KPSVD rearranges it; r is the rule's rank at τ = 0.9 (experiments/spectra.py "
+        "--quant-noise, quant_noise.json).", ""]
+
+
+def second_round(results_dir):
+    st2 = settings2(results_dir)
+    finals = finals2(results_dir, st2) if st2 else {}
+    lines = claims_table2(results_dir, st2, finals) + quant_table(results_dir)
+    lines += (settings_table2(st2) if st2 else []) + base_table(results_dir)
+    if st2 is None:
+        return lines
+    for setting in ("qv", "all7", "rule"):
+        lines += sweep_table2(results_dir, st2, setting)
+        lines += finals_table2(results_dir, st2, setting, finals)
+        lines += compare_table2(results_dir, st2, setting, finals)
+        lines += gnorm_table2(st2, setting, finals)
+    return lines
+
+
+def tables(results_dir):
+    """The markdown of tables.md."""
+    _COMPARED.clear()                       # the records may have changed since the last call
+    stages = [s for s in (*study.FIRST[1:], *study.ROUND2) if study.read(results_dir, s)]
+    lines = ["# Reproduction study: tables", "",
+             f"Generated by `python experiments/plot_study.py` from the records of {', '.join(stages) or 'no stage'}; "
+             "checked by `python experiments/check_tables.py`.", ""]
+    return "\n".join(lines + second_round(results_dir) + first_round(results_dir)) + "\n"
+
+
+# ----------------------------------------------------------------------------- the doc's quoted tables
+
+QUOTE = re.compile(r"(<!-- tables\.md: (.+?) -->\n)(.*?)(<!-- end -->)", re.S)
+
+
+def section(md, heading):
+    """The body of `## heading` in tables.md: its table (or "Not run.") lines, without the notes."""
+    lines = md.splitlines()
+    try:
+        i = lines.index(f"## {heading}")
+    except ValueError:
+        return None
+    body = []
+    for line in lines[i + 1:]:
+        if line.startswith("## "):
+            break
+        if line.startswith("|") or line == NOT_RUN:
+            body.append(line)
+    return "\n".join(body) + "\n"
+
+
+def quote_tables(doc, md):
+    """The doc with each quoted block replaced by its heading's table from tables.md ("Not run." where
+    tables.md has no such heading)."""
+    return QUOTE.sub(lambda m: m.group(1) + (section(md, m.group(2)) or NOT_RUN + "\n") + m.group(4), doc)
 
 
 # ----------------------------------------------------------------------------- plots
 
-def curves(ax, rs, color, label, field, *, smooth=True):
-    """Mean over seeds, light band min..max over seeds."""
+def band_handle(plt):
+    return plt.matplotlib.patches.Patch(color="gray", alpha=0.25, label=BAND)
+
+
+def curves(ax, rs, color, label, field):
+    """Mean over seeds of the 21-step moving average where the window fits, band min..max over seeds."""
     n = min(len(r[field]) for r in rs)
-    ys = np.array([moving_average(r[field][:n]) if smooth else r[field][:n] for r in rs])
-    x = np.arange(1, n + 1)
+    ys = np.array([moving_average(r[field][:n]) for r in rs])
+    if not ys.shape[1]:
+        return
+    x = np.arange(SMOOTH // 2 + 1, SMOOTH // 2 + 1 + ys.shape[1])
     ax.plot(x, ys.mean(0), color=color, lw=1.4, label=f"{label} ({len(rs)} seeds)")
     ax.fill_between(x, ys.min(0), ys.max(0), color=color, alpha=0.2, lw=0)
 
 
-def plot_runs(runs, img_dir, prefix, title):
-    """repro_<prefix>loss.png, _heldout.png, _gradnorm.png: one panel per task, one line per method."""
+def heldout_curves(ax, rs, color, label):
+    steps = [s for s, _ in rs[0]["heldout"]]
+    ys = np.array([[v for _, v in r["heldout"]][:len(steps)] for r in rs if len(r["heldout"]) >= len(steps)])
+    ax.plot(steps, ys.mean(0), "o-", color=color, ms=3, lw=1.4, label=f"{label} ({len(ys)} seeds)")
+    ax.fill_between(steps, ys.min(0), ys.max(0), color=color, alpha=0.2, lw=0)
+
+
+def clip_axis(ax, values, *, above=0.25):
+    """Clip the y axis to [min − a little, min + above] where some value lies beyond (a diverged run),
+    and mark those values at the top edge with an arrow and their number."""
+    v = np.asarray([y for _, y in values], dtype=float)
+    top = v.min() + above
+    if v.max() <= top:
+        return False
+    ax.set_ylim(v.min() - 0.1 * above, top)
+    for x, y in values:
+        if y > top:
+            ax.annotate(f"{y:.2f}", (x, top), xytext=(0, -22), textcoords="offset points", ha="center", fontsize=7,
+                        color="red", arrowprops=dict(arrowstyle="->", lw=0.8, color="red"))
+    return True
+
+
+def save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_runs(runs, img_dir, prefix, title, key=lambda r: r["method"], label=lambda k: NAMES[k],
+              color=lambda k: COLORS[k]):
+    """repro_<prefix>loss.png, _heldout.png, _gradnorm.png: one panel per task, one line per group."""
     import matplotlib.pyplot as plt
     tasks = list(dict.fromkeys(r["task"] for r in runs))
-    by = group(runs, lambda r: (r["task"], r["method"]))
+    by = group(runs, lambda r: (r["task"], key(r)))
+    keys = sorted(dict.fromkeys(key(r) for r in runs), key=lambda k: ORDER.get(k, len(ORDER)))   # methods in order
     paths = []
-    for name, ylabel in (("loss", f"training loss ({SMOOTH}-step mean)"), ("heldout", "held-out loss"),
-                         ("gradnorm", "gradient norm (before clipping)")):
-        fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.6), squeeze=False)
+    for name, ylabel in (("loss", f"training loss, {LOSS}\n({SMOOTH}-step moving mean)"),
+                         ("heldout", f"held-out loss, {LOSS}"), ("gradnorm", GNORM + "\n(log scale)")):
+        fig, axes = plt.subplots(1, len(tasks), figsize=(4.8 * len(tasks), 3.8), squeeze=False)
         for ax, task in zip(axes[0], tasks):
-            for m in METHODS:
-                rs = by.get((task, m))
+            for k in keys:
+                rs = by.get((task, k))
                 if not rs:
                     continue
                 if name == "loss":
-                    curves(ax, rs, COLORS[m], NAMES[m], "loss")
+                    curves(ax, rs, color(k), label(k), "loss")
                 elif name == "gradnorm":
                     for i, r in enumerate(rs):
-                        ax.plot(np.arange(1, len(r["grad_norm"]) + 1), r["grad_norm"], color=COLORS[m], lw=0.7,
-                                alpha=0.6, label=f"{NAMES[m]} ({len(rs)} seeds)" if i == 0 else None)
+                        ax.plot(np.arange(1, len(r["grad_norm"]) + 1), r["grad_norm"], color=color(k), lw=0.7,
+                                alpha=0.6, label=f"{label(k)} ({len(rs)} seeds, one line each)" if i == 0 else None)
                 else:
-                    steps = [s for s, _ in rs[0]["heldout"]]
-                    ys = np.array([[v for _, v in r["heldout"]][:len(steps)] for r in rs if len(r["heldout"]) >= len(steps)])
-                    ax.plot(steps, ys.mean(0), "o-", color=COLORS[m], ms=3, lw=1.4, label=f"{NAMES[m]} ({len(ys)} seeds)")
-                    ax.fill_between(steps, ys.min(0), ys.max(0), color=COLORS[m], alpha=0.2, lw=0)
+                    heldout_curves(ax, rs, color(k), label(k))
             if name == "gradnorm":
-                ax.axhline(GNORM_LINE, color="k", ls="--", lw=0.8, label=f"{GNORM_LINE}")
+                ax.axhline(GNORM_LINE, color="k", ls="--", lw=0.8, label=f"{GNORM_LINE}: the paper's threshold")
+                ax.axvline(warmup_steps(len(by[next(k for k in by if k[0] == task)][0]["grad_norm"])) + 0.5,
+                           color="gray", ls=":", lw=0.8, label="end of warmup")
                 ax.set_yscale("log")
-            ax.set_title(f"{task}: {title}", fontsize=9)
-            ax.set_xlabel("step")
+            ax.set_title(f"{TASK_NAMES.get(task, task)}: {title}", fontsize=9)
+            ax.set_xlabel("optimizer step")
             ax.set_ylabel(ylabel, fontsize=8)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(Path(img_dir) / f"repro_{prefix}{name}.png")
-        fig.savefig(paths[-1], dpi=90)
-        plt.close(fig)
+            handles, _ = ax.get_legend_handles_labels()
+            ax.legend(handles=handles + ([] if name == "gradnorm" else [band_handle(plt)]), fontsize=6.5)
+        paths.append(save(fig, Path(img_dir) / f"repro_{prefix}{name}.png"))
     return paths
 
 
 def plot_sweep(sweep, img_dir):
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    points = []
     for (setting, m), rs in group(sweep, lambda r: (r["setting"], r["method"])).items():
         rs = sorted(rs, key=lambda r: r["lr"])
         ax.plot([r["lr"] for r in rs], [r["heldout_final"] for r in rs], "o-" if setting == "paper" else "s--",
-                color=COLORS[m], label=f"{NAMES[m]}, {setting} ({rs[0]['trainable']:,})")
+                color=COLORS[m], label=f"{NAMES[m]}, {setting} setting ({rs[0]['trainable']:,} trainable)")
+        points += [(r["lr"], r["heldout_final"]) for r in rs]
+    clipped = clip_axis(ax, points)
     ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("final held-out loss (GSM8K)")
-    ax.set_title("learning-rate sweep, seed 0", fontsize=9)
+    ax.set_xlabel("peak learning rate (log scale)")
+    ax.set_ylabel(f"final held-out loss, {LOSS}")
+    ax.set_title("first round: learning-rate sweep, GSM8K, seed 0" + ("\n(y axis clipped: red arrows mark runs off "
+                 "the scale, with their loss)" if clipped else ""), fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(img_dir) / "repro_sweep.png"
-    fig.savefig(path, dpi=90)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return [save(fig, Path(img_dir) / "repro_sweep.png")]
+
+
+def plot_sweep2(sweep, st2, setting, img_dir):
+    import matplotlib.pyplot as plt
+    tasks = [t for t in study.TASKS if any(r["task"] == t for r in sweep)]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.8 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        points = []
+        for i, (arm, rs) in enumerate(group([r for r in sweep if r["task"] == task], lambda r: r["arm"]).items()):
+            rs = sorted(rs, key=lambda r: r["lr"])
+            ax.plot([r["lr"] for r in rs], [r["heldout_final"] for r in rs], "o-", color=f"C{i}",
+                    label=f"{arm} ({rs[0]['trainable']:,} trainable)")
+            points += [(r["lr"], r["heldout_final"]) for r in rs]
+        clipped = clip_axis(ax, points)
+        ax.set_xscale("log")
+        ax.set_xlabel("peak learning rate (log scale)")
+        ax.set_ylabel(f"final held-out loss, {LOSS}", fontsize=8)
+        ax.set_title(f"{TASK_NAMES[task]}: {setting} sweep, seed 0" + ("\n(y clipped: red arrows mark runs off the "
+                     "scale)" if clipped else ""), fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=6.5, loc="lower left")
+    return [save(fig, Path(img_dir) / f"repro_{setting}_sweep.png")]
+
+
+def plot_ablation(ablate, img_dir):
+    """repro_ablate.png: the first round's ablation on GSM8K, training loss and held-out loss per variant."""
+    import matplotlib.pyplot as plt
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, (var, rs) in enumerate(group(ablate, lambda r: variant(r) or "default").items()):
+        curves(a1, rs, f"C{i}", f"{var}, lr {rs[0]['lr']:g}", "loss")
+        heldout_curves(a2, rs, f"C{i}", f"{var}, lr {rs[0]['lr']:g}")
+    a1.set(xlabel="optimizer step", ylabel=f"training loss, {LOSS} ({SMOOTH}-step moving mean)")
+    a2.set(xlabel="optimizer step", ylabel=f"held-out loss, {LOSS}")
+    for ax, what in ((a1, "training loss"), (a2, "held-out loss")):
+        ax.set_title(f"first round ablation, SoKA on GSM8K: {what}", fontsize=9)
+        ax.grid(alpha=0.3)
+    handles, _ = a2.get_legend_handles_labels()
+    a2.legend(handles=handles + [band_handle(plt)], fontsize=6.5)
+    return [save(fig, Path(img_dir) / "repro_ablate.png")]
+
+
+def param_points(results_dir):
+    """(task, short label, trainable, held-out mean, lo, hi, color, marker) of every final group of both
+    rounds (the first round's τ and random-init rows left out: the rule's count, or σ = 0)."""
+    pts = []
+    for stage, name in (("final", "p"), ("matched", "m")):
+        for (task, m), rs in ordered(group(load(results_dir, stage), lambda r: (r["task"], r["method"]))):
+            pts.append((task, f"{NAMES[m]} {name}", rs[0]["trainable"], *heldout_ci(rs), COLORS[m], "o"))
+    for name, rs in group([r for r in load(results_dir, "ablate") if r.get("factors")], lambda r: r["factors"]).items():
+        pts.append(("gsm8k", name.replace("rule_r", "r="), rs[0]["trainable"], *heldout_ci(rs), "C0", "^"))
+    for name, rs in group(load(results_dir, "shapes"), lambda r: r["factors"]).items():
+        pts.append(("gsm8k", f"{name} r=3" if name == "rule" else "", rs[0]["trainable"], *heldout_ci(rs), "C0", "P"))
+    st2 = settings2(results_dir)
+    if st2:
+        for (setting, arm), rs in finals2(results_dir, st2).items():
+            if setting == "rule" and arm == "qv/soka":
+                continue
+            for task, trs in group(rs, lambda r: r["task"]).items():
+                pts.append((task, f"{setting} {arm}", trs[0]["trainable"], *heldout_ci(trs),
+                            COLORS[trs[0]["method"]], {"qv": "s", "all7": "D", "rule": "v"}[setting]))
+    return pts
+
+
+def plot_params(results_dir, img_dir):
+    """repro_params.png: final held-out loss against trainable parameters, every setting, per task."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+    pts = param_points(results_dir)
+    tasks = [t for t in study.TASKS if any(p[0] == t for p in pts)]
+    if not tasks:
+        return []
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for i, (_, lab, n, m, lo, hi, color, marker) in enumerate(p for p in pts if p[0] == task):
+            err = None if not np.isfinite(lo) else [[m - lo], [hi - m]]
+            ax.errorbar(n, m, yerr=err, fmt=marker, color=color, ms=5, capsize=2, lw=0.8)
+            if lab:
+                left = color == COLORS["lora"]
+                ax.annotate(lab, (n, m), xytext=(-4 if left else 4, 2), textcoords="offset points", fontsize=6,
+                            ha="right" if left else "left")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e6:g} M" if x >= 1e6 else f"{x / 1e3:g} k"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks([t for t in (1e5, 2e5, 3e5, 5e5, 1e6, 2e6, 4e6) if min(p[2] for p in pts if p[0] == task) / 1.5 < t
+                       < max(p[2] for p in pts if p[0] == task) * 1.5])
+        ax.set_xlabel("trainable parameters (log scale)")
+        ax.set_ylabel(f"final held-out loss, {LOSS}", fontsize=8)
+        ax.set_title(f"{TASK_NAMES[task]}: held-out loss vs trainable parameters", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    handles = [plt.Line2D([], [], ls="", marker=mk, color="gray", label=lab) for mk, lab in
+               (("o", "1st round (wq wk wv wo): p paper setting, m matched"), ("^", "1st round ablation: factor shapes"),
+                ("P", "1st round: three factor shapes at rank 3"), ("s", "qv (wq wv)"), ("D", "all7"), ("v", "rule ablation"))]
+    handles += [plt.Line2D([], [], color=COLORS[m], lw=3, label=NAMES[m]) for m in METHODS]
+    handles += [plt.Line2D([], [], color="k", lw=0.8, label="bar: 95 % t interval over seeds")]
+    fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(Path(img_dir) / "repro_params.png", dpi=90)
     plt.close(fig)
-    return [path]
+    return [Path(img_dir) / "repro_params.png"]
+
+
+def accuracy_points(results_dir):
+    """(task, label, mean, lo, hi, kind) in percent: the base model, the first round (count intervals),
+    the second round (per-problem intervals)."""
+    pts = []
+    for r in study.read(results_dir, "base"):
+        if r.get("status") == "done" and r["arm"] == "eval":
+            _, V, _ = matrix(results_dir, [r])
+            pts.append((r["task"], "base model", *(100 * x for x in stats.acc_interval(V, acc_label(r))), "base"))
+    for stage, name in (("final", "1st paper"), ("matched", "1st matched")):
+        for (task, m), rs in ordered(group(load(results_dir, stage), lambda r: (r["task"], NAMES[r["method"]]))):
+            pts.append((task, f"{name}: {m}", *(100 * x for x in stats.count_interval(
+                [r["correct"] for r in rs], rs[0]["n_eval"], label1(stage, (task, m)))), "counts"))
+    st2 = settings2(results_dir)
+    if st2:
+        for (setting, arm), rs in finals2(results_dir, st2).items():
+            if setting == "rule" and arm == "qv/soka":
+                continue
+            for task, trs in group(rs, lambda r: r["task"]).items():
+                _, V, _ = matrix(results_dir, trs)
+                pts.append((task, f"{setting}: {arm}", *(100 * x for x in stats.acc_interval(V, acc_label(trs[0]))),
+                            "problems"))
+    return pts
+
+
+def plot_accuracy(results_dir, img_dir):
+    """repro_accuracy.png: test accuracy with 95 % intervals, per task, every group."""
+    import matplotlib.pyplot as plt
+    pts = accuracy_points(results_dir)
+    tasks = [t for t in study.TASKS if any(p[0] == t for p in pts)]
+    if not tasks:
+        return []
+    n = max(sum(p[0] == t for p in pts) for t in tasks)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 1.2 + 0.28 * n), squeeze=False)
+    style = dict(base=("k", "D"), counts=("C7", "o"), problems=("C0", "s"))
+    for ax, task in zip(axes[0], tasks):
+        mine = [p for p in pts if p[0] == task]
+        for i, (_, lab, m, lo, hi, kind) in enumerate(mine):
+            color, marker = style[kind]
+            ax.errorbar(m, i, xerr=[[m - lo], [hi - m]], fmt=marker, color=color, ms=4, capsize=2, lw=0.9)
+            if kind == "base":
+                ax.axvspan(lo, hi, color="k", alpha=0.07, lw=0)
+        ax.set_yticks(range(len(mine)), [p[1] for p in mine], fontsize=6.5)
+        ax.invert_yaxis()
+        ax.set_xlabel("test accuracy, % of problems")
+        ax.set_title(f"{TASK_NAMES[task]}, {EVAL_SPLIT[task]} split", fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+    kinds = {p[-1] for p in pts}
+    handles = [plt.Line2D([], [], ls="", marker=style[k][1], color=style[k][0], label=lab) for k, lab in
+               (("base", "base model: 95 % bootstrap interval over problems (shaded)"),
+                ("counts", "1st round: 95 % interval over seeds and problems, from counts"),
+                ("problems", "2nd round: 95 % interval over seeds and problems")) if k in kinds]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(Path(img_dir) / "repro_accuracy.png", dpi=90)
+    plt.close(fig)
+    return [Path(img_dir) / "repro_accuracy.png"]
 
 
 def plot_all(results_dir, img_dir):
@@ -389,21 +1046,24 @@ def plot_all(results_dir, img_dir):
     if sweep := load(results_dir, "sweep"):
         paths += plot_sweep(sweep, img_dir)
     if final := load(results_dir, "final"):
-        paths += plot_runs(final, img_dir, "", "paper setting")
+        paths += plot_runs(final, img_dir, "", "1st round, paper setting")
     if matched := load(results_dir, "matched"):
-        paths += plot_runs(matched, img_dir, "matched_", "matched setting")
-    if ablate := load(results_dir, "ablate"):     # one panel (GSM8K), one line per variant
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6.4, 4))
-        for i, (var, rs) in enumerate(group(ablate, variant).items()):
-            curves(ax, rs, f"C{i}", var, "loss")
-        ax.set(xlabel="step", ylabel=f"training loss ({SMOOTH}-step mean)", title="ablation: SoKA on GSM8K")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(Path(img_dir) / "repro_ablate_loss.png")
-        fig.savefig(paths[-1], dpi=90)
-        plt.close(fig)
+        paths += plot_runs(matched, img_dir, "matched_", "1st round, matched setting")
+    if ablate := load(results_dir, "ablate"):
+        paths += plot_ablation(ablate, img_dir)
+    st2 = settings2(results_dir)
+    if st2:
+        finals = finals2(results_dir, st2)
+        for setting in ("qv", "all7", "rule"):
+            if sweep2 := load2(results_dir, f"{setting}_sweep", st2):
+                paths += plot_sweep2(sweep2, st2, setting, img_dir)
+            runs = [dict(r, arm_of_setting=arm) for (s, arm), rs in finals.items() if s == setting for r in rs]
+            if runs:                            # the rule ablation's own rule is qv's SoKA: "qv/soka"
+                arms = list(dict.fromkeys(r["arm_of_setting"] for r in runs))
+                paths += plot_runs(runs, img_dir, f"{setting}_", setting, key=lambda r: r["arm_of_setting"],
+                                   label=lambda k: k, color=lambda k: f"C{arms.index(k)}")
+    paths += plot_params(results_dir, img_dir)
+    paths += plot_accuracy(results_dir, img_dir)
     return paths
 
 
@@ -412,6 +1072,7 @@ def main(argv=None):
     ap.add_argument("--results", default=str(RESULTS), help="folder of the study's <stage>.jsonl records")
     ap.add_argument("--img", default=str(IMG), help="where the PNGs go")
     ap.add_argument("--out", default=None, help="markdown tables (default: <results>/tables.md)")
+    ap.add_argument("--doc", default=str(DOC), help="a markdown file whose quoted tables are updated ('' for none)")
     args = ap.parse_args(argv)
     results = Path(args.results)
     if not results.is_dir():
@@ -421,6 +1082,12 @@ def main(argv=None):
     out = Path(args.out) if args.out else results / "tables.md"
     out.write_text(md)
     print(f"wrote {out}")
+    if args.doc and Path(args.doc).is_file():
+        doc = Path(args.doc).read_text()
+        new = quote_tables(doc, md)
+        if new != doc:
+            Path(args.doc).write_text(new)
+            print(f"updated the quoted tables of {args.doc}")
     paths = plot_all(results, args.img)
     if (results / "spectra.json").is_file():
         paths += spectra.plot_spectra(results / "spectra.json", args.img)

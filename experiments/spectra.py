@@ -5,6 +5,8 @@
     python experiments/spectra.py --ckpt PATH --out /tmp/s.json --img-dir /tmp   # any load_checkpoint input
                                                    # (LLaMA-2-7B: 27 GB of float32 and long exact SVDs)
     python experiments/spectra.py --plot-only      # redraw the PNGs from the JSON
+    python experiments/spectra.py --quant-noise    # Q4_1 rounding noise against the spectra:
+                                                   # experiments/results/quant_noise.json
 
 For every targeted linear layer W (d_out, d_in) = (m·p, n·q) it takes the exact KPSVD spectrum
 σ_1 ≥ … ≥ σ_K, K = min(m·n, p·q), in float32 (kpsvd.kpsvd, the same call inject makes), and at each
@@ -32,15 +34,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from kpsvd import factor_shape, kpsvd  # noqa: E402
+from kpsvd import factor_shape, kpsvd, rearrange  # noqa: E402
 from model import ModelArgs, load_checkpoint  # noqa: E402
 from rank_select import explain_rank  # noqa: E402
 from soka.checkpoints import demo_checkpoint  # noqa: E402
+from soka.gguf import meta_key, read_gguf  # noqa: E402
 
 # The study's settings, in one place.
 TAUS = (0.80, 0.90, 0.95, 0.99)                     # energy thresholds
@@ -53,6 +57,8 @@ TOP_K = 64                                           # singular values kept per 
 GRID = 16                                            # and this many log-spaced ones past them, for the plots
 PAPER = {"soka": 0.99e6, "lora_pissa": 1.33e6}       # trainable parameters on LLaMA-2-7B, as the paper states
 OUT = ROOT / "experiments" / "results" / "spectra.json"
+QUANT_OUT = ROOT / "experiments" / "results" / "quant_noise.json"
+Q4_1, Q4_1_BLOCK, Q4_1_BYTES = 3, 32, 20             # ggml type id; values and bytes per block
 IMG_DIR = ROOT / "docs" / "img"
 
 
@@ -295,6 +301,59 @@ def format_table(res):
 
 
 # -----------------------------------------------------------------------------
+# quantization noise: the demo model's attention and FFN weights are Q4_1
+
+def q4_1_scales(gf, name):
+    """The per-weight rounding step of a Q4_1 tensor, shaped like the weight: each block of 32 weights
+    along a row is x = d·q + m with q ∈ {0, …, 15}, so its step is the block's fp16 d."""
+    info = gf.tensor_info[name]
+    if info.ggml_type != Q4_1:
+        raise ValueError(f"{gf.path}: {name} is {info.type_name}, not Q4_1")
+    raw = np.asarray(gf._map[info.offset:info.offset + info.nbytes]).reshape(-1, Q4_1_BYTES)
+    d = raw[:, :2].copy().view("<f2").astype(np.float64).ravel()
+    return np.repeat(d, Q4_1_BLOCK).reshape(info.shape)
+
+
+def quant_noise(gguf_path, taus=(0.9,), seed=0):
+    """For every attention / FFN tensor of a GGUF file: its type, the rounding step d per block, and
+    one draw of rounding noise (each weight's error uniform on [−d/2, d/2], variance d²/12, as
+    round-to-nearest on a grid of step d gives) rearranged as the weight's KPSVD rearranges it. The
+    noise's largest Kronecker singular value σ₁(N) is set against the weight's σ_k at the rule's rank,
+    at r_max = 16 and at k = 64, and its energy against the weight's. The elbow's gap σ_e − σ_{e+1} is
+    set against the noise per weight (RMS): to first order a singular value moves by uᵀNv, whose
+    spread is that RMS, so a gap many times larger keeps the elbow where it is."""
+    gf = read_gguf(gguf_path)
+    g = np.random.default_rng(seed)
+    types, rows = {}, []
+    for name, info in gf.tensor_info.items():
+        key = meta_key(name)
+        types[info.type_name] = types.get(info.type_name, 0) + 1
+        kind = key.rsplit(".", 2)[-2] if key else None
+        if kind not in ALL_TARGETS:
+            continue
+        W = torch.from_numpy(gf.tensor(name)).double()
+        D = q4_1_scales(gf, name)
+        N = torch.from_numpy((g.random(D.shape) - 0.5) * D)
+        m, n, p, q = factor_shape(*W.shape)
+        sw = torch.linalg.svdvals(rearrange(W, m, n, p, q))
+        sn = torch.linalg.svdvals(rearrange(N, m, n, p, q))
+        c = explain_rank(sw, tau=taus[0], r_min=R_MIN, r_max=min(R_MAX, sw.numel()))
+        r, gap = c.r, float(sw[c.r_elbow - 1] - sw[c.r_elbow])
+        std = math.sqrt(float((D ** 2).mean()) / 12)       # one weight's rounding error, root mean square
+        rows.append(dict(name=key.removesuffix(".weight"), type=kind, gguf_type=info.type_name,
+                         noise_std=sig6(std), elbow_gap=sig6(gap), gap_ratio=sig6(gap / std),
+                         step_mean=sig6(float(D.mean())), noise_energy_share=sig6(float((D ** 2).sum() / 12 / W.square().sum())),
+                         noise_sigma1=sig6(float(sn[0])), r=r, sigma_r=sig6(float(sw[r - 1])),
+                         sigma_16=sig6(float(sw[15])), sigma_64=sig6(float(sw[63])),
+                         ratio_r=sig6(float(sw[r - 1] / sn[0])), ratio_16=sig6(float(sw[15] / sn[0])),
+                         ratio_64=sig6(float(sw[63] / sn[0]))))
+    worst = {k: min(rows, key=lambda x: x[k]) for k in ("ratio_r", "ratio_16", "ratio_64", "gap_ratio")}
+    return dict(source=dict(checkpoint=Path(gguf_path).name), tensor_types=types, seed=seed, tau=taus[0],
+                layers=rows, min_ratio={k: dict(value=v[k], layer=v["name"]) for k, v in worst.items()},
+                max_noise_energy_share=max(x["noise_energy_share"] for x in rows))
+
+
+# -----------------------------------------------------------------------------
 # plots
 
 def _curve(L):
@@ -337,7 +396,7 @@ def plot_spectra(results_json, img_dir):
     def title(ax, t):
         L0 = next(L for L in layers if L["type"] == t)
         ax.set_title(f"{t}  {L0['d_out']}×{L0['d_in']}  (m, n, p, q) = {tuple(L0['factors'])}", fontsize=9)
-        ax.set_xlabel("k")
+        ax.set_xlabel("k, Kronecker term (log scale)")
         ax.grid(alpha=0.3, which="both", lw=0.4)
 
     def save(fig, name):
@@ -360,7 +419,7 @@ def plot_spectra(results_json, img_dir):
             r = L["ranks"][k90]["r"]
             ax.plot(r, at[r], "*", color="red", ms=10, mec="k", mew=0.5)
         title(ax, t)
-    axes[0, 0].set_ylabel("σ_k / σ_1")
+    axes[0, 0].set_ylabel("σ_k / σ_1 (log scale)")
     handles = [plt.Line2D([], [], color=shade(d), label=f"block {d}") for d in depths]
     handles += [plt.Line2D([], [], ls="", marker=markers[k], color="gray", label=f"r_energy at τ = {k}") for k in taus]
     handles += [plt.Line2D([], [], ls="", marker="*", color="red", mec="k", ms=10, label=f"chosen r at τ = {k90}")]
@@ -379,7 +438,8 @@ def plot_spectra(results_json, img_dir):
             ax.plot([L["block"] for L in rows], [L["ranks"][k90][f] for L in rows], ".-", label=t, lw=1)
     for ax, f in zip(axes, ("chosen r = clip(min(r_energy, r_elbow))", "r_energy", "r_elbow")):
         ax.set_title(f"{f}, τ = {k90}", fontsize=10)
-        ax.set_xlabel("block")
+        ax.set_xlabel("block (layer index)")
+        ax.set_ylabel("Kronecker terms" + ("" if ax is axes[0] else " (log scale)"))
         ax.grid(alpha=0.3, which="both", lw=0.4)
     axes[1].set_yscale("log")
     axes[2].set_yscale("log")
@@ -400,7 +460,7 @@ def plot_spectra(results_json, img_dir):
             ax.axhline(float(k), color="gray", ls=":", lw=0.8)
         title(ax, t)
         ax.set_ylim(0, 1.02)
-    axes[0, 0].set_ylabel("Σ_{i≤k} σ_i² / ‖W‖_F²")
+    axes[0, 0].set_ylabel("Σ_{i≤k} σ_i² / ‖W‖_F²\n(share of the weight's energy)")
     axes[0, 0].legend(fontsize=8, loc="upper left")
     fig.suptitle(f"Cumulative Kronecker energy of every layer (color: block {blocks[0]} → {blocks[-1]}); "
                  f"dotted: τ = {', '.join(taus)}", fontsize=10)
@@ -417,7 +477,18 @@ def main(argv=None):
     ap.add_argument("--out", default=str(OUT), help="results JSON")
     ap.add_argument("--img-dir", default=str(IMG_DIR), help="where the PNGs go")
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNGs from --out, compute nothing")
+    ap.add_argument("--quant-noise", action="store_true",
+                    help="only the Q4_1 rounding noise of a GGUF --ckpt against its spectra, to " + str(QUANT_OUT.name))
     a = ap.parse_args(argv)
+    if a.quant_noise:
+        ckpt = Path(a.ckpt).expanduser() if a.ckpt else demo_checkpoint()
+        res = quant_noise(ckpt)
+        QUANT_OUT.write_text(dumps(res))
+        print(f"{ckpt.name}: tensor types {res['tensor_types']}; noise energy ≤ {100 * res['max_noise_energy_share']:.2f} % "
+              f"of a weight's; σ_r / σ₁(noise) ≥ {res['min_ratio']['ratio_r']['value']:.1f}, σ_16 / σ₁(noise) ≥ "
+              f"{res['min_ratio']['ratio_16']['value']:.1f}, σ_64 / σ₁(noise) ≥ {res['min_ratio']['ratio_64']['value']:.1f}; "
+              f"wrote {QUANT_OUT}")
+        return
     out = Path(a.out)
     if not a.plot_only:
         if a.ckpt is None:

@@ -4,7 +4,9 @@
     python experiments/study.py --stage sweep        # one stage: spectra, sweep, final, shapes_sweep,
                                                      #   ablate, matched, shapes
     python experiments/study.py --stage final --budget 540    # start no run after 540 s
-    python experiments/study.py --plan               # list the runs and what is done, train nothing
+    python experiments/study.py --plan               # list the runs and what is done, with an estimate
+                                                     #   of the GPU time left; train nothing
+    python experiments/study.py --stage qv_sweep,qv_final,base --ckpt M.gguf --data-dir D   # second round
     for i in 0 1 2; do OMP_NUM_THREADS=4 python experiments/study.py --stage matched --claims /tmp/c1 --tag w$i & done; wait
                                                      # three processes side by side on one GPU (a small
                                                      # model leaves most of it idle)
@@ -34,6 +36,25 @@ Settings (SETTINGS below; the ranks are computed from the model, printed by --pl
             rank whose count is closest to 4/3 of SoKA's (the paper's 0.99 M against 1.33 M)
   matched   SoKA at the one fixed rank whose count is closest to LoRA / PiSSA r = 8's, against r = 8
 
+Second round (the paper's targets, per-task sweeps, per-problem results; ROUND2 below):
+  base        the base model on every task: its test-split evaluation (train.py --eval-only) and its
+              held-out loss (one LoRA step at lr BASE_LR from B = 0: the model stays the base model)
+  qv_sweep    setting "qv", the paper's: SoKA on wq wv with the rule's ranks, against LoRA / PiSSA at the
+              rank whose count is nearest the paper's 1.33 M transferred to this model (PEFT LoKr r = 8
+              on all seven types) and at the rank nearest SoKA's own count; a learning-rate sweep per task
+              (GRIDS, seed 0), grown at an edge as the first round's sweep is
+  qv_final    each arm at its task's best rate, SEEDS, with evaluation and per-problem results
+  all7_sweep, all7_final   setting "all7": SoKA on all seven linear types against LoRA / PiSSA at the
+              rank nearest its count
+  rule_sweep, rule_final   setting "rule", the rank rule isolated on wq wv: energy alone (at the τ
+              whose count is nearest the rule's), elbow alone, one uniform rank nearest the rule's count;
+              the rule itself is qv's SoKA. An arm with the rule's ranks in every layer takes the rule's
+              rate (no sweep of its own)
+  The settings are computed once from the model's spectra (round2_settings) and kept in
+  experiments/results/settings2.json. Each evaluated run's per-problem results are kept compactly
+  (id, extracted answer, verdict) in experiments/results/problems/<stage>/<run id>.jsonl.gz; the
+  full completions stay in the run folder's eval.jsonl.
+
 Every run is `python train.py ...` in a fresh process (nothing one run leaves on the GPU can
 crowd the next), with its own --out under experiments/runs/ (not committed). Its summary (options, trainable parameters,
 per-step loss and gradient norm, held-out losses, accuracy, times) is appended to
@@ -42,7 +63,10 @@ docs/reproduction.md comes from those files through plot_study.py.
 """
 import argparse
 import copy
+import gzip
+import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -55,6 +79,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from experiments import spectra                 # noqa: E402
 from model import load_checkpoint               # noqa: E402
+from rank_select import R_MAX, R_MIN, TAU, explain_rank   # noqa: E402
 from soka import adapters                       # noqa: E402
 from soka.checkpoints import demo_checkpoint    # noqa: E402
 from soka.tasks import DATA_DIR                 # noqa: E402
@@ -263,15 +288,252 @@ def plan(results, stage, st, setting=None):
     raise ValueError(stage)
 
 
+
+# ----------------------------------------------------------------------------- second round
+
+QV = ("wq", "wv")                                             # the paper's targets
+ALL7 = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+ROUND2 = ("qv_sweep", "qv_final", "base", "rule_sweep", "rule_final", "all7_sweep", "all7_final")   # in priority order
+# Per method and task, 3-4 rates around the first round's GSM8K best (sweep.jsonl: SoKA 3e-3 with
+# 9e-3 within 0.0003, LoRA 9e-3, PiSSA 9e-3 at r = 3 and 3e-3 at r = 8). MBPP trains 5 epochs of 374
+# problems and overfits at those rates, so its grid reaches one step lower; `rates` grows any grid
+# whose best sits at an edge, as in the first round.
+GRIDS = {"soka": {"gsm8k": (1e-3, 3e-3, 9e-3), "math": (1e-3, 3e-3, 9e-3), "mbpp": (3e-4, 1e-3, 3e-3, 9e-3)},
+         "lora": {"gsm8k": (3e-3, 9e-3, 3e-2), "math": (3e-3, 9e-3, 3e-2), "mbpp": (1e-3, 3e-3, 9e-3, 3e-2)},
+         "pissa": {"gsm8k": (3e-3, 9e-3, 3e-2), "math": (3e-3, 9e-3, 3e-2), "mbpp": (1e-3, 3e-3, 9e-3, 3e-2)}}
+LOKR_R = 8             # the paper's 1.33 M is PEFT LoKr r = 8 on LLaMA-2-7B's seven linear types
+BASE_LR = 1e-12        # the base model's held-out loss: one step this small from B = 0 leaves W as it is
+TAU_STEP = 1e-3        # the energy-only arm's τ: the multiple of this whose count is nearest the rule's
+
+
+def _rule_ranks(rows, rule="both", tau=TAU):
+    return [explain_rank(L["sigma"], tau=tau, r_min=min(R_MIN, L["sigma"].numel()),
+                         r_max=min(R_MAX, L["sigma"].numel()), rule=rule).r for L in rows]
+
+
+def _soka_count(rows, ranks):
+    return sum(r * spectra.soka_per_rank(L["d_out"], L["d_in"]) for r, L in zip(ranks, rows))
+
+
+def energy_tau(rows, target):
+    """The τ (a multiple of TAU_STEP) whose energy-only ranks give the SoKA count nearest `target`
+    (ties: the smaller τ). The count grows with τ, so a bisection finds the crossing."""
+    count = lambda k: _soka_count(rows, _rule_ranks(rows, "energy", k * TAU_STEP))   # noqa: E731
+    lo, hi = 1, round(1 / TAU_STEP)
+    while lo < hi:                              # the smallest k whose count reaches the target
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if count(mid) < target else (lo, mid)
+    k = min((k for k in (lo - 1, lo) if k >= 1), key=lambda k: (abs(count(k) - target), k))
+    return round(k * TAU_STEP, 6)
+
+
+def round2_settings(layers):
+    """The second round's settings from spectra.layer_spectra rows (exact float32 KPSVD of every
+    linear layer): {setting: {"targets", "arms": {arm: {method, rank, rule, tau, role, same_as}}},
+    "arithmetic": the counts the ranks come from}. rank None: the rule's ranks (rule, tau)."""
+    qv = [L for L in layers if L["type"] in QV]
+    lora_unit = lambda rows: sum(L["d_out"] + L["d_in"] for L in rows)   # noqa: E731
+    n_blocks = len({L["block"] for L in layers})
+    # The paper's 1.33 M is PEFT LoKr r = 8 on all seven types of LLaMA-2-7B: 32 × (4·5,120 + 3·7,040)
+    # = 1,331,200. The same construction on this model is its "1.33 M-equivalent".
+    lokr = sum(spectra.lokr_params(L["d_out"], L["d_in"], LOKR_R) for L in layers)
+    rule_qv, rule_all = _rule_ranks(qv), _rule_ranks(layers)
+    soka_qv, soka_all = _soka_count(qv, rule_qv), _soka_count(layers, rule_all)
+    r_lokr, r_count = spectra.closest_rank(lokr, lora_unit(qv)), spectra.closest_rank(soka_qv, lora_unit(qv))
+    r_all = spectra.closest_rank(soka_all, lora_unit(layers))
+    tau_e = energy_tau(qv, soka_qv)
+    energy_ranks = _rule_ranks(qv, "energy", tau_e)
+    per_rank_qv = _soka_count(qv, [1] * len(qv))
+    r_uniform = spectra.closest_rank(soka_qv, per_rank_qv)
+
+    def baselines(rank, role):
+        return {f"{m}_r{rank}": dict(method=m, rank=rank, role=role) for m in ("lora", "pissa")}
+    qv_arms = {"soka": dict(method="soka", rank=None, role="the rule's ranks")}
+    qv_arms.update(baselines(r_lokr, "1.33 M-equivalent" + (" and SoKA's count" if r_lokr == r_count else "")))
+    qv_arms.update(baselines(r_count, "SoKA's count") if r_count != r_lokr else {})
+    rule_arms = {"soka_energy": dict(method="soka", rank=None, rule="energy", tau=tau_e, role=f"energy alone, τ = {tau_e:g}"),
+                 "soka_elbow": dict(method="soka", rank=None, rule="elbow", role="elbow alone"),
+                 f"soka_r{r_uniform}": dict(method="soka", rank=r_uniform, role=f"uniform rank {r_uniform}")}
+    for arm in ("soka_energy", "soka_elbow"):
+        a = rule_arms[arm]
+        if _rule_ranks(qv, a["rule"], a.get("tau", TAU)) == rule_qv:
+            a["same_as"] = "qv/soka"            # the rule's ranks in every layer: the rule's rate, no sweep
+    return dict(
+        qv=dict(targets=list(QV), arms=qv_arms),
+        all7=dict(targets=list(ALL7), arms={"soka": dict(method="soka", rank=None, role="the rule's ranks"),
+                                            **baselines(r_all, "SoKA's count")}),
+        rule=dict(targets=list(QV), arms=rule_arms, rule_arm="qv/soka"),
+        arithmetic=dict(
+            blocks=n_blocks, lokr_r8_all7=lokr, lokr_per_block={L["type"]: spectra.lokr_params(L["d_out"], L["d_in"], LOKR_R)
+                                                               for L in layers if L["block"] == layers[0]["block"]},
+            soka_qv=soka_qv, soka_all7=soka_all, lora_per_rank_qv=lora_unit(qv), lora_per_rank_all7=lora_unit(layers),
+            soka_per_rank_qv=per_rank_qv, rule_ranks_qv=rule_qv, energy_tau=tau_e, energy_ranks_qv=energy_ranks,
+            energy_count_qv=_soka_count(qv, energy_ranks), elbow_equals_rule_qv=_rule_ranks(qv, "elbow") == rule_qv,
+            elbow_equals_rule_all7=_rule_ranks(layers, "elbow") == rule_all,
+            min_r_energy_at_tau=min(explain_rank(L["sigma"], tau=TAU).r_energy for L in layers), tau=TAU, r_max=R_MAX,
+            uniform_rank_qv=r_uniform, uniform_count_qv=r_uniform * per_rank_qv,
+            lora_rank_lokr=r_lokr, lora_rank_count_qv=r_count, lora_rank_count_all7=r_all))
+
+
+def load_round2(results, ckpt):
+    """settings2.json if it was computed from a file with these bytes (size and sha256), else computed
+    now (the model on the CPU, float32, exact KPSVD of all 210 layers: half a minute on 16 cores)
+    and saved."""
+    path, ckpt = Path(results) / "settings2.json", Path(ckpt)
+    source = dict(checkpoint=ckpt.name, bytes=ckpt.stat().st_size if ckpt.is_file() else None,
+                  sha256=file_sha256(ckpt) if ckpt.is_file() else None)
+    if path.is_file():
+        st = json.loads(path.read_text())
+        same = {k: st.get("source", {}).get(k) for k in ("bytes", "sha256")} == {k: source[k] for k in ("bytes", "sha256")}
+        if same and source["sha256"] is not None:
+            return st
+    base, _ = load_checkpoint(ckpt)
+    st = dict(round2_settings(spectra.layer_spectra(base, ALL7)), source=source)
+    Path(results).mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.part-{os.getpid()}")     # processes side by side may all write it
+    tmp.write_text(json.dumps(st, indent=1) + "\n")
+    os.replace(tmp, path)
+    return st
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run_id2(r):
+    return f"{r['stage']}/{r['task']}/{r['setting']}/{r['arm']}/lr{r['lr']:g}/s{r['seed']}"
+
+
+def spec2(st2, stage, task, setting, arm, lr, seed, **extra):
+    a = st2[setting]["arms"][arm]
+    r = dict(stage=stage, task=task, setting=setting, arm=arm, method=a["method"], rank=a.get("rank"),
+             rule=a.get("rule"), tau=a.get("tau"), targets=st2[setting]["targets"], lr=lr, seed=seed, **extra)
+    r["id"] = run_id2(r)
+    return r
+
+
+def arm_best(st2, setting, arm, task, sweeps):
+    """(rates its sweep runs, best rate or None while that sweep is unfinished). An arm that is
+    another's (same_as) takes that arm's best and runs no sweep (rates ())."""
+    a = st2[setting]["arms"][arm]
+    if a.get("same_as"):
+        other_setting, other = a["same_as"].split("/")
+        return (), arm_best(st2, other_setting, other, task, sweeps)[1]
+    mine = [r for r in sweeps.get(setting, []) if r["arm"] == arm and r["task"] == task]
+    lrs = rates(GRIDS[a["method"]][task], mine)
+    done = {r["lr"] for r in mine if r["status"] == "done"}
+    return lrs, (best_of(mine) if set(lrs) <= done else None)
+
+
+def plan2(results, stage, st2, seeds=None):
+    """The runs of a second-round stage now known: a sweep's rates (grown at an edge), a final
+    stage's runs whose arm's sweep has finished, the base model's six runs."""
+    if stage == "base":
+        return [dict(stage="base", task=t, setting="base", arm=kind, method="base" if kind == "eval" else "lora",
+                     rank=None if kind == "eval" else 1, targets=["wq"], lr=BASE_LR if kind == "heldout" else 0.0,
+                     seed=0, eval=kind == "eval", base=kind, id=f"base/{t}/{kind}") for t in TASKS
+                for kind in ("eval", "heldout")]
+    setting, kind = stage.split("_")
+    sweeps = {s: read(results, f"{s}_sweep") for s in ("qv", "all7", "rule")}
+    runs = []
+    if kind == "sweep":
+        for task in TASKS:
+            for arm in st2[setting]["arms"]:
+                lrs, _ = arm_best(st2, setting, arm, task, sweeps)
+                runs += [spec2(st2, stage, task, setting, arm, lr, 0, eval=False) for lr in lrs]
+        return runs
+    for seed in seeds or SEEDS:         # seed-major: a cut-short stage still has whole seeds
+        for task in TASKS:
+            for arm in st2[setting]["arms"]:
+                _, lr = arm_best(st2, setting, arm, task, sweeps)
+                if lr is not None:
+                    runs.append(spec2(st2, stage, task, setting, arm, lr, seed, eval=True))
+    return runs
+
+
+def expected2(stage, st2, seeds=None):
+    """How many runs a second-round stage will have once its sweeps are done (extensions of a sweep
+    not counted)."""
+    if stage == "base":
+        return 2 * len(TASKS)
+    setting, kind = stage.split("_")
+    arms = st2[setting]["arms"]
+    if kind == "sweep":
+        return sum(len(GRIDS[a["method"]][t]) for t in TASKS for a in arms.values() if not a.get("same_as"))
+    return len(seeds or SEEDS) * len(TASKS) * len(arms)
+
+
+# Seconds per run on one H100 alone, from the first round's records (wall time: load, KPSVD, training,
+# held-out loss, evaluation), for 120 adapted layers; SCALE for the second round's targets. Side by
+# side, three processes took about twice as long each: 1.5 times the throughput (SIDE_BY_SIDE).
+SECONDS = {("sweep", "gsm8k"): dict(soka=42, lora=29, pissa=31), ("sweep", "math"): dict(soka=56, lora=38, pissa=41),
+           ("sweep", "mbpp"): dict(soka=27, lora=22, pissa=25), ("final", "gsm8k"): dict(soka=60, lora=40, pissa=42),
+           ("final", "math"): dict(soka=71, lora=52, pissa=55), ("final", "mbpp"): dict(soka=52, lora=41, pissa=48)}
+SCALE = {"qv": dict(soka=0.8, lora=0.95, pissa=0.95), "rule": dict(soka=0.8), "all7": dict(soka=1.6, lora=1.15, pissa=1.15)}
+BASE_SECONDS = {"eval": dict(gsm8k=25, math=30, mbpp=35), "heldout": dict(gsm8k=20, math=22, mbpp=15)}
+SIDE_BY_SIDE = 1.5
+
+
+def seconds2(r):
+    """Estimated seconds of one second-round run alone on an H100."""
+    if r["stage"] == "base":
+        return BASE_SECONDS[r["arm"]][r["task"]]
+    kind = "final" if r["eval"] else "sweep"
+    return SECONDS[kind, r["task"]][r["method"]] * SCALE[r["setting"]][r["method"]]
+
+
+def compact_problems(src, dest, task):
+    """The per-problem lines of an evaluation (soka/evaluate.py's eval.jsonl) as a small gzip JSONL:
+    {"id", "x": the extracted answer (≤ 64 characters; MBPP: "sha256:" and 12 hex digits of the
+    program), "v": 1 or 0}. Deterministic bytes (mtime 0)."""
+    rows = []
+    for line in Path(src).read_text(encoding="utf-8").splitlines():
+        p = json.loads(line)
+        x = p["extracted"]
+        if x is not None and task == "mbpp":
+            x = "sha256:" + hashlib.sha256(x.encode()).hexdigest()[:12]
+        elif x is not None:
+            x = x[:64]
+        rows.append({"id": p["id"], "x": x, "v": int(bool(p["verdict"]))})
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+    return rows
+
+
+def problems_file(results, r):
+    """Where a run's compact per-problem results go: <results>/problems/<stage>/<run id, / as __>.jsonl.gz."""
+    return Path(results) / "problems" / r["stage"] / (r["id"].replace("/", "__") + ".jsonl.gz")
+
+
+def read_problems(path):
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(l) for l in f if l.strip()]
+
+
 # ----------------------------------------------------------------------------- one run
 
 def argv_for(r, ckpt, data_dir, out):
+    if r.get("base") == "eval":                 # the base model as it is, through train.py's evaluation
+        o = dict({k: v for k, v in COMMON.items() if k in ("max_len", "device", "eval_limit", "max_new_tokens")},
+                 task=r["task"], eval_only=True, out=out, data_dir=data_dir, ckpt=ckpt,
+                 eval_batch_size=EVAL_BATCH.get(r["task"]))
+        return [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in o.items() if v is not None]
     o = dict(COMMON, task=r["task"], method=r["method"], lr=r["lr"], seed=r["seed"], epochs=EPOCHS[r["task"]],
-             targets=",".join(TARGETS), out=out, data_dir=data_dir, ckpt=ckpt)
+             targets=",".join(r.get("targets") or TARGETS), out=out, data_dir=data_dir, ckpt=ckpt)
+    if r.get("base") == "heldout":
+        o.update(max_steps=1, eval_every=0)
     if r["rank"] is not None:
         o["rank"] = r["rank"]
     if r.get("tau") is not None:
         o["tau"] = r["tau"]
+    if r.get("rule") not in (None, "both"):
+        o["rank_rule"] = r["rule"]
     if r.get("init") is not None:
         o["init"] = r["init"]
     factors = {**FACTORS, **SHAPES}.get(r.get("factors"))
@@ -284,26 +546,40 @@ def argv_for(r, ckpt, data_dir, out):
     return [f"--{k.replace('_', '-')}={v}" for k, v in o.items() if v is not None]
 
 
-def summarize(r, out, wall_s):
-    """The run's record: what it was, and what it measured (from the files train.py wrote)."""
-    m = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    report = json.loads((out / "ranks.json").read_text())
-    loss, gn = [x["loss"] for x in m], [x["grad_norm"] for x in m]
-    held = [[x["step"], x["heldout_loss"]] for x in m if x["heldout_loss"] is not None]
-    done = len(m) > 0 and (out / "adapter.pt").exists()
-    k = max(1, len(loss) // 10)
-    rec = dict(r, status="done" if done else "failed", trainable=report["totals"]["trainable"],
-               ranks=[row["r"] for row in report["layers"]], steps=len(m), wall_s=round(wall_s, 1),
-               train_s=round(sum(x["time_s"] for x in m), 2), tokens=sum(x["tokens"] for x in m),
-               loss=[round(v, 5) for v in loss], grad_norm=[round(v, 4) for v in gn], heldout=held,
-               loss_first=sum(loss[:k]) / k, loss_last=sum(loss[-k:]) / k,
-               heldout_final=held[-1][1] if held else None, gnorm_max=max(gn) if gn else None,
-               gnorm_above_1_5=sum(g > 1.5 for g in gn) / max(len(gn), 1))
+def summarize(r, out, wall_s, results=None):
+    """The run's record: what it was, and what it measured (from the files train.py wrote). With
+    `results`, an evaluated run's per-problem results are kept there too (compact_problems)."""
+    rec = dict(r, status="done")
+    if r.get("base") != "eval":
+        m = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+        report = json.loads((out / "ranks.json").read_text())
+        loss, gn = [x["loss"] for x in m], [x["grad_norm"] for x in m]
+        held = [[x["step"], x["heldout_loss"]] for x in m if x["heldout_loss"] is not None]
+        done = len(m) > 0 and (out / "adapter.pt").exists()
+        k = max(1, len(loss) // 10)
+        rec.update(status="done" if done else "failed", trainable=report["totals"]["trainable"],
+                   ranks=[row["r"] for row in report["layers"]], steps=len(m), wall_s=round(wall_s, 1),
+                   train_s=round(sum(x["time_s"] for x in m), 2), tokens=sum(x["tokens"] for x in m),
+                   loss=[round(v, 5) for v in loss], grad_norm=[round(v, 4) for v in gn], heldout=held,
+                   loss_first=sum(loss[:k]) / k, loss_last=sum(loss[-k:]) / k,
+                   heldout_final=held[-1][1] if held else None, gnorm_max=max(gn) if gn else None,
+                   gnorm_above_1_5=sum(g > 1.5 for g in gn) / max(len(gn), 1))
+    else:
+        rec.update(trainable=0, wall_s=round(wall_s, 1))
     ev = out / "eval.json"
     if r["eval"] and ev.exists():
         e = json.loads(ev.read_text())
         rec.update(accuracy=e["accuracy"], correct=e["correct"], n_eval=e["n"],
                    eval_s=round(sum(e["seconds"].values()), 2))
+        if results is not None and (out / "eval.jsonl").exists():
+            dest = problems_file(results, r)
+            rows = compact_problems(out / "eval.jsonl", dest, r["task"])
+            if (len(rows), sum(x["v"] for x in rows)) != (e["n"], e["correct"]):
+                raise ValueError(f"{out / 'eval.jsonl'}: {len(rows)} problems, {sum(x['v'] for x in rows)} right; "
+                                 f"eval.json says {e['n']}, {e['correct']}")
+            rec["problems"] = dest.relative_to(results).as_posix()
+    elif r["eval"]:
+        rec["status"] = "failed"                # an evaluated run without its evaluation
     return rec
 
 
@@ -319,30 +595,106 @@ def claim(claims, run_id):
         return False
 
 
+def release(claims, run_id):
+    """Mark a claimed run finished (claims/<run id>.done), recorded or failed."""
+    if claims is not None:
+        (claims / (run_id.replace("/", "__") + ".done")).touch()
+
+
+def in_progress(claims, runs):
+    """The runs among `runs` that some process of this batch has claimed and not finished."""
+    if claims is None:
+        return []
+    return [r for r in runs if (claims / r["id"].replace("/", "__")).exists()
+            and not (claims / (r["id"].replace("/", "__") + ".done")).exists()]
+
+
+FIRST = ("spectra", "sweep", "final", "shapes_sweep", "ablate", "matched", "shapes")
+KNOWN = FIRST + ROUND2
+
+
+def print_plan(stages, results, st, st2, setting, seeds):
+    """Each stage's runs: done, to do now, and (second round) still to come; estimated GPU time."""
+    total = 0.0
+    for stage in stages:
+        done = {r["id"] for r in read(results, stage) if r["status"] == "done"}
+        runs = plan2(results, stage, st2, seeds) if stage in ROUND2 else plan(results, stage, st, setting)
+        todo = [r for r in runs if r["id"] not in done]
+        line = f"stage {stage}: {len(done)} runs done, {len(todo)} to do"
+        if stage in ROUND2:
+            later = max(0, expected2(stage, st2, seeds) - len(done) - len(todo))
+            est = sum(map(seconds2, todo))
+            if later:                                   # not planned yet: a final waits for its sweep
+                setting = stage.split("_")[0]
+                per = [seconds2(dict(stage=stage, task=t, setting=setting, method=a["method"], eval=stage.endswith("_final")))
+                       for t in TASKS for a in st2[setting]["arms"].values()]
+                est += later * sum(per) / len(per)
+            total += est
+            line += (f", {later} more once their sweeps are done" if later else "") + \
+                f"; about {est / 60:.0f} min alone on an H100 ({est / 60 / SIDE_BY_SIDE:.0f} min three side by side)"
+        print(line)
+        for r in todo:
+            print(f"  {r['id']}  rank {r['rank']}")
+    if any(s in ROUND2 for s in stages):
+        print(f"second round left: about {total / 60:.0f} min of runs alone on an H100, {total / 60 / SIDE_BY_SIDE:.0f} "
+              f"min with three processes side by side; a sweep grown at an edge adds its runs")
+
+
+def run_one(r, ckpt, data_dir, results, stage, tag, claims):
+    """Train (and evaluate) one run in a fresh process and append its record."""
+    out = RUNS / r["id"]
+    if out.exists():                # a run cut short earlier starts again from scratch
+        shutil.rmtree(out)
+    print(f"\n=== {r['id']} (rank {r['rank']})", flush=True)
+    t0 = time.perf_counter()
+    out.mkdir(parents=True)
+    # A fresh process per run: every run starts from the same GPU state, and nothing one
+    # run leaves allocated (CUDA graph pools, the allocator's cache) can crowd the next.
+    with open(out / "log.txt", "w") as log:
+        rc = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv_for(r, ckpt, data_dir, out)],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    try:
+        rec = summarize(r, out, time.perf_counter() - t0, results) if rc == 0 else dict(r, status=f"exit {rc}")
+        rec["side_by_side"] = claims is not None     # its times shared the GPU with other runs
+    except (OSError, ValueError, KeyError) as e:
+        rec = dict(r, status=f"error: {type(e).__name__}: {e}")
+    if rc != 0:
+        print((out / "log.txt").read_text()[-2000:])
+    with open(results / f"{stage}{'-' + tag if tag else ''}.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    print(f"=== {r['id']}: {rec['status']}, held-out {rec.get('heldout_final')}, "
+          f"accuracy {rec.get('accuracy')}, {time.perf_counter() - t0:.1f} s", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stage", default="all",
-                    help="all, or a comma-separated list of: spectra, sweep, final, shapes_sweep, ablate, matched, "
-                         "shapes")
+                    help=f"all (the first round's stages), round2, or a comma-separated list of: {', '.join(KNOWN)}")
     ap.add_argument("--results", default=None, help="folder of the <stage>.jsonl records (default experiments/results)")
-    ap.add_argument("--ckpt", default=None, help="model (default: the demo model, as train.py finds it)")
-    ap.add_argument("--data-dir", default=None, help="GSM8K / MATH / MBPP folder (default: train.py's)")
+    ap.add_argument("--ckpt", default=os.environ.get("SOKA_CKPT"),
+                    help="model (default: $SOKA_CKPT, else the demo model as train.py finds it)")
+    ap.add_argument("--data-dir", default=os.environ.get("SOKA_DATA_DIR"),
+                    help="GSM8K / MATH / MBPP folder (default: $SOKA_DATA_DIR, else train.py's)")
     ap.add_argument("--budget", type=float, default=None, help="start no run after this many seconds")
-    ap.add_argument("--plan", action="store_true", help="print the runs and what is done; train nothing")
+    ap.add_argument("--plan", action="store_true", help="print the runs, what is done and the GPU time left; train nothing")
     ap.add_argument("--setting", choices=("paper", "matched"), default=None, help="sweep only this setting")
+    ap.add_argument("--seeds", default=None,
+                    help="second-round final stages: comma-separated seeds (default 0,1,2; add seeds where a verdict "
+                         "hangs on them)")
     ap.add_argument("--tag", default="", help="write to <stage>-<tag>.jsonl (for processes side by side)")
     ap.add_argument("--claims", default=None, metavar="DIR",
                     help="processes side by side (each with its own --tag) share the plan: a process runs a run "
                          "only if it creates DIR/<run id> first. Use a fresh DIR for each batch of processes, and "
                          "set OMP_NUM_THREADS to cores / processes. Their records say side_by_side: their times "
-                         "shared the GPU")
+                         "shared the GPU. With --budget, a process with nothing to start waits while another "
+                         "runs one of its stages' runs (a finished sweep may unlock runs)")
     args = ap.parse_args(argv)
     results = Path(args.results) if args.results else RESULTS
     claims = Path(args.claims) if args.claims else None
-    known = ("spectra", "sweep", "final", "shapes_sweep", "ablate", "matched", "shapes")
-    stages = known if args.stage == "all" else tuple(args.stage.split(","))
-    if not set(stages) <= set(known):
-        ap.error(f"--stage {args.stage!r}: choose from all, {', '.join(known)}")
+    seeds = tuple(int(x) for x in args.seeds.split(",")) if args.seeds else None
+    stages = FIRST if args.stage == "all" else ROUND2 if args.stage == "round2" else tuple(args.stage.split(","))
+    if not set(stages) <= set(KNOWN):
+        ap.error(f"--stage {args.stage!r}: choose from all, round2, {', '.join(KNOWN)}")
     t_start = time.perf_counter()
     try:
         ckpt = str(Path(args.ckpt).expanduser() if args.ckpt else demo_checkpoint())
@@ -355,56 +707,53 @@ def main(argv=None):
     if not stages:
         return 0
 
-    base, _ = load_checkpoint(ckpt)             # float32 on the CPU, for the parameter counts
-    st = settings(base)
-    print(f"settings: {json.dumps({k: st[k] for k in ('paper', 'matched')})}; counts {json.dumps(st['counts'])}")
     results.mkdir(parents=True, exist_ok=True)
-    (results / "settings.json").write_text(json.dumps(st, indent=1) + "\n")
-    for stage in stages:
-        while True:                             # the sweep grows once its grid is done
-            done = {r["id"] for r in read(results, stage) if r["status"] == "done"}   # failed runs run again
-            todo = [r for r in plan(results, stage, st, args.setting) if r["id"] not in done]
-            print(f"stage {stage}: {len(done)} runs done, {len(todo)} to do")
-            if args.plan:
-                for r in todo:
-                    print(f"  {r['id']}  rank {r['rank']}")
-                break
-            if not todo:
-                break
-            started = 0
-            for r in todo:
-                if args.budget is not None and time.perf_counter() - t_start > args.budget:
-                    print(f"budget of {args.budget:.0f} s spent; run again to continue")
-                    return 0
-                if not claim(claims, r["id"]):
-                    continue                    # another process runs it (or ran it in this batch)
-                started += 1
-                out = RUNS / r["id"]
-                if out.exists():                # a run cut short earlier starts again from scratch
-                    shutil.rmtree(out)
-                print(f"\n=== {r['id']} (rank {r['rank']})", flush=True)
-                t0 = time.perf_counter()
-                out.mkdir(parents=True)
-                # A fresh process per run: every run starts from the same GPU state, and nothing one
-                # run leaves allocated (CUDA graph pools, the allocator's cache) can crowd the next.
-                with open(out / "log.txt", "w") as log:
-                    rc = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv_for(r, ckpt, data_dir, out)],
-                                        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
-                try:
-                    rec = summarize(r, out, time.perf_counter() - t0) if rc == 0 else dict(r, status=f"exit {rc}")
-                    rec["side_by_side"] = claims is not None     # its times shared the GPU with other runs
-                except (OSError, ValueError, KeyError) as e:
-                    rec = dict(r, status=f"error: {type(e).__name__}: {e}")
-                if rc != 0:
-                    print((out / "log.txt").read_text()[-2000:])
-                with open(results / f"{stage}{'-' + args.tag if args.tag else ''}.jsonl", "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                print(f"=== {r['id']}: {rec['status']}, held-out {rec.get('heldout_final')}, "
-                      f"accuracy {rec.get('accuracy')}, {time.perf_counter() - t0:.1f} s", flush=True)
-            if stage not in ("sweep", "shapes_sweep") or not started:
-                break
-    return 0
+    st = st2 = None
+    if any(s in FIRST for s in stages):
+        base, _ = load_checkpoint(ckpt)             # float32 on the CPU, for the parameter counts
+        st = settings(base)
+        print(f"settings: {json.dumps({k: st[k] for k in ('paper', 'matched')})}; counts {json.dumps(st['counts'])}")
+        (results / "settings.json").write_text(json.dumps(st, indent=1) + "\n")
+    if any(s in ROUND2 for s in stages):
+        st2 = load_round2(results, ckpt)
+        print("second round: " + "; ".join(f"{k}: {', '.join(v['arms'])}" for k, v in st2.items() if "arms" in v))
+    if args.plan:
+        print_plan(stages, results, st, st2, args.setting, seeds)
+        return 0
 
+    def todo_of(stage):
+        done = {r["id"] for r in read(results, stage) if r["status"] == "done"}   # failed runs run again
+        runs = plan2(results, stage, st2, seeds) if stage in ROUND2 else plan(results, stage, st, args.setting)
+        return [r for r in runs if r["id"] not in done]
+
+    while True:                                 # passes over the stages until one starts nothing:
+        started, busy = 0, []                   # a finished sweep grows its grid or unlocks final runs
+        for stage in stages:
+            while True:
+                todo = todo_of(stage)
+                print(f"stage {stage}: {len(todo)} to do")
+                here = 0
+                for r in todo:
+                    if args.budget is not None and time.perf_counter() - t_start > args.budget:
+                        print(f"budget of {args.budget:.0f} s spent; run again to continue")
+                        return 0
+                    if not claim(claims, r["id"]):
+                        continue                # another process runs it (or ran it in this batch)
+                    here += 1
+                    try:
+                        run_one(r, ckpt, data_dir, results, stage, args.tag, claims)
+                    finally:
+                        release(claims, r["id"])
+                started += here
+                if stage not in ("sweep", "shapes_sweep") or not here:
+                    break                       # the first round's sweeps grow before the next stage
+            busy += in_progress(claims, todo_of(stage))
+        if started:
+            continue
+        if not busy or args.budget is None or time.perf_counter() - t_start > args.budget:
+            return 0
+        print(f"waiting: {len(busy)} runs under way in other processes (e.g. {busy[0]['id']})", flush=True)
+        time.sleep(15)
 
 if __name__ == "__main__":
     sys.exit(main())

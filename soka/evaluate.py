@@ -6,13 +6,16 @@
     result = evaluate(model, tokenizer, "math", load_examples("math", "math500"), generate_fn=generate,
                       batch_size=32, max_new_tokens=512, out_path="out/math500.json")
     result["accuracy"], result["examples"][0]   # {id, prompt, completion, extracted, gold, verdict, error}
+    # out/math500.jsonl beside it: one line per problem {id, prediction, extracted, gold, verdict, error}
 
 Prompts come from soka.tasks (the same format as fine-tuning), are sorted by token length (longest
 first, so an out-of-memory shows up in the first batch) and generated `batch_size` at a time with
 `generate_fn` (model.generate's signature). GSM8K and MATH are scored in one child process, each
 example under a time limit (MATH's sympy step has a child of its own); MBPP programs run in parallel
-sandboxed processes. This module receives a model and its generate function; it imports neither
-model.py nor the adapters.
+sandboxed processes. With out_path, the per-problem results go beside the results file as JSON
+lines (problems_path: eval.json -> eval.jsonl), in the examples' order, so that per-problem
+statistics (paired tests between runs) need no parsing of the whole file. This module receives a
+model and its generate function; it imports neither model.py nor the adapters.
 """
 import json
 import os
@@ -48,6 +51,8 @@ def evaluate(model, tokenizer, task, examples, *, generate_fn, batch_size=16, ma
     """Generate for every example, score, and return (and write to `out_path`, atomically):
     {task, n, correct, accuracy, settings, seconds, examples: [{id, prompt, completion, extracted,
     gold, verdict, error}]}, error being None or why that example could not be scored (score()).
+    With out_path, also problems_path(out_path): one JSON line per example {id, prediction (the
+    completion), extracted, gold, verdict, error}, written before the results file.
     `generate_fn` is model.generate or a function of its signature, and `generate_options` go to it
     as extra keywords (e.g. cuda_graph=True); `info` is any extra JSON-able dict stored under
     settings (checkpoint, split, adapter ...).
@@ -56,6 +61,8 @@ def evaluate(model, tokenizer, task, examples, *, generate_fn, batch_size=16, ma
     what room is left, in a batch of its own (one MBPP test prompt is 3,752 LLaMA 2 tokens: 344 of
     its 384 fit in 4,096); one that fills the context gets an empty completion. Both are listed
     under settings["context_capped"] as {id: new tokens it got}."""
+    if out_path is not None and Path(out_path).suffix == ".jsonl":
+        raise ValueError(f"soka/evaluate.py: out_path {out_path} ends in .jsonl, the per-problem file's suffix")
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"soka/evaluate.py: batch_size ({batch_size}) and max_new_tokens "
                          f"({max_new_tokens}) must be >= 1")
@@ -103,8 +110,16 @@ def evaluate(model, tokenizer, task, examples, *, generate_fn, batch_size=16, ma
                      for ex, p, c, (x, v, e) in zip(examples, prompts, completions, scored)],
     }
     if out_path is not None:
+        write_lines(problems_path(out_path), [{"id": r["id"], "prediction": r["completion"], "extracted": r["extracted"],
+                                              "gold": r["gold"], "verdict": r["verdict"], "error": r["error"]}
+                                             for r in result["examples"]])
         write_json(out_path, result)
     return result
+
+
+def problems_path(out_path):
+    """Where evaluate writes the per-problem JSON lines beside the results file: eval.json -> eval.jsonl."""
+    return Path(out_path).with_suffix(".jsonl")
 
 
 def _trim(text, stop):
@@ -119,12 +134,20 @@ def _trim(text, stop):
 
 def write_json(path, obj):
     """Write through a temporary file in the same folder and rename: the file is whole or absent."""
+    _write_atomic(path, lambda f: (json.dump(obj, f, indent=1, ensure_ascii=False), f.write("\n")))
+
+
+def write_lines(path, rows):
+    """One JSON object per line, atomically as write_json."""
+    _write_atomic(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def _write_atomic(path, write):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.part-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-        f.write("\n")
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

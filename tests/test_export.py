@@ -8,17 +8,16 @@ import json
 import os
 
 import pytest
+import safetensors.torch as safetensors_torch
 import torch
 import torch.nn.functional as F
+import transformers
 
 from model import ModelArgs, Transformer, load_checkpoint
 from soka import inject
 from soka.adapters import adapter_layers
 from soka.checkpoints import permute_rotary, unpermute_rotary
 from soka.export import export_hf, export_meta, merged_state_dict, write_safetensors
-
-transformers = pytest.importorskip("transformers")
-safetensors_torch = pytest.importorskip("safetensors.torch")
 
 TOKENS = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
 

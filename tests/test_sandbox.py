@@ -1,4 +1,5 @@
-"""The MBPP sandbox: verdicts, limits, isolation, and MBPP's own reference solutions.
+"""The MBPP sandbox: verdicts, limits, isolation, and MBPP's own reference solutions (conftest.py's
+small MBPP file; all 500 of the test split with --data-dir).
 
 The hostile cases run together through run_many, so the suite pays for the slowest few only. The
 attacks below (forged verdicts, escaping processes, network, disk, memory, immutable files, the
@@ -19,7 +20,6 @@ import pytest
 from soka import mbpp_run, sandbox
 from soka.sandbox import OUTPUT_LIMIT, landlock_abi, run_many, run_program
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TIMEOUT = 3.0
 GOOD = "def add(a, b):\n    return a + b\n"
 TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]
@@ -127,8 +127,8 @@ def test_landlock_stops_what_the_python_guards_miss(outside, attack):
     assert r.passed == ("ctypes" in attack), r.output[-300:]
 
 
-def _mbpp_test_split():
-    rows = [json.loads(line) for line in open(DATA / "mbpp" / "mbpp.jsonl", encoding="utf-8")]
+def _mbpp_test_split(data):
+    rows = [json.loads(line) for line in open(data / "mbpp" / "mbpp.jsonl", encoding="utf-8")]
     return [r for r in rows if 11 <= r["task_id"] <= 510]
 
 
@@ -139,18 +139,18 @@ def _break_one(tests, k):
     return tests[:k] + [ast.unparse(node)] + tests[k + 1:]
 
 
-@pytest.mark.skipif(not (DATA / "mbpp" / "mbpp.jsonl").is_file(), reason=f"{DATA}/mbpp absent")
-def test_mbpp_reference_solutions_pass_and_a_broken_assert_fails():
-    """All 500 test-split reference solutions pass their own asserts (none is known to fail), and
-    each fails once one of its asserts (rotating by task id) is negated. Task 123 takes ~4 s of CPU,
-    hence the generous timeout."""
-    tasks = _mbpp_test_split()
-    assert len(tasks) == 500
+def test_mbpp_reference_solutions_pass_and_a_broken_assert_fails(data):
+    """All test-split reference solutions (500 in the full file) pass their own asserts (none is known
+    to fail), and each fails once one of its asserts (rotating by task id) is negated. MBPP's task 123
+    takes ~4 s of CPU, hence the generous timeout."""
+    tasks = _mbpp_test_split(data)
+    n = len(tasks)
+    assert n > 0
     jobs = [(r["code"], r["test_list"], r["test_setup_code"]) for r in tasks]
     jobs += [(r["code"], _break_one(r["test_list"], r["task_id"] % len(r["test_list"])),
               r["test_setup_code"]) for r in tasks]
     results = run_many(jobs, timeout=60.0, workers=2 * (os.cpu_count() or 1))  # partly start-up waits
-    refs, broken = results[:500], results[500:]
+    refs, broken = results[:n], results[n:]
     failing = {r["task_id"]: x.status for r, x in zip(tasks, refs) if not x.passed}
     assert failing == {}, failing
     still_passing = [r["task_id"] for r, x in zip(tasks, broken) if x.passed]

