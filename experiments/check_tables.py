@@ -18,6 +18,7 @@ draws. The first-round records hold no per-problem results: their accuracies are
 as tables.md computes them.
 """
 import argparse
+import functools
 import gzip
 import hashlib
 import json
@@ -80,6 +81,7 @@ def argmin_lr(rs):
 
 # ----------------------------------------------------------------------------- statistics, again
 
+@functools.lru_cache(maxsize=None)
 def t_quantile(p, dof):
     """Student t quantile by integrating the density from 0 (Simpson, 4,000 panels) and bisecting."""
     c = math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2)) / math.sqrt(dof * math.pi)
@@ -118,8 +120,18 @@ def welch_diff(a, b):
     return d, d - h, d + h
 
 
+class Draws:
+    """stats.py's draws: integers mod n from the raw 64-bit outputs of PCG64 seeded by sha256(label)."""
+
+    def __init__(self, label):
+        self.bits = np.random.PCG64(int.from_bytes(hashlib.sha256(label.encode()).digest()[:8], "little"))
+
+    def __call__(self, n, *shape):
+        return (self.bits.random_raw(math.prod(shape)) % np.uint64(n)).astype(np.int64).reshape(shape)
+
+
 def rng_for(label):
-    return np.random.default_rng(int.from_bytes(hashlib.sha256(label.encode()).digest()[:8], "little"))
+    return Draws(label)
 
 
 def bounds(values):
@@ -134,37 +146,51 @@ def resampled_means(V, S, P):
 
 def boot_acc(V, label):
     g = rng_for(label)
-    P = g.integers(0, V.shape[1], size=(B, V.shape[1]))
-    S = g.integers(0, V.shape[0], size=(B, V.shape[0]))
+    P = g(V.shape[1], B, V.shape[1])
+    S = g(V.shape[0], B, V.shape[0])
     return (float(V.mean()), *bounds(resampled_means(V, S, P)))
 
 
 def boot_diff(A, Bv, label):
     g = rng_for(label)
-    P = g.integers(0, A.shape[1], size=(B, A.shape[1]))
-    SA = g.integers(0, A.shape[0], size=(B, A.shape[0]))
-    SB = g.integers(0, Bv.shape[0], size=(B, Bv.shape[0]))
+    P = g(A.shape[1], B, A.shape[1])
+    SA = g(A.shape[0], B, A.shape[0])
+    SB = g(Bv.shape[0], B, Bv.shape[0])
     reps = resampled_means(A, SA, P) - resampled_means(Bv, SB, P)
     d = float(A.mean() - Bv.mean())
     k = int(np.sum(reps <= 0)) if d > 0 else int(np.sum(reps >= 0))
     return d, *bounds(reps), min(1.0, 2 * (k + 1) / (B + 1))
 
 
-def counts_draw(g, p, n):
-    S = g.integers(0, len(p), size=(B, len(p)))
-    return g.binomial(n, p[S]).mean(axis=1) / n
+def counts_draw(g, correct, n):
+    """Seeds resampled, then each resampled run's count from Binomial(n, c/n) by inverting its CDF
+    (the pmf by the ratio recurrence in logs, not from log-gammas)."""
+    c = list(correct)
+    S = g(len(c), B, len(c))
+    u = (g.bits.random_raw(B * len(c)) >> np.uint64(11)).astype(float).reshape(B, len(c)) / 2.0 ** 53
+    out = np.zeros((B, len(c)))
+    for j, cj in enumerate(c):
+        p = cj / n
+        if p in (0, 1):
+            cdf = np.full(n + 1, 1.0) if p == 0 else np.r_[np.zeros(n), 1.0]
+        else:
+            logs = [n * math.log1p(-p)]
+            for k in range(n):
+                logs.append(logs[-1] + math.log((n - k) / (k + 1)) + math.log(p / (1 - p)))
+            cdf = np.cumsum(np.exp(logs))
+        mine = S == j
+        out[mine] = np.minimum((cdf[None, :] <= u[mine][:, None]).sum(axis=1), n)
+    return out.sum(axis=1) / (len(c) * n)
 
 
 def counts_acc(correct, n, label):
-    p = np.array(correct, dtype=float) / n
-    return (float(p.mean()), *bounds(counts_draw(rng_for(label), p, n)))
+    return (float(np.mean(correct) / n), *bounds(counts_draw(rng_for(label), correct, n)))
 
 
 def counts_diff(ca, cb, n, label):
     g = rng_for(label)
-    pa, pb = np.array(ca, dtype=float) / n, np.array(cb, dtype=float) / n
-    reps = counts_draw(g, pa, n) - counts_draw(g, pb, n)
-    return (float(pa.mean() - pb.mean()), *bounds(reps))
+    reps = counts_draw(g, ca, n) - counts_draw(g, cb, n)
+    return (float(np.mean(ca) / n - np.mean(cb) / n), *bounds(reps))
 
 
 def mcnemar(b, c):

@@ -9,12 +9,13 @@
 Accuracy. A group of runs (one arm on one task, seeds s = 1 … S) is a 0/1 matrix V (S, N), its columns
 the N test problems in one order (by id). Its accuracy is V's mean. The interval is a percentile
 bootstrap over problems and seeds, B = 2,000 replicates, drawn as follows so that
-experiments/check_tables.py can reproduce every number with its own code:
+experiments/check_tables.py can reproduce every number with its own code, on any NumPy version:
 
-    rng     = numpy.random.default_rng(seed_of(label))     seed_of: sha256(label)'s first 8 bytes, little-endian
-    P       = rng.integers(0, N, size=(B, N))               problems, one resample per replicate
-    SA      = rng.integers(0, S_A, size=(B, S_A))           seeds of the first group
-    SB      = rng.integers(0, S_B, size=(B, S_B))           seeds of the second (differences only)
+    g       = numpy.random.PCG64(seed_of(label))            seed_of: sha256(label)'s first 8 bytes, little-endian
+    draw(n, shape) = g.random_raw(prod(shape)) mod n, reshaped (PCG64's raw 64-bit outputs: a fixed stream)
+    P       = draw(N, (B, N))                               problems, one resample per replicate
+    SA      = draw(S_A, (B, S_A))                           seeds of the first group
+    SB      = draw(S_B, (B, S_B))                           seeds of the second (differences only)
     stat[b] = mean(A[SA[b]][:, P[b]])  (− mean(B[SB[b]][:, P[b]]) for a difference)
     interval: sorted(stat)[floor(0.025·B)] and sorted(stat)[ceil(0.975·B) − 1]
 
@@ -27,9 +28,10 @@ seeds treats the seed pairs as independent draws of each problem, so this p read
 verdict uses the bootstrap interval.
 
 Records without per-problem results (the first round's) give only counts: count_interval and
-count_difference resample seeds as above and, per resampled run of n problems with c correct,
-draw Binomial(n, c/n) (a problem resample of that run alone). Unpaired, so wider than the paired
-interval when two arms agree on most problems.
+count_difference resample seeds (draw(S, (B, S))) and give each resampled run of n problems with c
+correct a count from Binomial(n, c/n), the problem bootstrap of that run alone, by inversion: the
+smallest k whose CDF exceeds u, u = (raw >> 11)·2⁻⁵³ from the next B·S raw outputs. First group,
+then second. Unpaired, so wider than the paired interval when two arms agree on most problems.
 
 Held-out loss: one value per seed; t_interval is mean ± t(0.975, S − 1)·sd/√S, welch the
 difference of means with Welch's interval (Welch–Satterthwaite degrees of freedom).
@@ -51,6 +53,11 @@ def seed_of(label):
     return int.from_bytes(hashlib.sha256(label.encode()).digest()[:8], "little")
 
 
+def draw(g, n, shape):
+    """Integers in [0, n) from a PCG64 bit generator's raw outputs (mod n: a bias below n / 2^64)."""
+    return (g.random_raw(int(np.prod(shape))) % np.uint64(n)).astype(np.int64).reshape(shape)
+
+
 def _order_bounds(stat):
     s = np.sort(stat)
     return float(s[math.floor((1 - LEVEL) / 2 * len(s))]), float(s[math.ceil((1 + LEVEL) / 2 * len(s)) - 1])
@@ -64,14 +71,14 @@ def _group_means(V, seeds, P):
     return total / (seeds.shape[1] * P.shape[1])
 
 
-def _draws(rng, n, *sizes):
-    return rng.integers(0, n, size=(B, n)), [rng.integers(0, s, size=(B, s)) for s in sizes]
+def _draws(g, n, *sizes):
+    return draw(g, n, (B, n)), [draw(g, s, (B, s)) for s in sizes]
 
 
 def acc_interval(V, label):
     """(accuracy, lo, hi) of a seeds × problems 0/1 matrix, as fractions."""
     V = np.atleast_2d(np.asarray(V))
-    P, (seeds,) = _draws(np.random.default_rng(seed_of(label)), V.shape[1], V.shape[0])
+    P, (seeds,) = _draws(np.random.PCG64(seed_of(label)), V.shape[1], V.shape[0])
     return (float(V.mean()), *_order_bounds(_group_means(V, seeds, P)))
 
 
@@ -82,7 +89,7 @@ def acc_difference(A, Bm, label, seeds_a=None, seeds_b=None):
     A, Bm = np.atleast_2d(np.asarray(A)), np.atleast_2d(np.asarray(Bm))
     if A.shape[1] != Bm.shape[1]:
         raise ValueError(f"stats.py: {label}: {A.shape[1]} and {Bm.shape[1]} problems; a paired test needs the same")
-    P, (sa, sb) = _draws(np.random.default_rng(seed_of(label)), A.shape[1], A.shape[0], Bm.shape[0])
+    P, (sa, sb) = _draws(np.random.PCG64(seed_of(label)), A.shape[1], A.shape[0], Bm.shape[0])
     stat = _group_means(A, sa, P) - _group_means(Bm, sb, P)
     d = float(A.mean() - Bm.mean())
     lo, hi = _order_bounds(stat)
@@ -109,21 +116,38 @@ def count_interval(correct, n, label):
     """(accuracy, lo, hi) from per-seed counts only (no per-problem results): seeds resampled, each
     resampled run's count drawn from Binomial(n, c/n)."""
     p = np.asarray(correct, dtype=np.float64) / n
-    rng = np.random.default_rng(seed_of(label))
-    stat = _count_draw(rng, p, n)
+    stat = _count_draw(np.random.PCG64(seed_of(label)), correct, n)
     return (float(p.mean()), *_order_bounds(stat))
 
 
-def _count_draw(rng, p, n):
-    seeds = rng.integers(0, len(p), size=(B, len(p)))
-    return rng.binomial(n, p[seeds]).mean(1) / n
+def _binomial_cdf(n, p):
+    k = np.arange(n + 1)
+    if p in (0.0, 1.0):
+        return (k >= (n if p == 1.0 else 0)).astype(float)
+    logpmf = np.array([math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) for i in k]) \
+        + k * math.log(p) + (n - k) * math.log1p(-p)
+    return np.cumsum(np.exp(logpmf))
+
+
+def _count_draw(g, correct, n):
+    """Per replicate: resampled seeds, each resampled run's count drawn from Binomial(n, c/n) by
+    inversion; the mean accuracy."""
+    c = np.asarray(correct, dtype=np.int64)
+    seeds = draw(g, len(c), (B, len(c)))
+    u = (g.random_raw(B * len(c)) >> np.uint64(11)).astype(np.float64).reshape(B, len(c)) * 2.0 ** -53
+    cdfs = [_binomial_cdf(n, x / n) for x in c]
+    right = np.zeros((B, len(c)), dtype=np.int64)
+    for s, cdf in enumerate(cdfs):
+        mine = seeds == s
+        right[mine] = np.minimum(np.searchsorted(cdf, u[mine], side="right"), n)
+    return right.sum(1) / (len(c) * n)
 
 
 def count_difference(correct_a, correct_b, n, label):
     """Unpaired Δ = acc(A) − acc(B) from counts: {diff, lo, hi}."""
     pa, pb = (np.asarray(c, dtype=np.float64) / n for c in (correct_a, correct_b))
-    rng = np.random.default_rng(seed_of(label))
-    stat = _count_draw(rng, pa, n) - _count_draw(rng, pb, n)
+    g = np.random.PCG64(seed_of(label))
+    stat = _count_draw(g, correct_a, n) - _count_draw(g, correct_b, n)
     lo, hi = _order_bounds(stat)
     return dict(diff=float(pa.mean() - pb.mean()), lo=lo, hi=hi)
 
