@@ -86,7 +86,7 @@ def test_heldout_loss_shows_a_progress_bar(capsys):
                               amp=torch.autocast("cpu", enabled=False), rank=0, world=1)
     assert loss > 0
     err = capsys.readouterr().err
-    assert "held-out loss" in err and "3/3" in err               # 5 examples, 2 a batch
+    assert "held-out loss" in err and "/3 [" in err              # 5 examples, 2 a batch: 3 batches
 
 
 def test_the_demo_fetch_keeps_pips_output_and_says_its_last_line(tmp_path, monkeypatch, capsys):
