@@ -139,7 +139,7 @@ def _write_checked(dest, data, sha256, source="MATH.tar"):
 def math_from_tar(tar_path, out_dir, *, expected=None):
     """MATH.tar (…/{train,test}/<subject>/<n>.json) -> out_dir/{train,test}.jsonl.
 
-    As ../shared/data/SOURCES.md describes: the four fields unchanged, `unique_id` added
+    The conversion: the four fields unchanged, `unique_id` added
     ("test/algebra/1.json"), sorted by subject folder then number, one `json.dumps(...,
     ensure_ascii=False)` line each. `expected` maps split -> sha256 that each output must have.
     """
