@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from soka.checkpoints import first_line, hf_params, hf_tokenizer, read_hf_weights
+from soka.checkpoints import SHARD_DIM, first_line, hf_params, hf_tokenizer, meta_shards, read_hf_weights
 from soka.gguf import load_gguf
 from soka.tokenizer import SentencePieceTokenizer, json_object
 
@@ -598,9 +598,6 @@ def _build(args, state_dict, source, *, device, dtype):
 
 
 # Meta: tensors split across model-parallel shards, and the dimension they were split along.
-_SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
-
-
 def _model_args(params, source):
     try:
         return ModelArgs(**params)
@@ -651,35 +648,20 @@ def read_meta(folder):
     up -> (ModelArgs, state dict joined from the shards, tokenizer or None)."""
     args, tokenizer = meta_config(folder)
     params_file = folder / "params.json"
-    files = sorted(folder.glob("consolidated.*.pth"))
-    if not files:
-        raise ValueError(f"{folder}: params.json but no consolidated.*.pth shards")
-    shards = []
-    for f in files:
-        try:
-            shards.append(torch.load(f, map_location="cpu", mmap=True, weights_only=True))  # runs no code
-        except Exception as e:
-            raise ValueError(f"{f}: cannot read this checkpoint shard, truncated or not a torch file of "
-                             f"tensors ({first_line(e)})") from e
-        if not isinstance(shards[-1], dict):
-            raise ValueError(f"{f}: holds a {type(shards[-1]).__name__}, not a state dict {{name: tensor}}")
-    keys = set(shards[0])
-    for f, shard in zip(files[1:], shards[1:]):
-        if set(shard) != keys:
-            raise ValueError(f"{f}: keys differ from {files[0].name}: {sorted(set(shard) ^ keys)[:8]}")
+    files, shards = meta_shards(folder)
     state_dict = {}
-    for k in sorted(keys):
+    for k in sorted(shards[0]):
         if k == "rope.freqs":      # Meta's precomputed rotary table; recomputed from rope_theta here
             continue
         parts = [shard.pop(k) for shard in shards]
         name = k.split(".")[-2] if k.endswith(".weight") else k
-        if len(parts) == 1 or name not in _SHARD_DIM:   # norms are replicated in every shard
+        if len(parts) == 1 or name not in SHARD_DIM:   # norms are replicated in every shard
             state_dict[k] = parts[0]
         else:
             try:
-                state_dict[k] = torch.cat(parts, dim=_SHARD_DIM[name])
+                state_dict[k] = torch.cat(parts, dim=SHARD_DIM[name])
             except RuntimeError as e:
-                raise ValueError(f"{folder}: shards of {k} do not join along dim {_SHARD_DIM[name]}: {e}") from e
+                raise ValueError(f"{folder}: shards of {k} do not join along dim {SHARD_DIM[name]}: {e}") from e
     emb = state_dict.get("tok_embeddings.weight")     # split along dim: the shards' widths add up to it
     if len(files) > 1 and emb is not None and emb.shape[1] != args.dim:   # e.g. a stray consolidated.01.pth
         raise ValueError(f"{folder}: the {len(files)} shards {[f.name for f in files]} join to dim {emb.shape[1]}, "

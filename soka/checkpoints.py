@@ -112,8 +112,9 @@ def hf_params(config_file):
     return params
 
 
-def read_hf_weights(folder, *, n_heads, n_kv_heads, tied):
-    """The safetensors shards of an HF folder -> {Meta key: tensor}, wq/wk rows back in Meta's order."""
+def hf_tensors(folder, *, tied):
+    """(file, Meta key, tensor) for each weight in an HF folder's safetensors files, memory-mapped, in
+    HF's row order; a saved rotary table and a tied lm_head are left out."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json_object(index).get("weight_map")
@@ -124,7 +125,6 @@ def read_hf_weights(folder, *, n_heads, n_kv_heads, tied):
         files = ["model.safetensors"]
     else:
         raise ValueError(f"{folder}: config.json but no model.safetensors or model.safetensors.index.json")
-    state_dict = {}
     for name in files:
         for key, t in read_safetensors(folder / name).items():
             if key.endswith("rotary_emb.inv_freq"):   # old transformers saved the rotary table
@@ -134,12 +134,45 @@ def read_hf_weights(folder, *, n_heads, n_kv_heads, tied):
                 raise ValueError(f"{folder / name}: unexpected tensor {key}")
             if meta_key == "output.weight" and tied:
                 continue   # a tied lm_head saved anyway; the model uses the embedding
-            if meta_key.endswith("wq.weight"):
-                t = unpermute_rotary(t, n_heads)
-            elif meta_key.endswith("wk.weight"):
-                t = unpermute_rotary(t, n_kv_heads)
-            state_dict[meta_key] = t
+            yield folder / name, meta_key, t
+
+
+def read_hf_weights(folder, *, n_heads, n_kv_heads, tied):
+    """The safetensors shards of an HF folder -> {Meta key: tensor}, wq/wk rows back in Meta's order."""
+    state_dict = {}
+    for _, meta_key, t in hf_tensors(folder, tied=tied):
+        if meta_key.endswith("wq.weight"):
+            t = unpermute_rotary(t, n_heads)
+        elif meta_key.endswith("wk.weight"):
+            t = unpermute_rotary(t, n_kv_heads)
+        state_dict[meta_key] = t
     return state_dict
+
+
+# Meta's model-parallel split: the dim along which each weight's shards join (norms are whole in each)
+SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
+
+
+def meta_shards(folder):
+    """(files, state dicts) of Meta's consolidated.*.pth shards, memory-mapped and read with
+    weights_only=True (a planted pickle runs no code, it fails with one line); their keys must agree."""
+    files = sorted(folder.glob("consolidated.*.pth"))
+    if not files:
+        raise ValueError(f"{folder}: params.json but no consolidated.*.pth shards")
+    shards = []
+    for f in files:
+        try:
+            shards.append(torch.load(f, map_location="cpu", mmap=True, weights_only=True))  # runs no code
+        except Exception as e:
+            raise ValueError(f"{f}: cannot read this checkpoint shard, truncated or not a torch file of "
+                             f"tensors ({first_line(e)})") from e
+        if not isinstance(shards[-1], dict):
+            raise ValueError(f"{f}: holds a {type(shards[-1]).__name__}, not a state dict {{name: tensor}}")
+    keys = set(shards[0])
+    for f, shard in zip(files[1:], shards[1:]):
+        if set(shard) != keys:
+            raise ValueError(f"{f}: keys differ from {files[0].name}: {sorted(set(shard) ^ keys)[:8]}")
+    return files, shards
 
 
 def hf_tokenizer(folder):

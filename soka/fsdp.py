@@ -36,11 +36,10 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from kpsvd import work_dtype
 from soka import adapters
-from soka.checkpoints import first_line, hf_to_meta_key, read_safetensors, unpermute_rotary
+from soka.checkpoints import SHARD_DIM, first_line, hf_tensors, meta_shards, unpermute_rotary
 from soka.tokenizer import json_object
 
 # Meta's model-parallel shards split these tensors along this dimension (model.read_meta joins them)
-SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
 
 
 # ----------------------------------------------------------------------------- reading by rows
@@ -77,24 +76,9 @@ class Rows:
 def meta_weights(folder):
     """{key: Rows} of Meta's consolidated.*.pth shards, memory-mapped, the model-parallel parts not joined."""
     folder = Path(folder)
-    files = sorted(folder.glob("consolidated.*.pth"))
-    if not files:
-        raise ValueError(f"{folder}: params.json but no consolidated.*.pth shards")
-    shards = []
-    for f in files:
-        try:
-            shards.append(torch.load(f, map_location="cpu", mmap=True, weights_only=True))  # runs no code
-        except Exception as e:
-            raise ValueError(f"{f}: cannot read this checkpoint shard, truncated or not a torch file of "
-                             f"tensors ({first_line(e)})") from e
-        if not isinstance(shards[-1], dict):
-            raise ValueError(f"{f}: holds a {type(shards[-1]).__name__}, not a state dict {{name: tensor}}")
-    keys = set(shards[0])
-    for f, shard in zip(files[1:], shards[1:]):
-        if set(shard) != keys:
-            raise ValueError(f"{f}: keys differ from {files[0].name}: {sorted(set(shard) ^ keys)[:8]}")
+    _, shards = meta_shards(folder)
     out = {}
-    for k in sorted(keys - {"rope.freqs"}):    # Meta's rotary table: recomputed from rope_theta
+    for k in sorted(set(shards[0]) - {"rope.freqs"}):    # Meta's rotary table: recomputed from rope_theta
         parts = [shard[k] for shard in shards]
         name = k.split(".")[-2] if k.endswith(".weight") else k
         if len(parts) == 1 or name not in SHARD_DIM:     # norms are replicated in every shard
@@ -112,29 +96,11 @@ def hf_weights(folder, *, n_heads, n_kv_heads, tied):
     """{Meta key: Rows} of an HF folder's safetensors files, memory-mapped; wq and wk read through a row
     index that puts HF's rows back in Meta's order (checkpoints.unpermute_rotary, applied to row numbers)."""
     folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json_object(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index}: no weight_map {{tensor name: file}}")
-        files = sorted(set(weight_map.values()))
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise ValueError(f"{folder}: config.json but no model.safetensors or model.safetensors.index.json")
     out = {}
-    for name in files:
-        for key, t in read_safetensors(folder / name).items():
-            if key.endswith("rotary_emb.inv_freq"):     # old transformers saved the rotary table
-                continue
-            meta_key = hf_to_meta_key(key)
-            if meta_key is None:
-                raise ValueError(f"{folder / name}: unexpected tensor {key}")
-            if meta_key == "output.weight" and tied:
-                continue
-            heads = n_heads if meta_key.endswith("wq.weight") else n_kv_heads if meta_key.endswith("wk.weight") else 0
-            order = unpermute_rotary(torch.arange(t.shape[0])[:, None], heads)[:, 0] if heads else None
-            out[meta_key] = Rows([t], index=order)
+    for _, meta_key, t in hf_tensors(folder, tied=tied):
+        heads = n_heads if meta_key.endswith("wq.weight") else n_kv_heads if meta_key.endswith("wk.weight") else 0
+        order = unpermute_rotary(torch.arange(t.shape[0])[:, None], heads)[:, 0] if heads else None
+        out[meta_key] = Rows([t], index=order)
     return out
 
 

@@ -101,7 +101,7 @@ def test_rows_read_joins_meta_parts_and_puts_hf_rows_in_meta_order():
 
 
 def test_the_shard_table_is_model_py_s_and_loading_a_gguf_is_refused(tmp_path):
-    assert fsdp.SHARD_DIM == model._SHARD_DIM
+    assert fsdp.SHARD_DIM is model.SHARD_DIM          # one table: soka/checkpoints.py
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     with pytest.raises(ValueError, match="reads a Meta or Hugging Face folder, not a GGUF file"):
         read_config(tmp_path / "m.gguf")

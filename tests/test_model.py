@@ -47,7 +47,7 @@ def write_meta(model, folder, *, n_shards, vocab_size=None):
     shards = [{"rope.freqs": torch.randn(a.head_dim // 2)} for _ in range(n_shards)]
     for k, t in model.state_dict().items():
         name = k.split(".")[-2]
-        dim = M._SHARD_DIM.get(name)
+        dim = M.SHARD_DIM.get(name)
         parts = t.chunk(n_shards, dim=dim) if dim is not None else [t] * n_shards
         for shard, part in zip(shards, parts):
             shard[k] = part.clone()
