@@ -525,7 +525,8 @@ def second_round(rec, st2):
                      "0.99 M vs 1.33 M: 25.6 % fewer", "fewer" if s < o else "more"])
 
     def per_task(parts):
-        return " · ".join(f"{TASK_NAMES[t]} {v}" for t, v in parts) if parts else "not run"
+        got = dict(parts)
+        return " · ".join(f"{TASK_NAMES[t]} {got.get(t, 'not run')}" for t in TASKS) if got else "not run"
     base = [(s, a) for s in ("qv", "all7") for a, x in st2[s]["arms"].items() if x["method"] != "soka"]
     base.sort(key=lambda x: (x[1].split("_")[0] != "lora", x[0] != "qv"))
     for what in ("acc", "loss"):

@@ -595,7 +595,9 @@ def gnorm_table2(st2, setting, finals):
 
 
 def tasks_cell(parts):
-    return " · ".join(f"{TASK_NAMES[t]} {v}" for t, v in parts) if parts else "not run"
+    """One cell for all tasks: each task's value, or "not run" for a task whose runs are missing."""
+    got = dict(parts)
+    return " · ".join(f"{TASK_NAMES[t]} {got.get(t, 'not run')}" for t in study.TASKS) if got else "not run"
 
 
 def claims2(results_dir, st2, finals):
@@ -807,10 +809,14 @@ def clip_axis(ax, values, *, above=0.25):
     if v.max() <= top:
         return False
     ax.set_ylim(v.min() - 0.1 * above, top)
+    off = {}
     for x, y in values:
         if y > top:
-            ax.annotate(f"{y:.2f}", (x, top), xytext=(0, -22), textcoords="offset points", ha="center", fontsize=7,
-                        color="red", arrowprops=dict(arrowstyle="->", lw=0.8, color="red"))
+            off.setdefault(x, []).append(y)
+    for x, ys in off.items():                  # runs off the scale at one rate share one arrow
+        ax.annotate("\n".join(f"{y:.2f}" for y in sorted(ys)), (x, top), xytext=(0, -22 - 8 * (len(ys) - 1)),
+                    textcoords="offset points", ha="center", fontsize=7, color="red",
+                    arrowprops=dict(arrowstyle="->", lw=0.8, color="red"))
     return True
 
 
@@ -881,16 +887,26 @@ def plot_sweep(sweep, img_dir):
     return [save(fig, Path(img_dir) / "repro_sweep.png")]
 
 
+def arm_colors(st2, setting):
+    """One color per arm of a setting, the same in its sweep and final-run plots (the rule ablation's own
+    rule, qv's SoKA, is "qv/soka")."""
+    arms = [*(["qv/soka"] if setting == "rule" else []), *st2[setting]["arms"]]
+    return {arm: f"C{i}" for i, arm in enumerate(arms)}
+
+
 def plot_sweep2(sweep, st2, setting, img_dir):
     import matplotlib.pyplot as plt
+    colors = arm_colors(st2, setting)
     tasks = [t for t in study.TASKS if any(r["task"] == t for r in sweep)]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.8 * len(tasks), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.8 * len(tasks), 4.0), squeeze=False)
+    labels = {}
     for ax, task in zip(axes[0], tasks):
         points = []
-        for i, (arm, rs) in enumerate(group([r for r in sweep if r["task"] == task], lambda r: r["arm"]).items()):
-            rs = sorted(rs, key=lambda r: r["lr"])
-            ax.plot([r["lr"] for r in rs], [r["heldout_final"] for r in rs], "o-", color=f"C{i}",
-                    label=f"{arm} ({rs[0]['trainable']:,} trainable)")
+        by_arm = group([r for r in sweep if r["task"] == task], lambda r: r["arm"])
+        for arm in (a for a in colors if a in by_arm):
+            rs = sorted(by_arm[arm], key=lambda r: r["lr"])
+            labels[arm] = f"{arm} ({rs[0]['trainable']:,} trainable)"
+            ax.plot([r["lr"] for r in rs], [r["heldout_final"] for r in rs], "o-", color=colors[arm], ms=4)
             points += [(r["lr"], r["heldout_final"]) for r in rs]
         clipped = clip_axis(ax, points)
         ax.set_xscale("log")
@@ -899,8 +915,12 @@ def plot_sweep2(sweep, st2, setting, img_dir):
         ax.set_title(f"{TASK_NAMES[task]}: {setting} sweep, seed 0" + ("\n(y clipped: red arrows mark runs off the "
                      "scale)" if clipped else ""), fontsize=9)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=6.5, loc="lower left")
-    return [save(fig, Path(img_dir) / f"repro_{setting}_sweep.png")]
+    handles = [plt.Line2D([], [], color=colors[a], marker="o", ms=4, label=labels[a]) for a in colors if a in labels]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(Path(img_dir) / f"repro_{setting}_sweep.png", dpi=90)
+    plt.close(fig)
+    return [Path(img_dir) / f"repro_{setting}_sweep.png"]
 
 
 def plot_ablation(ablate, img_dir):
@@ -1059,9 +1079,9 @@ def plot_all(results_dir, img_dir):
                 paths += plot_sweep2(sweep2, st2, setting, img_dir)
             runs = [dict(r, arm_of_setting=arm) for (s, arm), rs in finals.items() if s == setting for r in rs]
             if runs:                            # the rule ablation's own rule is qv's SoKA: "qv/soka"
-                arms = list(dict.fromkeys(r["arm_of_setting"] for r in runs))
+                colors = arm_colors(st2, setting)
                 paths += plot_runs(runs, img_dir, f"{setting}_", setting, key=lambda r: r["arm_of_setting"],
-                                   label=lambda k: k, color=lambda k: f"C{arms.index(k)}")
+                                   label=lambda k: k, color=colors.get)
     paths += plot_params(results_dir, img_dir)
     paths += plot_accuracy(results_dir, img_dir)
     return paths

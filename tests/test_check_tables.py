@@ -160,7 +160,8 @@ def test_second_round_tables_check_and_fail_where_changed(tmp_path):
     assert claims["25 % fewer trainable parameters than LoRA / PiSSA", "all7: SoKA vs r=2"][2] == \
         "145,000 vs 230,400: 37.1 % fewer"
     acc_row = claims["matches or beats LoRA: accuracy, Δ points", "qv: r=4, 1.33 M-equivalent"]
-    assert acc_row[2].startswith("GSM8K +") and "MATH" not in acc_row[2] and acc_row[4].startswith("GSM8K ")
+    assert acc_row[2].startswith("GSM8K +") and "MATH-500 not run" in acc_row[2] and acc_row[4].startswith("GSM8K ")
+    assert "MATH-500 not run" in acc_row[4]
 
     # the verdicts follow the rule: "better" / "worse" only where the interval excludes 0
     cmp_rows = sec["Setting qv (the paper's: wq wv): soka against each arm (Δ = soka − arm)"]
