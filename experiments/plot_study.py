@@ -1078,7 +1078,7 @@ def plot_all(results_dir, img_dir):
             if sweep2 := load2(results_dir, f"{setting}_sweep", st2):
                 paths += plot_sweep2(sweep2, st2, setting, img_dir)
             runs = [dict(r, arm_of_setting=arm) for (s, arm), rs in finals.items() if s == setting for r in rs]
-            if runs:                            # the rule ablation's own rule is qv's SoKA: "qv/soka"
+            if {r["arm_of_setting"] for r in runs} - {"qv/soka"}:   # the rule ablation's own rule is qv's SoKA
                 colors = arm_colors(st2, setting)
                 paths += plot_runs(runs, img_dir, f"{setting}_", setting, key=lambda r: r["arm_of_setting"],
                                    label=lambda k: k, color=colors.get)
