@@ -461,6 +461,7 @@ def _generate_batch(model, tokenizer, prompts, *, max_new_tokens, temperature, t
         raise ValueError(f"generate: prompt {P} + max_new_tokens {max_new_tokens} > max_seq_len {args.max_seq_len}")
     eos = -1 if tokenizer is None else tokenizer.eos_id
     fill = 0 if tokenizer is None else tokenizer.pad_id
+    vocab = args.vocab_size if tokenizer is None else tokenizer.vocab_size   # rows past it: padding, never sampled
     tokens = torch.tensor([[fill] * (P - len(p)) + list(p) for p in prompts], device=device)  # (B, P)
     pad = torch.tensor([P - len(p) for p in prompts], device=device)
     # Slots P .. P+max_new-2 receive fed-back tokens; the last slot is scratch for CUDA-graph warm-up.
@@ -478,7 +479,7 @@ def _generate_batch(model, tokenizer, prompts, *, max_new_tokens, temperature, t
                         for r in range(0, B, k)])                  # (B, vocab)
     n = 0
     while True:
-        nxt = sample(logits, temperature=temperature, top_p=top_p, generator=generator)
+        nxt = sample(logits[:, :vocab], temperature=temperature, top_p=top_p, generator=generator)
         nxt = torch.where(done, fill, nxt)
         out[:, n] = nxt
         done |= nxt == eos

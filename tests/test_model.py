@@ -478,6 +478,19 @@ def test_meta_vocab_smaller_than_tokenizer(tmp_path, data):
         load_checkpoint(tmp_path / "96")
     loaded, tok = load_checkpoint(tmp_path / str(padded))
     assert loaded.args.vocab_size == padded and tok.vocab_size == n
+    # the padded rows are never generated, though they win every argmax here
+    forward = loaded.forward
+
+    def favour_padding(*args, **kwargs):
+        logits = forward(*args, **kwargs)
+        return logits + torch.where(torch.arange(logits.shape[-1]) >= n, 1e4, 0.0)
+    loaded.forward = favour_padding
+    prompt = [tok.encode("hello", bos=True)]
+    assert loaded(torch.tensor(prompt))[0, -1].argmax() >= n
+    for temperature in (0.0, 1.0):
+        out = generate(loaded, tok, prompt, max_new_tokens=8, temperature=temperature, seed=0)[0]
+        assert out and all(0 <= i < n for i in out)
+        tok.decode(out)
 
 
 def test_hf_index_without_weight_map(tmp_path, hf_folder):
