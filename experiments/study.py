@@ -62,6 +62,7 @@ experiments/results/<stage>.jsonl; a run whose id is there already is skipped. E
 docs/reproduction.md comes from those files through plot_study.py.
 """
 import argparse
+import collections
 import copy
 import gzip
 import hashlib
@@ -96,6 +97,7 @@ EPOCHS = {"gsm8k": 1, "math": 1, "mbpp": 5}      # MBPP has 374 training problem
 # attention ran out of memory on the H100 (generate now prefills in chunks: model.PREFILL_TOKENS);
 # the recorded runs used 128 prompts per call, kept so that they reproduce.
 EVAL_BATCH = {"mbpp": 128}
+TRIES = 2      # a run that failed this often is not started again
 EXTEND = 3     # a grid whose best rate sits at its edge grows by one rate (×3 / ÷3), at most this often
 LR_GRID = {"soka": (1e-4, 3e-4, 1e-3, 3e-3), "lora": (1e-4, 3e-4, 1e-3, 3e-3), "pissa": (3e-5, 1e-4, 3e-4, 1e-3)}
 TAUS = (0.8, 0.95, 0.99)                          # the ablation; 0.9 is the final runs'
@@ -617,9 +619,11 @@ def print_plan(stages, results, st, st2, setting, seeds):
     """Each stage's runs: done, to do now, and (second round) still to come; estimated GPU time."""
     total = 0.0
     for stage in stages:
-        done = {r["id"] for r in read(results, stage) if r["status"] == "done"}
+        recs = read(results, stage)
+        done = {r["id"] for r in recs if r["status"] == "done"}
+        todo = runs_left(results, stage, st, st2, setting, seeds)
         runs = plan2(results, stage, st2, seeds) if stage in ROUND2 else plan(results, stage, st, setting)
-        todo = [r for r in runs if r["id"] not in done]
+        dropped = [r["id"] for r in runs if r["id"] not in done and r not in todo]
         line = f"stage {stage}: {len(done)} runs done, {len(todo)} to do"
         if stage in ROUND2:
             later = max(0, expected2(stage, st2, seeds) - len(done) - len(todo))
@@ -635,13 +639,26 @@ def print_plan(stages, results, st, st2, setting, seeds):
         print(line)
         for r in todo:
             print(f"  {r['id']}  rank {r['rank']}")
+        for run_id in dropped:
+            last = [r["status"] for r in recs if r["id"] == run_id][-1]
+            print(f"  {run_id}  failed {TRIES} times, not started again (last: {last}); delete its records to retry")
     if any(s in ROUND2 for s in stages):
         print(f"second round left: about {total / 60:.0f} min of runs alone on an H100, {total / 60 / SIDE_BY_SIDE:.0f} "
               f"min with three processes side by side; a sweep grown at an edge adds its runs")
 
 
+def runs_left(results, stage, st, st2, setting, seeds):
+    """The stage's planned runs not yet done, less those that failed TRIES times (their records say
+    why; delete those records to try again)."""
+    recs = read(results, stage)
+    done = {r["id"] for r in recs if r["status"] == "done"}
+    failed = collections.Counter(r["id"] for r in recs if r["status"] != "done")
+    runs = plan2(results, stage, st2, seeds) if stage in ROUND2 else plan(results, stage, st, setting)
+    return [r for r in runs if r["id"] not in done and failed[r["id"]] < TRIES]
+
+
 def run_one(r, ckpt, data_dir, results, stage, tag, claims):
-    """Train (and evaluate) one run in a fresh process and append its record."""
+    """Train (and evaluate) one run in a fresh process and append its record; True if it is done."""
     out = RUNS / r["id"]
     if out.exists():                # a run cut short earlier starts again from scratch
         shutil.rmtree(out)
@@ -664,6 +681,7 @@ def run_one(r, ckpt, data_dir, results, stage, tag, claims):
         f.write(json.dumps(rec) + "\n")
     print(f"=== {r['id']}: {rec['status']}, held-out {rec.get('heldout_final')}, "
           f"accuracy {rec.get('accuracy')}, {time.perf_counter() - t0:.1f} s", flush=True)
+    return rec["status"] == "done"
 
 
 def main(argv=None):
@@ -722,10 +740,9 @@ def main(argv=None):
         return 0
 
     def todo_of(stage):
-        done = {r["id"] for r in read(results, stage) if r["status"] == "done"}   # failed runs run again
-        runs = plan2(results, stage, st2, seeds) if stage in ROUND2 else plan(results, stage, st, args.setting)
-        return [r for r in runs if r["id"] not in done]
+        return [r for r in runs_left(results, stage, st, st2, args.setting, seeds) if r["id"] not in given_up]
 
+    given_up = set()
     while True:                                 # passes over the stages until one starts nothing:
         started, busy = 0, []                   # a finished sweep grows its grid or unlocks final runs
         for stage in stages:
@@ -741,7 +758,8 @@ def main(argv=None):
                         continue                # another process runs it (or ran it in this batch)
                     here += 1
                     try:
-                        run_one(r, ckpt, data_dir, results, stage, args.tag, claims)
+                        if not run_one(r, ckpt, data_dir, results, stage, args.tag, claims):
+                            given_up.add(r["id"])   # not again in this process
                     finally:
                         release(claims, r["id"])
                 started += here

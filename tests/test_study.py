@@ -138,6 +138,36 @@ def test_processes_side_by_side_run_only_what_they_claim(tiny, tmp_path, monkeyp
     assert len(lines(results / "final-w1.jsonl")) == 1
 
 
+def test_a_failing_run_is_tried_twice_then_left(tiny, tmp_path, monkeypatch, capsys):
+    """A run whose train.py exits non-zero is recorded as failed and not started again by the same
+    process; the next invocation tries it once more, and after TRIES failures it stays undone."""
+    results = tmp_path / "results"
+    results.mkdir()
+    small_study(monkeypatch, tmp_path / "runs", max_steps=2, eval_limit=1, max_new_tokens=2)
+    monkeypatch.setattr(study, "SEEDS", (0,))
+    real_settings = study.settings
+    monkeypatch.setattr(study, "settings", lambda base: {**real_settings(base), "paper": {"soka": None}})
+    write(results / "sweep.jsonl", [study.spec("sweep", "gsm8k", "paper", "soka", None, 1e-3, 0, eval=False)
+                                    | dict(status="done", heldout_final=1.0)])
+    calls = []
+
+    def failing_train(cmd, **kw):
+        calls.append(cmd)
+        return study.subprocess.CompletedProcess(cmd, 1)
+    monkeypatch.setattr(study.subprocess, "run", failing_train)
+    argv = ["--stage", "final", "--results", str(results), "--ckpt", str(tiny), "--data-dir", str(DATA)]
+    assert study.TRIES == 2
+    assert study.main(argv) == 0 and len(calls) == 1
+    assert study.main(argv) == 0 and len(calls) == 2
+    assert study.main(argv) == 0 and len(calls) == 2
+    assert [r["status"] for r in lines(results / "final.jsonl")] == ["exit 1", "exit 1"]
+    capsys.readouterr()
+    assert study.main([*argv, "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "stage final: 0 runs done, 0 to do" in out
+    assert "final/gsm8k/paper/soka/lr0.001/s0  failed 2 times, not started again (last: exit 1)" in out
+
+
 def test_sweep_extends_a_grid_whose_best_rate_is_at_an_edge():
     st = {"paper": {"soka": None, "lora": 3, "pissa": 3}}
     rec = lambda m, lr, h, status="done": dict(  # noqa: E731
