@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from soka.checkpoints import SHARD_DIM, first_line, hf_params, hf_tokenizer, meta_shards, read_hf_weights
+from soka.checkpoints import (SHARD_DIM, check_keys_and_shapes, first_line, hf_params, hf_tokenizer, meta_shards,
+                              read_hf_weights)
 from soka.gguf import load_gguf
 from soka.tokenizer import SentencePieceTokenizer, json_object
 
@@ -581,15 +582,7 @@ def _build(args, state_dict, source, *, device, dtype):
     then filled with load_state_dict(strict=True, assign=True): weights exist once, on `device`."""
     with torch.device("meta"):
         model = Transformer(args)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"{source}: checkpoint does not match the config: missing keys {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
-                         f"{' ...' if len(unexpected) > 8 else ''}")
-    for k, shape in expected.items():
-        if tuple(state_dict[k].shape) != shape:
-            raise ValueError(f"{source}: {k} has shape {tuple(state_dict[k].shape)}, the config says {shape}")
+    check_keys_and_shapes({k: v.shape for k, v in model.state_dict().items()}, state_dict, source)
     # One tensor at a time, so peak memory is one model plus one tensor; always a copy, so no weight
     # stays backed by a memory-mapped file that could change or shrink under the model.
     for k in list(state_dict):

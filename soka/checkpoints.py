@@ -150,6 +150,19 @@ def read_hf_weights(folder, *, n_heads, n_kv_heads, tied):
 
 
 # Meta's model-parallel split: the dim along which each weight's shards join (norms are whole in each)
+def check_keys_and_shapes(expected, weights, source):
+    """The checkpoint's tensors (`weights`: name -> anything with a .shape) are exactly the model's
+    (`expected`: name -> shape), key for key and shape for shape; else one line naming the first few."""
+    missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{source}: checkpoint does not match the config: missing keys {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''}")
+    for k, shape in expected.items():
+        if tuple(weights[k].shape) != tuple(shape):
+            raise ValueError(f"{source}: {k} has shape {tuple(weights[k].shape)}, the config says {tuple(shape)}")
+
+
 SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
 
 

@@ -36,7 +36,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from kpsvd import work_dtype
 from soka import adapters
-from soka.checkpoints import SHARD_DIM, first_line, hf_tensors, meta_shards, unpermute_rotary
+from soka.checkpoints import (SHARD_DIM, check_keys_and_shapes, first_line, hf_tensors, meta_shards,
+                              unpermute_rotary)
 from soka.tokenizer import json_object
 
 # Meta's model-parallel shards split these tensors along this dimension (model.read_meta joins them)
@@ -171,7 +172,7 @@ def load_sharded(model_cls, args, weights, *, mesh, device, dtype, adapter=None,
     adapters.load_adapter checks it. `source` names the checkpoint in error messages."""
     with torch.device("meta"):
         model = model_cls(args).to(dtype)
-    _check_weights(model, weights, source)
+    check_keys_and_shapes({k: v.shape for k, v in model.state_dict().items()}, weights, source)
     for p in model.parameters():
         p.requires_grad_(False)
     if adapter is None:
@@ -188,19 +189,6 @@ def load_sharded(model_cls, args, weights, *, mesh, device, dtype, adapter=None,
     _fill(model, weights, blob["layers"], device, dtype)
     rows = [{k: v for k, v in rec["info"].items() if k not in ("base", "options")} for rec in blob["layers"].values()]
     return model, adapters._report(blob["method"], blob["options"], rows, verbose=False)
-
-
-def _check_weights(model, weights, source):
-    """The checkpoint's keys and shapes are the model's (model._build's check)."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"{source}: checkpoint does not match the config: missing keys {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
-                         f"{' ...' if len(unexpected) > 8 else ''}")
-    for k, shape in expected.items():
-        if weights[k].shape != shape:
-            raise ValueError(f"{source}: {k} has shape {weights[k].shape}, the config says {shape}")
 
 
 def _new_records(model, weights, method, targets, impl, options, device, dtype):
