@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kpsvd import factor_shape                                  # noqa: E402
 from model import ModelArgs, Transformer, load_checkpoint       # noqa: E402
 from soka import adapters, fsdp                                 # noqa: E402
+from soka.checkpoints import write_meta_shards                   # noqa: E402
 from soka.steps import all_reduce_grads, ce_chunk, eager_step  # noqa: E402
 
 GiB = 2**30
@@ -298,17 +299,9 @@ def status_kib(field):
 
 
 def write_meta_checkpoint(folder, a, n_files, dtype):
-    """A random Meta checkpoint of shape `a` in n_files consolidated.NN.pth, written one tensor at a time."""
-    folder.mkdir(parents=True, exist_ok=True)
-    shards = [{} for _ in range(n_files)]
-    for key, rows in random_weights(a).items():
-        t = rows.read(0, rows.shape[0], device="cpu", dtype=dtype)
-        dim = fsdp.SHARD_DIM.get(key.split(".")[-2])
-        for i, s in enumerate(shards):
-            s[key] = t.clone() if dim is None else t.chunk(n_files, dim=dim)[i].clone()
-    for i, s in enumerate(shards):
-        torch.save(s, folder / f"consolidated.{i:02d}.pth")
-    (folder / "params.json").write_text(json.dumps({k: v for k, v in vars(a).items() if v is not None}))
+    """A random Meta checkpoint of shape `a` in n_files consolidated.NN.pth, made one tensor at a time."""
+    tensors = ((key, rows.read(0, rows.shape[0], device="cpu", dtype=dtype)) for key, rows in random_weights(a).items())
+    write_meta_shards(folder, tensors, a, n_files)
 
 
 def _load_worker(rank, world, port, folder, a, queue):
@@ -376,6 +369,15 @@ def free_port():
         return s.getsockname()[1]
 
 
+def json_shape(text):
+    """--host-shape: a JSON object of ModelArgs fields, checked here so a typo is one line."""
+    try:
+        ModelArgs(**json.loads(text))
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(f"not a JSON object of ModelArgs fields ({e})")
+    return text
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", choices=SHAPES, default="7b")
@@ -393,7 +395,8 @@ def main():
     p.add_argument("--out", default=None)
     p.add_argument("--model-memory", action="store_true", help="print (and with --out save) the modelled memory")
     p.add_argument("--host-memory", action="store_true", help="measure host RSS of sharded loading on the CPU")
-    p.add_argument("--host-shape", default='{"dim": 2048, "n_layers": 8, "n_heads": 16, "vocab_size": 32000}')
+    p.add_argument("--host-shape", default='{"dim": 2048, "n_layers": 8, "n_heads": 16, "vocab_size": 32000}',
+                   type=json_shape, help="--host-memory: the checkpoint's ModelArgs as JSON")
     p.add_argument("--files", type=int, default=2, help="--host-memory: consolidated.NN.pth files")
     p.add_argument("--procs", type=int, default=2, help="--host-memory: processes")
     p.add_argument("--tmp", default=None, help="--host-memory: where to write the checkpoint")

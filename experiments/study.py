@@ -83,7 +83,7 @@ from model import load_checkpoint               # noqa: E402
 from rank_select import R_MAX, R_MIN, TAU, explain_rank   # noqa: E402
 from soka import adapters                       # noqa: E402
 from soka.checkpoints import demo_checkpoint    # noqa: E402
-from soka.tasks import DATA_DIR                 # noqa: E402
+from soka.tasks import DATA_DIR, file_sha256    # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
 RUNS = ROOT / "experiments" / "runs"
@@ -396,14 +396,6 @@ def load_round2(results, ckpt):
     tmp.write_text(json.dumps(st, indent=1) + "\n")
     os.replace(tmp, path)
     return st
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def run_id2(r):

@@ -149,7 +149,6 @@ def read_hf_weights(folder, *, n_heads, n_kv_heads, tied):
     return state_dict
 
 
-# Meta's model-parallel split: the dim along which each weight's shards join (norms are whole in each)
 def check_keys_and_shapes(expected, weights, source):
     """The checkpoint's tensors (`weights`: name -> anything with a .shape) are exactly the model's
     (`expected`: name -> shape), key for key and shape for shape; else one line naming the first few."""
@@ -163,6 +162,7 @@ def check_keys_and_shapes(expected, weights, source):
             raise ValueError(f"{source}: {k} has shape {tuple(weights[k].shape)}, the config says {tuple(shape)}")
 
 
+# Meta's model-parallel split: the dim along which each weight's shards join (norms are whole in each)
 SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
 
 
@@ -186,6 +186,21 @@ def meta_shards(folder):
         if set(shard) != keys:
             raise ValueError(f"{f}: keys differ from {files[0].name}: {sorted(set(shard) ^ keys)[:8]}")
     return files, shards
+
+
+def write_meta_shards(folder, tensors, args, n_files):
+    """The inverse of meta_shards: Meta's layout of a model-parallel split, each of `tensors` ((name,
+    tensor) pairs) cut along its SHARD_DIM into consolidated.00.pth ... (the norms whole in every file),
+    and params.json from `args` (a ModelArgs). Tests and benchmarks write multi-file checkpoints with it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = [{} for _ in range(n_files)]
+    for key, t in tensors:
+        dim = SHARD_DIM.get(key.split(".")[-2])
+        for i, shard in enumerate(shards):
+            shard[key] = t.clone() if dim is None else t.chunk(n_files, dim=dim)[i].clone()
+    for i, shard in enumerate(shards):
+        torch.save(shard, folder / f"consolidated.{i:02d}.pth")
+    (folder / "params.json").write_text(json.dumps({k: v for k, v in vars(args).items() if v is not None}))
 
 
 def hf_tokenizer(folder):

@@ -84,7 +84,8 @@ FILES = {
 
 # ------------------------------------------------------------------------------------ downloader
 
-def _sha256(path):
+def file_sha256(path):
+    """The file's sha256, hex, read 1 MiB at a time."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -179,7 +180,7 @@ def download(task=None, *, data_dir=DATA_DIR, base_url=None, force=False, progre
     data_dir = Path(data_dir)
     files = [f for t in (TASKS if task is None else (task,)) for f in FILES[_check_task(t)]]
     todo = [f for f in files
-            if force or not (data_dir / f.path).is_file() or _sha256(data_dir / f.path) != f.sha256]
+            if force or not (data_dir / f.path).is_file() or file_sha256(data_dir / f.path) != f.sha256]
     from_tar = False
     for f in todo:
         dest = data_dir / f.path
@@ -431,7 +432,7 @@ def main():
     except (OSError, ValueError, tarfile.TarError) as e:     # offline, a bad digest, a broken tarball
         raise SystemExit(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     for path in paths:
-        print(f"{_sha256(path)}  {path}")
+        print(f"{file_sha256(path)}  {path}")
 
 
 if __name__ == "__main__":

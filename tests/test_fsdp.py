@@ -24,7 +24,7 @@ import model  # noqa: E402
 import train  # noqa: E402
 from model import ModelArgs, Transformer, load_checkpoint, read_config  # noqa: E402
 from soka import adapters, fsdp, runs  # noqa: E402
-from soka.checkpoints import meta_to_hf_key, permute_rotary, unpermute_rotary  # noqa: E402
+from soka.checkpoints import meta_to_hf_key, permute_rotary, unpermute_rotary, write_meta_shards  # noqa: E402
 from soka.export import hf_config, write_safetensors  # noqa: E402
 from soka.steps import all_reduce_grads, loss_sum  # noqa: E402
 
@@ -40,17 +40,8 @@ def free_port():
 
 
 def write_meta(folder, state_dict, args, n_files=2):
-    """Meta's layout: each split tensor cut along its dimension into n_files consolidated.NN.pth, the
-    norms copied into every file."""
-    folder.mkdir(parents=True)
-    shards = [{} for _ in range(n_files)]
-    for k, v in state_dict.items():
-        dim = fsdp.SHARD_DIM.get(k.split(".")[-2])
-        for i, s in enumerate(shards):
-            s[k] = v.clone() if dim is None else v.chunk(n_files, dim=dim)[i].clone()
-    for i, s in enumerate(shards):
-        torch.save(s, folder / f"consolidated.{i:02d}.pth")
-    (folder / "params.json").write_text(json.dumps({k: v for k, v in vars(args).items() if v is not None}))
+    """Meta's layout, each split tensor cut along its dimension into n_files consolidated.NN.pth."""
+    write_meta_shards(folder, state_dict.items(), args, n_files)
 
 
 def write_hf(folder, state_dict, args):
