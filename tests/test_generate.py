@@ -27,7 +27,7 @@ class CharTokenizer:
     """One character per id; the eos id decodes to nothing."""
 
     def __init__(self, eos_id):
-        self.eos_id, self.pad_id = eos_id, 0
+        self.eos_id, self.pad_id, self.vocab_size = eos_id, 0, V
 
     def decode(self, ids):
         return "".join(chr(ord("A") + i) for i in ids if i != self.eos_id)
