@@ -36,7 +36,7 @@ from rank_select import R_MAX, R_MIN, RULES, TAU
 from soka import adapters, fsdp, runs
 from soka.checkpoints import demo_checkpoint
 from soka.evaluate import evaluate, write_json
-from soka.steps import GraphedStep, all_reduce_grads, ce_chunk, eager_step, loss_sum
+from soka.steps import GraphedStep, WeightGradNorm, all_reduce_grads, ce_chunk, eager_step, loss_sum
 from soka.tasks import DATA_DIR, IGNORE_INDEX, TASKS, build_examples, data_file, load_examples
 
 # Per task: the split that gives held-out loss, the split evaluated at the end, new-token budget.
@@ -89,6 +89,9 @@ def make_parser(suppress=False):
     a("--warmup", type=float, default=d(0.03), help="warmup steps, or a fraction of all steps if < 1")
     a("--weight-decay", type=float, default=d(0.0))
     a("--clip", type=float, default=d(1.0), help="gradient-norm clipping threshold (0: off)")
+    a("--log-weight-grad", action="store_true", default=d(False),
+      help="also log ‖∂L/∂W‖ of the adapted weights, the same measure for every method (one process, eager; "
+           "soka/steps.py WeightGradNorm)")
     a("--epochs", type=float, default=d(1.0))
     a("--max-steps", type=int, default=d(None), help="stop after this many optimizer steps (the schedule ends there)")
     a("--batch-size", type=int, default=d(16), help="sequences per micro-batch per process")
@@ -300,7 +303,9 @@ def main(argv=None):
     model.compile_pointwise(cfg.compile)
     ce = torch.compile(ce_chunk) if cfg.compile else ce_chunk
     amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if device.type == "cuda" else nullcontext()
-    graphed = device.type == "cuda" and cfg.cuda_graph and not cfg.fsdp   # FSDP's collectives: eager
+    graphed = (device.type == "cuda" and cfg.cuda_graph and not cfg.fsdp   # FSDP's collectives: eager
+               and not cfg.log_weight_grad)                                # its hooks run in Python
+    weight_grad = WeightGradNorm(adapters.adapter_layers(model)) if cfg.log_weight_grad else None
     micro_step = (GraphedStep(model, trainable, amp=amp, pad_id=tok.pad_id, compiled=cfg.compile, ce=ce) if graphed
                   else eager_step(model, amp, ce))
 
@@ -398,6 +403,8 @@ def main(argv=None):
         tokens = sum(len(e["input_ids"]) for e in batch)
         row = dict(step=step, epoch=round(step / steps_per_epoch, 4), loss=loss_v, lr=lr, grad_norm=gnorm_v,
                    tokens=tokens, time_s=round(dt, 4), tokens_per_s=round(tokens / dt, 1), heldout_loss=None)
+        if weight_grad:
+            row["weight_grad_norm"] = weight_grad.pop()
         if held and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):   # --heldout 0: none
             row["heldout_loss"] = heldout_loss(model, held, batch_size=cfg.batch_size, pad_id=tok.pad_id,
                                                device=device, amp=amp, rank=rank, world=world, ce=ce)

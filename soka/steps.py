@@ -152,6 +152,44 @@ class GraphedStep:
         return graph, s_ids, s_labels, s_loss.detach()
 
 
+class WeightGradNorm:
+    """‖∂L/∂W‖₂ over the adapted layers' effective weights W (`train.py --log-weight-grad`).
+
+    The gradient norm train.py logs is of each method's own factors, so it depends on the
+    parametrisation: SoKA's σ, U, V and LoRA's A, B see different numbers for the same change of W.
+    ∂L/∂W is the same quantity for every method, the gradient full fine-tuning would take, so it
+    compares methods like for like. For y = x Wᵀ (+ anything), ∂L/∂W = Σ_tokens gᵀ x with g = ∂L/∂y:
+    each adapted layer's forward hook keeps its input x and hooks its output, whose gradient g
+    arrives in backward. Summed over a step's micro-batches; `pop()` gives the step's global norm
+    (all layers, float64) and starts the next. Holds one float32 (d_out, d_in) matrix per layer and
+    keeps each layer's input alive until backward (activation checkpointing then saves less)."""
+
+    def __init__(self, layers):
+        self.grads = {}
+        self.handles = [layer.register_forward_hook(self._hook(name)) for name, layer in layers]
+
+    def _hook(self, name):
+        def forward_hook(module, inputs, out):
+            if not (torch.is_grad_enabled() and out.requires_grad):
+                return                      # no backward to come (held-out loss, generation)
+            x = inputs[0].detach()
+
+            def on_grad(g):
+                G = g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()   # (d_out, d_in)
+                self.grads[name] = self.grads[name] + G if name in self.grads else G
+            out.register_hook(on_grad)
+        return forward_hook
+
+    def pop(self):
+        total = sum((G.double() ** 2).sum() for G in self.grads.values())
+        self.grads.clear()
+        return float(total) ** 0.5
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
 def all_reduce_grads(params, loss_total):
     """Data parallel: sum the gradients (the adapters' only: the base is frozen) and the loss over the
     processes, as one flat tensor. Each process's loss was already divided by the whole window's

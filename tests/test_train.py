@@ -454,6 +454,15 @@ def test_compile_and_checkpointing_train_alike(tiny, tmp_path):
                 assert ra["heldout_loss"] == pytest.approx(rb["heldout_loss"], rel=1e-5)
 
 
+def test_log_weight_grad_adds_the_like_for_like_norm_and_changes_nothing_else(tiny, tmp_path):
+    common = ["--task", "gsm8k", "--ckpt", tiny, "--max-steps", 3, "--eval-limit", 0, *FAST]
+    run(*common, "--out", tmp_path / "plain")
+    run(*common, "--out", tmp_path / "logged", "--log-weight-grad")
+    for a, b in zip(metrics(tmp_path / "plain"), metrics(tmp_path / "logged"), strict=True):
+        assert "weight_grad_norm" not in a and b["weight_grad_norm"] > 0
+        assert (a["loss"], a["grad_norm"], a["heldout_loss"]) == (b["loss"], b["grad_norm"], b["heldout_loss"])
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="fewer than two CUDA devices here")
 def test_two_nccl_processes_equal_one_gpu(tiny, tmp_path):
     common = ["--task", "gsm8k", "--ckpt", tiny, "--max-steps", 3, "--eval-limit", 0, *FAST,
@@ -603,6 +612,9 @@ def test_options_that_cannot_run_are_refused_before_anything_loads(monkeypatch):
     cfg = train.make_parser().parse_args(["--eval-only"])
     with pytest.raises(SystemExit, match="--eval-only runs in one process"):
         runs.check_setup(cfg, 2, torch.device("cpu"))
+    for argv, world in ((["--log-weight-grad"], 2), (["--log-weight-grad", "--fsdp"], 1)):
+        with pytest.raises(SystemExit, match="--log-weight-grad runs in one process without --fsdp"):
+            runs.check_setup(train.make_parser().parse_args(argv), world, torch.device("cpu"))
     monkeypatch.setattr(adapters, "INTERPRETED", False)     # a CPU without Triton's interpreter
     if adapters.KronFused is not None:
         with pytest.raises(SystemExit, match="--soka-impl fused: .*runs Triton kernels on a CUDA device"):
