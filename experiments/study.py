@@ -50,6 +50,9 @@ Second round (the paper's targets, per-task sweeps, per-problem results; ROUND2 
               whose count is nearest the rule's), elbow alone, one uniform rank nearest the rule's count;
               the rule itself is qv's SoKA. An arm with the rule's ranks in every layer takes the rule's
               rate (no sweep of its own)
+  wgrad       qv's arms at their final rates, seed 0, training only, with train.py --log-weight-grad:
+              ‖∂L/∂W‖ of the adapted weights per step, the gradient measure that is the same for every
+              method (the logged gradient norm is of each method's own factors)
   The settings are computed once from the model's spectra (round2_settings) and kept in
   experiments/results/settings2.json. Each evaluated run's per-problem results are kept compactly
   (id, extracted answer, verdict) in experiments/results/problems/<stage>/<run id>.jsonl.gz; the
@@ -295,7 +298,8 @@ def plan(results, stage, st, setting=None):
 
 QV = ("wq", "wv")                                             # the paper's targets
 ALL7 = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-ROUND2 = ("qv_sweep", "qv_final", "base", "rule_sweep", "rule_final", "all7_sweep", "all7_final")   # in priority order
+ROUND2 = ("qv_sweep", "qv_final", "base", "rule_sweep", "rule_final", "all7_sweep", "all7_final",
+          "wgrad")                                             # in priority order
 # Per method and task, 3-4 rates around the first round's GSM8K best (sweep.jsonl: SoKA 3e-3 with
 # 9e-3 within 0.0003, LoRA 9e-3, PiSSA 9e-3 at r = 3 and 3e-3 at r = 8). MBPP trains 5 epochs of 374
 # problems and overfits at those rates, so its grid reaches one step lower; `rates` grows any grid
@@ -431,8 +435,12 @@ def plan2(results, stage, st2, seeds=None):
                      rank=None if kind == "eval" else 1, targets=["wq"], lr=BASE_LR if kind == "heldout" else 0.0,
                      seed=0, eval=kind == "eval", base=kind, id=f"base/{t}/{kind}") for t in TASKS
                 for kind in ("eval", "heldout")]
-    setting, kind = stage.split("_")
     sweeps = {s: read(results, f"{s}_sweep") for s in ("qv", "all7", "rule")}
+    if stage == "wgrad":                # qv's arms at their final rates, seed 0, ‖∂L/∂W‖ logged
+        return [spec2(st2, "wgrad", task, "qv", arm, lr, 0, eval=False, weight_grad=True)
+                for task in TASKS for arm in st2["qv"]["arms"]
+                for lr in [arm_best(st2, "qv", arm, task, sweeps)[1]] if lr is not None]
+    setting, kind = stage.split("_")
     runs = []
     if kind == "sweep":
         for task in TASKS:
@@ -454,6 +462,8 @@ def expected2(stage, st2, seeds=None):
     not counted)."""
     if stage == "base":
         return 2 * len(TASKS)
+    if stage == "wgrad":
+        return len(TASKS) * len(st2["qv"]["arms"])
     setting, kind = stage.split("_")
     arms = st2[setting]["arms"]
     if kind == "sweep":
@@ -470,6 +480,7 @@ SECONDS = {("sweep", "gsm8k"): dict(soka=42, lora=29, pissa=31), ("sweep", "math
 SCALE = {"qv": dict(soka=0.8, lora=0.95, pissa=0.95), "rule": dict(soka=0.8), "all7": dict(soka=1.6, lora=1.15, pissa=1.15)}
 BASE_SECONDS = {"eval": dict(gsm8k=25, math=30, mbpp=35), "heldout": dict(gsm8k=20, math=22, mbpp=15)}
 SIDE_BY_SIDE = 1.5
+EAGER = 2.0     # a wgrad run's steps run eagerly (--log-weight-grad): assumed twice as long (an estimate)
 
 
 def seconds2(r):
@@ -477,7 +488,7 @@ def seconds2(r):
     if r["stage"] == "base":
         return BASE_SECONDS[r["arm"]][r["task"]]
     kind = "final" if r["eval"] else "sweep"
-    return SECONDS[kind, r["task"]][r["method"]] * SCALE[r["setting"]][r["method"]]
+    return SECONDS[kind, r["task"]][r["method"]] * SCALE[r["setting"]][r["method"]] * (EAGER if r.get("weight_grad") else 1)
 
 
 def compact_problems(src, dest, task):
@@ -537,7 +548,8 @@ def argv_for(r, ckpt, data_dir, out):
         o["eval_limit"] = 0
     elif r["task"] in EVAL_BATCH:
         o["eval_batch_size"] = EVAL_BATCH[r["task"]]
-    return [f"--{k.replace('_', '-')}={v}" for k, v in o.items() if v is not None]
+    flags = ["--log-weight-grad"] if r.get("weight_grad") else []
+    return [f"--{k.replace('_', '-')}={v}" for k, v in o.items() if v is not None] + flags
 
 
 def summarize(r, out, wall_s, results=None):
@@ -558,6 +570,8 @@ def summarize(r, out, wall_s, results=None):
                    loss_first=sum(loss[:k]) / k, loss_last=sum(loss[-k:]) / k,
                    heldout_final=held[-1][1] if held else None, gnorm_max=max(gn) if gn else None,
                    gnorm_above_1_5=sum(g > 1.5 for g in gn) / max(len(gn), 1))
+        if m and "weight_grad_norm" in m[0]:
+            rec["weight_grad_norm"] = [round(x["weight_grad_norm"], 4) for x in m]
     else:
         rec.update(trainable=0, wall_s=round(wall_s, 1))
     ev = out / "eval.json"
@@ -621,9 +635,10 @@ def print_plan(stages, results, st, st2, setting, seeds):
             later = max(0, expected2(stage, st2, seeds) - len(done) - len(todo))
             est = sum(map(seconds2, todo))
             if later:                                   # not planned yet: a final waits for its sweep
-                setting = stage.split("_")[0]
-                per = [seconds2(dict(stage=stage, task=t, setting=setting, method=a["method"], eval=stage.endswith("_final")))
-                       for t in TASKS for a in st2[setting]["arms"].values()]
+                s2 = "qv" if stage == "wgrad" else stage.split("_")[0]
+                per = [seconds2(dict(stage=stage, task=t, setting=s2, method=a["method"], eval=stage.endswith("_final"),
+                                     weight_grad=stage == "wgrad"))
+                       for t in TASKS for a in st2[s2]["arms"].values()]
                 est += later * sum(per) / len(per)
             total += est
             line += (f", {later} more once their sweeps are done" if later else "") + \
@@ -639,12 +654,23 @@ def print_plan(stages, results, st, st2, setting, seeds):
               f"min with three processes side by side; a sweep grown at an edge adds its runs")
 
 
+OOM = "out of memory"
+
+
+def failure(rc, out):
+    """A failed run's status: OOM where the GPU ran out of memory (processes side by side can crowd
+    it; the run itself may be fine), else the exit code."""
+    log = (out / "log.txt").read_text(errors="replace")[-4000:] if (out / "log.txt").exists() else ""
+    return OOM if "out of memory" in log.lower() else f"exit {rc}"
+
+
 def runs_left(results, stage, st, st2, setting, seeds):
     """The stage's planned runs not yet done, less those that failed TRIES times (their records say
-    why; delete those records to try again)."""
+    why; delete those records to try again). Running out of GPU memory is not counted: the next
+    invocation tries such a run again (one process gives up on it for its own lifetime)."""
     recs = read(results, stage)
     done = {r["id"] for r in recs if r["status"] == "done"}
-    failed = collections.Counter(r["id"] for r in recs if r["status"] != "done")
+    failed = collections.Counter(r["id"] for r in recs if r["status"] not in ("done", OOM))
     runs = plan2(results, stage, st2, seeds) if stage in ROUND2 else plan(results, stage, st, setting)
     return [r for r in runs if r["id"] not in done and failed[r["id"]] < TRIES]
 
@@ -663,7 +689,7 @@ def run_one(r, ckpt, data_dir, results, stage, tag, claims):
         rc = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv_for(r, ckpt, data_dir, out)],
                             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
     try:
-        rec = summarize(r, out, time.perf_counter() - t0, results) if rc == 0 else dict(r, status=f"exit {rc}")
+        rec = summarize(r, out, time.perf_counter() - t0, results) if rc == 0 else dict(r, status=failure(rc, out))
         rec["side_by_side"] = claims is not None     # its times shared the GPU with other runs
     except (OSError, ValueError, KeyError) as e:
         rec = dict(r, status=f"error: {type(e).__name__}: {e}")

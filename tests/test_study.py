@@ -167,6 +167,20 @@ def test_a_failing_run_is_tried_twice_then_left(tiny, tmp_path, monkeypatch, cap
     assert "stage final: 0 runs done, 0 to do" in out
     assert "final/gsm8k/paper/soka/lr0.001/s0  failed 2 times, not started again (last: exit 1)" in out
 
+    # running out of GPU memory (processes side by side crowding it) is not the run's failure: every
+    # invocation tries it once more
+    (results / "final.jsonl").unlink()
+
+    def out_of_memory(cmd, **kw):
+        calls.append(cmd)
+        kw["stdout"].write("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 12.00 MiB.\n")
+        return study.subprocess.CompletedProcess(cmd, 1)
+    monkeypatch.setattr(study.subprocess, "run", out_of_memory)
+    for _ in range(3):
+        assert study.main(argv) == 0
+    assert len(calls) == 2 + 3
+    assert [r["status"] for r in lines(results / "final.jsonl")] == ["out of memory"] * 3
+
 
 def test_sweep_extends_a_grid_whose_best_rate_is_at_an_edge():
     st = {"paper": {"soka": None, "lora": 3, "pissa": 3}}
