@@ -602,6 +602,18 @@ def second_round(rec, st2):
         rows = [[task, arm, *gnorms(runs_of(setting, arm, task))] for task in TASKS for arm in arms(setting)
                 if runs_of(setting, arm, task)]
         out[f"{title}: gradient norms after warmup"] = rows or None
+    rows = []
+    for task in TASKS:
+        for arm in st2["qv"]["arms"]:
+            rs = [r for r in rec.done("wgrad") if r["task"] == task and r["arm"] == arm]
+            if rs:
+                k = math.ceil(WARMUP * len(rs[0]["grad_norm"]))
+                w = np.array(rs[0]["weight_grad_norm"][k:], dtype=float)
+                g = np.array(rs[0]["grad_norm"][k:], dtype=float)
+                rows.append([task, arm, f"{rs[0]['lr']:g}", f"{len(w):,}",
+                             *(f"{np.percentile(w, q):.3f}" for q in (50, 90, 99)), f"{w.max():.3f}",
+                             f"{np.percentile(g, 50):.3f}"])
+    out["Setting qv: like-for-like gradient norms (seed 0)"] = rows or None
     return out
 
 

@@ -214,8 +214,32 @@ GNORM_HEADER = ["steps after warmup", "p50", "p90", "p99", "max", f"share > {GNO
 GNORM_NOTE = (f"Gradient norm: the global L2 norm of the trainable parameters' gradient before clipping at 1.0, "
               f"pooled over the seeds' steps after warmup (the first ceil({WARMUP} · steps) steps left out). "
               "Each method's norm is taken in its own parametrisation (SoKA's σ, U, V; LoRA's and PiSSA's A, B), "
-              "so norms compare a method's steps with each other, not one method with another: the like-for-like "
-              "measure, the norm of the loss's gradient with respect to the adapted weights W, is not logged.")
+              "so norms compare a method's steps with each other, not one method with another; the like-for-like "
+              "measure, ‖∂L/∂W‖ over the adapted weights W, is in \"Setting qv: like-for-like gradient norms\".")
+WGRAD_TITLE = "Setting qv: like-for-like gradient norms (seed 0)"
+WGRAD_NOTE = ("‖∂L/∂W‖: the global L2 norm of the loss's gradient with respect to the adapted weights W = W_res + ΔW "
+              "(train.py --log-weight-grad), the gradient full fine-tuning would take, so the same quantity for every "
+              "method; steps after warmup of one run per arm (stage wgrad: qv's final rate, seed 0, training only). "
+              "Own gradient norm: the same runs' logged norm of each method's factors, for contrast.")
+
+
+def wgrad_table(results_dir, st2):
+    runs = [r for r in study.read(results_dir, "wgrad") if r["status"] == "done"]
+    rows = []
+    for task in study.TASKS:
+        for arm in st2["qv"]["arms"]:
+            r = next((r for r in runs if r["task"] == task and r["arm"] == arm), None)
+            if r is None:
+                continue
+            k = warmup_steps(len(r["grad_norm"]))
+            w, g = np.asarray(r["weight_grad_norm"][k:]), np.asarray(r["grad_norm"][k:])
+            rows.append([task, arm, f"{r['lr']:g}", f"{len(w):,}", *(f"{x:.3f}" for x in np.percentile(w, [50, 90, 99])),
+                         f"{w.max():.3f}", f"{np.percentile(g, 50):.3f}"])
+    lines = [f"## {WGRAD_TITLE}", ""]
+    if not rows:
+        return lines + [NOT_RUN, ""]
+    return lines + table(["task", "arm", "lr", "steps after warmup", "‖∂L/∂W‖ p50", "p90", "p99", "max",
+                          "own gradient norm p50"], rows) + ["", WGRAD_NOTE, ""]
 
 
 # ----------------------------------------------------------------------------- first round
@@ -737,7 +761,7 @@ def second_round(results_dir):
         lines += finals_table2(results_dir, st2, setting, finals)
         lines += compare_table2(results_dir, st2, setting, finals)
         lines += gnorm_table2(st2, setting, finals)
-    return lines
+    return lines + wgrad_table(results_dir, st2)
 
 
 def tables(results_dir):

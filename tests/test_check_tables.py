@@ -188,6 +188,22 @@ def test_second_round_tables_check_and_fail_where_changed(tmp_path):
     with gzip.open(f, "wt") as out:
         out.writelines(json.dumps(r) + "\n" for r in rows)
     assert any("accuracy" not in e and "soka" in e for e in C.check(res, res / "tables.md"))
+    # the like-for-like gradient table: not run until wgrad records exist, then their percentiles
+    assert sec["Setting qv: like-for-like gradient norms (seed 0)"] is None
+    (res / "tables.md").write_text(md)
+    w = np.linspace(0.5, 1.5, 100)
+    write(res / "wgrad-w0.jsonl", [dict(id="wgrad/gsm8k/qv/soka/lr0.003/s0", stage="wgrad", task="gsm8k", setting="qv",
+                                        arm="soka", method="soka", lr=0.003, seed=0, status="done",
+                                        grad_norm=[9.0] * 3 + [0.2] * 97, weight_grad_norm=[99.0] * 3 + list(w[3:]))])
+    md2 = P.tables(res)
+    (res / "tables.md").write_text(md2)
+    assert C.check(res, res / "tables.md") == []
+    (row,) = C.parse(md2)["Setting qv: like-for-like gradient norms (seed 0)"]
+    assert row == ["gsm8k", "soka", "0.003", "97", f"{np.percentile(w[3:], 50):.3f}", f"{np.percentile(w[3:], 90):.3f}",
+                   f"{np.percentile(w[3:], 99):.3f}", "1.500", "0.200"]
+    (res / "tables.md").write_text(md2.replace("| 1.500 | 0.200 |", "| 1.500 | 0.201 |"))
+    assert len(C.check(res, res / "tables.md")) == 1
+    (res / "wgrad-w0.jsonl").unlink()
     # a table removed
     (res / "tables.md").write_text(P.tables(res).replace("## Setting all7 (all seven linear types): final runs", "## x"))
     errors = C.check(res, res / "tables.md")
