@@ -425,6 +425,8 @@ def main(argv=None):
             break
     bar.close()
     stop.close()                            # from here a Ctrl-C stops at once
+    if weight_grad:
+        weight_grad.remove()
 
     if status not in ("done", "interrupted"):
         last, last_state = runs.find_checkpoint(out)

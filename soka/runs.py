@@ -66,8 +66,10 @@ def check_setup(cfg, world, device):
     """Refuse what the processes and the device cannot run."""
     if cfg.eval_only and world > 1:
         raise SystemExit("train.py: --eval-only runs in one process (python train.py, not torchrun)")
-    if cfg.log_weight_grad and (world > 1 or cfg.fsdp):
-        raise SystemExit("train.py: --log-weight-grad runs in one process without --fsdp (python train.py, not torchrun)")
+    if cfg.log_weight_grad and world > 1:
+        raise SystemExit("train.py: --log-weight-grad runs in one process (python train.py, not torchrun)")
+    if cfg.log_weight_grad and cfg.fsdp:
+        raise SystemExit("train.py: --log-weight-grad runs without --fsdp (the whole model in one process)")
     if cfg.method == "soka" and cfg.soka_impl == "fused":
         try:
             check_impl("fused", device)

@@ -1,4 +1,5 @@
-"""One training micro-step: the loss, its chunked cross-entropy, and the step replayed as a CUDA graph.
+"""One training micro-step: the loss, its chunked cross-entropy, and the step replayed as a CUDA graph;
+and WeightGradNorm, the like-for-like gradient norm of --log-weight-grad.
 
     step = GraphedStep(model, trainable, amp=amp, pad_id=tok.pad_id) if cuda else eager_step(model, amp)
     loss = step(ids, labels, n_tok)          # forward + backward; gradients accumulate in p.grad

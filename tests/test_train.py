@@ -612,8 +612,9 @@ def test_options_that_cannot_run_are_refused_before_anything_loads(monkeypatch):
     cfg = train.make_parser().parse_args(["--eval-only"])
     with pytest.raises(SystemExit, match="--eval-only runs in one process"):
         runs.check_setup(cfg, 2, torch.device("cpu"))
-    for argv, world in ((["--log-weight-grad"], 2), (["--log-weight-grad", "--fsdp"], 1)):
-        with pytest.raises(SystemExit, match="--log-weight-grad runs in one process without --fsdp"):
+    for argv, world, message in ((["--log-weight-grad"], 2, "runs in one process"),
+                                 (["--log-weight-grad", "--fsdp"], 1, "runs without --fsdp")):
+        with pytest.raises(SystemExit, match=f"--log-weight-grad {message}"):
             runs.check_setup(train.make_parser().parse_args(argv), world, torch.device("cpu"))
     monkeypatch.setattr(adapters, "INTERPRETED", False)     # a CPU without Triton's interpreter
     if adapters.KronFused is not None:
