@@ -605,7 +605,8 @@ def second_round(rec, st2):
     rows = []
     for task in TASKS:
         for arm in st2["qv"]["arms"]:
-            rs = [r for r in rec.done("wgrad") if r["task"] == task and r["arm"] == arm]
+            rs = [r for r in rec.done("wgrad") if r["task"] == task and r["arm"] == arm
+                  and r["lr"] == best("qv", arm, task)]
             if rs:
                 k = math.ceil(WARMUP * len(rs[0]["grad_norm"]))
                 w = np.array(rs[0]["weight_grad_norm"][k:], dtype=float)

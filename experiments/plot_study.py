@@ -91,10 +91,10 @@ def swept_best(st2, sweeps, setting, arm, task):
 
 
 def load2(results_dir, stage, st2):
-    """The finished runs of a second-round stage (last record per id); final runs only at their arm's
-    best swept rate (a final run starts once its sweep is finished, so that is the rate it ran at)."""
+    """The finished runs of a second-round stage (last record per id); final and wgrad runs only at their
+    arm's best swept rate (such a run starts once its sweep is finished, so that is the rate it ran at)."""
     runs = list({r["id"]: r for r in study.read(results_dir, stage) if r.get("status") == "done"}.values())
-    if not stage.endswith("_final") or st2 is None:
+    if not (stage.endswith("_final") or stage == "wgrad") or st2 is None:
         return runs
     sweeps = {s: study.read(results_dir, f"{s}_sweep") for s in ("qv", "all7", "rule")}
     return [r for r in runs if swept_best(st2, sweeps, r["setting"], r["arm"], r["task"]) == r["lr"]]
@@ -224,7 +224,7 @@ WGRAD_NOTE = ("‖∂L/∂W‖: the global L2 norm of the loss's gradient with r
 
 
 def wgrad_table(results_dir, st2):
-    runs = [r for r in study.read(results_dir, "wgrad") if r["status"] == "done"]
+    runs = load2(results_dir, "wgrad", st2)
     rows = []
     for task in study.TASKS:
         for arm in st2["qv"]["arms"]:
@@ -844,8 +844,8 @@ def clip_axis(ax, values, *, above=0.25):
     return True
 
 
-def save(fig, path):
-    fig.tight_layout()
+def save(fig, path, rect=(0, 0, 1, 1)):
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=90)
     import matplotlib.pyplot as plt
     plt.close(fig)
@@ -941,10 +941,7 @@ def plot_sweep2(sweep, st2, setting, img_dir):
         ax.grid(alpha=0.3, which="both")
     handles = [plt.Line2D([], [], color=colors[a], marker="o", ms=4, label=labels[a]) for a in colors if a in labels]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(Path(img_dir) / f"repro_{setting}_sweep.png", dpi=90)
-    plt.close(fig)
-    return [Path(img_dir) / f"repro_{setting}_sweep.png"]
+    return [save(fig, Path(img_dir) / f"repro_{setting}_sweep.png", rect=(0, 0.08, 1, 1))]
 
 
 def plot_ablation(ablate, img_dir):

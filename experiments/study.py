@@ -570,8 +570,11 @@ def summarize(r, out, wall_s, results=None):
                    loss_first=sum(loss[:k]) / k, loss_last=sum(loss[-k:]) / k,
                    heldout_final=held[-1][1] if held else None, gnorm_max=max(gn) if gn else None,
                    gnorm_above_1_5=sum(g > 1.5 for g in gn) / max(len(gn), 1))
-        if m and "weight_grad_norm" in m[0]:
-            rec["weight_grad_norm"] = [round(x["weight_grad_norm"], 4) for x in m]
+        if r.get("weight_grad"):
+            if not all("weight_grad_norm" in x for x in m):
+                rec["status"] = "failed"        # asked for ‖∂L/∂W‖, and it is not logged
+            else:
+                rec["weight_grad_norm"] = [round(x["weight_grad_norm"], 4) for x in m]
     else:
         rec.update(trainable=0, wall_s=round(wall_s, 1))
     ev = out / "eval.json"
@@ -630,6 +633,7 @@ def print_plan(stages, results, st, st2, setting, seeds):
         todo = runs_left(results, stage, st, st2, setting, seeds)
         runs = plan2(results, stage, st2, seeds) if stage in ROUND2 else plan(results, stage, st, setting)
         dropped = [r["id"] for r in runs if r["id"] not in done and r not in todo]
+        fails = collections.Counter(r["id"] for r in recs if r["status"] != "done")
         line = f"stage {stage}: {len(done)} runs done, {len(todo)} to do"
         if stage in ROUND2:
             later = max(0, expected2(stage, st2, seeds) - len(done) - len(todo))
@@ -648,7 +652,7 @@ def print_plan(stages, results, st, st2, setting, seeds):
             print(f"  {r['id']}  rank {r['rank']}")
         for run_id in dropped:
             last = [r["status"] for r in recs if r["id"] == run_id][-1]
-            print(f"  {run_id}  failed {TRIES} times, not started again (last: {last}); delete its records to retry")
+            print(f"  {run_id}  failed {fails[run_id]} times, not started again (last: {last}); delete its records to retry")
     if any(s in ROUND2 for s in stages):
         print(f"second round left: about {total / 60:.0f} min of runs alone on an H100, {total / 60 / SIDE_BY_SIDE:.0f} "
               f"min with three processes side by side; a sweep grown at an edge adds its runs")
@@ -666,11 +670,12 @@ def failure(rc, out):
 
 def runs_left(results, stage, st, st2, setting, seeds):
     """The stage's planned runs not yet done, less those that failed TRIES times (their records say
-    why; delete those records to try again). Running out of GPU memory is not counted: the next
-    invocation tries such a run again (one process gives up on it for its own lifetime)."""
+    why; delete those records to try again). Running out of GPU memory beside other processes is not
+    counted: the next invocation tries such a run again (one process gives up on it for its lifetime)."""
     recs = read(results, stage)
     done = {r["id"] for r in recs if r["status"] == "done"}
-    failed = collections.Counter(r["id"] for r in recs if r["status"] not in ("done", OOM))
+    failed = collections.Counter(r["id"] for r in recs if r["status"] != "done"
+                                 and not (r["status"] == OOM and r.get("side_by_side")))
     runs = plan2(results, stage, st2, seeds) if stage in ROUND2 else plan(results, stage, st, setting)
     return [r for r in runs if r["id"] not in done and failed[r["id"]] < TRIES]
 

@@ -167,8 +167,8 @@ def test_a_failing_run_is_tried_twice_then_left(tiny, tmp_path, monkeypatch, cap
     assert "stage final: 0 runs done, 0 to do" in out
     assert "final/gsm8k/paper/soka/lr0.001/s0  failed 2 times, not started again (last: exit 1)" in out
 
-    # running out of GPU memory (processes side by side crowding it) is not the run's failure: every
-    # invocation tries it once more
+    # running out of GPU memory beside other processes (--claims) is not the run's failure: every
+    # invocation tries it once more; alone, it counts as any failure
     (results / "final.jsonl").unlink()
 
     def out_of_memory(cmd, **kw):
@@ -176,10 +176,13 @@ def test_a_failing_run_is_tried_twice_then_left(tiny, tmp_path, monkeypatch, cap
         kw["stdout"].write("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 12.00 MiB.\n")
         return study.subprocess.CompletedProcess(cmd, 1)
     monkeypatch.setattr(study.subprocess, "run", out_of_memory)
+    for i in range(3):
+        assert study.main([*argv, "--claims", str(tmp_path / f"claims{i}"), "--tag", "w0"]) == 0
+    assert len(calls) == 2 + 3
+    assert [r["status"] for r in lines(results / "final-w0.jsonl")] == ["out of memory"] * 3
     for _ in range(3):
         assert study.main(argv) == 0
-    assert len(calls) == 2 + 3
-    assert [r["status"] for r in lines(results / "final.jsonl")] == ["out of memory"] * 3
+    assert len(calls) == 2 + 3 + 2
 
 
 def test_sweep_extends_a_grid_whose_best_rate_is_at_an_edge():
