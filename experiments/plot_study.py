@@ -983,6 +983,23 @@ def param_points(results_dir):
     return pts
 
 
+def place_labels(fig, labels):
+    """Each point's label beside it (LoRA's to the left), moved up or down where it would cover a label
+    already placed, bottom to top; where every place is taken, the first."""
+    renderer = fig.canvas.get_renderer()
+    for ax, rows in labels.items():
+        placed = []
+        for lab, n, m, left in sorted(rows, key=lambda row: row[2]):
+            for dy in (2, 10, -6, 18, -14, 26, -22, None):
+                a = ax.annotate(lab, (n, m), xytext=(-4 if left else 4, dy or 2), textcoords="offset points",
+                                fontsize=6, ha="right" if left else "left")
+                box = a.get_window_extent(renderer)
+                if dy is None or not any(box.overlaps(b) for b in placed):
+                    break
+                a.remove()
+            placed.append(box)
+
+
 def plot_params(results_dir, img_dir):
     """repro_params.png: final held-out loss against trainable parameters, every setting, per task."""
     import matplotlib.pyplot as plt
@@ -992,14 +1009,13 @@ def plot_params(results_dir, img_dir):
     if not tasks:
         return []
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.6), squeeze=False)
+    labels = {}
     for ax, task in zip(axes[0], tasks):
-        for i, (_, lab, n, m, lo, hi, color, marker) in enumerate(p for p in pts if p[0] == task):
+        for _, lab, n, m, lo, hi, color, marker in (p for p in pts if p[0] == task):
             err = None if not np.isfinite(lo) else [[m - lo], [hi - m]]
             ax.errorbar(n, m, yerr=err, fmt=marker, color=color, ms=5, capsize=2, lw=0.8)
             if lab:
-                left = color == COLORS["lora"]
-                ax.annotate(lab, (n, m), xytext=(-4 if left else 4, 2), textcoords="offset points", fontsize=6,
-                            ha="right" if left else "left")
+                labels.setdefault(ax, []).append((lab, n, m, color == COLORS["lora"]))
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e6:g} M" if x >= 1e6 else f"{x / 1e3:g} k"))
         ax.xaxis.set_minor_formatter(NullFormatter())
@@ -1016,6 +1032,7 @@ def plot_params(results_dir, img_dir):
     handles += [plt.Line2D([], [], color="k", lw=0.8, label="bar: 95 % t interval over seeds")]
     fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
+    place_labels(fig, labels)
     fig.savefig(Path(img_dir) / "repro_params.png", dpi=90)
     plt.close(fig)
     return [Path(img_dir) / "repro_params.png"]
