@@ -501,6 +501,10 @@ def test_round2_plan_sweeps_per_task_then_finals_at_each_best_rate():
         final = study.plan2(d, "qv_final", st2, seeds=(0, 1, 2, 3))
         assert len(final) == 4 * len(study.TASKS) * len(arms) == study.expected2("qv_final", st2, (0, 1, 2, 3))
         assert all(r["lr"] == middle(r) and r["eval"] for r in final)
+        wgrad = study.plan2(d, "wgrad", st2)                           # seed 0 at the same rates, training only
+        assert [(r["task"], r["arm"], r["lr"]) for r in wgrad] == [(r["task"], r["arm"], r["lr"]) for r in final
+                                                                   if r["seed"] == 0]
+        assert len(wgrad) == study.expected2("wgrad", st2) and all(r["weight_grad"] and not r["eval"] for r in wgrad)
         rule = study.plan2(d, "rule_final", st2)                       # elbow: the rule's rate, without a sweep
         assert {r["lr"] for r in rule if r["arm"] == "soka_elbow" and r["task"] == "mbpp"} == {study.GRIDS["soka"]["mbpp"][1]}
         assert not any(r["arm"] != "soka_elbow" for r in rule)         # the others wait for their sweeps
@@ -525,6 +529,7 @@ def test_round2_runs_are_options_train_py_accepts():
     specs = [study.spec2(st2, "rule_final", "math", "rule", "soka_energy", 1e-3, 1, eval=True),
              study.spec2(st2, "qv_sweep", "mbpp", "qv", f"pissa_r{st2['arithmetic']['lora_rank_lokr']}", 3e-3, 0, eval=False),
              study.spec2(st2, "all7_final", "gsm8k", "all7", "soka", 3e-3, 2, eval=True),
+             study.spec2(st2, "wgrad", "gsm8k", "qv", "soka", 9e-3, 0, eval=False, weight_grad=True),
              *study.plan2("/nonexistent", "base", st2)[4:]]
     for r in specs:
         argv = study.argv_for(r, "m.gguf", "data", "out/x")
@@ -539,6 +544,7 @@ def test_round2_runs_are_options_train_py_accepts():
         assert cfg.targets == ",".join(r["targets"]) and cfg.lr == r["lr"] and cfg.seed == r["seed"]
         assert cfg.rank_rule == (r["rule"] or "both") and (cfg.tau == r["tau"] if r["tau"] else True)
         assert (cfg.eval_limit == 0) == (not r["eval"])
+        assert cfg.log_weight_grad == bool(r.get("weight_grad"))
     assert "--rank-rule=energy" in study.argv_for(specs[0], "m", "d", "o")
 
 
