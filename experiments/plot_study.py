@@ -856,13 +856,13 @@ def plot_runs(runs, img_dir, prefix, title, key=lambda r: r["method"], label=lam
               color=lambda k: COLORS[k]):
     """repro_<prefix>loss.png, _heldout.png, _gradnorm.png: one panel per task, one line per group."""
     import matplotlib.pyplot as plt
-    tasks = list(dict.fromkeys(r["task"] for r in runs))
+    tasks = sorted(dict.fromkeys(r["task"] for r in runs), key=lambda t: ORDER.get(t, len(ORDER)))   # GSM8K first
     by = group(runs, lambda r: (r["task"], key(r)))
     keys = sorted(dict.fromkeys(key(r) for r in runs), key=lambda k: ORDER.get(k, len(ORDER)))   # methods in order
     paths = []
     for name, ylabel in (("loss", f"training loss, {LOSS}\n({SMOOTH}-step moving mean)"),
                          ("heldout", f"held-out loss, {LOSS}"), ("gradnorm", GNORM + "\n(log scale)")):
-        fig, axes = plt.subplots(1, len(tasks), figsize=(4.8 * len(tasks), 3.8), squeeze=False)
+        fig, axes = plt.subplots(1, len(tasks), figsize=(4.8 * len(tasks), 4.8), squeeze=False)
         for ax, task in zip(axes[0], tasks):
             for k in keys:
                 rs = by.get((task, k))
@@ -885,8 +885,9 @@ def plot_runs(runs, img_dir, prefix, title, key=lambda r: r["method"], label=lam
             ax.set_xlabel("optimizer step")
             ax.set_ylabel(ylabel, fontsize=8)
             ax.grid(alpha=0.3)
-            handles, _ = ax.get_legend_handles_labels()
-            ax.legend(handles=handles + ([] if name == "gradnorm" else [band_handle(plt)]), fontsize=6.5)
+            handles, _ = ax.get_legend_handles_labels()       # under the panel: the curves stay clear
+            ax.legend(handles=handles + ([] if name == "gradnorm" else [band_handle(plt)]), fontsize=6.5,
+                      loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
         paths.append(save(fig, Path(img_dir) / f"repro_{prefix}{name}.png"))
     return paths
 
