@@ -973,15 +973,20 @@ def param_points(results_dir):
         pts.append(("gsm8k", name.replace("rule_r", "r="), rs[0]["trainable"], *heldout_ci(rs), "C0", "^"))
     for name, rs in group(load(results_dir, "shapes"), lambda r: r["factors"]).items():
         pts.append(("gsm8k", f"{name} r=3" if name == "rule" else "", rs[0]["trainable"], *heldout_ci(rs), "C0", "P"))
-    st2 = settings2(results_dir)
-    if st2:
-        for (setting, arm), rs in finals2(results_dir, st2).items():
-            if setting == "rule" and arm == "qv/soka":
-                continue
-            for task, trs in group(rs, lambda r: r["task"]).items():
-                pts.append((task, f"{setting} {arm}", trs[0]["trainable"], *heldout_ci(trs),
-                            COLORS[trs[0]["method"]], {"qv": "s", "all7": "D", "rule": "v"}[setting]))
+    for setting, arm, task, trs in final_groups2(results_dir):
+        pts.append((task, f"{setting} {arm}", trs[0]["trainable"], *heldout_ci(trs),
+                    COLORS[trs[0]["method"]], {"qv": "s", "all7": "D", "rule": "v"}[setting]))
     return pts
+
+
+def final_groups2(results_dir):
+    """(setting, arm, task, runs) of the second round's final runs; the rule ablation's own rule,
+    qv's SoKA, once (under qv)."""
+    st2 = settings2(results_dir)
+    for (setting, arm), rs in (finals2(results_dir, st2) if st2 else {}).items():
+        if not (setting == "rule" and arm == "qv/soka"):
+            for task, trs in group(rs, lambda r: r["task"]).items():
+                yield setting, arm, task, trs
 
 
 def place_labels(fig, labels):
@@ -1051,15 +1056,10 @@ def accuracy_points(results_dir):
         for (task, m), rs in ordered(group(load(results_dir, stage), lambda r: (r["task"], NAMES[r["method"]]))):
             pts.append((task, f"{name}: {m}", *(100 * x for x in stats.count_interval(
                 [r["correct"] for r in rs], rs[0]["n_eval"], label1(stage, (task, m)))), "counts"))
-    st2 = settings2(results_dir)
-    if st2:
-        for (setting, arm), rs in finals2(results_dir, st2).items():
-            if setting == "rule" and arm == "qv/soka":
-                continue
-            for task, trs in group(rs, lambda r: r["task"]).items():
-                _, V, _ = matrix(results_dir, trs)
-                pts.append((task, f"{setting}: {arm}", *(100 * x for x in stats.acc_interval(V, acc_label(trs[0]))),
-                            "problems"))
+    for setting, arm, task, trs in final_groups2(results_dir):
+        _, V, _ = matrix(results_dir, trs)
+        pts.append((task, f"{setting}: {arm}", *(100 * x for x in stats.acc_interval(V, acc_label(trs[0]))),
+                    "problems"))
     return pts
 
 
