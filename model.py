@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from soka.checkpoints import (SHARD_DIM, check_keys_and_shapes, first_line, hf_params, hf_tokenizer, meta_shards,
+from soka.checkpoints import (SHARD_DIM, check_keys_and_shapes, hf_params, hf_tokenizer, meta_shards,
                               read_hf_weights)
 from soka.gguf import load_gguf
 from soka.tokenizer import SentencePieceTokenizer, json_object
@@ -591,7 +591,6 @@ def _build(args, state_dict, source, *, device, dtype):
     return model
 
 
-# Meta: tensors split across model-parallel shards, and the dimension they were split along.
 def _model_args(params, source):
     try:
         return ModelArgs(**params)

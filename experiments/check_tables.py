@@ -654,7 +654,7 @@ def parse(md):
             state = "not run"
         elif line.startswith("|"):
             if state != "table":
-                state, header = "table", True
+                state = "table"
                 continue
             if set(line.replace("|", "").strip()) <= {"-"}:
                 continue

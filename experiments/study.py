@@ -70,7 +70,6 @@ import copy
 import gzip
 import hashlib
 import json
-import math
 import os
 import shutil
 import subprocess

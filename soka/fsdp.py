@@ -38,9 +38,6 @@ from kpsvd import work_dtype
 from soka import adapters
 from soka.checkpoints import (SHARD_DIM, check_keys_and_shapes, first_line, hf_tensors, meta_shards,
                               unpermute_rotary)
-from soka.tokenizer import json_object
-
-# Meta's model-parallel shards split these tensors along this dimension (model.read_meta joins them)
 
 
 # ----------------------------------------------------------------------------- reading by rows
