@@ -627,11 +627,11 @@ def print_plan(stages, results, st, st2, setting, seeds):
     """Each stage's runs: done, to do now, and (second round) still to come; estimated GPU time."""
     total = 0.0
     for stage in stages:
-        recs = read(results, stage)
+        recs, runs = read(results, stage), planned(results, stage, st, st2, setting, seeds)
         done = {r["id"] for r in recs if r["status"] == "done"}
-        todo = runs_left(results, stage, st, st2, setting, seeds)
-        runs = plan2(results, stage, st2, seeds) if stage in ROUND2 else plan(results, stage, st, setting)
-        dropped = [r["id"] for r in runs if r["id"] not in done and r not in todo]
+        todo = runs_left(runs, recs)
+        left = {r["id"] for r in todo}
+        dropped = [r["id"] for r in runs if r["id"] not in done and r["id"] not in left]
         fails = collections.Counter(r["id"] for r in recs if r["status"] != "done")
         line = f"stage {stage}: {len(done)} runs done, {len(todo)} to do"
         if stage in ROUND2:
@@ -667,15 +667,19 @@ def failure(rc, out):
     return OOM if "out of memory" in log.lower() else f"exit {rc}"
 
 
-def runs_left(results, stage, st, st2, setting, seeds):
-    """The stage's planned runs not yet done, less those that failed TRIES times (their records say
-    why; delete those records to try again). Running out of GPU memory beside other processes is not
-    counted: the next invocation tries such a run again (one process gives up on it for its lifetime)."""
-    recs = read(results, stage)
+def planned(results, stage, st, st2, setting, seeds):
+    """The runs a stage has now: the first round's plan or the second round's plan2."""
+    return plan2(results, stage, st2, seeds) if stage in ROUND2 else plan(results, stage, st, setting)
+
+
+def runs_left(runs, recs):
+    """The planned `runs` that the stage's records `recs` do not show done, less those that failed
+    TRIES times (their records say why; delete those records to try again). Running out of GPU memory
+    beside other processes is not counted: the next invocation tries such a run again (one process
+    gives up on it for its lifetime)."""
     done = {r["id"] for r in recs if r["status"] == "done"}
     failed = collections.Counter(r["id"] for r in recs if r["status"] != "done"
                                  and not (r["status"] == OOM and r.get("side_by_side")))
-    runs = plan2(results, stage, st2, seeds) if stage in ROUND2 else plan(results, stage, st, setting)
     return [r for r in runs if r["id"] not in done and failed[r["id"]] < TRIES]
 
 
@@ -762,7 +766,8 @@ def main(argv=None):
         return 0
 
     def todo_of(stage):
-        return [r for r in runs_left(results, stage, st, st2, args.setting, seeds) if r["id"] not in given_up]
+        runs = planned(results, stage, st, st2, args.setting, seeds)
+        return [r for r in runs_left(runs, read(results, stage)) if r["id"] not in given_up]
 
     given_up = set()
     while True:                                 # passes over the stages until one starts nothing:
