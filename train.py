@@ -224,9 +224,10 @@ def heldout_loss(model, examples, *, batch_size, pad_id, device, amp, rank, worl
     return float(total[0] / total[1].clamp(min=1))
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- the run
 
-def main(argv=None):
+def fine_tune(argv):
+    """One run: options, data, model and adapters, the training loop, outputs, evaluation. Its exit code."""
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_options(argv)
     if cfg.resume and not cfg.re_evaluate and (complete := runs.finished(cfg.resume, cfg)):
@@ -454,9 +455,6 @@ def main(argv=None):
             code = final_evaluation(model, tok, cfg, test_raw, split, ckpt, out, device, say,
                                     adapter=out / "adapter.pt")
         say(f"outputs in {out}")
-    if dist.is_initialized():               # torchrun's processes, or --fsdp's group of one
-        dist.barrier()
-        dist.destroy_process_group()
     return code
 
 
@@ -473,11 +471,18 @@ def final_evaluation(model, tok, cfg, test_raw, split, ckpt, out, device, say, a
         r = evaluate(model, tok, cfg.task, test, generate_fn=generate, batch_size=bs, max_new_tokens=new,
                      out_path=out / "eval.json", generate_options=dict(cuda_graph=device.type == "cuda"), info=info)
     except KeyboardInterrupt:
-        say(f"\nevaluation interrupted" + (f"; the trained adapter is saved: {adapter}" if adapter else ""))
+        say("\nevaluation interrupted" + (f"; the trained adapter is saved: {adapter}" if adapter else ""))
         return 130
     say(f"{cfg.task} {split}: accuracy {100 * r['accuracy']:.2f} % ({r['correct']}/{r['n']}), "
         f"generation {r['seconds']['generate']:.1f} s, scoring {r['seconds']['score']:.1f} s; {out / 'eval.json'}")
     return 0
+
+
+def main(argv=None):
+    """The run, then the end of torchrun's (or --fsdp's) process group, once the run's model is gone."""
+    code = fine_tune(argv)
+    runs.end_distributed()
+    return code
 
 
 if __name__ == "__main__":

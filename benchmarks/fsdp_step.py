@@ -37,7 +37,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kpsvd import factor_shape                                  # noqa: E402
 from model import ModelArgs, Transformer, load_checkpoint       # noqa: E402
-from soka import adapters, fsdp                                 # noqa: E402
+from soka import adapters, fsdp, runs                           # noqa: E402
 from soka.checkpoints import write_meta_shards                   # noqa: E402
 from soka.steps import all_reduce_grads, ce_chunk, eager_step  # noqa: E402
 
@@ -285,8 +285,7 @@ def run_step(args):
                         batch=args.batch, seq=args.seq, rank=args.rank, targets=args.targets, impl=args.impl,
                         checkpointing=args.checkpointing, compile=args.compile, steps=args.steps,
                         warmup=args.warmup, rows=rows))
-    dist.barrier()
-    dist.destroy_process_group()
+    runs.end_distributed()
 
 
 # ----------------------------------------------------------------------------- host memory of loading
@@ -317,7 +316,8 @@ def _load_worker(rank, world, port, folder, a, queue):
     queue.put(dict(rank=rank, seconds=time.perf_counter() - t, rss_before_gib=before / 2**20,
                    peak_rss_gib=status_kib("VmHWM") / 2**20, anon_gib=status_kib("RssAnon") / 2**20,
                    file_gib=status_kib("RssFile") / 2**20))
-    dist.destroy_process_group()
+    del model
+    runs.end_distributed()
 
 
 def _whole_worker(folder, queue):

@@ -8,6 +8,7 @@ options that would make it another run.
 """
 import argparse
 import datetime
+import gc
 import json
 import os
 import random
@@ -159,6 +160,17 @@ def setup_distributed(device_arg):
         torch.cuda.set_device(local)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))  # rank 0 evaluates alone
     return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def end_distributed():
+    """Wait for every process, then destroy the process group, if there is one. Call it once the
+    sharded model is out of scope: FSDP's state holds the group, in reference cycles, and
+    destroy_process_group only drops torch's own reference. A group still held then is freed at
+    interpreter exit, where tearing down gloo's threads can abort the finished process (SIGABRT)."""
+    if dist.is_initialized():
+        gc.collect()                        # the model's reference cycles, and with them its hold on the group
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def count_params(model):
