@@ -103,12 +103,18 @@ class RankChoice:
         return asdict(self)
 
 
-def explain_rank(sigma, tau=TAU, r_min=R_MIN, r_max=R_MAX, total=None, rule="both"):
-    """select_rank with its reasons: a RankChoice."""
+def check_rule(tau=TAU, r_min=R_MIN, r_max=R_MAX, rule="both"):
+    """Raise ValueError unless 0 < τ ≤ 1, r_min and r_max are integers with 1 ≤ r_min ≤ r_max, and
+    rule is one of RULES."""
     _check_tau(tau)
     _check_rule(rule)
-    if not (isinstance(r_min, int) and isinstance(r_max, int) and 1 <= r_min <= r_max):
+    if not all(isinstance(r, int) and not isinstance(r, bool) for r in (r_min, r_max)) or not 1 <= r_min <= r_max:
         raise ValueError(f"rank_select.py: need integers 1 ≤ r_min ≤ r_max, got r_min={r_min!r}, r_max={r_max!r}")
+
+
+def explain_rank(sigma, tau=TAU, r_min=R_MIN, r_max=R_MAX, total=None, rule="both"):
+    """select_rank with its reasons: a RankChoice."""
+    check_rule(tau, r_min, r_max, rule)
     s = _as_spectrum(sigma)
     E = _total_energy(s, total)
     r_e, r_b = energy_rank(s, tau, total=total), elbow_rank(s)

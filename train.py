@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import Transformer, generate, load_checkpoint, read_config
+from model import ModelArgs, Transformer, generate, load_checkpoint, read_config
 from rank_select import R_MAX, R_MIN, RULES, TAU
 from soka import adapters, fsdp, runs
 from soka.checkpoints import demo_checkpoint
@@ -145,6 +145,10 @@ def parse_options(argv):
     elif cfg.quick:
         vars(cfg).update({k: v for k, v in QUICK.items() if k not in given})
     runs.check_options(cfg, given)
+    linear, targets = ModelArgs().linear_shapes(), [t.strip() for t in cfg.targets.split(",") if t.strip()]
+    if not targets or any(t not in linear for t in targets):   # a block's seven linear layers, by name
+        raise SystemExit(f"train.py: --targets {cfg.targets!r}: name some of a block's linear layers, "
+                         f"comma-separated: {','.join(linear)}")
     return cfg
 
 

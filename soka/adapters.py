@@ -6,11 +6,12 @@
     merge(model)                                                # inference at the base model's cost
 
 Every adapted linear layer keeps a frozen residual weight W_res (d_out, d_in) in the model's dtype and
-adds a trainable update applied to the activations, never formed as a dense matrix while training:
+adds a trainable update ΔW, applied to the activations and never formed as a dense matrix while
+training: y = x W_resᵀ + x ΔWᵀ for a row of activations x, with
 
-    SoKA   y = x W_resᵀ + Σ_k σ_k (U_k ⊗ V_k) x       U (r, m, n), V (r, p, q), σ (r,)
-    LoRA   y = x W_resᵀ + (α/r) · B A x              A (r, d_in), B (d_out, r), W_res = W
-    PiSSA  y = x W_resᵀ + B A x                      A = √S_r V_rᵀ, B = U_r √S_r, W_res = W − B A
+    SoKA   ΔW = Σ_k σ_k U_k ⊗ V_k    U (r, m, n), V (r, p, q), σ (r,)
+    LoRA   ΔW = (α/r) · B A          A (r, d_in), B (d_out, r), W_res = W
+    PiSSA  ΔW = B A                  A = √S_r V_rᵀ, B = U_r √S_r, W_res = W − B A
 
 The factors are float32 Parameters (float64 for a float64 model) cast to x's dtype inside forward,
 so a bfloat16 model trains without autocast. A KPSVD (or SVD) initialization moves the principal
@@ -31,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kpsvd import factor_shape, kpsvd, kron_apply, kron_sum, work_dtype
-from rank_select import R_MAX, R_MIN, RULES, TAU, explain_rank
+from rank_select import R_MAX, R_MIN, RULES, TAU, check_rule, explain_rank
 from soka.checkpoints import first_line
 
 try:
@@ -144,7 +145,7 @@ class AdapterLinear(nn.Module):
 
 
 class SoKALinear(AdapterLinear):
-    """The SoKA layer: y = x W_resᵀ + Σ_k σ_k (U_k ⊗ V_k) x. `weight` is the base weight W.
+    """The SoKA layer: y = x (W_res + Σ_k σ_k U_k ⊗ V_k)ᵀ. `weight` is the base weight W.
     subtract=True (the KPSVD init): W_res = W − Σ_k σ_k U_k ⊗ V_k in float32, and the initial factors
     stay as buffers sigma0, U0, V0 (not in the state dict; save_adapter writes them). subtract=False
     (random init, compress): W_res = W. `impl` picks how forward runs (IMPLS above); the paths compute
@@ -173,7 +174,7 @@ class SoKALinear(AdapterLinear):
         return kron_sum(self.sigma, self.U, self.V).detach()
 
     def adapter(self, x):
-        """Σ_k σ_k (U_k ⊗ V_k) x on the activations, never forming the update (kpsvd.py eq. 4)."""
+        """x (Σ_k σ_k U_k ⊗ V_k)ᵀ, on the activations, never forming the update (kpsvd.py eq. 4)."""
         return kron_apply(x, *(t.to(x.dtype) for t in (self.sigma, self.U, self.V)))
 
     def forward(self, x):
@@ -405,10 +406,12 @@ def inject(model, method="soka", targets=DEFAULT_TARGETS, *, rank=None, tau=TAU,
         raise ValueError("adapters.py: alpha is LoRA's scale (alpha / r); SoKA and PiSSA have none")
     if alpha is not None and not alpha > 0:
         raise ValueError(f"adapters.py: alpha must be > 0 (LoRA's scale is alpha / r), got {alpha!r}")
-    if rank is not None and (not isinstance(rank, int) or rank < 1):
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"adapters.py: rank must be a positive int or None, got {rank!r}")
     if method != "soka" and rank is None:
         rank = LORA_RANK
+    if method == "soka" and rank is None:
+        check_rule(tau, r_min, r_max, rule)                 # before any layer changes
     options = dict(method=method, targets=list(targets), rank=rank, tau=tau, r_min=r_min, r_max=r_max,
                    init=init, alpha=alpha, factors=factors, randomized=randomized, seed=seed, rule=rule)
     found = _find(model, targets)
@@ -461,6 +464,8 @@ def compress(model, updates, *, rank=None, tau=TAU, r_min=R_MIN, r_max=R_MAX, fa
     jobs = []
     for key, upd in updates.items():
         name = key.removesuffix(".weight")
+        if name in (job[0] for job in jobs):
+            raise ValueError(f"adapters.py: compress: two updates for {name} (keys with and without .weight)")
         lin = named.get(name)
         if isinstance(lin, AdapterLinear):
             raise ValueError(f"adapters.py: {name} already has an adapter; start from a freshly loaded base")

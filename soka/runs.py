@@ -28,9 +28,9 @@ from soka.tokenizer import json_object
 # What makes a run the run it is: a resume that changed one of these would continue another run
 # (other data, model, adapters or batches). --epochs, --max-steps, --lr and the evaluation options may
 # change (the schedule follows the new total).
-FIXED_ON_RESUME = ("task", "ckpt", "method", "targets", "rank", "factors", "tau", "r_min", "r_max", "init",
-                   "alpha", "batch_size", "grad_accum", "max_len", "heldout", "seed")
-SOKA_ONLY = ("tau", "r_min", "r_max", "factors", "init", "soka_impl")   # LoRA / PiSSA train one fixed --rank
+FIXED_ON_RESUME = ("task", "ckpt", "method", "targets", "rank", "factors", "tau", "r_min", "r_max", "rank_rule",
+                   "init", "alpha", "batch_size", "grad_accum", "max_len", "heldout", "seed")
+SOKA_ONLY = ("tau", "r_min", "r_max", "rank_rule", "factors", "init", "soka_impl")  # LoRA / PiSSA: one fixed --rank
 
 
 def check_options(cfg, given):
@@ -61,6 +61,12 @@ def check_options(cfg, given):
     need(cfg.epochs > 0, "epochs", "> 0")
     need(cfg.lr > 0, "lr", "> 0")
     need(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
+    need(cfg.warmup < 1 or cfg.warmup == int(cfg.warmup), "warmup", "a whole number of steps, or a fraction (< 1) of them")
+    # the adapters' options, here rather than after minutes of loading the model
+    need(cfg.rank is None or cfg.rank >= 1, "rank", "≥ 1")
+    need(0 < cfg.tau <= 1, "tau", "in (0, 1]")
+    need(cfg.r_min >= 1, "r_min", "≥ 1")
+    need(cfg.r_max >= cfg.r_min, "r_max", f"≥ --r-min ({cfg.r_min})")
 
 
 def check_setup(cfg, world, device):
@@ -105,7 +111,7 @@ def resumed_config(folder, given, defaults):
             raise SystemExit(f"--resume {folder}: --{k.replace('_', '-')} {given[k]!r} differs from the run's "
                              f"{saved.get(k)!r}; a resumed run keeps its task, model, adapters, data and batch "
                              f"(start a new run with another --out)")
-    if saved.get("soka_impl") not in IMPLS:     # runs saved before the layer had one fast path: its default
+    if saved.get("soka_impl") not in IMPLS:     # a name this code does not have (or none): the default
         saved["soka_impl"] = "auto"
     world, was = int(os.environ.get("WORLD_SIZE", "1")), saved.get("world")
     if was is not None and was != world:    # every step's sequences are split over the processes
@@ -216,7 +222,7 @@ def find_checkpoint(out):
             problems.append(f"{d}: no adapter.pt and state.pt")
             continue
         try:
-            # runs saved before the NumPy state was stored as a tensor hold a NumPy array: allowed by name
+            # a state.pt whose NumPy RNG state is an array, not a tensor, loads too: that class is allowed by name
             with torch.serialization.safe_globals(NUMPY_ARRAY):
                 state = torch.load(d / "state.pt", map_location="cpu", weights_only=True)
             if not isinstance(state, dict) or not {"step", "n_metrics", "optimizer", "rng"} <= state.keys():

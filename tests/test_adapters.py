@@ -324,6 +324,10 @@ def test_unknown_targets_factor_keys_and_bad_options_fail_before_the_model_chang
     for alpha in (0, -2.0, float("nan")):
         with pytest.raises(ValueError, match="alpha must be > 0"):
             inject(model, "lora", alpha=alpha, verbose=False)
+    for bad, match in ((dict(tau=1.5), r"tau must lie in \(0, 1\]"), (dict(r_min=5, r_max=2), "1 ≤ r_min ≤ r_max"),
+                       (dict(r_max=4.0), "1 ≤ r_min ≤ r_max"), (dict(rank=True), "rank must be a positive int")):
+        with pytest.raises(ValueError, match=match):
+            inject(model, "soka", ("wq",), verbose=False, **bad)
     assert unchanged(model, before) and all(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match=r"factors key\(s\) wk "):
         compress(model, {"layers.0.attention.wq": torch.randn(64, 64)}, factors={"wk": (4, 16, 8, 4)}, verbose=False)
@@ -367,6 +371,8 @@ def test_compress_recovers_an_update_of_exact_kronecker_rank():
         compress(tiny(), {"layers.0.attention.wz": dW}, verbose=False)
     with pytest.raises(ValueError, match="update for layers.0.attention.wk"):
         compress(tiny(), {"layers.0.attention.wk": dW}, verbose=False)
+    with pytest.raises(ValueError, match="two updates for layers.0.attention.wq"):
+        compress(tiny(), {"layers.0.attention.wq": dW, "layers.0.attention.wq.weight": dW}, verbose=False)
 
 
 # ----------------------------------------------------------------------------- Kronecker apply

@@ -145,6 +145,8 @@ def test_a_run_folder_is_never_overwritten_and_a_resume_keeps_its_run(tmp_path):
         resumed(["--task", "math"], out)
     with pytest.raises(SystemExit, match="--batch-size 2 differs"):
         resumed(["--batch-size", "2"], out)
+    with pytest.raises(SystemExit, match="--rank-rule 'energy' differs from the run's 'both'"):
+        resumed(["--rank-rule", "energy"], out)                       # the rule chose the saved ranks
     cfg = resumed(["--max-steps", "9", "--lr", "1e-3"], out)
     assert (cfg.task, cfg.batch_size, cfg.max_steps, cfg.lr, cfg.out) == ("gsm8k", 4, 9, 1e-3, out)
     (out / "config.json").write_text(json.dumps({**saved, "out": str(out), "world": 2}))
@@ -180,16 +182,31 @@ def test_resume_falls_back_to_the_old_checkpoint_when_the_new_one_is_unreadable(
                                                  ("--epochs", "0", "> 0"), ("--heldout", "-5", "≥ 0"),
                                                  ("--eval-every", "-1", "≥ 0"), ("--warmup", "-1", "≥ 0"),
                                                  ("--clip", "-1", "≥ 0"), ("--lr", "0", "> 0"),
-                                                 ("--min-lr-ratio", "2", r"in \[0, 1\]")])
+                                                 ("--min-lr-ratio", "2", r"in \[0, 1\]"),
+                                                 ("--warmup", "2.5", r"a whole number of steps, or a fraction \(< 1\) of them"),
+                                                 ("--rank", "0", "≥ 1"), ("--tau", "1.5", r"in \(0, 1\]"),
+                                                 ("--tau", "0", r"in \(0, 1\]"), ("--r-min", "0", "≥ 1"),
+                                                 ("--r-max", "2", r"≥ --r-min \(4\)")])
 def test_bad_numbers_are_refused_with_the_option_named(option, value, rule):
+    extra = ["--r-min", "4"] if option == "--r-max" else []
     with pytest.raises(SystemExit, match=f"{option} must be {rule}, got"):
-        check([option, value])
+        check([option, value, *extra])
     check([])                                                                # the defaults pass
+    check(["--warmup", "3", "--tau", "1", "--r-min", "4", "--r-max", "4", "--rank", "1"])
+
+
+@pytest.mark.parametrize("targets", ["wq,foo", ",", "output"])
+def test_targets_that_name_no_linear_layer_of_a_block_are_refused(targets):
+    with pytest.raises(SystemExit, match=f"--targets '{targets}': name some of a block's linear layers, "
+                                         "comma-separated: wq,wk,wv,wo,w1,w2,w3"):
+        train.parse_options(["--targets", targets])
+    train.parse_options(["--targets", "wq, w2,"])                            # spaces and a trailing comma pass
 
 
 def test_soka_options_are_refused_for_lora_and_pissa():
     for method in ("lora", "pissa"):
-        for option in (["--tau", "0.8"], ["--r-max", "4"], ["--init", "random"], ["--factors", "8,8,8,8"]):
+        for option in (["--tau", "0.8"], ["--r-max", "4"], ["--init", "random"], ["--factors", "8,8,8,8"],
+                       ["--rank-rule", "energy"]):
             with pytest.raises(SystemExit, match=f"{option[0]} is a SoKA option; {method} trains one fixed --rank"):
                 train.main(["--method", method, *option])                   # before anything is loaded
     check(["--method", "soka", "--tau", "0.8"])
