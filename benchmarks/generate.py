@@ -206,7 +206,8 @@ def main(argv=None):
                 print(f"{case}: {r['impl']} is {r['speedup_vs_hf']:.2f}x HF generate's tokens/s")
 
     info = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-                torch=torch.__version__, python=platform.python_version(), options=vars(a) | {"gguf": str(a.gguf)})
+                torch=torch.__version__, python=platform.python_version(),   # files by name, not this machine's paths
+                options=vars(a) | {k: getattr(a, k) and Path(getattr(a, k)).name for k in ("gguf", "data", "out")})
     try:
         import transformers
         info["transformers"] = transformers.__version__

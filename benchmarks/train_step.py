@@ -67,7 +67,7 @@ OPTIONS = {"ours": ("compile", "ckpt", "glu"), "hf": ("noamp",)}
 
 def split_config(name):
     """'soka_r8@reference+ckpt' -> ('soka_r8', 'reference', {'ckpt'}), checking nothing (a saved run
-    may name implementations that no longer exist)."""
+    may name an implementation this code does not have)."""
     head, *opts = name.split("+")
     base, _, impl = head.partition("@")
     return base, impl or None, set(opts)

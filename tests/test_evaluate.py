@@ -140,8 +140,8 @@ def test_math_scoring(tmp_path):
 
 
 def test_hostile_math_completions_cost_only_their_own_verdict(tmp_path):
-    """Completions that used to raise (RecursionError, ValueError past 4,300 digits) or run for hours
-    (\boxed{1e999999999}) are wrong answers now; the run goes on and scores the rest."""
+    """Completions that a plain parse turns into an exception (RecursionError, ValueError past 4,300
+    digits) or hours of work (\boxed{1e999999999}) are wrong answers; the run goes on and scores the rest."""
     examples = load_examples("math", "math500", data_dir=DATA)[:6]
     hostile = ["{" * 1000 + "1" + "}" * 1000, "1" * 5000, "1e999999999", r"\sqrt{" * 1000 + "2" + "}" * 1000]
     completions = [f"$\\boxed{{{examples[0]['gold']}}}$"] + [f"So $\\boxed{{{h}}}$." for h in hostile]

@@ -293,7 +293,7 @@ def test_load_gguf_refuses_partial_or_inconsistent_files(tmp_path, kind):
     ("string", "llama.attention.layer_norm_rms_epsilon", "1e-6", "layer_norm_rms_epsilon' should be a number"),
 ])
 def test_bad_metadata_is_one_error_naming_the_file(tmp_path, adder, key, value, message):
-    # each used to end in ZeroDivisionError, TypeError or MemoryError
+    # unchecked, each would end in ZeroDivisionError, TypeError or MemoryError
     path, _ = _tiny_llama(tmp_path / "bad.gguf", metadata=[(adder, key, value)])
     with pytest.raises(ValueError, match=message) as e:
         load_gguf(path)

@@ -3,8 +3,8 @@ small MBPP file; all 500 of the test split with --data-dir).
 
 The hostile cases run together through run_many, so the suite pays for the slowest few only. The
 attacks below (forged verdicts, escaping processes, network, disk, memory, immutable files, the
-harness's environment and signals) each passed against the sandbox before the verdict moved out of
-the child (commit d3c56af), as root; the docstrings say where one did not.
+harness's environment and signals) run with the test's own privileges, root included; each asserts
+what the sandbox stops.
 """
 import ast
 import json
