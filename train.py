@@ -145,7 +145,7 @@ def parse_options(argv):
     elif cfg.quick:
         vars(cfg).update({k: v for k, v in QUICK.items() if k not in given})
     runs.check_options(cfg, given)
-    linear, targets = ModelArgs().linear_shapes(), [t.strip() for t in cfg.targets.split(",") if t.strip()]
+    linear, targets = ModelArgs().linear_shapes(), runs.target_list(cfg.targets)
     if not targets or any(t not in linear for t in targets):   # a block's seven linear layers, by name
         raise SystemExit(f"train.py: --targets {cfg.targets!r}: name some of a block's linear layers, "
                          f"comma-separated: {','.join(linear)}")
@@ -265,7 +265,7 @@ def fine_tune(argv):
             model, tok = load_checkpoint(ckpt, device=device)
         if tok is None:
             raise SystemExit(f"{ckpt}: no tokenizer found beside the checkpoint (tokenizer.model / tokenizer.json)")
-        targets = [t.strip() for t in cfg.targets.split(",") if t.strip()]
+        targets = runs.target_list(cfg.targets)
         options = dict(rank=cfg.rank, tau=cfg.tau, r_min=cfg.r_min, r_max=cfg.r_max, alpha=cfg.alpha, seed=cfg.seed,
                        init=cfg.init if cfg.method == "soka" else "kpsvd", factors=runs.parse_factors(cfg.factors),
                        rule=cfg.rank_rule)

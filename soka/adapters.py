@@ -410,7 +410,7 @@ def inject(model, method="soka", targets=DEFAULT_TARGETS, *, rank=None, tau=TAU,
         raise ValueError(f"adapters.py: rank must be a positive int or None, got {rank!r}")
     if method != "soka" and rank is None:
         rank = LORA_RANK
-    if method == "soka" and rank is None:
+    if method == "soka":
         check_rule(tau, r_min, r_max, rule)                 # before any layer changes
     options = dict(method=method, targets=list(targets), rank=rank, tau=tau, r_min=r_min, r_max=r_max,
                    init=init, alpha=alpha, factors=factors, randomized=randomized, seed=seed, rule=rule)
@@ -458,6 +458,7 @@ def compress(model, updates, *, rank=None, tau=TAU, r_min=R_MIN, r_max=R_MAX, fa
     pair (B, A) with ΔW = B A (fold LoRA's α/r into B)}. A fine-tuned checkpoint gives
     {k: tuned[k] - base[k] for k in targeted keys}. Rank and factor options as in inject."""
     check_impl(impl)
+    check_rule(tau, r_min, r_max)
     options = dict(method="soka", targets=sorted(updates), rank=rank, tau=tau, r_min=r_min, r_max=r_max,
                    init="compress", alpha=None, factors=factors, randomized=randomized, seed=seed)
     named = dict(model.named_modules())

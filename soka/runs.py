@@ -10,6 +10,7 @@ import argparse
 import datetime
 import gc
 import json
+import math
 import os
 import random
 import shutil
@@ -61,7 +62,9 @@ def check_options(cfg, given):
     need(cfg.epochs > 0, "epochs", "> 0")
     need(cfg.lr > 0, "lr", "> 0")
     need(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
-    need(cfg.warmup < 1 or cfg.warmup == int(cfg.warmup), "warmup", "a whole number of steps, or a fraction (< 1) of them")
+    for o in ("lr", "epochs", "warmup", "clip", "weight_decay", "tau", "alpha"):
+        need(getattr(cfg, o) is None or math.isfinite(getattr(cfg, o)), o, "a finite number")
+    need(cfg.warmup < 1 or cfg.warmup.is_integer(), "warmup", "a whole number of steps, or a fraction (< 1) of them")
     # the adapters' options, here rather than after minutes of loading the model
     need(cfg.rank is None or cfg.rank >= 1, "rank", "≥ 1")
     need(0 < cfg.tau <= 1, "tau", "in (0, 1]")
@@ -91,6 +94,11 @@ def refuse_existing(out):
                          f"or give another --out (nothing was written)")
 
 
+def target_list(targets):
+    """--targets "wq, wv," -> ["wq", "wv"]."""
+    return [t.strip() for t in targets.split(",") if t.strip()]
+
+
 def resumed_config(folder, given, defaults):
     """The saved config of the run in `folder`, over the parser's `defaults`, with the options `given`
     on the command line on top; refuses a changed FIXED_ON_RESUME option or process count."""
@@ -105,11 +113,13 @@ def resumed_config(folder, given, defaults):
     def same(k, a, b):
         if k == "ckpt" and a and b:
             return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+        if k == "targets" and isinstance(a, str) and isinstance(b, str):
+            return target_list(a) == target_list(b)
         return a == b
-    for k in FIXED_ON_RESUME:
-        if k in given and not same(k, given[k], saved.get(k)):
+    for k in FIXED_ON_RESUME:               # a key the saved config lacks had the parser's default
+        if k in given and not same(k, given[k], saved_k := saved.get(k, defaults.get(k))):
             raise SystemExit(f"--resume {folder}: --{k.replace('_', '-')} {given[k]!r} differs from the run's "
-                             f"{saved.get(k)!r}; a resumed run keeps its task, model, adapters, data and batch "
+                             f"{saved_k!r}; a resumed run keeps its task, model, adapters, data and batch "
                              f"(start a new run with another --out)")
     if saved.get("soka_impl") not in IMPLS:     # a name this code does not have (or none): the default
         saved["soka_impl"] = "auto"

@@ -325,13 +325,16 @@ def test_unknown_targets_factor_keys_and_bad_options_fail_before_the_model_chang
         with pytest.raises(ValueError, match="alpha must be > 0"):
             inject(model, "lora", alpha=alpha, verbose=False)
     for bad, match in ((dict(tau=1.5), r"tau must lie in \(0, 1\]"), (dict(r_min=5, r_max=2), "1 ≤ r_min ≤ r_max"),
-                       (dict(r_max=4.0), "1 ≤ r_min ≤ r_max"), (dict(rank=True), "rank must be a positive int")):
+                       (dict(r_max=4.0), "1 ≤ r_min ≤ r_max"), (dict(rank=True), "rank must be a positive int"),
+                       (dict(rank=2, tau=1.5), r"tau must lie in \(0, 1\]")):
         with pytest.raises(ValueError, match=match):
             inject(model, "soka", ("wq",), verbose=False, **bad)
-    assert unchanged(model, before) and all(p.requires_grad for p in model.parameters())
+    assert unchanged(model, before) and all(p.requires_grad for p in model.parameters()) and all(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match=r"factors key\(s\) wk "):
         compress(model, {"layers.0.attention.wq": torch.randn(64, 64)}, factors={"wk": (4, 16, 8, 4)}, verbose=False)
-    assert unchanged(model, before)
+    with pytest.raises(ValueError, match="1 ≤ r_min ≤ r_max"):
+        compress(model, {"layers.0.attention.wq": torch.randn(64, 64)}, r_min=3, r_max=2, verbose=False)
+    assert unchanged(model, before) and all(p.requires_grad for p in model.parameters())
 
 
 def test_inject_prints_the_table(capsys):

@@ -524,7 +524,6 @@ def test_round2_runs_are_options_train_py_accepts():
     """Each kind of second-round run becomes options train.py parses and accepts: the targets, the
     rank rule and its τ, a fixed rank, the base model's evaluation and held-out loss."""
     import train
-    from soka import runs
     st2 = study.round2_settings(fake_layers())
     specs = [study.spec2(st2, "rule_final", "math", "rule", "soka_energy", 1e-3, 1, eval=True),
              study.spec2(st2, "qv_sweep", "mbpp", "qv", f"pissa_r{st2['arithmetic']['lora_rank_lokr']}", 3e-3, 0, eval=False),
@@ -533,8 +532,7 @@ def test_round2_runs_are_options_train_py_accepts():
              *study.plan2("/nonexistent", "base", st2)[4:]]
     for r in specs:
         argv = study.argv_for(r, "m.gguf", "data", "out/x")
-        cfg = train.make_parser().parse_args(argv)
-        runs.check_options(cfg, train.given_options(argv))
+        cfg = train.parse_options(argv)
         if r.get("base") == "eval":
             assert cfg.eval_only and cfg.task == "mbpp" and cfg.eval_batch_size == study.EVAL_BATCH["mbpp"]
             continue

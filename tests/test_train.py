@@ -147,6 +147,12 @@ def test_a_run_folder_is_never_overwritten_and_a_resume_keeps_its_run(tmp_path):
         resumed(["--batch-size", "2"], out)
     with pytest.raises(SystemExit, match="--rank-rule 'energy' differs from the run's 'both'"):
         resumed(["--rank-rule", "energy"], out)                       # the rule chose the saved ranks
+    resumed(["--targets", " wq, wk,wv,wo,"], out)                     # the same layers, written otherwise
+    (out / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "rank_rule"} | {"out": str(out)}))
+    resumed(["--rank-rule", "both"], out)                             # a key the config lacks: the default
+    with pytest.raises(SystemExit, match="--rank-rule 'elbow' differs from the run's 'both'"):
+        resumed(["--rank-rule", "elbow"], out)
+    (out / "config.json").write_text(json.dumps({**saved, "out": str(out)}))
     cfg = resumed(["--max-steps", "9", "--lr", "1e-3"], out)
     assert (cfg.task, cfg.batch_size, cfg.max_steps, cfg.lr, cfg.out) == ("gsm8k", 4, 9, 1e-3, out)
     (out / "config.json").write_text(json.dumps({**saved, "out": str(out), "world": 2}))
@@ -186,7 +192,9 @@ def test_resume_falls_back_to_the_old_checkpoint_when_the_new_one_is_unreadable(
                                                  ("--warmup", "2.5", r"a whole number of steps, or a fraction \(< 1\) of them"),
                                                  ("--rank", "0", "≥ 1"), ("--tau", "1.5", r"in \(0, 1\]"),
                                                  ("--tau", "0", r"in \(0, 1\]"), ("--r-min", "0", "≥ 1"),
-                                                 ("--r-max", "2", r"≥ --r-min \(4\)")])
+                                                 ("--r-max", "2", r"≥ --r-min \(4\)"),
+                                                 ("--warmup", "inf", "a finite number"),
+                                                 ("--lr", "inf", "a finite number")])
 def test_bad_numbers_are_refused_with_the_option_named(option, value, rule):
     extra = ["--r-min", "4"] if option == "--r-max" else []
     with pytest.raises(SystemExit, match=f"{option} must be {rule}, got"):
@@ -569,7 +577,7 @@ def one_line_naming(message, path):
 
 def test_planted_files_run_no_code(tiny, tmp_path):
     """state.pt, adapter.pt and a Meta shard holding a code-running pickle: nothing runs, and the
-    error is one line naming the file (train.py --resume used to unpickle state.pt in full)."""
+    error is one line naming the file (each is read with torch.load's weights_only unpickler)."""
     marker = tmp_path / "ran"
     out = tmp_path / "run"
     assert train.main(["--task", "gsm8k", "--ckpt", str(tiny), "--max-steps", "1", "--eval-limit", "0",

@@ -271,7 +271,7 @@ def test_report_prints_a_saved_run_again_with_its_ceilings(tmp_path, capsys):
         floor, soka, rate = again[1], again[2], saved["config"]["gemm_tflops_used"] * 1e12
         added = soka["flops_per_token_least"] - floor["flops_per_token"]
         assert soka["ceiling_tokens_per_s"] == pytest.approx(1 / (1 / floor["tokens_per_s"] + added / rate))
-    # rows of implementations that no longer exist (older runs: kron_v2, dense) are printed, not refused
+    # rows naming an implementation this code does not have (kron_v2, dense) are printed, not refused
     old = dict(saved["results"][-1], config="soka_r1@kron_v2", impl="kron_v2")
     saved["results"] += [old, dict(old, config="soka_r1@dense+compile", impl="dense")]
     out.write_text(json.dumps(saved))
