@@ -1082,16 +1082,20 @@ def mbpp_run(code, tests, setup_code="", timeout=10.0):
 def run_many(jobs, *, timeout=10.0, workers=None, progress=False, **options):
     """`run_program` over (code, tests[, setup_code]) tuples, `workers` at a time (default: CPUs).
 
-    Threads only wait on their children, so the children are the parallelism.
+    Threads only wait on their children, so the children are the parallelism. An interrupt (Ctrl-C)
+    cancels the programs not yet started and waits only for those running (each within `timeout`).
     """
     jobs = [(job[0], list(job[1]), *job[2:]) for job in jobs]
     if any(not job[1] for job in jobs):
         raise ValueError("sandbox: an empty test list would pass any program")
-    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+    pool = ThreadPoolExecutor(workers or os.cpu_count() or 1)
+    try:
         futures = [pool.submit(run_program, *job, timeout=timeout, **options) for job in jobs]
         for _ in tqdm(as_completed(futures), total=len(futures), desc="mbpp", unit="program", disable=not progress):
             pass
         return [f.result() for f in futures]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def landlock_abi():

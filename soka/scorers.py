@@ -25,6 +25,7 @@ import select
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from fractions import Fraction
@@ -100,7 +101,9 @@ def gsm8k_extract(text):
     Order: the first "#### N" (GSM8K's own answer line), else the first "The answer is N", else
     the last number in the text. "$" and thousands commas are dropped: "$1,234." -> "1234"; a
     minus sign of any kind (U+2212 ...) becomes "-" unless it follows a number ("3–5" -> "5").
+    LaTeX's thousands separator reads as a comma: "$1{,}296$" -> "1296".
     """
+    text = text.replace("{,}", ",")
     for pattern in (r"####\s*" + _NUM, r"[Tt]he (?:final )?answer is[\s:*]*" + _NUM):
         m = re.search(pattern, text)
         if m:
@@ -242,14 +245,14 @@ def math_normalize(s):
     Spaces, \left, \right, \! and `$` go; tfrac/dfrac become frac; degrees (^\circ), \% and a
     trailing unit (`\text{ cm}^2`, `inches`) go when something precedes them; \text{X} becomes X;
     `x = 5` becomes 5 when the left side is at most two characters; \frac12 -> \frac{1}{2},
-    \sqrt2 -> \sqrt{2}; `a/b` of integers -> \frac{a}{b}; `1,000` -> 1000; `.5` -> 0.5;
+    \sqrt2 -> \sqrt{2}; `a/b` of integers -> \frac{a}{b}; `1,000` and `1{,}000` -> 1000; `.5` -> 0.5;
     `(C)` -> C; a trailing period goes; every minus sign of _MINUS (U+2212 ...) becomes "-". Unlike
     Hendrycks, `\\` (a row break) stays `\\`. Text longer than MAX_ANSWER_CHARS is only stripped
     (some steps take time quadratic in the length).
     """
     if len(s) > MAX_ANSWER_CHARS:
         return s.strip()
-    s = s.strip().replace("\n", " ").replace("\\!", "").translate(_TO_HYPHEN)
+    s = s.strip().replace("\n", " ").replace("\\!", "").replace("{,}", ",").translate(_TO_HYPHEN)
     s = re.sub(r"(?<!\\)\\[,;: ]", " ", s)  # thin spaces; not the row break "\\\\ "
     s = s.replace("tfrac", "frac").replace("dfrac", "frac").replace("cfrac", "frac")
     s = s.replace("\\left", "").replace("\\right", "").replace("\\displaystyle", "")
@@ -282,8 +285,15 @@ def math_normalize(s):
 
 
 def _number(s):
-    r"""An exact Fraction for "-3", "2.50", "1e-3", "\frac{-1}{2}", "-\frac{3}{4}"; _HUGE past the
-    bounds (MAX_DIGITS, MAX_EXPONENT); None otherwise."""
+    r"""An exact Fraction for "-3", "2.50", "1e-3", "\frac{-1}{2}", "-\frac{3}{4}", and the mixed
+    number "3\frac{1}{2}" = 7/2 (as MATH writes one, not 3 · 1/2); _HUGE past the bounds
+    (MAX_DIGITS, MAX_EXPONENT); None otherwise."""
+    m = re.fullmatch(r"(-?)(\d+)\\frac\{(\d+)\}\{(\d+)\}", s)
+    if m:
+        whole, num, den = (_decimal(g) for g in m.group(2, 3, 4))
+        if any(v is _HUGE for v in (whole, num, den)):
+            return _HUGE
+        return None if den == 0 else (-1 if m.group(1) else 1) * (whole + num / den)
     m = re.fullmatch(r"(-?)\\frac\{(-?\d+(?:\.\d+)?)\}\{(-?\d+(?:\.\d+)?)\}", s)
     if m:
         num, den = _decimal(m.group(2)), _decimal(m.group(3))
@@ -504,8 +514,9 @@ def _tex(s, depth=0):
 
 
 # The sympy child. Parsing uses local names only: single letters are plain Symbols (so E, I, N,
-# S, O, Q are not sympy's constants). Without free symbols, both sides are evaluated to 30 digits
-# and must agree to a relative 1e-20 (so a 12-digit decimal never equals sqrt(2)); with symbols,
+# S, O, Q are not sympy's constants). A difference that is an exact rational decides exactly.
+# Otherwise, without free symbols, both sides are evaluated to 30 digits and must agree to a
+# relative 1e-20 (so a 12-digit decimal never equals sqrt(2)); with symbols,
 # at four random rational points (a randomized identity test: a nonzero difference of these small
 # expressions vanishing at all four is vanishingly unlikely). zoo or nan anywhere never matches.
 _WORKER_SOURCE = r'''
@@ -542,6 +553,8 @@ def same(a, b):
     if A == B:
         return True
     d = A - B
+    if d.is_Rational:
+        return d == 0  # exact: 2**100 - 1 is not 2**100, however close in relative terms
     syms = sorted(d.free_symbols, key=str)
     if not syms:
         return bool(close(A, B, d))
@@ -761,9 +774,10 @@ def score_answers(task, completions, golds, *, time_limit=60.0, options=None):
 # ------------------------------------------------------------------------------------------ MBPP
 
 def mbpp_extract_code(text):
-    """The program in a completion: the first ``` fenced block (closed or not), else the text up
-    to "[DONE]" (the MBPP paper's end marker), else the whole text."""
-    m = re.search(r"```[ \t]*[A-Za-z0-9_+-]*[ \t]*\n(.*?)(?:```|\Z)", text, re.S)
+    """The program in a completion: the first ``` fenced block (closed or not; dedented, as a block
+    inside a list item is indented with it), else the text up to "[DONE]" (the MBPP paper's end
+    marker), else the whole text."""
+    m = re.search(r"```[ \t]*[A-Za-z0-9_+-]*[ \t]*\r?\n(.*?)(?:```|\Z)", text, re.S)
     if m:
-        return m.group(1)
+        return textwrap.dedent(m.group(1))
     return text.split("[DONE]")[0]

@@ -245,7 +245,11 @@ def _open(path):
     """A file of rows to read; a shipped .xz copy is decompressed and checked against its sha256."""
     if path.suffix != ".xz":
         return open(path, "rb")
-    data = lzma.decompress(path.read_bytes())
+    try:
+        data = lzma.decompress(path.read_bytes())
+    except lzma.LZMAError as e:
+        raise ValueError(f"{path}: not a readable xz file ({e}); the shipped copy is damaged (get it again "
+                         f"from the repository, or pass --data-dir with the original file)") from None
     want = next(f.sha256 for files in FILES.values() for f in files if Path(f.path).name == path.stem)
     if hashlib.sha256(data).hexdigest() != want:
         raise ValueError(f"{path}: decompressed, its sha256 is not {want}; the shipped copy is damaged "
@@ -271,6 +275,8 @@ def _jsonl(path, keys, check=None):
                 row = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except ValueError:                # an integer past Python's limit of 4,300 digits
+                raise ValueError(f"{where}: a number of more than 4,300 digits") from None
             except RecursionError:
                 raise ValueError(f"{where}: JSON nested too deeply") from None
             if not isinstance(row, dict):
@@ -287,8 +293,19 @@ def _jsonl(path, keys, check=None):
 
 
 def _math_row(row):
-    if "level" not in row or not ("subject" in row or "type" in row):
-        return "no 'level', or neither 'subject' nor 'type'"
+    if "level" not in row or not any(isinstance(row.get(k), str) and row[k] for k in ("subject", "type")):
+        return "no 'level', or neither 'subject' nor 'type' names the subject"
+    if "answer" in row and not isinstance(row["answer"], str):
+        return f"'answer' should be a str, got a {type(row['answer']).__name__}"
+    if "answer" not in row and math_last_boxed(row["solution"]) is None:
+        return "no 'answer', and the solution has no \\boxed{...} answer"
+    return None
+
+
+def _mbpp_row(row):
+    tests = row["test_list"]
+    if not tests or not all(isinstance(t, str) for t in tests):
+        return "'test_list' should be a non-empty list of assert statements (str)"
     return None
 
 
@@ -304,10 +321,11 @@ def _math_folder(folder):
     for p in files:
         try:
             row = json.loads(p.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:   # ValueError: JSON, or a huge int
             raise ValueError(f"{p}: not a JSON file of UTF-8 text ({type(e).__name__}: {e})") from None
-        problem = "not an object" if not isinstance(row, dict) else _math_row(row) or (
-            None if {"problem", "solution"} <= row.keys() else "no 'problem' or 'solution'")
+        problem = ("not an object" if not isinstance(row, dict) else
+                   "no 'problem' or 'solution'" if not {"problem", "solution"} <= row.keys() or
+                   not isinstance(row["solution"], str) else _math_row(row))
         if problem:
             raise ValueError(f"{p}: {problem}")
         rows.append({**row, "unique_id": f"{split}/{p.parent.name}/{p.name}"})
@@ -342,7 +360,7 @@ def load_examples(task, split, *, data_dir=DATA_DIR, download=False, base_url=No
                  "level": _level(r["level"]), "subject": r.get("subject") or r["type"]} for r in rows]
     lo, hi = MBPP_TASK_IDS[split]
     rows = _jsonl(_need(data_dir, "mbpp/mbpp.jsonl", task, download, base_url),
-                  {"task_id": int, "text": str, "code": str, "test_list": list, "test_setup_code": str})
+                  {"task_id": int, "text": str, "code": str, "test_list": list, "test_setup_code": str}, _mbpp_row)
     return [{"id": str(r["task_id"]), "question": r["text"], "target": _code(r["code"]),
              "gold": _code(r["code"]), "tests": r["test_list"], "setup_code": _code(r["test_setup_code"])}
             for r in rows if lo <= r["task_id"] <= hi]

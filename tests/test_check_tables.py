@@ -256,3 +256,34 @@ def test_stats_against_references():
     assert stats.verdict(-0.2, -0.1, lower_is_better=False) == "worse"
     assert stats.verdict(-0.1, 0.1, lower_is_better=True) == "tie"
     assert stats.verdict(float("nan"), 1.0, lower_is_better=True) == "n/a"
+
+
+def rescored(task, data_dir, split):
+    """(records, verdicts that differ) of the committed per-problem files of `task`: each extracted
+    answer scored again against its gold by soka/scorers.py."""
+    from soka.scorers import score_answers
+    from soka.tasks import load_examples
+    gold = {e["id"]: e["gold"] for e in load_examples(task, split, data_dir=data_dir)}
+    n, differ = 0, []
+    for f in sorted((RESULTS / "problems").glob(f"*/*__{task}__*.jsonl.gz")):
+        rows = [r for r in map(json.loads, gzip.open(f, "rt")) if r["x"] is not None and len(r["x"]) < 64]
+        wrap = "$\\boxed{%s}$" if task == "math" else "#### %s"
+        for r, (_, verdict, _) in zip(rows, score_answers(task, [wrap % r["x"] for r in rows],
+                                                          [gold[r["id"]] for r in rows])):
+            n += 1
+            if int(bool(verdict)) != r["v"]:
+                differ.append((f.name, r["id"], r["x"], gold[r["id"]], r["v"]))
+    return n, differ
+
+
+def test_the_committed_gsm8k_verdicts_are_what_the_scorer_gives(tmp_path):
+    """A change of the scorer that would flip a recorded verdict shows here (answers of 64 characters
+    or more are stored cut, and skipped)."""
+    n, differ = rescored("gsm8k", tmp_path, "test")     # an empty data folder: the copy soka ships
+    assert n > 10_000 and differ == []
+
+
+@pytest.mark.extended
+def test_the_committed_math500_verdicts_are_what_the_scorer_gives(full_data):
+    n, differ = rescored("math", full_data, "math500")
+    assert n > 3_000 and differ == []

@@ -92,6 +92,23 @@ def hostile(outside):
     return {name: (expected, r) for (name, (_, expected)), r in zip(cases.items(), results)}
 
 
+def test_an_interrupt_starts_no_further_program(monkeypatch):
+    started = []
+
+    def program(code, tests, *a, **k):
+        started.append(code)
+        time.sleep(0.5)
+
+    def interrupted(futures):             # Ctrl-C while the first program runs
+        raise KeyboardInterrupt
+        yield
+    monkeypatch.setattr(sandbox, "run_program", program)
+    monkeypatch.setattr(sandbox, "as_completed", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_many([(str(i), TESTS) for i in range(5)], workers=1)
+    assert started == ["0"]
+
+
 @pytest.mark.parametrize("name", list(_cases(Path("/x"))))
 def test_hostile_program(hostile, outside, name):
     expected, r = hostile[name]

@@ -38,6 +38,8 @@ def _jsonl(path):
     ("The answer is 6. Check: 2 + 4 = 6, and 10", "6"),            # "The answer is" beats the last
     ("no digits here", None),
     ("", None),
+    ("#### 1{,}296", "1296"),                                       # LaTeX's thousands separator
+    (r"The answer is $1{,}296$.", "1296"),
 ])
 def test_gsm8k_extract(text, expected):
     assert gsm8k_extract(text) == expected
@@ -116,6 +118,11 @@ def test_math_last_boxed(text, expected):
     (r"\sqrt[3]{8}", "2"),
     ("1\\,000", "1000"),
     ("Monday", r"\text{Monday}"),                                    # "day" is no unit here
+    (r"3\frac{1}{2}", r"\frac{7}{2}"),                                # a mixed number (MATH's prealgebra)
+    (r"137 \frac{1}{2}", "137.5"),
+    (r"-1\dfrac{4}{5}", "-1.8"),
+    ("1{,}296", "1296"),                                             # LaTeX's thousands separator
+    ("2^{100}-1", "1267650600228229401496703205375"),
     ("evelyn", r"\text{Evelyn}"),                                    # words ignore case
     (r"\begin{pmatrix} \frac{1}{2} & 0 \\ 0 & 1 \end{pmatrix}", r"\begin{pmatrix}0.5&0\\0&1\end{pmatrix}"),
 ])
@@ -138,6 +145,9 @@ def test_math_equal(pred, gold):
     ("odd", r"\text{even}"),
     ("x^2+7x+11", "(x+2)(x+5)"),
     ("2^{2005}", r"\frac{1}{3}"),           # huge values must not overflow into "equal"
+    (r"3\frac{1}{2}", r"\frac{3}{2}"),       # a mixed number is a sum, not 3 · 1/2
+    ("2^{100}-1", "2^{100}"),               # integers differ exactly, however large
+    ("10^{30}+7", "10^{30}"),
     (r"\frac{1}{0}", r"\frac{2}{0}"),
     ("6", "5"),
     (r"\begin{pmatrix} -18 \\ -49 \end{pmatrix}", r"\begin{pmatrix}-18&-49\end{pmatrix}"),  # column vs row
@@ -430,6 +440,8 @@ def test_every_math_gold_scores_against_itself(data):
     ("```python\ndef g(): pass", "def g(): pass"),                  # unclosed fence
     ("def h(): pass\n[DONE] trailing", "def h(): pass\n"),
     ("def k(): pass", "def k(): pass"),
+    ("1. Define it:\n   ```python\n   def f(x):\n       return x\n   ```\n", "def f(x):\n    return x\n"),  # in a list item
+    ("```python\r\nx = 4\r\n```", "x = 4\r\n"),                   # CRLF lines
 ])
 def test_mbpp_extract_code(text, expected):
     assert mbpp_extract_code(text) == expected

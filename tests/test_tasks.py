@@ -439,6 +439,45 @@ def test_a_bad_gsm8k_line_is_one_error_naming_file_and_line(tmp_path, line, mess
         load_examples("gsm8k", "test", data_dir=tmp_path)
 
 
+MATH_ROW = dict(problem="p", solution=r"so \boxed{3}", level="Level 1", type="Algebra", unique_id="test/algebra/1.json")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(type=""), "no 'level', or neither 'subject' nor 'type' names the subject"),
+    (dict(solution="no box"), r"no 'answer', and the solution has no \\boxed\{...\} answer"),
+    (dict(answer=None), "'answer' should be a str, got a NoneType"),
+])
+def test_a_math_row_without_subject_or_answer_is_refused(tmp_path, change, message):
+    path = tmp_path / "math" / "test.jsonl"
+    path.parent.mkdir()
+    path.write_text(json.dumps(MATH_ROW) + "\n" + json.dumps(MATH_ROW | change) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(f"{path}, line 2: ") + message):
+        load_examples("math", "test", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("tests", [[], [1, 2]])
+def test_an_mbpp_row_without_assert_statements_is_refused(tmp_path, tests):
+    path = tmp_path / "mbpp" / "mbpp.jsonl"
+    path.parent.mkdir()
+    row = dict(task_id=11, text="t", code="def f(): pass", test_list=tests, test_setup_code="")
+    path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(f"{path}, line 1: 'test_list' should be a non-empty list of "
+                                                   "assert statements (str)")):
+        load_examples("mbpp", "test", data_dir=tmp_path)
+
+
+def test_a_huge_number_or_a_damaged_shipped_copy_is_one_error(tmp_path):
+    path = tmp_path / "gsm8k" / "test.jsonl"
+    path.parent.mkdir()
+    path.write_text('{"question": "q", "answer": "#### ' + "1" * 5000 + '", "n": ' + "1" * 5000 + "}\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}, line 1: a number of more than 4,300 digits")):
+        load_examples("gsm8k", "test", data_dir=tmp_path)
+    damaged = tmp_path / "test.jsonl.xz"
+    damaged.write_bytes(b"\xfd7zXZ\x00 not the rest of an xz file")
+    with pytest.raises(ValueError, match=re.escape(f"{damaged}: not a readable xz file") + ".*shipped copy is damaged"):
+        tasks._open(damaged)
+
+
 def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
     path = tmp_path / "gsm8k" / "test.jsonl"
     path.parent.mkdir()
