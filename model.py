@@ -12,7 +12,9 @@ Module names are Meta's checkpoint keys (`layers.0.attention.wq.weight`), so loa
 `load_state_dict(strict=True, assign=True)` after an explicit key table, and an adapter can replace
 `layers.N.attention.wq` by name.
 """
+import math
 import numbers
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
@@ -58,9 +60,10 @@ class ModelArgs:
                 ok = isinstance(v, bool)
             else:                           # numpy scalars (GGUF) count; True does not count as 1
                 ok = isinstance(v, numbers.Integral if kind is int else numbers.Real) and not isinstance(v, bool)
-                ok = ok and (kind is float or v >= 1 or f.name == "vocab_size")  # vocab_size -1: the tokenizer's
+                ok = ok and (v >= 1 or (f.name == "vocab_size" and v == -1) if kind is int  # -1: the tokenizer's
+                             else math.isfinite(v) and v > 0)     # norm_eps, rope_theta, ffn_dim_multiplier
             if not ok:
-                want = {int: "a positive integer", float: "a number", bool: "true or false"}[kind]
+                want = {int: "a positive integer", float: "a positive number", bool: "true or false"}[kind]
                 raise ValueError(f"ModelArgs: {f.name} must be {want}, got {v!r}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
@@ -68,6 +71,10 @@ class ModelArgs:
             raise ValueError(f"ModelArgs: dim {self.dim} must split into {self.n_heads} heads of even size")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"ModelArgs: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        try:
+            self.ffn_dim
+        except OverflowError:
+            raise ValueError(f"ModelArgs: ffn_dim_multiplier {self.ffn_dim_multiplier} makes no finite FFN size") from None
 
     @property
     def head_dim(self):
@@ -574,12 +581,17 @@ def load_checkpoint(path, *, device="cpu", dtype=None):
         raise ValueError(f"{path}: no params.json (Meta) or config.json (Hugging Face) in this folder")
     else:
         raise ValueError(f"{path}: not a checkpoint folder or a .gguf file")
+    _check_vocab(args, tokenizer, path)
     return _build(args, state_dict, path, device=device, dtype=dtype), tokenizer
 
 
 def _build(args, state_dict, source, *, device, dtype):
     """Model on the meta device, checked key for key and shape for shape against the checkpoint,
     then filled with load_state_dict(strict=True, assign=True): weights exist once, on `device`."""
+    blocks = {int(m.group(1)) for k in state_dict if isinstance(k, str) and (m := re.match(r"layers\.(\d+)\.", k))}
+    if len(blocks) != args.n_layers or blocks and max(blocks) != args.n_layers - 1:   # before building them
+        raise ValueError(f"{source}: the config says {args.n_layers} layers, the checkpoint holds "
+                         f"{len(blocks)} (layers.{min(blocks, default=0)} to layers.{max(blocks, default=0)})")
     with torch.device("meta"):
         model = Transformer(args)
     check_keys_and_shapes({k: v.shape for k, v in model.state_dict().items()}, state_dict, source)
@@ -589,6 +601,13 @@ def _build(args, state_dict, source, *, device, dtype):
         state_dict[k] = torch.as_tensor(state_dict[k]).to(device=device, dtype=dtype, copy=True)
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model
+
+
+def _check_vocab(args, tokenizer, source):
+    """A model vocabulary at least as large as the tokenizer's (larger is normal: padded rows)."""
+    if tokenizer is not None and tokenizer.vocab_size > args.vocab_size:
+        raise ValueError(f"{source}: vocab_size {args.vocab_size} is smaller than the tokenizer's "
+                         f"{tokenizer.vocab_size} tokens; their ids would index past the embedding")
 
 
 def _model_args(params, source):
@@ -605,7 +624,9 @@ def read_config(path):
     if path.is_dir() and (path / "params.json").is_file():
         return meta_config(path)
     if path.is_dir() and (path / "config.json").is_file():
-        return _model_args(hf_params(path / "config.json"), path / "config.json"), hf_tokenizer(path)
+        args, tokenizer = _model_args(hf_params(path / "config.json"), path / "config.json"), hf_tokenizer(path)
+        _check_vocab(args, tokenizer, path)
+        return args, tokenizer
     raise ValueError(f"{path}: sharded loading (--fsdp) reads a Meta or Hugging Face folder, not a GGUF file")
 
 

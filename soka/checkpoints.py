@@ -120,7 +120,10 @@ def hf_tensors(folder, *, tied):
         weight_map = json_object(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index}: no weight_map {{tensor name: file}}")
-        files = sorted(set(weight_map.values()))
+        files = sorted({str(v) for v in weight_map.values()})
+        for name in files:                  # a file of this folder, by name: no path out of it, no FIFO
+            if Path(name).name != name or not (folder / name).is_file():
+                raise ValueError(f"{index}: weight_map names {name!r}, not a file in {folder}")
     elif (folder / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -140,11 +143,13 @@ def hf_tensors(folder, *, tied):
 def read_hf_weights(folder, *, n_heads, n_kv_heads, tied):
     """The safetensors shards of an HF folder -> {Meta key: tensor}, wq/wk rows back in Meta's order."""
     state_dict = {}
-    for _, meta_key, t in hf_tensors(folder, tied=tied):
-        if meta_key.endswith("wq.weight"):
-            t = unpermute_rotary(t, n_heads)
-        elif meta_key.endswith("wk.weight"):
-            t = unpermute_rotary(t, n_kv_heads)
+    for file, meta_key, t in hf_tensors(folder, tied=tied):
+        if meta_key.endswith(("wq.weight", "wk.weight")):
+            heads = n_heads if meta_key.endswith("wq.weight") else n_kv_heads
+            if t.ndim != 2 or t.shape[0] % (2 * heads):
+                raise ValueError(f"{file}: {meta_key} has shape {tuple(t.shape)}, not {heads} heads' rows of "
+                                 f"rotary pairs")
+            t = unpermute_rotary(t, heads)
         state_dict[meta_key] = t
     return state_dict
 
@@ -158,6 +163,8 @@ def check_keys_and_shapes(expected, weights, source):
                          f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
                          f"{' ...' if len(unexpected) > 8 else ''}")
     for k, shape in expected.items():
+        if not hasattr(weights[k], "shape"):
+            raise ValueError(f"{source}: {k} is a {type(weights[k]).__name__}, not a tensor")
         if tuple(weights[k].shape) != tuple(shape):
             raise ValueError(f"{source}: {k} has shape {tuple(weights[k].shape)}, the config says {tuple(shape)}")
 
@@ -169,7 +176,7 @@ SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, 
 def meta_shards(folder):
     """(files, state dicts) of Meta's consolidated.*.pth shards, memory-mapped and read with
     weights_only=True (a planted pickle runs no code, it fails with one line); their keys must agree."""
-    files = sorted(folder.glob("consolidated.*.pth"))
+    files = sorted(f for f in folder.glob("consolidated.*.pth") if f.is_file())   # a FIFO would block
     if not files:
         raise ValueError(f"{folder}: params.json but no consolidated.*.pth shards")
     shards = []
@@ -181,6 +188,9 @@ def meta_shards(folder):
                              f"tensors ({first_line(e)})") from e
         if not isinstance(shards[-1], dict):
             raise ValueError(f"{f}: holds a {type(shards[-1]).__name__}, not a state dict {{name: tensor}}")
+        for k, v in shards[-1].items():
+            if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+                raise ValueError(f"{f}: entry {k!r} holds a {type(v).__name__}; a shard maps names to tensors")
     keys = set(shards[0])
     for f, shard in zip(files[1:], shards[1:]):
         if set(shard) != keys:

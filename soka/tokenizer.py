@@ -36,6 +36,8 @@ def json_object(path):
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:    # the message gives line and column
         raise ValueError(f"{path}: not valid JSON: {e}") from e
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: holds a JSON {type(obj).__name__}, not an object {{key: value}}")
     return obj

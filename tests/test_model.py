@@ -5,6 +5,7 @@ and clear errors on bad checkpoints.
 """
 import json
 import os
+import re
 import shutil
 import struct
 
@@ -14,8 +15,8 @@ import torch.nn as nn
 import transformers
 
 import model as M
-from model import ModelArgs, Transformer, generate, load_checkpoint
-from soka.checkpoints import read_safetensors
+from model import ModelArgs, Transformer, generate, load_checkpoint, read_config
+from soka.checkpoints import hf_tokenizer, read_safetensors
 
 
 def tiny_hf(*, tied=False, seed=0):
@@ -80,8 +81,8 @@ def test_bad_args():
         Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=-1))
     for bad, msg in ((dict(dim="64"), "dim must be a positive integer, got '64'"),
                      (dict(n_heads=0), "n_heads must be a positive integer, got 0"),
-                     (dict(rope_theta="1e4"), "rope_theta must be a number, got '1e4'"),
-                     (dict(ffn_dim_multiplier=[1.3]), r"ffn_dim_multiplier must be a number, got \[1\.3\]"),
+                     (dict(rope_theta="1e4"), "rope_theta must be a positive number, got '1e4'"),
+                     (dict(ffn_dim_multiplier=[1.3]), r"ffn_dim_multiplier must be a positive number, got \[1\.3\]"),
                      (dict(tie_embeddings="false"), "tie_embeddings must be true or false")):
         with pytest.raises(ValueError, match=msg):
             ModelArgs(**bad)
@@ -279,7 +280,7 @@ def test_hf_folder_tokenizer_model(tmp_path, hf_folder, data):
     tok_file, sp = _sentencepiece(data)
     shutil.copytree(hf_folder[1], tmp_path / "hf")
     os.symlink(tok_file, tmp_path / "hf" / "tokenizer.model")
-    _, tok = load_checkpoint(tmp_path / "hf")
+    tok = hf_tokenizer(tmp_path / "hf")                 # the model's 96 rows are fewer than its tokens
     assert tok.encode("Hello world") == [sp.bos_id()] + sp.encode("Hello world")
 
 
@@ -438,7 +439,7 @@ def test_params_wrong_type_or_missing_key(tmp_path, meta_model, hf_folder):
         load_checkpoint(tmp_path)
     params.write_text(good)
     _edit_json(params, lambda p: p.update(rope_theta="500.0"))
-    with pytest.raises(ValueError, match=r"params\.json: ModelArgs: rope_theta must be a number, got '500\.0'"):
+    with pytest.raises(ValueError, match=r"params\.json: ModelArgs: rope_theta must be a positive number, got '500\.0'"):
         load_checkpoint(tmp_path)
     params.write_text(good)
     _edit_json(params, lambda p: [p.pop("n_layers"), p.pop("n_heads")])  # the 7B defaults must not stand in
@@ -446,8 +447,72 @@ def test_params_wrong_type_or_missing_key(tmp_path, meta_model, hf_folder):
         load_checkpoint(tmp_path)
     shutil.copytree(hf_folder[1], tmp_path / "hf")
     _edit_json(tmp_path / "hf" / "config.json", lambda c: c.update(rms_norm_eps="1e-6"))
-    with pytest.raises(ValueError, match=r"config\.json: ModelArgs: norm_eps must be a number, got '1e-6'"):
+    with pytest.raises(ValueError, match=r"config\.json: ModelArgs: norm_eps must be a positive number, got '1e-6'"):
         load_checkpoint(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(norm_eps=float("nan")), "norm_eps must be a positive number, got nan"),
+    (dict(rope_theta=0), "rope_theta must be a positive number, got 0"),
+    (dict(rope_theta=float("inf")), "rope_theta must be a positive number, got inf"),
+    (dict(vocab_size=-7), "vocab_size must be a positive integer, got -7"),
+    (dict(hidden_dim=None, ffn_dim_multiplier=1e308), r"ffn_dim_multiplier 1e\+308 makes no finite FFN size"),
+    (dict(n_layers=20000), r"the config says 20000 layers, the checkpoint holds 2 \(layers\.0 to layers\.1\)"),
+])
+def test_params_out_of_range_is_refused_before_building(tmp_path, meta_model, change, message):
+    params = write_meta(meta_model, tmp_path, n_shards=1) / "params.json"
+    _edit_json(params, lambda p: p.update(change))
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path)) + ".*" + message):
+        load_checkpoint(tmp_path)
+
+
+def test_a_shard_entry_that_is_no_tensor(tmp_path, meta_model):
+    write_meta(meta_model, tmp_path, n_shards=1)
+    shard = torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
+    shard["layers.0.attention.wq.weight"] = 5
+    torch.save(shard, tmp_path / "consolidated.00.pth")
+    with pytest.raises(ValueError, match=r"consolidated\.00\.pth: entry 'layers\.0\.attention\.wq\.weight' holds a "
+                                         r"int; a shard maps names to tensors"):
+        load_checkpoint(tmp_path)
+
+
+def test_hf_index_names_only_files_of_its_folder(tmp_path, hf_folder):
+    hf, _ = hf_folder
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    index = tmp_path / "hf" / "model.safetensors.index.json"
+    first = json.loads(index.read_text())["weight_map"]["model.embed_tokens.weight"]
+    shutil.move(tmp_path / "hf" / first, tmp_path / first)
+    _edit_json(index, lambda d: d["weight_map"].update({"model.embed_tokens.weight": f"../{first}"}))
+    with pytest.raises(ValueError, match=rf"index\.json: weight_map names '\.\./{first}', not a file in "):
+        load_checkpoint(tmp_path / "hf")
+
+
+def test_hf_rotary_rows_of_a_wrong_shape_are_named(tmp_path, hf_folder):
+    from safetensors.torch import save_file
+    hf, folder = hf_folder
+    shutil.copytree(folder, tmp_path / "hf")
+    sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    sd["model.layers.0.self_attn.q_proj.weight"] = sd["model.layers.0.self_attn.q_proj.weight"][:30].contiguous()
+    save_file(sd, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.safetensors: layers\.0\.attention\.wq\.weight has shape \(30, 64\), "
+                                         r"not 4 heads' rows of rotary pairs"):
+        load_checkpoint(tmp_path / "hf")
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, hf_folder):
+    from soka.tokenizer import bytes_to_unicode
+    shutil.copytree(hf_folder[1], tmp_path / "hf")         # vocab_size 96
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())} | {"<|endoftext|>": 256}
+    (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps({
+        "model": {"type": "BPE", "vocab": vocab, "merges": []},
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False},
+        "added_tokens": [{"id": 256, "content": "<|endoftext|>", "special": True}]}))
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    message = "vocab_size 96 is smaller than the tokenizer's 257 tokens"
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(tmp_path / "hf")
+    with pytest.raises(ValueError, match=message):
+        read_config(tmp_path / "hf")
 
 
 def test_pth_holding_a_tensor(tmp_path, meta_model):
@@ -562,7 +627,7 @@ def test_hf_config_disagrees_with_weights(tmp_path, hf_folder):
     c = json.loads((folder / "config.json").read_text())
     c["num_hidden_layers"] = 3
     (tmp_path / "a" / "config.json").write_text(json.dumps(c))
-    with pytest.raises(ValueError, match=r"missing keys \['layers\.2\."):
+    with pytest.raises(ValueError, match=r"a: the config says 3 layers, the checkpoint holds 2 \(layers\.0 to layers\.1\)"):
         load_checkpoint(tmp_path / "a")
     c["num_hidden_layers"] = 2
     c["intermediate_size"] = 100
