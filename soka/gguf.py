@@ -194,14 +194,15 @@ class GGUFFile:
             ne = [cur.scalar("<Q", f"tensor {name!r}") for _ in range(n_dims)]
             infos.append((name, ne, cur.scalar("<I", f"tensor {name!r}"), cur.scalar("<Q", f"tensor {name!r}")))
 
-        self.alignment = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
-        if self.alignment <= 0 or self.alignment & (self.alignment - 1):
-            raise ValueError(f"{self.path}: general.alignment = {self.alignment} is not a power of two")
+        self.alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if isinstance(self.alignment, bool) or not isinstance(self.alignment, numbers.Integral) \
+                or self.alignment <= 0 or self.alignment & (self.alignment - 1):
+            raise ValueError(f"{self.path}: general.alignment = {self.alignment!r} is not a power of two")
         self.data_offset = -(-cur.pos // self.alignment) * self.alignment  # header padded to alignment
 
         self.tensor_info = {}
         for name, ne, ggml_type, offset in infos:
-            n = int(np.prod(ne))
+            n = math.prod(ne)                 # Python ints: numpy's product would wrap past 2**64
             nbytes = None
             if ggml_type in _BLOCK:
                 block, block_bytes = _BLOCK[ggml_type]

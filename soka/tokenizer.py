@@ -12,6 +12,7 @@ has_chat_template, chat_prompt(user, *, system=None), end_of_turn.
 import functools
 import json
 import math
+import numbers
 import re
 import sys
 import unicodedata
@@ -154,6 +155,8 @@ class BPETokenizer:
                  add_bos=False, split_digits=True, chat_template=None, source="BPE vocabulary"):
         self.source = source
         self.tokens = list(tokens)
+        if not all(isinstance(t, str) and t for t in self.tokens):
+            raise ValueError(f"{source}: every token must be a non-empty string")
         self.vocab_size = len(self.tokens)
         self.token_to_id = {t: i for i, t in enumerate(self.tokens)}
         self.byte_encoder = bytes_to_unicode()
@@ -162,11 +165,13 @@ class BPETokenizer:
         self.merge_rank = {}
         for rank, merge in enumerate(merges):
             pair = tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge)
-            if len(pair) != 2:
+            if len(pair) != 2 or not all(isinstance(p, str) for p in pair):
                 raise ValueError(f"{source}: merge {rank} {merge!r} is not a pair")
+            if pair[0] + pair[1] not in self.token_to_id:     # encode would meet it as an unknown token
+                raise ValueError(f"{source}: merge {rank} {merge!r} makes {pair[0] + pair[1]!r}, not a token")
             self.merge_rank.setdefault(pair, rank)
         for name, i in (("bos", bos_id), ("eos", eos_id), ("pad", pad_id)):
-            if i is not None and not 0 <= i < self.vocab_size:
+            if i is not None and (not isinstance(i, numbers.Integral) or not 0 <= i < self.vocab_size):
                 raise ValueError(f"{source}: {name} id {i} is outside the vocabulary of {self.vocab_size}")
         if eos_id is None:
             raise ValueError(f"{source}: no eos token id")
@@ -211,6 +216,9 @@ class BPETokenizer:
         pre = md.get("tokenizer.ggml.pre", "gpt2")  # absent in old files: GGUF's GPT-2 default, as transformers
         if pre not in _PRE_TYPES:
             raise ValueError(f"{source}: pre-tokenizer {pre!r} is not implemented; known: {sorted(_PRE_TYPES)}")
+        missing = [k for k in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges") if k not in md]
+        if missing:
+            raise ValueError(f"{source}: no {' or '.join(missing)}")
         tokens = md["tokenizer.ggml.tokens"]
         types = md.get("tokenizer.ggml.token_type") or [1] * len(tokens)
         return cls(tokens, md["tokenizer.ggml.merges"],
@@ -229,11 +237,18 @@ class BPETokenizer:
         `tokenizer_config.json` beside it."""
         path = _check_file(path, "tokenizer.json")
         tj = json_object(path)
-        if tj.get("model", {}).get("type") != "BPE":
-            raise ValueError(f"{path}: model type {tj.get('model', {}).get('type')!r}, expected 'BPE'")
+        model = tj.get("model")
+        if not isinstance(model, dict):
+            raise ValueError(f"{path}: 'model' should be an object {{type, vocab, merges}}, got {model!r:.40}")
+        if model.get("type") != "BPE":
+            raise ValueError(f"{path}: model type {model.get('type')!r}, expected 'BPE'")
+        if not isinstance(model.get("vocab"), dict) or not isinstance(model.get("merges"), list):
+            raise ValueError(f"{path}: the BPE model needs a vocab {{token: id}} and a list of merges")
         pre = tj.get("pre_tokenizer") or {}
-        steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-        kinds = [(s.get("type"), s.get("individual_digits"), s.get("use_regex", True)) for s in steps]
+        steps = (pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]) \
+            if isinstance(pre, dict) else [pre]
+        kinds = [(s.get("type"), s.get("individual_digits"), s.get("use_regex", True)) if isinstance(s, dict)
+                 else s for s in steps]
         if kinds == [("ByteLevel", None, True)]:
             split_digits = False
         elif kinds == [("Digits", True, True), ("ByteLevel", None, True)]:
@@ -241,15 +256,20 @@ class BPETokenizer:
         else:
             raise ValueError(f"{path}: pre-tokenizer {kinds} is not implemented (ByteLevel, optionally "
                              f"after Digits(individual_digits=True))")
-        vocab = tj["model"]["vocab"]
-        tokens = [None] * (max([*vocab.values(), *(a["id"] for a in tj.get("added_tokens", []))]) + 1)
-        for t, i in vocab.items():
+        vocab, added = model["vocab"], tj.get("added_tokens") or []
+        if not isinstance(added, list) or not all(isinstance(a, dict) and "id" in a and "content" in a for a in added):
+            raise ValueError(f"{path}: added_tokens should be a list of {{id, content, ...}}")
+        pairs = [*((i, t) for t, i in vocab.items()), *((a["id"], a["content"]) for a in added)]
+        for i, t in pairs:                  # ids below the count of entries, checked before allocating
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < len(pairs):
+                raise ValueError(f"{path}: token {t!r} has id {i!r}, outside 0 .. {len(pairs) - 1}")
+        tokens = [None] * (max((i for i, _ in pairs), default=-1) + 1)
+        for i, t in pairs:                  # an added token may repeat its vocab entry
+            if tokens[i] is not None and tokens[i] != t:
+                raise ValueError(f"{path}: id {i} is both {tokens[i]!r} and {t!r}")
             tokens[i] = t
-        for a in tj.get("added_tokens", []):
-            tokens[a["id"]] = a["content"]
         if None in tokens:
             raise ValueError(f"{path}: ids are not contiguous (id {tokens.index(None)} has no token)")
-        added = tj.get("added_tokens", [])
         odd = [a["content"] for a in added if a.get("lstrip") or a.get("rstrip") or a.get("single_word")]
         if odd:
             raise ValueError(f"{path}: added tokens with lstrip/rstrip/single_word are not implemented: {odd[:3]}")
@@ -262,6 +282,8 @@ class BPETokenizer:
         def special_id(key):
             t = cfg.get(key)
             t = t.get("content") if isinstance(t, dict) else t
+            if t is not None and t not in tokens:
+                raise ValueError(f"{cfg_path}: {key} {t!r} is not a token of {path.name}")
             return None if t is None else tokens.index(t)
 
         return cls(tokens, tj["model"]["merges"], bos_id=special_id("bos_token"),

@@ -257,6 +257,7 @@ def _tiny_llama(path, *, ffn=100, extra=(), drop=(), bad_shape=None, metadata=()
            ("uint32", "llama.vocab_size", vocab), ("string", "tokenizer.ggml.model", "llama")]
     override = {key: (adder, value) for adder, key, value in metadata}    # (adder, key, value) replacing one
     kv_ = [(override[k][0], k, override[k][1]) if k in override else (a, k, v) for a, k, v in kv_]
+    kv_ += [(a, k, v) for k, (a, v) in override.items() if k not in {key for _, key, _ in kv_}]   # or added
     return _write(path, kv_, tensors), tensors
 
 
@@ -291,6 +292,7 @@ def test_load_gguf_refuses_partial_or_inconsistent_files(tmp_path, kind):
     ("array", "llama.embedding_length", [32, 32], "embedding_length' should be a positive integer, got \\[32, 32\\]"),
     ("uint64", "llama.block_count", 10**12, "block_count 1000000000000 but the file holds only 21 tensors"),
     ("string", "llama.attention.layer_norm_rms_epsilon", "1e-6", "layer_norm_rms_epsilon' should be a number"),
+    ("string", "general.alignment", "32", "general.alignment = '32' is not a power of two"),
 ])
 def test_bad_metadata_is_one_error_naming_the_file(tmp_path, adder, key, value, message):
     # unchecked, each would end in ZeroDivisionError, TypeError or MemoryError

@@ -233,3 +233,41 @@ def test_from_tokenizer_json_equals_from_gguf(smol, other_texts, tmp_path):
     assert tok.split_digits and tok.chat_prompt("hi") == ours.chat_prompt("hi")
     for text in other_texts[-15:] + other_texts[:20]:
         assert tok.encode(text) == ours.encode(text), text[:200]
+
+
+def _write_tokenizer_json(folder, *, vocab_edit=None, merges=(), added=None, eos="</s>", model=None):
+    """A byte-level tokenizer.json (256 byte symbols, "<s>", "</s>") and its tokenizer_config.json."""
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())} | {"<s>": 256, "</s>": 257}
+    if vocab_edit:
+        vocab_edit(vocab)
+    added = [{"id": 256, "content": "<s>", "special": True}, {"id": 257, "content": "</s>", "special": True}] \
+        if added is None else added
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps({
+        "model": {"type": "BPE", "vocab": vocab, "merges": list(merges)} if model is None else model,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False}, "added_tokens": added}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": eos}))
+    return folder / "tokenizer.json"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(vocab_edit=lambda v: v.update({"</s>": 200_000_000})), r"'</s>' has id 200000000, outside 0 \.\. 259"),
+    (dict(vocab_edit=lambda v: v.update({"</s>": -1})), r"'</s>' has id -1, outside"),
+    (dict(added=[{"id": 255, "content": "<s>"}]), r"id 255 is both 'ÿ' and '<s>'"),
+    (dict(merges=["a b"]), r"merge 0 'a b' makes 'ab', not a token"),
+    (dict(added=[{"id": 258, "content": ""}], vocab_edit=lambda v: v.update({"": 258})),
+     "every token must be a non-empty string"),
+    (dict(eos="<|end|>"), r"eos_token '<\|end\|>' is not a token of tokenizer\.json"),
+    (dict(model="BPE"), r"'model' should be an object \{type, vocab, merges\}, got 'BPE'"),
+    (dict(model={"type": "BPE", "vocab": {}}), "the BPE model needs a vocab"),
+])
+def test_a_malformed_tokenizer_json_is_one_error_before_any_allocation(tmp_path, change, message):
+    path = _write_tokenizer_json(tmp_path, **change)
+    with pytest.raises(ValueError, match=message):
+        BPETokenizer.from_tokenizer_json(path)
+
+
+def test_the_byte_level_tokenizer_json_of_these_tests_loads(tmp_path):
+    tok = BPETokenizer.from_tokenizer_json(_write_tokenizer_json(tmp_path))
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (258, 256, 257)
+    assert tok.decode(tok.encode("Héllo")) == "Héllo"
