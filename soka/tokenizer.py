@@ -244,11 +244,18 @@ class BPETokenizer:
             raise ValueError(f"{path}: model type {model.get('type')!r}, expected 'BPE'")
         if not isinstance(model.get("vocab"), dict) or not isinstance(model.get("merges"), list):
             raise ValueError(f"{path}: the BPE model needs a vocab {{token: id}} and a list of merges")
+        # options that change the ids, which this tokenizer does not implement: refused, not ignored
+        unknown = [k for k in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback",
+                               "ignore_merges") if model.get(k)] + (["normalizer"] if tj.get("normalizer") else [])
         pre = tj.get("pre_tokenizer") or {}
         steps = (pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]) \
             if isinstance(pre, dict) else [pre]
         kinds = [(s.get("type"), s.get("individual_digits"), s.get("use_regex", True)) if isinstance(s, dict)
                  else s for s in steps]
+        unknown += ["add_prefix_space"] if any(isinstance(s, dict) and s.get("add_prefix_space") for s in steps) else []
+        if unknown:
+            raise ValueError(f"{path}: {', '.join(unknown)} not implemented (this reads byte-level BPE as GPT-2 "
+                             f"and SmolLM2 write it)")
         if kinds == [("ByteLevel", None, True)]:
             split_digits = False
         elif kinds == [("Digits", True, True), ("ByteLevel", None, True)]:

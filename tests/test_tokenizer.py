@@ -235,7 +235,8 @@ def test_from_tokenizer_json_equals_from_gguf(smol, other_texts, tmp_path):
         assert tok.encode(text) == ours.encode(text), text[:200]
 
 
-def _write_tokenizer_json(folder, *, vocab_edit=None, merges=(), added=None, eos="</s>", model=None):
+def _write_tokenizer_json(folder, *, vocab_edit=None, merges=(), added=None, eos="</s>", model=None, extra=None,
+                          prefix=False):
     """A byte-level tokenizer.json (256 byte symbols, "<s>", "</s>") and its tokenizer_config.json."""
     vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())} | {"<s>": 256, "</s>": 257}
     if vocab_edit:
@@ -245,7 +246,7 @@ def _write_tokenizer_json(folder, *, vocab_edit=None, merges=(), added=None, eos
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tokenizer.json").write_text(json.dumps({
         "model": {"type": "BPE", "vocab": vocab, "merges": list(merges)} if model is None else model,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False}, "added_tokens": added}))
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": prefix}, "added_tokens": added} | (extra or {})))
     (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": eos}))
     return folder / "tokenizer.json"
 
@@ -260,6 +261,8 @@ def _write_tokenizer_json(folder, *, vocab_edit=None, merges=(), added=None, eos
     (dict(eos="<|end|>"), r"eos_token '<\|end\|>' is not a token of tokenizer\.json"),
     (dict(model="BPE"), r"'model' should be an object \{type, vocab, merges\}, got 'BPE'"),
     (dict(model={"type": "BPE", "vocab": {}}), "the BPE model needs a vocab"),
+    (dict(extra={"normalizer": {"type": "Lowercase"}}), "normalizer not implemented"),
+    (dict(prefix=True), "add_prefix_space not implemented"),
 ])
 def test_a_malformed_tokenizer_json_is_one_error_before_any_allocation(tmp_path, change, message):
     path = _write_tokenizer_json(tmp_path, **change)
