@@ -437,6 +437,12 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: empty prompt (start it with BOS or any token)")
+    if batch_size is not None and batch_size < 1 or not 0 < top_p <= 1 or not temperature >= 0:
+        raise ValueError(f"generate: need batch_size ≥ 1 (or None), 0 < top_p ≤ 1 and temperature ≥ 0, got "
+                         f"{batch_size}, {top_p}, {temperature}")
+    vocab = model.args.vocab_size
+    if bad := next((t for p in prompts for t in p if not 0 <= t < vocab), None):
+        raise ValueError(f"generate: prompt token id {bad} is outside the model's vocabulary of {vocab}")
     if tokenizer is None and stop:
         raise ValueError("generate: stop strings need a tokenizer")
     device = model.tok_embeddings.weight.device

@@ -185,3 +185,9 @@ def test_bad_arguments(model):
         generate(model, None, [[1]], max_new_tokens=3, stop=["x"])
     with pytest.raises(ValueError, match="cuda_graph needs a model on a CUDA device"):
         generate(model, None, [[1]], max_new_tokens=3, cuda_graph=True)
+    for bad in (dict(batch_size=-1), dict(top_p=0.0), dict(top_p=1.5), dict(temperature=-1.0)):
+        with pytest.raises(ValueError, match="need batch_size ≥ 1 \\(or None\\), 0 < top_p ≤ 1 and temperature ≥ 0"):
+            generate(model, None, [[1], [2]], max_new_tokens=3, **bad)
+    for token in (V, -1):
+        with pytest.raises(ValueError, match=f"prompt token id {token} is outside the model's vocabulary of {V}"):
+            generate(model, None, [[1], [2, token]], max_new_tokens=3)
