@@ -14,7 +14,6 @@ Module names are Meta's checkpoint keys (`layers.0.attention.wq.weight`), so loa
 """
 import math
 import numbers
-import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,8 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from soka.checkpoints import (SHARD_DIM, check_keys_and_shapes, hf_params, hf_tokenizer, meta_shards,
-                              read_hf_weights)
+from soka.checkpoints import (SHARD_DIM, check_keys_and_shapes, check_layer_count, hf_params, hf_tokenizer,
+                              meta_shards, read_hf_weights)
 from soka.gguf import load_gguf
 from soka.tokenizer import SentencePieceTokenizer, json_object
 
@@ -594,10 +593,7 @@ def load_checkpoint(path, *, device="cpu", dtype=None):
 def _build(args, state_dict, source, *, device, dtype):
     """Model on the meta device, checked key for key and shape for shape against the checkpoint,
     then filled with load_state_dict(strict=True, assign=True): weights exist once, on `device`."""
-    blocks = {int(m.group(1)) for k in state_dict if isinstance(k, str) and (m := re.match(r"layers\.(\d+)\.", k))}
-    if len(blocks) != args.n_layers or blocks and max(blocks) != args.n_layers - 1:   # before building them
-        raise ValueError(f"{source}: the config says {args.n_layers} layers, the checkpoint holds "
-                         f"{len(blocks)} (layers.{min(blocks, default=0)} to layers.{max(blocks, default=0)})")
+    check_layer_count(args.n_layers, state_dict, source)
     with torch.device("meta"):
         model = Transformer(args)
     check_keys_and_shapes({k: v.shape for k, v in model.state_dict().items()}, state_dict, source)

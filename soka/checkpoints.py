@@ -154,6 +154,15 @@ def read_hf_weights(folder, *, n_heads, n_kv_heads, tied):
     return state_dict
 
 
+def check_layer_count(n_layers, keys, source):
+    """The checkpoint's blocks (keys layers.<i>.*) are layers.0 .. layers.<n_layers - 1>; checked before
+    a model of n_layers blocks is built, so a config asking for 20,000 fails at once."""
+    blocks = {int(m.group(1)) for k in keys if isinstance(k, str) and (m := re.match(r"layers\.(\d+)\.", k))}
+    if len(blocks) != n_layers or blocks and max(blocks) != n_layers - 1:
+        raise ValueError(f"{source}: the config says {n_layers} layers, the checkpoint holds "
+                         f"{len(blocks)} (layers.{min(blocks, default=0)} to layers.{max(blocks, default=0)})")
+
+
 def check_keys_and_shapes(expected, weights, source):
     """The checkpoint's tensors (`weights`: name -> anything with a .shape) are exactly the model's
     (`expected`: name -> shape), key for key and shape for shape; else one line naming the first few."""

@@ -36,8 +36,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from kpsvd import work_dtype
 from soka import adapters
-from soka.checkpoints import (SHARD_DIM, check_keys_and_shapes, first_line, hf_tensors, meta_shards,
-                              unpermute_rotary)
+from soka.checkpoints import (SHARD_DIM, check_keys_and_shapes, check_layer_count, first_line, hf_tensors,
+                              meta_shards, unpermute_rotary)
 
 
 # ----------------------------------------------------------------------------- reading by rows
@@ -167,6 +167,7 @@ def load_sharded(model_cls, args, weights, *, mesh, device, dtype, adapter=None,
     adapter None: new adapters, those `adapters.inject(model, method, targets, impl=impl, **options)`
     makes in one process, bit for bit. Else the path of an adapter file to continue, checked as
     adapters.load_adapter checks it. `source` names the checkpoint in error messages."""
+    check_layer_count(args.n_layers, weights, source)
     with torch.device("meta"):
         model = model_cls(args).to(dtype)
     check_keys_and_shapes({k: v.shape for k, v in model.state_dict().items()}, weights, source)

@@ -105,6 +105,20 @@ def test_the_shard_table_is_model_py_s_and_loading_a_gguf_is_refused(tmp_path):
             runs.check_options(train.make_parser().parse_args(argv), train.given_options(argv))
 
 
+def test_sharded_loading_checks_the_layer_count_before_building_the_model(ckpts, tmp_path):
+    # a params.json asking for 20,000 layers of a 2-layer checkpoint: refused before the meta model is built
+    folder = tmp_path / "meta"
+    shutil.copytree(ckpts / "meta", folder)
+    params = json.loads((folder / "params.json").read_text())
+    (folder / "params.json").write_text(json.dumps({**params, "n_layers": 20000}))
+    args, _ = read_config(folder)
+    built = []
+    with pytest.raises(ValueError, match=rf"the config says 20000 layers, the checkpoint holds {ARGS.n_layers} "):
+        fsdp.load_sharded(lambda a: built.append(a), args, fsdp.checkpoint_weights(folder, args), mesh=None,
+                          device=torch.device("cpu"), dtype=torch.float32, source=str(folder), **INJECT)
+    assert built == []
+
+
 def test_a_resume_on_another_number_of_processes_keeps_the_micro_batches(tmp_path, monkeypatch):
     saved = vars(train.make_parser().parse_args(["--batch-size", "2", "--grad-accum", "2"]))
     (tmp_path / "config.json").write_text(json.dumps({**saved, "out": str(tmp_path), "world": 2, "fsdp": True}))
