@@ -64,7 +64,8 @@ def check_options(cfg, given):
     need(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
     for o in ("lr", "epochs", "warmup", "clip", "weight_decay", "tau", "alpha"):
         need(getattr(cfg, o) is None or math.isfinite(getattr(cfg, o)), o, "a finite number")
-    need(cfg.warmup < 1 or float(cfg.warmup).is_integer(), "warmup", "a whole number of steps, or a fraction (< 1) of them")
+    need(cfg.warmup < 1 or float(cfg.warmup).is_integer(), "warmup",
+         "a whole number of steps, or a fraction (< 1) of them")
     # the adapters' options, here rather than after minutes of loading the model
     need(cfg.rank is None or cfg.rank >= 1, "rank", "≥ 1")
     need(0 < cfg.tau <= 1, "tau", "in (0, 1]")
