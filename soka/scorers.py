@@ -77,9 +77,9 @@ def _decimal(s):
 # ----------------------------------------------------------------------------------------- GSM8K
 
 # A number as people write it: "-12", "1,234.5", "$7", ".5", "−17" (any sign of _MINUS). Thousands
-# groups must be exact, so a list "3,4,5" reads as three numbers, not 345. A trailing period is
-# never part of it.
-_NUM = r"([" + _MINUS + r"]?)\$?((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
+# groups must be exact, so a list "3,4,5" reads as three numbers, not 345, and "1,2345" as 1 and
+# 2345, not 1234 and 5. A trailing period is never part of it.
+_NUM = r"([" + _MINUS + r"]?)\$?((?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)"
 
 
 def _plain(text, m):

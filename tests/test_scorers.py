@@ -33,6 +33,9 @@ def _jsonl(path):
     ("First 3 apples, then 12 more, so she has 15.", "15"),       # last number
     ("so she paid $1,234.", "1234"),                                # $ , and trailing period dropped
     ("lists 3,4,5", "5"),                                           # not a thousands group: 3 numbers
+    ("#### 1,2345", "1"),                                           # a group of 4 digits is no group
+    ("it costs 1,2345", "2345"),
+    ("1,234,5678", "5678"),
     ("about .5 cups", "0.5"),
     ("#### 18\nQuestion: ... #### 5", "18"),                        # the first #### wins
     ("The answer is 6. Check: 2 + 4 = 6, and 10", "6"),            # "The answer is" beats the last
