@@ -32,6 +32,7 @@ from soka.tokenizer import BPETokenizer
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_ARRAY_DEPTH = 4       # metadata arrays of arrays: llama.cpp writes none deeper than 2
+MAX_ARRAY_LEN = 1 << 22   # elements of one metadata array: vocabularies hold up to a few 100,000 tokens
 
 # Metadata value types. 8 is a string, 9 an array (element type u32, count u64, elements).
 # The fixed-size ones, as struct codes (numpy reads the same codes for arrays):
@@ -130,6 +131,9 @@ class _Cursor:
             if depth == MAX_ARRAY_DEPTH:
                 raise ValueError(f"{self.path}: {what} nests arrays more than {MAX_ARRAY_DEPTH} deep")
             etype, count = self.scalar("<I", what), self.scalar("<Q", what)
+            if count > MAX_ARRAY_LEN:       # as Python lists, a 48 MB array would take about 800 MB
+                raise ValueError(f"{self.path}: {what} holds {count:,} elements, more than the "
+                                 f"{MAX_ARRAY_LEN:,} this reader accepts")
             if etype in _SCALAR:  # one vectorized read for numeric arrays (token types, scores)
                 dt = np.dtype(_SCALAR[etype])
                 return np.frombuffer(self.take(count * dt.itemsize, what), dtype=dt).tolist()
@@ -183,11 +187,16 @@ class GGUFFile:
         self.metadata = {}
         for i in range(n_kv):
             key = cur.string(f"metadata key {i}")
+            if key in self.metadata:        # llama.cpp refuses a repeated key, so does this reader
+                raise ValueError(f"{self.path}: metadata key {key!r} appears twice")
             self.metadata[key] = cur.value(cur.scalar("<I", f"type of {key!r}"), f"metadata {key!r}")
 
-        infos = []
+        infos, names = [], set()
         for i in range(n_tensors):
             name = cur.string(f"tensor name {i}")
+            if name in names:
+                raise ValueError(f"{self.path}: tensor name {name!r} appears twice")
+            names.add(name)
             n_dims = cur.scalar("<I", f"tensor {name!r}")
             if not 1 <= n_dims <= 4:
                 raise ValueError(f"{self.path}: tensor {name!r} has {n_dims} dimensions (ggml allows 1 to 4)")
@@ -249,7 +258,7 @@ def meta_key(gguf_name):
     """`blk.3.ffn_gate.weight` -> `layers.3.feed_forward.w1.weight`; None for a name LLaMA lacks."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
+    m = re.fullmatch(r"blk\.(0|[1-9]\d*)\.(\w+)\.weight", gguf_name)   # blk.03 is no block
     if m and m[2] in _LAYER_NAMES:
         return f"layers.{int(m[1])}.{_LAYER_NAMES[m[2]]}.weight"
     return None
@@ -362,6 +371,8 @@ def load_gguf(path):
         if key is None or key not in expected:
             raise ValueError(f"{gf.path}: tensor {name!r} has no place in a LLaMA model with "
                              f"{params['n_layers']} layers (tied embeddings: {params['tie_embeddings']})")
+        if key in state_dict:
+            raise ValueError(f"{gf.path}: tensor {name!r} is a second {key}")
         if info.shape != expected[key]:
             raise ValueError(f"{gf.path}: tensor {name!r} has shape {info.shape}, the metadata implies "
                              f"{expected[key]} for {key}")

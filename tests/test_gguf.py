@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from soka.gguf import GGML_TYPE_NAMES, load_gguf, read_gguf
+from soka.gguf import GGML_TYPE_NAMES, MAX_ARRAY_LEN, load_gguf, read_gguf
 
 Q = gguf.GGMLQuantizationType
 
@@ -274,14 +274,15 @@ def test_load_gguf_tiny_untied_model(tmp_path):
     assert torch.equal(sd["layers.0.feed_forward.w2.weight"], torch.from_numpy(raw["blk.0.ffn_down.weight"]))
 
 
-@pytest.mark.parametrize("kind", ["stray", "missing", "shape", "layer"])
+@pytest.mark.parametrize("kind", ["stray", "missing", "shape", "layer", "alias"])
 def test_load_gguf_refuses_partial_or_inconsistent_files(tmp_path, kind):
     args = {"stray": dict(extra={"rope_freqs.weight": (4,)}),
             "missing": dict(drop={"blk.1.ffn_up.weight"}),
             "shape": dict(bad_shape="blk.0.attn_v.weight"),
-            "layer": dict(extra={"blk.2.attn_norm.weight": (32,)})}[kind]
+            "layer": dict(extra={"blk.2.attn_norm.weight": (32,)}),
+            "alias": dict(extra={"blk.00.attn_q.weight": (32, 32)})}[kind]   # int("00") would make it blk.0's
     path, _ = _tiny_llama(tmp_path / f"{kind}.gguf", **args)
-    word = {"stray": "rope_freqs", "missing": "missing", "shape": "shape", "layer": "blk.2"}[kind]
+    word = {"stray": "rope_freqs", "missing": "missing", "shape": "shape", "layer": "blk.2", "alias": "blk.00"}[kind]
     with pytest.raises(ValueError, match=word) as e:
         load_gguf(path)
     assert str(path) in str(e.value)
@@ -311,6 +312,42 @@ def test_deeply_nested_metadata_arrays_are_refused(tmp_path):
     path.write_bytes(body)
     with pytest.raises(ValueError, match=r"deep.gguf: metadata 't.key' nests arrays more than 4 deep"):
         read_gguf(path)
+
+
+def _raw_gguf(kv=(), tensors=()):
+    """GGUF v3 bytes written field by field: kv (key, type, value bytes), tensors (name, float32 array)."""
+    def s(x):
+        return struct.pack("<Q", len(x.encode())) + x.encode()
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kv))
+    head += b"".join(s(k) + struct.pack("<I", t) + v for k, t, v in kv)
+    for i, (name, a) in enumerate(tensors):      # F32 (type 0), one dimension, 32-byte slots
+        head += s(name) + struct.pack("<IQIQ", 1, a.size, 0, 32 * i)
+    return head + b"\0" * (-len(head) % 32) + b"".join(a.tobytes().ljust(32, b"\0") for _, a in tensors)
+
+
+@pytest.mark.parametrize("kind", ["key", "tensor"])
+def test_a_repeated_metadata_key_or_tensor_name_is_refused(tmp_path, kind):
+    # llama.cpp refuses both; reading on would keep the last copy, a silently different model
+    one = struct.pack("<I", 1)
+    kv = [("llama.block_count", 4, one)] * (2 if kind == "key" else 1)
+    tensors = [("w", np.ones(8, np.float32))] * (2 if kind == "tensor" else 1)
+    path = tmp_path / "dup.gguf"
+    path.write_bytes(_raw_gguf(kv, tensors))
+    word = {"key": "metadata key 'llama.block_count' appears twice", "tensor": "tensor name 'w' appears twice"}[kind]
+    with pytest.raises(ValueError, match=word) as e:
+        read_gguf(path)
+    assert str(e.value).startswith(str(path))
+
+
+def test_a_metadata_array_past_the_length_limit_is_refused(tmp_path):
+    # as Python lists a 48 MB array of bytes took 800 MB; the limit is far above any vocabulary
+    n = MAX_ARRAY_LEN + 1
+    path = tmp_path / "long.gguf"
+    path.write_bytes(_raw_gguf([("t.arr", 9, struct.pack("<IQ", 0, n) + bytes(n))]))
+    with pytest.raises(ValueError, match=f"metadata 't.arr' holds {n:,} elements, more than the"):
+        read_gguf(path)
+    path.write_bytes(_raw_gguf([("t.arr", 9, struct.pack("<IQ", 0, 3) + bytes([1, 2, 3]))]))
+    assert read_gguf(path).metadata["t.arr"] == [1, 2, 3]
 
 
 def test_type_names_cover_gguf_package():
