@@ -91,6 +91,9 @@ def hf_params(config_file):
         raise ValueError(f"{config_file}: model_type {c.get('model_type')!r}, only 'llama' is supported")
     rope = c.get("rope_parameters") or {}
     scaling = c.get("rope_scaling") or {}
+    if not isinstance(rope, dict) or not isinstance(scaling, dict):
+        raise ValueError(f"{config_file}: rope_parameters and rope_scaling should be objects, got "
+                         f"{rope!r} and {scaling!r}")
     if rope.get("rope_type", "default") != "default" or scaling.get("rope_type", scaling.get("type", "default")) != "default":
         raise ValueError(f"{config_file}: rope scaling is not supported")
     if c.get("attention_bias") or c.get("mlp_bias") or c.get("hidden_act", "silu") != "silu":
@@ -128,6 +131,7 @@ def hf_tensors(folder, *, tied):
         files = ["model.safetensors"]
     else:
         raise ValueError(f"{folder}: config.json but no model.safetensors or model.safetensors.index.json")
+    seen = {}
     for name in files:
         for key, t in read_safetensors(folder / name).items():
             if key.endswith("rotary_emb.inv_freq"):   # old transformers saved the rotary table
@@ -135,6 +139,14 @@ def hf_tensors(folder, *, tied):
             meta_key = hf_to_meta_key(key)
             if meta_key is None:
                 raise ValueError(f"{folder / name}: unexpected tensor {key}")
+            if index.is_file() and weight_map.get(key) != name:   # a copy the index does not name
+                raise ValueError(f"{folder / name}: holds {key}, which {index.name} places in "
+                                 f"{weight_map.get(key)!r}")
+            if not t.is_floating_point():
+                raise ValueError(f"{folder / name}: {key} holds {t.dtype} values, not floating-point weights")
+            if meta_key in seen:
+                raise ValueError(f"{folder / name}: {key} is a second {meta_key} (the first is in {seen[meta_key]})")
+            seen[meta_key] = name
             if meta_key == "output.weight" and tied:
                 continue   # a tied lm_head saved anyway; the model uses the embedding
             yield folder / name, meta_key, t
@@ -178,6 +190,16 @@ def check_keys_and_shapes(expected, weights, source):
             raise ValueError(f"{source}: {k} has shape {tuple(weights[k].shape)}, the config says {tuple(shape)}")
 
 
+def check_stored(t, source, name):
+    """A tensor that torch.load read is floating point and spans no more bytes than its storage holds:
+    an expanded view (stride 0) is a few bytes on disk and gigabytes once copied or joined."""
+    if not t.is_floating_point():
+        raise ValueError(f"{source}: {name} holds {t.dtype} values, not floating-point weights")
+    if t.numel() * t.element_size() > t.untyped_storage().nbytes():
+        raise ValueError(f"{source}: {name} is a {list(t.shape)} view of {t.untyped_storage().nbytes()} stored "
+                         f"bytes (strides {t.stride()}), not a tensor of its own")
+
+
 # Meta's model-parallel split: the dim along which each weight's shards join (norms are whole in each)
 SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
 
@@ -200,6 +222,7 @@ def meta_shards(folder):
         for k, v in shards[-1].items():
             if not isinstance(k, str) or not isinstance(v, torch.Tensor):
                 raise ValueError(f"{f}: entry {k!r} holds a {type(v).__name__}; a shard maps names to tensors")
+            check_stored(v, f, k)
     keys = set(shards[0])
     for f, shard in zip(files[1:], shards[1:]):
         if set(shard) != keys:
@@ -236,6 +259,15 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
               "BOOL": torch.bool}
 
 
+def _no_repeats(pairs):
+    """json.loads keeps the last of a repeated name; a header naming a tensor twice is corrupt."""
+    names = [k for k, _ in pairs]
+    if len(set(names)) < len(names):
+        raise json.JSONDecodeError(f"{sorted(k for k in set(names) if names.count(k) > 1)[0]!r} appears twice",
+                                   "", 0)
+    return dict(pairs)
+
+
 def read_safetensors(path):
     """A .safetensors file -> {name: tensor}, memory-mapped (pages load on first touch).
 
@@ -253,9 +285,11 @@ def read_safetensors(path):
         if n > size - 8:
             raise ValueError(f"{path}: header claims {n} bytes, the file has {size - 8} after the size field")
         try:
-            header = json.loads(f.read(n))
+            header = json.loads(f.read(n), object_pairs_hook=_no_repeats)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: header is not valid JSON: {e}") from e
+        except RecursionError:
+            raise ValueError(f"{path}: header is JSON nested too deeply") from None
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)   # copy-on-write: frombuffer wants writable
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupt safetensors header: a JSON {type(header).__name__}, not an object")
@@ -264,10 +298,10 @@ def read_safetensors(path):
     for name, e in header.items():
         shape, offsets = (e.get("shape"), e.get("data_offsets")) if isinstance(e, dict) else (None, None)
         if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
-                and all(type(i) is int and i >= 0 for i in shape + offsets)):
+                and all(type(i) is int and i >= 0 for i in shape + offsets) and max(shape, default=0) <= size):
             raise ValueError(f"{path}: corrupt safetensors header: {name} is {e!r}, not "
                              "{dtype, shape: [sizes], data_offsets: [begin, end]}")
-        if e.get("dtype") not in _ST_DTYPES:
+        if not isinstance(e.get("dtype"), str) or e["dtype"] not in _ST_DTYPES:
             raise ValueError(f"{path}: {name} has unsupported dtype {e.get('dtype')!r}")
         dtype, shape = _ST_DTYPES[e["dtype"]], tuple(shape)
         begin, end = offsets

@@ -56,7 +56,10 @@ class SentencePieceTokenizer:
 
     def __init__(self, path, *, add_bos=True):
         self.path = _check_file(path, "SentencePiece tokenizer.model")
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
+        except RuntimeError:            # the library's parse error, e.g. "Internal: ... ParseFromArray"
+            raise ValueError(f"{self.path}: not a SentencePiece model (the library cannot parse it)") from None
         self.vocab_size = self.sp.vocab_size()
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         self.eos_id = self.sp.eos_id()
@@ -164,7 +167,7 @@ class BPETokenizer:
             raise ValueError(f"{source}: not a byte-level vocabulary (printable ASCII is missing)")
         self.merge_rank = {}
         for rank, merge in enumerate(merges):
-            pair = tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge)
+            pair = tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) if isinstance(merge, list) else ()
             if len(pair) != 2 or not all(isinstance(p, str) for p in pair):
                 raise ValueError(f"{source}: merge {rank} {merge!r} is not a pair")
             if pair[0] + pair[1] not in self.token_to_id:     # encode would meet it as an unknown token
@@ -193,6 +196,8 @@ class BPETokenizer:
         self.id_bytes = [bytes(byte_decoder[ch] for ch in t) if set(t) <= alphabet else t.encode("utf-8")
                          for t in self.tokens]
 
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise ValueError(f"{source}: the chat template should be text, not {type(chat_template).__name__} data")
         self.chat_template = chat_template
         self.has_chat_template, self.end_of_turn, self.default_system = False, "", None
         if chat_template is not None:

@@ -476,6 +476,50 @@ def test_a_shard_entry_that_is_no_tensor(tmp_path, meta_model):
         load_checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize("n_shards", [1, 2])
+def test_a_shard_tensor_that_is_a_view_or_not_floating_point_is_refused(tmp_path, meta_model, n_shards):
+    # torch.zeros(1).expand(20000, 20000) is 4 bytes on disk and 1.6 GB once joined or copied
+    key = "layers.0.attention.wq.weight"
+    for bad, message in [(torch.zeros(1).expand(20000, 20000), r"is a \[20000, 20000\] view of 4 stored bytes"),
+                         (torch.ones(64, 64, dtype=torch.int64), "holds torch.int64 values, not floating-point")]:
+        write_meta(meta_model, tmp_path, n_shards=n_shards)
+        shard = torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
+        shard[key] = bad
+        torch.save(shard, tmp_path / "consolidated.00.pth")
+        with pytest.raises(ValueError, match=r"consolidated\.00\.pth: " + re.escape(key) + " " + message):
+            load_checkpoint(tmp_path)
+
+
+def test_hf_shards_hold_each_tensor_once_where_the_index_says(tmp_path, hf_folder):
+    from safetensors.torch import load_file, save_file
+    hf, _ = hf_folder
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    index = tmp_path / "hf" / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"]
+    home, other = weight_map["model.norm.weight"], weight_map["model.embed_tokens.weight"]
+    assert home != other
+    extra = load_file(tmp_path / "hf" / other) | {"model.norm.weight": torch.full((64,), 1000.0)}
+    save_file(extra, tmp_path / "hf" / other, metadata={"format": "pt"})   # a second copy the index does not name
+    with pytest.raises(ValueError, match=rf"{re.escape(other)}: holds model\.norm\.weight, which "
+                                         rf"model\.safetensors\.index\.json places in '{re.escape(home)}'"):
+        load_checkpoint(tmp_path / "hf")
+    index.unlink()                     # one file, the same tensor under two HF names is no better
+    single = tmp_path / "one"
+    shutil.copytree(hf_folder[1], single)
+    sd = load_file(single / "model.safetensors")
+    sd["model.layers.0.input_layernorm.weight"] = sd["model.layers.0.input_layernorm.weight"].to(torch.int32)
+    save_file(sd, single / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"input_layernorm\.weight holds torch\.int32 values, not floating-point"):
+        load_checkpoint(single)
+
+
+def test_hf_config_rope_scaling_that_is_not_an_object(tmp_path, hf_folder):
+    shutil.copytree(hf_folder[1], tmp_path / "hf")
+    _edit_json(tmp_path / "hf" / "config.json", lambda c: c.update(rope_scaling="linear"))
+    with pytest.raises(ValueError, match=r"config\.json: rope_parameters and rope_scaling should be objects"):
+        load_checkpoint(tmp_path / "hf")
+
+
 def test_hf_index_names_only_files_of_its_folder(tmp_path, hf_folder):
     hf, _ = hf_folder
     hf.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
@@ -586,6 +630,8 @@ def test_safetensors_header_that_lies(tmp_path, hf_folder):
         "dtype": (lambda h: h[key].update(dtype="F8_E9M9"), "unsupported dtype"),
         "offsets": (lambda h: h[key].update(data_offsets=[0]), r"corrupt safetensors header: .*\[0\]"),
         "entry": (lambda h: h.update({key: [1, 2]}), r"corrupt safetensors header: .* is \[1, 2\], not"),
+        "dtype list": (lambda h: h[key].update(dtype=["F32"]), r"unsupported dtype \['F32'\]"),
+        "huge dim": (lambda h: h[key].update(shape=[0, 2**70]), r"corrupt safetensors header: .* 'shape': \[0, 1180"),
     }
     for name, (edit, msg) in cases.items():
         d = tmp_path / name
@@ -594,11 +640,22 @@ def test_safetensors_header_that_lies(tmp_path, hf_folder):
         with pytest.raises(ValueError, match=msg) as e:
             load_checkpoint(d)
         assert "model.safetensors" in str(e.value) and key in str(e.value)
-    d = tmp_path / "list"         # a JSON list where the header object goes
+    d = tmp_path / "twice"        # a name twice in the header: json.loads alone would keep the second
     shutil.copytree(folder, d)
-    (d / "model.safetensors").write_bytes(struct.pack("<Q", 6) + b"[1, 2]")
-    with pytest.raises(ValueError, match=r"model\.safetensors: corrupt safetensors header: a JSON list, not an object"):
+    raw = src.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    entry = json.dumps(json.loads(raw[8:8 + n])[key]).encode()
+    h = raw[8:8 + n].rstrip()[:-1] + b', "' + key.encode() + b'": ' + entry + b"}"
+    (d / "model.safetensors").write_bytes(struct.pack("<Q", len(h)) + h + raw[8 + n:])
+    with pytest.raises(ValueError, match=rf"model\.safetensors: header is not valid JSON: '{re.escape(key)}' appears twice"):
         load_checkpoint(d)
+    for name, body, message in [("list", b"[1, 2]", "corrupt safetensors header: a JSON list, not an object"),
+                                ("deep", b"[" * 100_000 + b"]" * 100_000, "header is JSON nested too deeply")]:
+        d = tmp_path / name       # a JSON list where the header object goes; a RecursionError in json
+        shutil.copytree(folder, d)
+        (d / "model.safetensors").write_bytes(struct.pack("<Q", len(body)) + body)
+        with pytest.raises(ValueError, match=r"model\.safetensors: " + message):
+            load_checkpoint(d)
     # a header size larger than the file
     d = tmp_path / "size"
     shutil.copytree(folder, d)

@@ -95,6 +95,9 @@ def test_sentencepiece_round_trips_gsm8k_mbpp_and_unicode(sentencepiece_model, g
 def test_sentencepiece_missing_file(tmp_path):
     with pytest.raises(ValueError, match="not found"):
         SentencePieceTokenizer(tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer.model").write_bytes(b"not a SentencePiece model")   # the library raises RuntimeError
+    with pytest.raises(ValueError, match=r"tokenizer\.model: not a SentencePiece model"):
+        SentencePieceTokenizer(tmp_path / "tokenizer.model")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,6 +259,8 @@ def _write_tokenizer_json(folder, *, vocab_edit=None, merges=(), added=None, eos
     (dict(vocab_edit=lambda v: v.update({"</s>": -1})), r"'</s>' has id -1, outside"),
     (dict(added=[{"id": 255, "content": "<s>"}]), r"id 255 is both 'ÿ' and '<s>'"),
     (dict(merges=["a b"]), r"merge 0 'a b' makes 'ab', not a token"),
+    (dict(merges=[5]), r"merge 0 5 is not a pair"),
+    (dict(merges=[None]), r"merge 0 None is not a pair"),
     (dict(added=[{"id": 258, "content": ""}], vocab_edit=lambda v: v.update({"": 258})),
      "every token must be a non-empty string"),
     (dict(eos="<|end|>"), r"eos_token '<\|end\|>' is not a token of tokenizer\.json"),
@@ -267,6 +272,14 @@ def _write_tokenizer_json(folder, *, vocab_edit=None, merges=(), added=None, eos
 def test_a_malformed_tokenizer_json_is_one_error_before_any_allocation(tmp_path, change, message):
     path = _write_tokenizer_json(tmp_path, **change)
     with pytest.raises(ValueError, match=message):
+        BPETokenizer.from_tokenizer_json(path)
+
+
+def test_a_chat_template_that_is_not_text_is_refused(tmp_path):
+    path = _write_tokenizer_json(tmp_path)
+    cfg = path.with_name("tokenizer_config.json")
+    cfg.write_text(json.dumps(json.loads(cfg.read_text()) | {"chat_template": 5}))
+    with pytest.raises(ValueError, match=r"tokenizer\.json: the chat template should be text, not int data"):
         BPETokenizer.from_tokenizer_json(path)
 
 
