@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from kpsvd import factor_shape, kpsvd, kron_apply, kron_sum, work_dtype
 from rank_select import R_MAX, R_MIN, RULES, TAU, check_rule, explain_rank
-from soka.checkpoints import first_line
+from soka.checkpoints import check_stored, first_line
 
 try:
     from soka.kron_fused import INTERPRETED, KronFused   # the fast path: Triton kernels (CUDA torch ships triton)
@@ -592,14 +592,26 @@ def _check_record(path, name, rec, weight):
     for key, where in needed:
         if key not in where:
             raise corrupt(f"lacks the key {key!r}")
+    if rec["subtract"] not in ((True, False) if method == "soka" else (method == "pissa",)):
+        # PiSSA's W_res is W minus its initial factors, LoRA's is W: a flipped flag would rebuild the wrong W_res
+        raise corrupt(f"has subtract = {rec['subtract']!r}, which a {method} layer cannot have")
+    base = rec["info"]["base"]
+    if not isinstance(base, dict) or not {"shape", "dtype", "sha256"} <= base.keys():
+        raise corrupt("has no base-weight fingerprint {shape, dtype, sha256}")
     r, (d_out, d_in) = rec["info"]["r"], weight.shape
     if method == "soka":
-        m, n, p, q = rec["info"]["factors"]
+        factors = rec["info"]["factors"]
+        if not (isinstance(factors, (list, tuple)) and len(factors) == 4
+                and all(type(f) is int and f > 0 for f in factors)):
+            raise corrupt(f"has factors {factors!r}, not four positive integers (m, n, p, q)")
+        m, n, p, q = factors
         if (m * p, n * q) != (d_out, d_in):
             raise corrupt(f"has factors (m, n, p, q) = {(m, n, p, q)}, which do not split its {d_out}×{d_in} weight")
-        want = {"sigma": (r,), "U": (r, m, n), "V": (r, p, q)}
+        want, r_max = {"sigma": (r,), "U": (r, m, n), "V": (r, p, q)}, min(m * n, p * q)
     else:
-        want = {"A": (r, d_in), "B": (d_out, r)}
+        want, r_max = {"A": (r, d_in), "B": (d_out, r)}, min(d_out, d_in)
+    if type(r) is not int or not 1 <= r <= r_max:       # the rank of a real update, so the factors stay small
+        raise corrupt(f"has rank {r!r}, outside 1 .. {r_max}")
     for group in ("params", "init") if rec["subtract"] else ("params",):
         tensors = rec[group]
         if not isinstance(tensors, dict) or set(tensors) != set(want):
@@ -608,6 +620,25 @@ def _check_record(path, name, rec, weight):
             got = tuple(tensors[k].shape) if isinstance(tensors[k], torch.Tensor) else tensors[k]
             if got != shape:
                 raise corrupt(f"{group} {k} has shape {got}, expected {shape} (r = {r})")
+            check_stored(tensors[k], f"{path}: corrupt adapter file", f"{name} {group} {k}")
+
+
+def read_adapter(path):
+    """An adapter file's contents (torch.load with weights_only=True: no code runs), its header checked;
+    each layer's record is checked against the model by _check_record."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable adapter file ({first_line(e)})") from e
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a {FORMAT} file")
+    if blob.get("version") != VERSION:
+        raise ValueError(f"{path}: adapter file version {blob.get('version')}, this code reads {VERSION}")
+    for key, kind in (("method", str), ("options", dict), ("layers", dict)):
+        if not isinstance(blob.get(key), kind):
+            raise ValueError(f"{path}: corrupt adapter file: {key!r} should be a {kind.__name__}, got "
+                             f"{type(blob.get(key)).__name__}")
+    return blob
 
 
 def load_adapter(model, path, *, impl="auto"):
@@ -615,17 +646,7 @@ def load_adapter(model, path, *, impl="auto"):
     check each targeted weight's fingerprint, re-create W_res from the stored initial factors (no
     SVD), set the trained factors, freeze the rest. Returns the saved report. impl as in inject."""
     check_impl(impl)
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)   # tensors and plain values: no code runs
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable adapter file ({first_line(e)})") from e
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} file")
-    if blob.get("version") != VERSION:
-        raise ValueError(f"{path}: adapter file version {blob.get('version')}, this code reads {VERSION}")
-    for key in ("method", "options", "layers"):
-        if key not in blob:
-            raise ValueError(f"{path}: corrupt adapter file: no {key!r}")
+    blob = read_adapter(path)
     named = dict(model.named_modules())
     for name, rec in blob["layers"].items():   # check everything before changing the model
         mod = named.get(name)

@@ -36,7 +36,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from kpsvd import work_dtype
 from soka import adapters
-from soka.checkpoints import (SHARD_DIM, check_keys_and_shapes, check_layer_count, first_line, hf_tensors,
+from soka.checkpoints import (SHARD_DIM, check_keys_and_shapes, check_layer_count, hf_tensors,
                               meta_shards, unpermute_rotary)
 
 
@@ -230,26 +230,10 @@ def _adapt_one(name, W, i, method, targets, impl, options):
     return adapters._record(layer)
 
 
-def read_adapter(path):
-    """An adapter file's contents, with load_adapter's checks of its header."""
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)   # tensors and plain values: no code runs
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable adapter file ({first_line(e)})") from e
-    if not isinstance(blob, dict) or blob.get("format") != adapters.FORMAT:
-        raise ValueError(f"{path}: not a {adapters.FORMAT} file")
-    if blob.get("version") != adapters.VERSION:
-        raise ValueError(f"{path}: adapter file version {blob.get('version')}, this code reads {adapters.VERSION}")
-    for key in ("method", "options", "layers"):
-        if key not in blob:
-            raise ValueError(f"{path}: corrupt adapter file: no {key!r}")
-    return blob
-
-
 def _saved_records(model, weights, path, device, dtype):
     """The adapter file at `path`, checked: every process checks names and shapes, the owner of each
     layer its base weight's fingerprint."""
-    blob = read_adapter(path)
+    blob = adapters.read_adapter(path)
     named = dict(model.named_modules())
     for name, rec in blob["layers"].items():
         if not isinstance(named.get(name), nn.Linear):

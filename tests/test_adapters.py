@@ -205,7 +205,7 @@ def unchanged(model, before):
     return not adapter_layers(model) and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
-@pytest.mark.parametrize("method", ["soka", "lora"])
+@pytest.mark.parametrize("method", ["soka", "lora", "pissa"])
 def test_tampered_adapter_file_is_refused_before_the_model_changes(method, tmp_path):
     model = tiny()
     inject(model, method, ALL, rank=3, verbose=False)
@@ -213,11 +213,25 @@ def test_tampered_adapter_file_is_refused_before_the_model_changes(method, tmp_p
     blob = torch.load(tmp_path / "a.pt", weights_only=True)
     first, last = list(blob["layers"])[0], list(blob["layers"])[-1]
     key, bad = ("U", (3, 1, 8)) if method == "soka" else ("B", (32, 1))   # both broadcast under copy_
+    real = {k: tuple(t.shape) for k, t in blob["layers"][first]["params"].items()}
     cases = {
         "shape": (lambda b: b["layers"][first]["params"].__setitem__(key, torch.zeros(bad)),
                   rf"{first} params {key} has shape \({bad[0]}, {bad[1]}.*expected"),
         "no-params": (lambda b: b["layers"][last].pop("params"), rf"corrupt adapter file: {last} .*'params'"),
+        # a 4-byte expanded view of the right shape, and an integer tensor: gigabytes, or silently cast
+        "view": (lambda b: b["layers"][first]["params"].__setitem__(key, torch.zeros(1).expand(*real[key])),
+                 rf"{first} params {key} is a \[.*\] view of 4 stored bytes"),
+        "int": (lambda b: b["layers"][first]["params"].__setitem__(key, torch.zeros(real[key], dtype=torch.int64)),
+                rf"{first} params {key} holds torch.int64 values"),
+        # a rank far past the weight's: with factors of that shape, a 4 KB file loaded as 4 GB
+        "rank": (lambda b: b["layers"][first]["info"].__setitem__("r", 10**6), rf"{first} has rank 1000000, outside 1 \.\. "),
+        "base": (lambda b: b["layers"][first]["info"].__setitem__("base", "sha"), "no base-weight fingerprint"),
+        "layers": (lambda b: b.__setitem__("layers", [first]), "'layers' should be a dict, got list"),
     }
+    if method != "lora":    # PiSSA's W_res is W minus its initial factors: "subtract": False would rebuild W
+        flip = False if method == "pissa" else "yes"
+        cases["subtract"] = (lambda b: b["layers"][last].__setitem__("subtract", flip),
+                             rf"{last} has subtract = {flip!r}, which a {method} layer cannot have")
     for tamper, match in cases.values():
         t = torch.load(tmp_path / "a.pt", weights_only=True)
         tamper(t)
