@@ -136,12 +136,18 @@ def given_options(argv):
     return vars(make_parser(suppress=True).parse_args(argv))
 
 
+def option_kinds():
+    """{option: (the type of its value, its choices or None)}, to check a saved config.json."""
+    return {a.dest: (a.type or (str if a.default is None else type(a.default)), a.choices)
+            for a in make_parser()._actions if a.dest != "help"}
+
+
 def parse_options(argv):
     """The run's options: the command line over --quick's values over the defaults; for --resume, the
     run's saved config with the options given now on top. Checked: a bad value ends here."""
     cfg, given = make_parser().parse_args(argv), given_options(argv)
     if cfg.resume:
-        cfg = runs.resumed_config(cfg.resume, given, vars(make_parser().parse_args([])))
+        cfg = runs.resumed_config(cfg.resume, given, vars(make_parser().parse_args([])), option_kinds())
     elif cfg.quick:
         vars(cfg).update({k: v for k, v in QUICK.items() if k not in given})
     runs.check_options(cfg, given)
@@ -344,11 +350,7 @@ def fine_tune(argv):
                             fused=True)        # fused: one kernel for all tensors, and it honours found_inf
     start, metrics = 0, []
     if cfg.resume:
-        opt.load_state_dict(st["optimizer"])
-        runs.restore_rng(st["rng"])
-        start = st["step"]
-        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
-        metrics = [json.loads(line) for line in lines[:st["n_metrics"]]]
+        start, metrics = runs.restore_state(opt, st, out, state_dir)
         say(f"resumed at step {start} from {state_dir}")
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)

@@ -100,9 +100,10 @@ def target_list(targets):
     return [t.strip() for t in targets.split(",") if t.strip()]
 
 
-def resumed_config(folder, given, defaults):
+def resumed_config(folder, given, defaults, kinds):
     """The saved config of the run in `folder`, over the parser's `defaults`, with the options `given`
-    on the command line on top; refuses a changed FIXED_ON_RESUME option or process count."""
+    on the command line on top; refuses a changed FIXED_ON_RESUME option or process count, and a saved
+    value of the wrong kind (`kinds`: option -> (type, choices), as the parser takes it)."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise SystemExit(f"--resume {folder}: no config.json there (not a train.py output folder)")
@@ -110,6 +111,14 @@ def resumed_config(folder, given, defaults):
         saved = json_object(path)
     except ValueError as e:                 # names the file: not valid JSON, or not an object
         raise SystemExit(f"--resume {folder}: {e}") from None
+    for k, v in saved.items():              # an edited file: "lr": "2e-4" would fail deep in the run
+        kind, choices = kinds.get(k, (None, None))
+        fits = {float: isinstance(v, (int, float)) and not isinstance(v, bool), int: type(v) is int,
+                bool: type(v) is bool, str: isinstance(v, str), None: True}[kind]
+        if v is None and defaults.get(k) is None or fits and (not choices or v in choices):
+            continue
+        want = f"one of {', '.join(map(str, choices))}" if choices else f"a {kind.__name__}"
+        raise SystemExit(f"--resume {folder}: {path.name} has {k} = {v!r}, not {want}")
 
     def same(k, a, b):
         if k == "ckpt" and a and b:
@@ -236,8 +245,10 @@ def find_checkpoint(out):
             # a state.pt whose NumPy RNG state is an array, not a tensor, loads too: that class is allowed by name
             with torch.serialization.safe_globals(NUMPY_ARRAY):
                 state = torch.load(d / "state.pt", map_location="cpu", weights_only=True)
-            if not isinstance(state, dict) or not {"step", "n_metrics", "optimizer", "rng"} <= state.keys():
-                raise ValueError("not a train.py state (step, n_metrics, optimizer, rng)")
+            if not isinstance(state, dict) or not {"step", "n_metrics", "optimizer", "rng"} <= state.keys() \
+                    or not all(type(state[k]) is int and state[k] >= 0 for k in ("step", "n_metrics")) \
+                    or not all(isinstance(state[k], dict) for k in ("optimizer", "rng")):
+                raise ValueError("not a train.py state (step and n_metrics counts, optimizer and rng dicts)")
         except Exception as e:                # a truncated, foreign or planted file: torch raises many kinds
             problems.append(f"{d / 'state.pt'}: unreadable ({first_line(e)})")
             continue
@@ -245,6 +256,32 @@ def find_checkpoint(out):
             print(f"warning: {'; '.join(problems)}; using {d}")
         return d, state
     raise SystemExit(f"{out}: no checkpoint to resume from: {'; '.join(problems)}")
+
+
+def restore_state(opt, state, out, state_dir):
+    """The optimizer, the random states and the metrics lines where the checkpoint in `state_dir` left
+    them; -> (step, metrics). A state that does not fit this run is one line naming its file."""
+    try:
+        opt.load_state_dict(state["optimizer"])
+        for group in opt.param_groups:      # load_state_dict checks the groups' sizes, not the tensors'
+            for p in group["params"]:
+                for k, t in opt.state[p].items():
+                    if k != "step" and (not isinstance(t, torch.Tensor) or t.shape != p.shape):
+                        raise ValueError(f"optimizer state {k} does not have its parameter's shape {tuple(p.shape)}")
+        restore_rng(state["rng"])
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+        raise SystemExit(f"{state_dir / 'state.pt'}: does not fit this run ({first_line(e)})") from None
+    path = out / "metrics.jsonl"
+    lines = path.read_text().splitlines()[:state["n_metrics"]] if path.exists() else []
+    metrics = []
+    for i, line in enumerate(lines, 1):
+        try:
+            metrics.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{path}:{i}: not valid JSON ({e})") from None
+        if not isinstance(metrics[-1], dict) or type(metrics[-1].get("step")) is not int:
+            raise SystemExit(f"{path}:{i}: not a metrics line {{\"step\": N, ...}}")
+    return state["step"], metrics
 
 
 def restore_rng(rng):

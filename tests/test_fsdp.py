@@ -122,19 +122,19 @@ def test_sharded_loading_checks_the_layer_count_before_building_the_model(ckpts,
 def test_a_resume_on_another_number_of_processes_keeps_the_micro_batches(tmp_path, monkeypatch):
     saved = vars(train.make_parser().parse_args(["--batch-size", "2", "--grad-accum", "2"]))
     (tmp_path / "config.json").write_text(json.dumps({**saved, "out": str(tmp_path), "world": 2, "fsdp": True}))
-    defaults = vars(train.make_parser().parse_args([]))
+    defaults, kinds = vars(train.make_parser().parse_args([])), train.option_kinds()
     for world, accum in ((1, 4), (4, 1)):
         monkeypatch.setenv("WORLD_SIZE", str(world))
-        cfg = runs.resumed_config(tmp_path, {}, defaults)
+        cfg = runs.resumed_config(tmp_path, {}, defaults, kinds)
         assert cfg.grad_accum * world * cfg.batch_size == 8 and cfg.grad_accum == accum
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(SystemExit, match="4 micro-batches per step do not split over 3 processes"):
-        runs.resumed_config(tmp_path, {}, defaults)
+        runs.resumed_config(tmp_path, {}, defaults, kinds)
     (tmp_path / "config.json").write_text(json.dumps({**saved, "out": str(tmp_path), "world": 2, "fsdp": False}))
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(SystemExit, match="the run had 2 processes, this one has 1"):   # data parallel: as before
-        runs.resumed_config(tmp_path, {}, defaults)
-    assert runs.resumed_config(tmp_path, {"fsdp": True}, defaults).grad_accum == 4
+        runs.resumed_config(tmp_path, {}, defaults, kinds)
+    assert runs.resumed_config(tmp_path, {"fsdp": True}, defaults, kinds).grad_accum == 4
 
 
 def test_modelled_memory_is_the_parameter_arithmetic():

@@ -70,7 +70,8 @@ def metrics(out):
 
 def resumed(argv, out):
     """The config `python train.py --resume out ...argv` would run with."""
-    return runs.resumed_config(out, train.given_options(argv), vars(train.make_parser().parse_args([])))
+    return runs.resumed_config(out, train.given_options(argv), vars(train.make_parser().parse_args([])),
+                               train.option_kinds())
 
 
 def check(argv):
@@ -608,6 +609,57 @@ def test_planted_files_run_no_code(tiny, tmp_path):
         train.main(["--task", "gsm8k", "--ckpt", str(shard_dir), "--out", str(tmp_path / "x"), *map(str, FAST)])
     one_line_naming(str(e.value), shard_dir / "consolidated.00.pth")
     assert not marker.exists()
+
+
+def _edit_torch(path, edit):
+    blob = torch.load(path, weights_only=True)
+    edit(blob)
+    torch.save(blob, path)
+
+
+def _edit_exp_avg(state):
+    first = state["optimizer"]["state"][0]
+    first["exp_avg"] = torch.zeros(first["exp_avg"].numel() + 1)
+
+
+RUN_FOLDER_EDITS = {     # file, edit, the message; each used to end in a traceback deep in the run
+    "lr as text": ("config.json", lambda c: c.update(lr="2e-4"), "config.json has lr = '2e-4', not a float"),
+    "unknown method": ("config.json", lambda c: c.update(method="dora"), "config.json has method = 'dora', not one of"),
+    "step 1.0": ("checkpoint/state.pt", lambda s: s.update(step=1.0), "state.pt: unreadable .*step and n_metrics counts"),
+    "exp_avg shape": ("checkpoint/state.pt", _edit_exp_avg, "state.pt: does not fit this run .*exp_avg"),
+    "base": ("checkpoint/adapter.pt", lambda a: [r["info"].update(base="sha") for r in a["layers"].values()],
+             "adapter.pt: corrupt adapter file: .* no base-weight fingerprint"),
+    "metrics": ("metrics.jsonl", None, r"metrics\.jsonl:1: not valid JSON"),
+}
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tiny, tmp_path_factory):
+    """A run folder checkpointed after step 1 of 2, to resume."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    run("--task", "gsm8k", "--ckpt", tiny, "--max-steps", 2, "--stop-after", 1, "--eval-limit", 0,
+        "--out", out, *FAST)
+    return out
+
+
+@pytest.mark.parametrize("edit", RUN_FOLDER_EDITS)
+def test_an_edited_run_folder_is_one_line_naming_its_file(stopped_run, tmp_path, edit):
+    out = tmp_path / "run"
+    shutil.copytree(stopped_run, out)
+    name, change, message = RUN_FOLDER_EDITS[edit]
+    path = out / name
+    if name.endswith(".json"):
+        config = json.loads(path.read_text())
+        change(config)
+        path.write_text(json.dumps(config))
+    elif name.endswith(".pt"):
+        _edit_torch(path, change)
+    else:
+        path.write_text("{not json\n")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(out)])
+    one_line_naming(str(e.value), out)
+    assert re.search(message, str(e.value)), str(e.value)
 
 
 def test_a_state_saved_with_a_numpy_array_still_resumes(tmp_path):
