@@ -145,14 +145,19 @@ def math_from_tar(tar_path, out_dir, *, expected=None):
     ensure_ascii=False)` line each. `expected` maps split -> sha256 that each output must have.
     """
     rows = {"train": [], "test": []}
-    with tarfile.open(tar_path) as tar:
-        for member in tar:
-            m = re.search(r"(?:^|/)(train|test)/([a-z_]+)/(\d+)\.json$", member.name)
-            if member.isfile() and m:
-                split, subject, n = m.groups()
-                record = json.load(tar.extractfile(member))
-                record["unique_id"] = f"{split}/{subject}/{n}.json"
-                rows[split].append((subject, int(n), record))
+    try:
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                m = re.search(r"(?:^|/)(train|test)/([a-z_]+)/(\d+)\.json$", member.name)
+                if member.isfile() and m:
+                    split, subject, n = m.groups()
+                    record = json.load(tar.extractfile(member))
+                    if not isinstance(record, dict):
+                        raise ValueError(f"{member.name} holds a JSON {type(record).__name__}, not an object")
+                    record["unique_id"] = f"{split}/{subject}/{n}.json"
+                    rows[split].append((subject, int(n), record))
+    except (tarfile.TarError, ValueError, EOFError) as e:       # a truncated or foreign file, a bad record
+        raise ValueError(f"soka/tasks.py: {tar_path}: not a readable MATH tarball ({e})") from None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, items in rows.items():

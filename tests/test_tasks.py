@@ -167,6 +167,21 @@ def test_math_from_tar_reproduces_the_files(tmp_path, math_tar, data):
     assert not (tmp_path / "bad" / "test.jsonl").exists()
 
 
+def test_a_broken_math_tarball_is_one_value_error_naming_it(tmp_path):
+    # tarfile raises its own TarError, which the run's one-line error handling would not catch
+    path = tmp_path / "MATH.tar"
+    path.write_bytes(b"not a tarball at all" * 100)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: not a readable MATH tarball"):
+        math_from_tar(path, tmp_path / "out")
+    with tarfile.open(path, "w") as tar:
+        blob = b"[1, 2]"
+        info = tarfile.TarInfo("MATH/test/algebra/1.json")
+        info.size = len(blob)
+        tar.addfile(info, io.BytesIO(blob))
+    with pytest.raises(ValueError, match=r"MATH/test/algebra/1\.json holds a JSON list, not an object"):
+        math_from_tar(path, tmp_path / "out")
+
+
 # ------------------------------------------------------------------------------------ downloader
 
 def test_file_table_matches_the_docs():
