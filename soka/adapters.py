@@ -576,6 +576,11 @@ def save_adapter(model, path):
     os.replace(tmp, path)
 
 
+# W_res = W − the initial update (subtract=True) or W: PiSSA always subtracts, LoRA never, SoKA for a
+# KPSVD init only. A flipped flag in a file would rebuild the wrong W_res.
+SUBTRACT = {"soka": (True, False), "lora": (False,), "pissa": (True,)}
+
+
 def _check_record(path, name, rec, weight):
     """A layer's record holds what load_adapter reads, with the shapes its report row and the base
     weight imply: copy_ would broadcast a (r, 1, n) U into (r, m, n) without a word."""
@@ -592,9 +597,11 @@ def _check_record(path, name, rec, weight):
     for key, where in needed:
         if key not in where:
             raise corrupt(f"lacks the key {key!r}")
-    if rec["subtract"] not in ((True, False) if method == "soka" else (method == "pissa",)):
-        # PiSSA's W_res is W minus its initial factors, LoRA's is W: a flipped flag would rebuild the wrong W_res
+    if type(rec["subtract"]) is not bool or rec["subtract"] not in SUBTRACT[method]:
         raise corrupt(f"has subtract = {rec['subtract']!r}, which a {method} layer cannot have")
+    if method != "soka" and not (type(rec["scale"]) in (int, float) and math.isfinite(rec["scale"])
+                                 and rec["scale"] > 0):
+        raise corrupt(f"has scale = {rec['scale']!r}, not a positive number")
     base = rec["info"]["base"]
     if not isinstance(base, dict) or not {"shape", "dtype", "sha256"} <= base.keys():
         raise corrupt("has no base-weight fingerprint {shape, dtype, sha256}")

@@ -91,9 +91,9 @@ def hf_params(config_file):
         raise ValueError(f"{config_file}: model_type {c.get('model_type')!r}, only 'llama' is supported")
     rope = c.get("rope_parameters") or {}
     scaling = c.get("rope_scaling") or {}
-    if not isinstance(rope, dict) or not isinstance(scaling, dict):
-        raise ValueError(f"{config_file}: rope_parameters and rope_scaling should be objects, got "
-                         f"{rope!r} and {scaling!r}")
+    for key, value in (("rope_parameters", rope), ("rope_scaling", scaling)):
+        if not isinstance(value, dict):
+            raise ValueError(f"{config_file}: {key} should be an object, got {value!r}")
     if rope.get("rope_type", "default") != "default" or scaling.get("rope_type", scaling.get("type", "default")) != "default":
         raise ValueError(f"{config_file}: rope scaling is not supported")
     if c.get("attention_bias") or c.get("mlp_bias") or c.get("hidden_act", "silu") != "silu":
@@ -259,12 +259,17 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
               "BOOL": torch.bool}
 
 
+class _Repeated(ValueError):
+    pass
+
+
 def _no_repeats(pairs):
     """json.loads keeps the last of a repeated name; a header naming a tensor twice is corrupt."""
-    names = [k for k, _ in pairs]
-    if len(set(names)) < len(names):
-        raise json.JSONDecodeError(f"{sorted(k for k in set(names) if names.count(k) > 1)[0]!r} appears twice",
-                                   "", 0)
+    seen = set()
+    for k, _ in pairs:
+        if k in seen:
+            raise _Repeated(f"corrupt safetensors header: {k!r} appears twice")
+        seen.add(k)
     return dict(pairs)
 
 
@@ -286,6 +291,8 @@ def read_safetensors(path):
             raise ValueError(f"{path}: header claims {n} bytes, the file has {size - 8} after the size field")
         try:
             header = json.loads(f.read(n), object_pairs_hook=_no_repeats)
+        except _Repeated as e:
+            raise ValueError(f"{path}: {e}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: header is not valid JSON: {e}") from e
         except RecursionError:
@@ -298,9 +305,12 @@ def read_safetensors(path):
     for name, e in header.items():
         shape, offsets = (e.get("shape"), e.get("data_offsets")) if isinstance(e, dict) else (None, None)
         if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
-                and all(type(i) is int and i >= 0 for i in shape + offsets) and max(shape, default=0) <= size):
+                and all(type(i) is int and i >= 0 for i in shape + offsets)):
             raise ValueError(f"{path}: corrupt safetensors header: {name} is {e!r}, not "
                              "{dtype, shape: [sizes], data_offsets: [begin, end]}")
+        if max(shape, default=0) > size:    # no dimension can be longer than the file is in bytes
+            raise ValueError(f"{path}: corrupt safetensors header: {name} has shape {shape}, a dimension "
+                             f"longer than the file's {size} bytes")
         if not isinstance(e.get("dtype"), str) or e["dtype"] not in _ST_DTYPES:
             raise ValueError(f"{path}: {name} has unsupported dtype {e.get('dtype')!r}")
         dtype, shape = _ST_DTYPES[e["dtype"]], tuple(shape)

@@ -111,14 +111,15 @@ def resumed_config(folder, given, defaults, kinds):
         saved = json_object(path)
     except ValueError as e:                 # names the file: not valid JSON, or not an object
         raise SystemExit(f"--resume {folder}: {e}") from None
+    if saved.get("soka_impl") not in IMPLS:     # a name this code does not have (or none): the default
+        saved["soka_impl"] = "auto"
     for k, v in saved.items():              # an edited file: "lr": "2e-4" would fail deep in the run
-        kind, choices = kinds.get(k, (None, None))
-        fits = {float: isinstance(v, (int, float)) and not isinstance(v, bool), int: type(v) is int,
-                bool: type(v) is bool, str: isinstance(v, str), None: True}[kind]
-        if v is None and defaults.get(k) is None or fits and (not choices or v in choices):
+        if k not in kinds or v is None and defaults.get(k) is None:
             continue
-        want = f"one of {', '.join(map(str, choices))}" if choices else f"a {kind.__name__}"
-        raise SystemExit(f"--resume {folder}: {path.name} has {k} = {v!r}, not {want}")
+        kind, choices = kinds[k]
+        if not _fits(v, kind, choices):
+            want = f"one of {', '.join(map(str, choices))}" if choices else f"a {kind.__name__}"
+            raise SystemExit(f"--resume {folder}: {path.name} has {k} = {v!r}, not {want}")
 
     def same(k, a, b):
         if k == "ckpt" and a and b:
@@ -131,8 +132,6 @@ def resumed_config(folder, given, defaults, kinds):
             raise SystemExit(f"--resume {folder}: --{k.replace('_', '-')} {given[k]!r} differs from the run's "
                              f"{saved_k!r}; a resumed run keeps its task, model, adapters, data and batch "
                              f"(start a new run with another --out)")
-    if saved.get("soka_impl") not in IMPLS:     # a name this code does not have (or none): the default
-        saved["soka_impl"] = "auto"
     world, was = int(os.environ.get("WORLD_SIZE", "1")), saved.get("world")
     if was is not None and was != world:    # every step's sequences are split over the processes
         if not (saved.get("fsdp") or given.get("fsdp")):
@@ -146,6 +145,18 @@ def resumed_config(folder, given, defaults, kinds):
                              f"{world} processes; resume it on a number of processes that divides {micro}")
         saved["grad_accum"] = micro // world
     return argparse.Namespace(**{**defaults, **saved, **given, "out": folder})
+
+
+def _fits(value, kind, choices):
+    """Whether a value read from config.json is one the parser could have given: of its type (an int
+    passes for a float, as JSON writes 1.0 as 1 in some writers), and among its choices."""
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif kind in (int, bool):
+        ok = type(value) is kind
+    else:
+        ok = isinstance(value, str)
+    return ok and (not choices or value in choices)
 
 
 def parse_factors(text):
@@ -245,9 +256,7 @@ def find_checkpoint(out):
             # a state.pt whose NumPy RNG state is an array, not a tensor, loads too: that class is allowed by name
             with torch.serialization.safe_globals(NUMPY_ARRAY):
                 state = torch.load(d / "state.pt", map_location="cpu", weights_only=True)
-            if not isinstance(state, dict) or not {"step", "n_metrics", "optimizer", "rng"} <= state.keys() \
-                    or not all(type(state[k]) is int and state[k] >= 0 for k in ("step", "n_metrics")) \
-                    or not all(isinstance(state[k], dict) for k in ("optimizer", "rng")):
+            if not _is_state(state):
                 raise ValueError("not a train.py state (step and n_metrics counts, optimizer and rng dicts)")
         except Exception as e:                # a truncated, foreign or planted file: torch raises many kinds
             problems.append(f"{d / 'state.pt'}: unreadable ({first_line(e)})")
@@ -258,16 +267,23 @@ def find_checkpoint(out):
     raise SystemExit(f"{out}: no checkpoint to resume from: {'; '.join(problems)}")
 
 
+def _is_state(state):
+    """What save_checkpoint writes: {step, n_metrics (counts), optimizer, rng (dicts)}."""
+    return (isinstance(state, dict) and {"step", "n_metrics", "optimizer", "rng"} <= state.keys()
+            and all(type(state[k]) is int and state[k] >= 0 for k in ("step", "n_metrics"))
+            and all(isinstance(state[k], dict) for k in ("optimizer", "rng")))
+
+
 def restore_state(opt, state, out, state_dir):
     """The optimizer, the random states and the metrics lines where the checkpoint in `state_dir` left
     them; -> (step, metrics). A state that does not fit this run is one line naming its file."""
     try:
         opt.load_state_dict(state["optimizer"])
         for group in opt.param_groups:      # load_state_dict checks the groups' sizes, not the tensors'
-            for p in group["params"]:
+            for i, p in enumerate(group["params"]):
                 for k, t in opt.state[p].items():
                     if k != "step" and (not isinstance(t, torch.Tensor) or t.shape != p.shape):
-                        raise ValueError(f"optimizer state {k} does not have its parameter's shape {tuple(p.shape)}")
+                        raise ValueError(f"optimizer state {k} of parameter {i} is not of its shape {tuple(p.shape)}")
         restore_rng(state["rng"])
     except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
         raise SystemExit(f"{state_dir / 'state.pt'}: does not fit this run ({first_line(e)})") from None

@@ -29,6 +29,7 @@ import re
 import tarfile
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,12 +152,15 @@ def math_from_tar(tar_path, out_dir, *, expected=None):
                 m = re.search(r"(?:^|/)(train|test)/([a-z_]+)/(\d+)\.json$", member.name)
                 if member.isfile() and m:
                     split, subject, n = m.groups()
-                    record = json.load(tar.extractfile(member))
+                    try:
+                        record = json.load(tar.extractfile(member))
+                    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                        raise ValueError(f"{member.name}: not valid JSON ({e})") from None
                     if not isinstance(record, dict):
                         raise ValueError(f"{member.name} holds a JSON {type(record).__name__}, not an object")
                     record["unique_id"] = f"{split}/{subject}/{n}.json"
                     rows[split].append((subject, int(n), record))
-    except (tarfile.TarError, ValueError, EOFError) as e:       # a truncated or foreign file, a bad record
+    except (tarfile.TarError, ValueError, EOFError, zlib.error) as e:   # truncated or foreign, a bad record
         raise ValueError(f"soka/tasks.py: {tar_path}: not a readable MATH tarball ({e})") from None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

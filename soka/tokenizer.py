@@ -167,7 +167,10 @@ class BPETokenizer:
             raise ValueError(f"{source}: not a byte-level vocabulary (printable ASCII is missing)")
         self.merge_rank = {}
         for rank, merge in enumerate(merges):
-            pair = tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) if isinstance(merge, list) else ()
+            if isinstance(merge, str):      # "a b" (older tokenizer.json) or ["a", "b"]
+                pair = tuple(merge.split(" "))
+            else:
+                pair = tuple(merge) if isinstance(merge, list) else ()
             if len(pair) != 2 or not all(isinstance(p, str) for p in pair):
                 raise ValueError(f"{source}: merge {rank} {merge!r} is not a pair")
             if pair[0] + pair[1] not in self.token_to_id:     # encode would meet it as an unknown token
@@ -288,8 +291,13 @@ class BPETokenizer:
         cfg_path = path.with_name("tokenizer_config.json")
         cfg = json_object(cfg_path) if cfg_path.is_file() else {}
         template = cfg.get("chat_template")
+        if isinstance(template, list):      # transformers' named templates [{name, template}]: the default
+            template = next((t.get("template") for t in template if isinstance(t, dict)
+                             and t.get("name") == "default"), None)
         if template is None and path.with_name("chat_template.jinja").is_file():  # transformers >= 4.5x
             template = path.with_name("chat_template.jinja").read_text(encoding="utf-8")
+        if template is not None and not isinstance(template, str):
+            raise ValueError(f"{cfg_path}: chat_template should be text, not {type(template).__name__} data")
 
         def special_id(key):
             t = cfg.get(key)

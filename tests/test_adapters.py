@@ -228,6 +228,9 @@ def test_tampered_adapter_file_is_refused_before_the_model_changes(method, tmp_p
         "base": (lambda b: b["layers"][first]["info"].__setitem__("base", "sha"), "no base-weight fingerprint"),
         "layers": (lambda b: b.__setitem__("layers", [first]), "'layers' should be a dict, got list"),
     }
+    if method != "soka":    # a NaN scale would turn every output NaN
+        cases["scale"] = (lambda b: b["layers"][last].__setitem__("scale", float("nan")),
+                          rf"{last} has scale = nan, not a positive number")
     if method != "lora":    # PiSSA's W_res is W minus its initial factors: "subtract": False would rebuild W
         flip = False if method == "pissa" else "yes"
         cases["subtract"] = (lambda b: b["layers"][last].__setitem__("subtract", flip),

@@ -516,7 +516,7 @@ def test_hf_shards_hold_each_tensor_once_where_the_index_says(tmp_path, hf_folde
 def test_hf_config_rope_scaling_that_is_not_an_object(tmp_path, hf_folder):
     shutil.copytree(hf_folder[1], tmp_path / "hf")
     _edit_json(tmp_path / "hf" / "config.json", lambda c: c.update(rope_scaling="linear"))
-    with pytest.raises(ValueError, match=r"config\.json: rope_parameters and rope_scaling should be objects"):
+    with pytest.raises(ValueError, match=r"config\.json: rope_scaling should be an object, got 'linear'"):
         load_checkpoint(tmp_path / "hf")
 
 
@@ -631,7 +631,7 @@ def test_safetensors_header_that_lies(tmp_path, hf_folder):
         "offsets": (lambda h: h[key].update(data_offsets=[0]), r"corrupt safetensors header: .*\[0\]"),
         "entry": (lambda h: h.update({key: [1, 2]}), r"corrupt safetensors header: .* is \[1, 2\], not"),
         "dtype list": (lambda h: h[key].update(dtype=["F32"]), r"unsupported dtype \['F32'\]"),
-        "huge dim": (lambda h: h[key].update(shape=[0, 2**70]), r"corrupt safetensors header: .* 'shape': \[0, 1180"),
+        "huge dim": (lambda h: h[key].update(shape=[0, 2**70]), r"corrupt safetensors header: .* has shape \[0, 1180.*\], a dimension longer than the file"),
     }
     for name, (edit, msg) in cases.items():
         d = tmp_path / name
@@ -647,7 +647,7 @@ def test_safetensors_header_that_lies(tmp_path, hf_folder):
     entry = json.dumps(json.loads(raw[8:8 + n])[key]).encode()
     h = raw[8:8 + n].rstrip()[:-1] + b', "' + key.encode() + b'": ' + entry + b"}"
     (d / "model.safetensors").write_bytes(struct.pack("<Q", len(h)) + h + raw[8 + n:])
-    with pytest.raises(ValueError, match=rf"model\.safetensors: header is not valid JSON: '{re.escape(key)}' appears twice"):
+    with pytest.raises(ValueError, match=rf"model\.safetensors: corrupt safetensors header: '{re.escape(key)}' appears twice"):
         load_checkpoint(d)
     for name, body, message in [("list", b"[1, 2]", "corrupt safetensors header: a JSON list, not an object"),
                                 ("deep", b"[" * 100_000 + b"]" * 100_000, "header is JSON nested too deeply")]:

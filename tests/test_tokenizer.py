@@ -279,8 +279,13 @@ def test_a_chat_template_that_is_not_text_is_refused(tmp_path):
     path = _write_tokenizer_json(tmp_path)
     cfg = path.with_name("tokenizer_config.json")
     cfg.write_text(json.dumps(json.loads(cfg.read_text()) | {"chat_template": 5}))
-    with pytest.raises(ValueError, match=r"tokenizer\.json: the chat template should be text, not int data"):
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json: chat_template should be text, not int data"):
         BPETokenizer.from_tokenizer_json(path)
+    # transformers' named templates: the one named "default" is the chat template
+    chatml = "<|im_start|>{{ m }}<|im_end|>"
+    cfg.write_text(json.dumps(json.loads(cfg.read_text()) | {"chat_template": [
+        {"name": "tool_use", "template": "{{ tools }}"}, {"name": "default", "template": chatml}]}))
+    assert BPETokenizer.from_tokenizer_json(path).chat_template == chatml
 
 
 def test_the_byte_level_tokenizer_json_of_these_tests_loads(tmp_path):

@@ -156,6 +156,9 @@ def test_a_run_folder_is_never_overwritten_and_a_resume_keeps_its_run(tmp_path):
     (out / "config.json").write_text(json.dumps({**saved, "out": str(out)}))
     cfg = resumed(["--max-steps", "9", "--lr", "1e-3"], out)
     assert (cfg.task, cfg.batch_size, cfg.max_steps, cfg.lr, cfg.out) == ("gsm8k", 4, 9, 1e-3, out)
+    for old_impl in ("kron", None):      # an implementation name of older runs, or none: the default
+        (out / "config.json").write_text(json.dumps({**saved, "out": str(out), "soka_impl": old_impl}))
+        assert resumed([], out).soka_impl == "auto"
     (out / "config.json").write_text(json.dumps({**saved, "out": str(out), "world": 2}))
     with pytest.raises(SystemExit, match="the run had 2 processes, this one has 1"):
         resumed([], out)
