@@ -149,7 +149,7 @@ def resumed_config(folder, given, defaults, kinds):
 
 def _fits(value, kind, choices):
     """Whether a value read from config.json is one the parser could have given: of its type (an int
-    passes for a float, as JSON writes 1.0 as 1 in some writers), and among its choices."""
+    passes for a float: a config edited by hand may say 3 for 3.0), and among its choices."""
     if kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     elif kind in (int, bool):
