@@ -35,7 +35,8 @@ from model import ModelArgs, Transformer, generate, load_checkpoint, read_config
 from rank_select import R_MAX, R_MIN, RULES, TAU
 from soka import adapters, fsdp, runs
 from soka.checkpoints import demo_checkpoint
-from soka.evaluate import evaluate, write_json
+from soka.evaluate import evaluate
+from soka.files import write_json
 from soka.steps import GraphedStep, WeightGradNorm, all_reduce_grads, ce_chunk, eager_step, loss_sum
 from soka.tasks import DATA_DIR, IGNORE_INDEX, TASKS, build_examples, data_file, load_examples
 

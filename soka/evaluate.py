@@ -18,12 +18,12 @@ statistics (paired tests between runs) need no parsing of the whole file. This m
 model and its generate function; it imports neither model.py nor the adapters.
 """
 import json
-import os
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
+from soka.files import json_lines, replace_files
 from soka.sandbox import run_many
 from soka.scorers import mbpp_extract_code, score_answers
 from soka.tasks import TASKS, format_prompt
@@ -61,8 +61,8 @@ def evaluate(model, tokenizer, task, examples, *, generate_fn, batch_size=16, ma
     what room is left, in a batch of its own (one MBPP test prompt is 3,752 LLaMA 2 tokens: 344 of
     its 384 fit in 4,096); one that fills the context gets an empty completion. Both are listed
     under settings["context_capped"] as {id: new tokens it got}."""
-    if out_path is not None and Path(out_path).suffix == ".jsonl":
-        raise ValueError(f"soka/evaluate.py: out_path {out_path} ends in .jsonl, the per-problem file's suffix")
+    if out_path is not None and Path(out_path).suffix != ".json":   # its .jsonl sibling is written too
+        raise ValueError(f"soka/evaluate.py: out_path {out_path} should end in .json (eval.json beside eval.jsonl)")
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"soka/evaluate.py: batch_size ({batch_size}) and max_new_tokens "
                          f"({max_new_tokens}) must be >= 1")
@@ -109,11 +109,13 @@ def evaluate(model, tokenizer, task, examples, *, generate_fn, batch_size=16, ma
                       "gold": ex["gold"], "verdict": bool(v), "error": e}
                      for ex, p, c, (x, v, e) in zip(examples, prompts, completions, scored)],
     }
-    if out_path is not None:
-        write_lines(problems_path(out_path), [{"id": r["id"], "prediction": r["completion"], "extracted": r["extracted"],
-                                              "gold": r["gold"], "verdict": r["verdict"], "error": r["error"]}
-                                             for r in result["examples"]])
-        write_json(out_path, result)
+    if out_path is not None:               # the pair replaced together: an interruption leaves the old pair
+        lines = json_lines({"id": r["id"], "prediction": r["completion"], "extracted": r["extracted"],
+                            "gold": r["gold"], "verdict": r["verdict"], "error": r["error"]}
+                           for r in result["examples"])
+        text = json.dumps(result, indent=1, ensure_ascii=False) + "\n"
+        replace_files({problems_path(out_path): lambda p: p.write_text(lines, encoding="utf-8"),
+                       out_path: lambda p: p.write_text(text, encoding="utf-8")})
     return result
 
 
@@ -130,24 +132,3 @@ def _trim(text, stop):
         if k >= 0:
             text = text[:k]
     return text
-
-
-def write_json(path, obj):
-    """Write through a temporary file in the same folder and rename: the file is whole or absent."""
-    _write_atomic(path, lambda f: (json.dump(obj, f, indent=1, ensure_ascii=False), f.write("\n")))
-
-
-def write_lines(path, rows):
-    """One JSON object per line, atomically as write_json."""
-    _write_atomic(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def _write_atomic(path, write):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.part-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

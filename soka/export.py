@@ -7,10 +7,11 @@
 Merging happens on copies (merged_state_dict), so the model itself is left as it was. The HF folder
 carries no tokenizer: the model does not hold one; copy the base's tokenizer files beside it.
 A folder that already holds a checkpoint is refused unless overwrite=True. Then the new files replace
-the old ones (each written whole, then renamed), and every other checkpoint file there
-(CHECKPOINT_FILES) is removed after them: an old shard or index left beside the new files would be
-read in their place (model.load_checkpoint follows params.json before config.json, and an index
-before model.safetensors). Interrupted, the folder keeps a loadable checkpoint, old or new.
+the old ones, and every other checkpoint file there (CHECKPOINT_FILES) is removed with them: an old
+shard or index left beside the new files would be read in their place (model.load_checkpoint follows
+params.json before config.json, and an index before model.safetensors). The files are written whole
+under temporary names first and renamed together (soka/files.py), so an interrupted export leaves
+the old checkpoint or the new one, never a mix.
 """
 import dataclasses
 import json
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from soka.adapters import adapter_layers
+from soka.files import replace_files
 from soka.checkpoints import meta_to_hf_key, permute_rotary
 
 
@@ -37,13 +39,6 @@ def merged_state_dict(model):
             continue              # sigma, U, V / A, B: folded into the weight
         out[key] = t.detach()
     return out
-
-
-def _atomic(path, write):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 # What model.load_checkpoint reads in a folder, both formats: Meta's, then Hugging Face's.
@@ -64,21 +59,14 @@ def _prepare(folder, overwrite):
     return folder, old
 
 
-def _drop_stale(old, written):
-    """Remove the old checkpoint files that the new ones did not replace."""
-    for f in old:
-        if f.name not in written:
-            f.unlink()
-
-
 def export_meta(model, folder, *, overwrite=False):
     """params.json (model.args, ModelArgs' fields) and consolidated.00.pth (one shard)."""
     folder, old = _prepare(folder, overwrite)
     params = dataclasses.asdict(model.args)
     sd = {k: v.cpu().contiguous().clone() for k, v in merged_state_dict(model).items()}  # own storage each
-    _atomic(folder / "consolidated.00.pth", lambda p: torch.save(sd, p))
-    _atomic(folder / "params.json", lambda p: p.write_text(json.dumps(params, indent=2) + "\n"))
-    _drop_stale(old, {"consolidated.00.pth", "params.json"})
+    new = {folder / "consolidated.00.pth": lambda p: torch.save(sd, p),
+           folder / "params.json": lambda p: p.write_text(json.dumps(params, indent=2) + "\n")}
+    replace_files(new, remove=[f for f in old if f not in new])   # the old checkpoint, or the new one
     return folder
 
 
@@ -109,9 +97,9 @@ def export_hf(model, folder, *, overwrite=False):
             t = permute_rotary(t, args.n_kv_heads)
         tensors[hf] = t
     dtype = next(iter(tensors.values())).dtype
-    _atomic(folder / "model.safetensors", lambda p: write_safetensors(p, tensors))
-    _atomic(folder / "config.json", lambda p: p.write_text(json.dumps(hf_config(args, dtype), indent=2) + "\n"))
-    _drop_stale(old, {"model.safetensors", "config.json"})
+    new = {folder / "model.safetensors": lambda p: write_safetensors(p, tensors),
+           folder / "config.json": lambda p: p.write_text(json.dumps(hf_config(args, dtype), indent=2) + "\n")}
+    replace_files(new, remove=[f for f in old if f not in new])
     return folder
 
 

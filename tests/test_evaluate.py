@@ -234,5 +234,7 @@ def test_per_problem_lines_beside_the_results_file(tmp_path):
     fake = FakeGenerate(tok, {tok.decode(tok.encode(format_prompt("gsm8k", ex, tok))): "#### 1" for ex in examples})
     evaluate(None, tok, "gsm8k", examples, generate_fn=fake, progress=False)
     assert sorted(p.name for p in out.parent.iterdir()) == ["gsm8k.json", "gsm8k.jsonl"]
-    with pytest.raises(ValueError, match="jsonl"):
-        evaluate(None, tok, "gsm8k", examples, generate_fn=fake, progress=False, out_path=tmp_path / "x.jsonl")
+    for name in ("x.jsonl", "notes.txt"):   # notes.txt would have written notes.jsonl over a user's file too
+        with pytest.raises(ValueError, match=r"should end in \.json"):
+            evaluate(None, tok, "gsm8k", examples, generate_fn=fake, progress=False, out_path=tmp_path / name)
+    assert not (tmp_path / "notes.jsonl").exists()

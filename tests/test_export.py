@@ -6,6 +6,7 @@ holds a checkpoint is refused unless overwrite=True, which leaves no stale shard
 """
 import json
 import os
+from pathlib import Path
 
 import pytest
 import safetensors.torch as safetensors_torch
@@ -146,6 +147,45 @@ def test_export_hf_overwrite_removes_the_old_index_that_would_shadow_the_new_wei
     assert sorted(f.name for f in folder.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     with torch.no_grad():
         assert torch.equal(logits_of(folder), b(TOKENS))
+
+
+def test_an_interrupted_overwrite_leaves_the_old_checkpoint_whole(tmp_path, monkeypatch):
+    # Ctrl-C while the new weights are written: the old weights and config stay, no temporary file
+    a, b = plain(0), plain(1)
+    folder = export_meta(a, tmp_path / "m")
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+
+    def interrupted(obj, path):
+        Path(path).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_meta(plain(1), folder, overwrite=True)
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
+    monkeypatch.undo()
+    export_meta(b, folder, overwrite=True)
+    with torch.no_grad():
+        assert torch.equal(logits_of(folder), b(TOKENS))
+
+
+def test_ctrl_c_during_the_renames_waits_until_the_set_is_whole(tmp_path, monkeypatch):
+    import signal
+    from soka import files
+    (tmp_path / "a").write_text("old a")
+    (tmp_path / "b").write_text("old b")
+    real = os.replace
+
+    def replace_with_ctrl_c(src, dst):       # Ctrl-C arrives after the first rename
+        real(src, dst)
+        if Path(dst).name == "a":
+            signal.raise_signal(signal.SIGINT)
+    monkeypatch.setattr(files.os, "replace", replace_with_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):   # raised once both files are in place
+        files.replace_files({tmp_path / "a": lambda p: p.write_text("new a"),
+                             tmp_path / "b": lambda p: p.write_text("new b")})
+    assert (tmp_path / "a").read_text() == "new a" and (tmp_path / "b").read_text() == "new b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_export_into_a_read_only_folder_names_it(tmp_path, monkeypatch):

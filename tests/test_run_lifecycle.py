@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from soka import checkpoints, runs  # noqa: E402
-from soka.evaluate import write_json  # noqa: E402
+from soka.files import write_json  # noqa: E402
 
 
 def test_quick_sets_a_short_run_and_options_beside_it_win():
