@@ -58,7 +58,7 @@ MEMORY_MB = 1024         # address-space limit of the run (one process; virtual 
 DISK_MB = 64             # size of the run's folder (a tmpfs), or the most it may hold (checked)
 OUTPUT_LIMIT = 64 << 10  # bytes of stdout + stderr kept per run
 FILE_LIMIT = 16 << 20    # largest file a run may write, bytes
-RESULT_LIMIT = 32 << 20  # most bytes of probe values a run may send back
+RESULT_LIMIT = 1 << 20   # most bytes of probe values a run may send back (decoded, up to about 50×)
 NOBODY = 65534
 
 # The child's program. The launcher (P0) reads its job from stdin, unshares namespaces and forks the
@@ -783,6 +783,16 @@ def plan(test):
     return _Plan(test)
 
 
+def _unique_hashes(keys):
+    """Keys for a set or dict whose hashes mostly differ. A program could send keys chosen to share
+    one hash (the ints k·(2⁶¹ − 1) all hash to 0): each insertion would then scan all the others, and
+    building the set would take hours."""
+    keys = list(keys)
+    if len(keys) > 64 and len({hash(k) for k in keys}) < len(keys) // 2:
+        raise ValueError(f"{len(keys)} keys share few hashes")
+    return keys
+
+
 def _decode(x, depth=0):
     """Tagged JSON -> genuine builtin values; anything else raises."""
     if depth > 200:
@@ -795,10 +805,13 @@ def _decode(x, depth=0):
         raise ValueError("not a tagged value")
     (tag, v), = x.items()
     d = depth + 1
-    if tag in ("t", "s", "fs") and type(v) is list:
-        return {"t": tuple, "s": set, "fs": frozenset}[tag](_decode(e, d) for e in v)
+    if tag == "t" and type(v) is list:
+        return tuple(_decode(e, d) for e in v)
+    if tag in ("s", "fs") and type(v) is list:
+        return (set if tag == "s" else frozenset)(_unique_hashes(_decode(e, d) for e in v))
     if tag == "d" and type(v) is list and all(type(p) is list and len(p) == 2 for p in v):
-        return {_decode(k, d): _decode(e, d) for k, e in v}
+        keys = _unique_hashes(_decode(k, d) for k, _ in v)
+        return dict(zip(keys, (_decode(e, d) for _, e in v)))
     if tag == "i" and type(v) is str and len(v) < 100000:
         return int(v, 16)
     if tag == "f" and v in ("inf", "-inf", "nan"):

@@ -123,6 +123,21 @@ def test_hostile_program(hostile, outside, name):
     assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
 
 
+def test_values_sent_back_are_bounded_before_they_are_rebuilt():
+    # 2 MB of "[]" would rebuild as about 100 MB of lists in this process; 30,000 ints that all hash
+    # to 0 would take the harness's set() about 11 s (quadratic), past the deadline it checks between reads
+    flood = "def add(a, b):\n    return [[]] * 700_000\n"
+    collide = ("P = 2**61 - 1\nclass S(set):\n    def __iter__(self):\n"
+               "        return iter([k * P for k in range(30_000)])\n"
+               "def add(a, b):\n    return S()\n")
+    legit = "def add(a, b):\n    return set(range(50_000)) if a == 7 else a + b\n"
+    rs = run_many([(flood, TESTS), (collide, TESTS), (legit, TESTS + ["assert add(7, 0) == set(range(50_000))"])],
+                  timeout=TIMEOUT, workers=3)
+    assert not rs[0].passed and "too much result data" in rs[0].detail, rs[0].detail
+    assert not rs[1].passed and "30000 keys share few hashes" in rs[1].detail, rs[1].detail
+    assert rs[2].passed, rs[2].detail
+
+
 def test_temporary_directory_is_removed():
     r = run_program("import os\nprint(os.getcwd())\n", ["assert True"])
     cwd = r.output.strip()
