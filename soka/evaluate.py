@@ -17,13 +17,12 @@ lines (problems_path: eval.json -> eval.jsonl), in the examples' order, so that 
 statistics (paired tests between runs) need no parsing of the whole file. This module receives a
 model and its generate function; it imports neither model.py nor the adapters.
 """
-import json
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from soka.files import json_lines, replace_files
+from soka.files import json_lines, json_text, replace_files
 from soka.sandbox import run_many
 from soka.scorers import mbpp_extract_code, score_answers
 from soka.tasks import TASKS, format_prompt
@@ -52,7 +51,7 @@ def evaluate(model, tokenizer, task, examples, *, generate_fn, batch_size=16, ma
     {task, n, correct, accuracy, settings, seconds, examples: [{id, prompt, completion, extracted,
     gold, verdict, error}]}, error being None or why that example could not be scored (score()).
     With out_path, also problems_path(out_path): one JSON line per example {id, prediction (the
-    completion), extracted, gold, verdict, error}, written before the results file.
+    completion), extracted, gold, verdict, error}; the two files are replaced together (soka/files.py).
     `generate_fn` is model.generate or a function of its signature, and `generate_options` go to it
     as extra keywords (e.g. cuda_graph=True); `info` is any extra JSON-able dict stored under
     settings (checkpoint, split, adapter ...).
@@ -61,7 +60,7 @@ def evaluate(model, tokenizer, task, examples, *, generate_fn, batch_size=16, ma
     what room is left, in a batch of its own (one MBPP test prompt is 3,752 LLaMA 2 tokens: 344 of
     its 384 fit in 4,096); one that fills the context gets an empty completion. Both are listed
     under settings["context_capped"] as {id: new tokens it got}."""
-    if out_path is not None and Path(out_path).suffix != ".json":   # its .jsonl sibling is written too
+    if out_path is not None and Path(out_path).suffix.lower() != ".json":   # its .jsonl sibling is written too
         raise ValueError(f"soka/evaluate.py: out_path {out_path} should end in .json (eval.json beside eval.jsonl)")
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"soka/evaluate.py: batch_size ({batch_size}) and max_new_tokens "
@@ -113,9 +112,8 @@ def evaluate(model, tokenizer, task, examples, *, generate_fn, batch_size=16, ma
         lines = json_lines({"id": r["id"], "prediction": r["completion"], "extracted": r["extracted"],
                             "gold": r["gold"], "verdict": r["verdict"], "error": r["error"]}
                            for r in result["examples"])
-        text = json.dumps(result, indent=1, ensure_ascii=False) + "\n"
         replace_files({problems_path(out_path): lambda p: p.write_text(lines, encoding="utf-8"),
-                       out_path: lambda p: p.write_text(text, encoding="utf-8")})
+                       out_path: lambda p: p.write_text(json_text(result), encoding="utf-8")})
     return result
 
 

@@ -10,8 +10,8 @@ A folder that already holds a checkpoint is refused unless overwrite=True. Then 
 the old ones, and every other checkpoint file there (CHECKPOINT_FILES) is removed with them: an old
 shard or index left beside the new files would be read in their place (model.load_checkpoint follows
 params.json before config.json, and an index before model.safetensors). The files are written whole
-under temporary names first and renamed together (soka/files.py), so an interrupted export leaves
-the old checkpoint or the new one, never a mix.
+under temporary names first and renamed together (soka/files.py), so an export stopped by an error
+or Ctrl-C leaves the old checkpoint or the new one, never a mix.
 """
 import dataclasses
 import json
