@@ -131,7 +131,6 @@ def hf_tensors(folder, *, tied):
         files = ["model.safetensors"]
     else:
         raise ValueError(f"{folder}: config.json but no model.safetensors or model.safetensors.index.json")
-    seen = {}
     for name in files:
         for key, t in read_safetensors(folder / name).items():
             if key.endswith("rotary_emb.inv_freq"):   # old transformers saved the rotary table
@@ -142,11 +141,7 @@ def hf_tensors(folder, *, tied):
             if index.is_file() and weight_map.get(key) != name:   # a copy the index does not name
                 raise ValueError(f"{folder / name}: holds {key}, which {index.name} places in "
                                  f"{weight_map.get(key)!r}")
-            if not t.is_floating_point():
-                raise ValueError(f"{folder / name}: {key} holds {t.dtype} values, not floating-point weights")
-            if meta_key in seen:
-                raise ValueError(f"{folder / name}: {key} is a second {meta_key} (the first is in {seen[meta_key]})")
-            seen[meta_key] = name
+            check_stored(t, folder / name, key)
             if meta_key == "output.weight" and tied:
                 continue   # a tied lm_head saved anyway; the model uses the embedding
             yield folder / name, meta_key, t

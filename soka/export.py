@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from soka.adapters import adapter_layers
-from soka.files import replace_files
 from soka.checkpoints import meta_to_hf_key, permute_rotary
+from soka.files import replace_files
 
 
 def merged_state_dict(model):

@@ -371,8 +371,6 @@ def load_gguf(path):
         if key is None or key not in expected:
             raise ValueError(f"{gf.path}: tensor {name!r} has no place in a LLaMA model with "
                              f"{params['n_layers']} layers (tied embeddings: {params['tie_embeddings']})")
-        if key in state_dict:
-            raise ValueError(f"{gf.path}: tensor {name!r} is a second {key}")
         if info.shape != expected[key]:
             raise ValueError(f"{gf.path}: tensor {name!r} has shape {info.shape}, the metadata implies "
                              f"{expected[key]} for {key}")

@@ -503,8 +503,7 @@ def test_hf_shards_hold_each_tensor_once_where_the_index_says(tmp_path, hf_folde
     with pytest.raises(ValueError, match=rf"{re.escape(other)}: holds model\.norm\.weight, which "
                                          rf"model\.safetensors\.index\.json places in '{re.escape(home)}'"):
         load_checkpoint(tmp_path / "hf")
-    index.unlink()                     # one file, the same tensor under two HF names is no better
-    single = tmp_path / "one"
+    single = tmp_path / "one"          # integer weights would be cast to floats without a word
     shutil.copytree(hf_folder[1], single)
     sd = load_file(single / "model.safetensors")
     sd["model.layers.0.input_layernorm.weight"] = sd["model.layers.0.input_layernorm.weight"].to(torch.int32)
