@@ -193,7 +193,8 @@ def kron_sum(sigma, U, V):
 def kron_apply(x, sigma, U, V):
     """x (..., n·q) → (..., m·p), equal to x @ kron_sum(sigma, U, V).T, by eq. (4), batched over
     tokens and terms: y = vec(Σ_k sigma[k] U[k] X V[k]ᵀ) with X = x.reshape(n, q). Costs
-    r·n·p·(q + m) multiply-adds per token; the dense update would cost m·p·n·q.
+    r·n·p·(q + m) multiply-adds per token; the dense update would cost m·p·n·q. The same as
+    torch.einsum("k,kai,Nij,kbj->Nab", sigma, U, X, V), as two matrix products instead.
     """
     _check_factors(sigma, U, V)
     r, m, n = U.shape

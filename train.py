@@ -52,7 +52,7 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows each default once: the value, or the help text's own words where it has them."""
 
     def _get_help_string(self, action):
-        if action.default in (None, True, False) or "default" in (action.help or ""):
+        if any(action.default is v for v in (None, True, False)) or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -68,10 +68,12 @@ def make_parser(suppress=False):
       help="a few minutes on a CPU: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items())
            + " (options given beside it win)")
     a("--ckpt", default=d(None), help="Meta folder, HF folder or .gguf file (default: the SmolLM2 demo model)")
-    a("--method", choices=("soka", "lora", "pissa"), default=d("soka"))
+    a("--method", choices=("soka", "lora", "pissa"), default=d("soka"), help="adapter to train")
     a("--targets", default=d(",".join(adapters.DEFAULT_TARGETS)),
       help="comma-separated linear layers to adapt (w1,w2,w3 too)")
-    a("--tau", type=float, default=d(TAU), help="SoKA energy threshold of the rank rule")
+    a("--tau", type=float, default=d(TAU),
+      help="SoKA energy threshold of the rank rule (under the default rule the elbow is usually the smaller "
+           "rank and decides; --rank-rule energy makes tau the rule)")
     a("--r-min", type=int, default=d(R_MIN), help="SoKA smallest rank per layer")
     a("--r-max", type=int, default=d(R_MAX), help="SoKA largest rank per layer")
     a("--rank-rule", choices=RULES, default=d("both"),
@@ -159,12 +161,12 @@ def parse_options(argv):
     return cfg
 
 
-def lr_at(step, total, cfg):
-    """Linear warmup to cfg.lr, then cosine to cfg.lr · min_lr_ratio at step `total`. Pure."""
-    warm = cfg.warmup if cfg.warmup >= 1 else math.ceil(cfg.warmup * total)
+def lr_at(step, n_steps, cfg):
+    """Linear warmup to cfg.lr, then cosine to cfg.lr · min_lr_ratio at step `n_steps`. Pure."""
+    warm = cfg.warmup if cfg.warmup >= 1 else math.ceil(cfg.warmup * n_steps)
     if step < warm:
         return cfg.lr * (step + 1) / warm
-    t = (step - warm) / max(1, total - warm)
+    t = (step - warm) / max(1, n_steps - warm)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
@@ -213,15 +215,15 @@ def answer_tokens(examples):
 
 
 @torch.no_grad()
-def heldout_loss(model, examples, *, batch_size, pad_id, device, amp, rank, world, ce=None):
+def heldout_loss(model, examples, *, batch_size, pad_id, device, amp, proc_rank, world, ce=None):
     """Mean answer-token loss over the held-out examples (sharded over processes, summed)."""
     model.eval()
-    mine = sorted(examples[rank::world], key=lambda e: len(e["input_ids"]))
+    mine = sorted(examples[proc_rank::world], key=lambda e: len(e["input_ids"]))
     total = torch.zeros(2, dtype=torch.float64, device=device)
     # as many forwards on every process as on rank 0 (under --fsdp each gathers weights from all of
     # them); a process out of examples runs its first again, counted zero
     for b in tqdm(range(0, len(examples[0::world]), batch_size), desc="held-out loss", unit="batch", leave=False,
-                  disable=rank != 0, dynamic_ncols=True):
+                  disable=proc_rank != 0, dynamic_ncols=True):
         chunk = mine[b:b + batch_size]
         ids, labels = collate(chunk or examples[:1], pad_id, device)
         with amp:
@@ -246,10 +248,10 @@ def fine_tune(argv):
         return 0
     if not cfg.resume:
         runs.refuse_existing(cfg.out)
-    rank, world, device = runs.setup_distributed(cfg.device)
+    proc_rank, world, device = runs.setup_distributed(cfg.device)
     runs.check_setup(cfg, world, device)
     cfg.world = world                       # saved in config.json: a resume must use as many
-    main_proc = rank == 0
+    main_proc = proc_rank == 0
     say = print if main_proc else (lambda *a, **k: None)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -304,7 +306,7 @@ def fine_tune(argv):
     steps_per_epoch = len(train) // per_step
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(train)} training examples do not fill one step of {per_step} sequences")
-    total = min(cfg.max_steps or 10**12, math.ceil(cfg.epochs * steps_per_epoch))
+    n_steps = min(cfg.max_steps or 10**12, math.ceil(cfg.epochs * steps_per_epoch))
 
     # ---- the step: bf16 autocast on GPU, speed options, forward + backward as a CUDA graph
     model.train()
@@ -334,9 +336,9 @@ def fine_tune(argv):
         f"mean length {np.mean(lengths):.0f} tokens")
     say(f"tokens per step: {cfg.batch_size} seqs × {cfg.grad_accum} micro-batches × {world} processes = "
         f"{per_step} seqs, ≤ {per_step * cfg.max_len:,} tokens (≈ {per_step * np.mean(lengths):,.0f} on average); "
-        f"{total} steps ({steps_per_epoch} per epoch), lr {cfg.lr:g}, out {out}")
+        f"{n_steps} steps ({steps_per_epoch} per epoch), lr {cfg.lr:g}, out {out}")
     if device.type == "cpu" and not (cfg.ckpt or cfg.quick or cfg.max_steps):
-        say(f"on a CPU, {total} steps of the demo model take hours; --quick runs a short version in minutes")
+        say(f"on a CPU, {n_steps} steps of the demo model take hours; --quick runs a short version in minutes")
     activation = torch.empty(0, device=device, dtype=next(model.parameters()).dtype)   # what the layers will see
     fused = any(adapters.uses_fused(layer.impl, activation) for _, layer in adapters.adapter_layers(model)
                 if layer.method == "soka")
@@ -376,16 +378,16 @@ def fine_tune(argv):
             plans.clear()
             plans[epoch] = plan_steps(lengths, per_step=per_step, epoch=epoch, seed=cfg.seed)
         batch = [train[i] for i in plans[epoch][idx]]
-        micro = [batch[(rank * cfg.grad_accum + k) * cfg.batch_size:][:cfg.batch_size] for k in range(cfg.grad_accum)]
+        micro = [batch[(proc_rank * cfg.grad_accum + k) * cfg.batch_size:][:cfg.batch_size] for k in range(cfg.grad_accum)]
         return batch, [collate(mb, tok.pad_id, device) for mb in micro], float(answer_tokens(batch))
 
     stop = runs.StopRequest(say, out, saved=start)
     step, status = start, "done"
-    bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not main_proc, dynamic_ncols=True)
-    nxt = prepare(step) if step < total else None
-    while step < total:
+    bar = tqdm(total=n_steps, initial=start, desc="train", unit="step", disable=not main_proc, dynamic_ncols=True)
+    nxt = prepare(step) if step < n_steps else None
+    while step < n_steps:
         batch, micro, n_tok = nxt           # n_tok: answer tokens of the whole window, all processes
-        lr = lr_at(step, total, cfg)
+        lr = lr_at(step, n_steps, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
         t0 = time.perf_counter()
@@ -401,7 +403,7 @@ def fine_tune(argv):
         opt.found_inf = (~(torch.isfinite(loss_total) & torch.isfinite(gnorm))).float()
         opt.step()
         opt.zero_grad(set_to_none=False)
-        nxt = prepare(step + 1) if step + 1 < total else None   # while the GPU runs this step
+        nxt = prepare(step + 1) if step + 1 < n_steps else None   # while the GPU runs this step
         loss_v, gnorm_v = float(loss_total), float(gnorm)       # the step's one wait for the GPU
         if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
             status = f"loss {loss_v} / gradient norm {gnorm_v} at step {step + 1}"
@@ -413,9 +415,9 @@ def fine_tune(argv):
                    tokens=tokens, time_s=round(dt, 4), tokens_per_s=round(tokens / dt, 1), heldout_loss=None)
         if weight_grad:
             row["weight_grad_norm"] = weight_grad.pop()
-        if held and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):   # --heldout 0: none
+        if held and ((cfg.eval_every and step % cfg.eval_every == 0) or step == n_steps):   # --heldout 0: none
             row["heldout_loss"] = heldout_loss(model, held, batch_size=cfg.batch_size, pad_id=tok.pad_id,
-                                               device=device, amp=amp, rank=rank, world=world, ce=ce)
+                                               device=device, amp=amp, proc_rank=proc_rank, world=world, ce=ce)
             bar.unpause()                   # the step rate leaves the held-out time out
         metrics.append(row)
         if main_proc:
@@ -425,7 +427,7 @@ def fine_tune(argv):
             bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2e}", gnorm=f"{gnorm_v:.2f}",
                             tok_s=f"{row['tokens_per_s']:,.0f}")
         interrupted = stop.requested or (cfg.stop_after is not None and step >= cfg.stop_after)
-        if main_proc and (step % cfg.save_every == 0 or interrupted or step == total):
+        if main_proc and (step % cfg.save_every == 0 or interrupted or step == n_steps):
             runs.save_checkpoint(out, model, opt, step, len(metrics))
             stop.saved = step
         if interrupted:

@@ -7,10 +7,10 @@ Each variant is checked against the module's kernels (max |difference|, `err`) a
 as a CUDA graph of 20 calls (benchmarks/kron_fused_configs.py's graph_time), bf16, 4,096 tokens, at
 LLaMA-2-7B's three factor shapes, r = 1, 4, 8:
 
-- sum kernel, `prefetchT`: T tokens a program, the next token's X loaded while this one computes;
-- sum kernel, `stackedT`: T tokens a program as one taller product, [X_t] (T·n, q) @ V_kᵀ, the
+- apply kernel, `prefetchT`: T tokens a program, the next token's X loaded while this one computes;
+- apply kernel, `stackedT`: T tokens a program as one taller product, [X_t] (T·n, q) @ V_kᵀ, the
   intermediate permuted in registers for the second product;
-- sum kernel, `split`: a padded output side of 86 computed as blocks of 64 + 32 instead of 128;
+- apply kernel, `split`: a padded output side of 86 computed as blocks of 64 + 32 instead of 128;
 - gradient kernel, `splitP`: the programs for dUs_k and for dV_k apart (2·r·chunks programs);
 - gradient kernel at r = 1: a launch grid (programs, warps, stages).
 

@@ -29,8 +29,7 @@ from model import ModelArgs  # noqa: E402
 
 def kind(name):
     n = name.lower()
-    # _kron_apply_kernel is named _kron_sum_kernel, its earlier name, in step_kernels_7b.json and
-    # step_kernels_7b_eager_loss.json
+    # step_kernels_7b.json and step_kernels_7b_eager_loss.json list _kron_apply_kernel as _kron_sum_kernel
     for key, words in (("kron_apply", ("kron_apply", "kron_sum")), ("kron_grad", ("kron_grad",)),
                        ("gemm", ("nvjet", "gemm", "cutlass", "xmma")), ("attention", ("flash", "fmha", "attention")),
                        ("compiled pointwise", ("triton",)), ("optimizer", ("adam", "multi_tensor")),

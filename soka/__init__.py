@@ -12,6 +12,8 @@
     evaluate.py     batched generation over a split, scoring, a results file
     runs.py         a training run's folder: options, resume, checkpoints, curves
     steps.py        one training micro-step: the chunked loss and its CUDA-graph replay
+    fsdp.py         train.py --fsdp: the frozen base sharded over processes, the adapters replicated
+    files.py        files written whole, and a set of them renamed together
 
 Imports run one way: kpsvd.py, rank_select.py <- soka/ <- model.py <- train.py. Nothing here imports
 model.py or train.py; model.py reads Hugging Face and GGUF files through checkpoints.py and gguf.py.

@@ -4,8 +4,8 @@
 
 Per token t, with X_t = x_t.view(n, q), G_t = dy_t.view(m, p) and Us_k = σ_k U_k:
 
-    forward   Y_t  = X_t W_resᵀ (cuBLAS)  + Σ_k Us_k X_t V_kᵀ              _kron_apply_kernel
-    backward  dX_t = G_t W_res  (cuBLAS)  + Σ_k Us_kᵀ G_t V_k              _kron_apply_kernel again
+    forward   y_t  = W_res x_t  (cuBLAS)  + vec(Σ_k Us_k X_t V_kᵀ)         _kron_apply_kernel
+    backward  dx_t = W_resᵀ dy_t (cuBLAS) + vec(Σ_k Us_kᵀ G_t V_k)         _kron_apply_kernel again
               dUs_k = Σ_t G_t V_k X_tᵀ  (m, n),  dV_k = Σ_t G_tᵀ Us_k X_t  (p, q)   _kron_grad_kernel
               dσ_k = Σ(dUs_k ∘ U_k),  dU_k = σ_k dUs_k
 

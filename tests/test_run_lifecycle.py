@@ -83,7 +83,7 @@ def test_heldout_loss_shows_a_progress_bar(capsys):
                                   max_seq_len=64))
     examples = [{"input_ids": list(range(1, 9 + i)), "labels": [-100] * 4 + list(range(5, 9 + i))} for i in range(5)]
     loss = train.heldout_loss(model, examples, batch_size=2, pad_id=0, device=torch.device("cpu"),
-                              amp=torch.autocast("cpu", enabled=False), rank=0, world=1)
+                              amp=torch.autocast("cpu", enabled=False), proc_rank=0, world=1)
     assert loss > 0
     err = capsys.readouterr().err
     assert "held-out loss" in err and "/3 [" in err              # 5 examples, 2 a batch: 3 batches
