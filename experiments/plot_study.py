@@ -827,20 +827,21 @@ def heldout_curves(ax, rs, color, label):
 
 def clip_axis(ax, values, *, above=0.25):
     """Clip the y axis to [min − a little, min + above] where some value lies beyond (a diverged run),
-    and mark those values at the top edge with an arrow and their number."""
-    v = np.asarray([y for _, y in values], dtype=float)
+    and mark those values at the top edge with an arrow and their number, in their line's color.
+    values: (x, y, color) triples."""
+    v = np.asarray([y for _, y, _ in values], dtype=float)
     top = v.min() + above
     if v.max() <= top:
         return False
     ax.set_ylim(v.min() - 0.1 * above, top)
     off = {}
-    for x, y in values:
+    for x, y, c in values:
         if y > top:
-            off.setdefault(x, []).append(y)
+            off.setdefault(x, []).append((y, c))
     for x, ys in off.items():                  # runs off the scale at one rate share one arrow
-        ax.annotate("\n".join(f"{y:.2f}" for y in sorted(ys)), (x, top), xytext=(0, -22 - 8 * (len(ys) - 1)),
-                    textcoords="offset points", ha="center", fontsize=7, color="red",
-                    arrowprops=dict(arrowstyle="->", lw=0.8, color="red"))
+        for j, (y, c) in enumerate(sorted(ys)):
+            ax.annotate(f"{y:.2f}", (x, top), xytext=(0, -22 - 8 * j), textcoords="offset points", ha="center",
+                        fontsize=7, color=c, arrowprops=dict(arrowstyle="->", lw=0.8, color=c) if j == 0 else None)
     return True
 
 
@@ -900,13 +901,13 @@ def plot_sweep(sweep, img_dir):
         rs = sorted(rs, key=lambda r: r["lr"])
         ax.plot([r["lr"] for r in rs], [r["heldout_final"] for r in rs], "o-" if setting == "paper" else "s--",
                 color=COLORS[m], label=f"{NAMES[m]}, {setting} setting ({rs[0]['trainable']:,} trainable)")
-        points += [(r["lr"], r["heldout_final"]) for r in rs]
+        points += [(r["lr"], r["heldout_final"], COLORS[m]) for r in rs]
     clipped = clip_axis(ax, points)
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate (log scale)")
     ax.set_ylabel(f"final held-out loss, {LOSS}")
-    ax.set_title("first round: learning-rate sweep, GSM8K, seed 0" + ("\n(y axis clipped: red arrows mark runs off "
-                 "the scale, with their loss)" if clipped else ""), fontsize=9)
+    ax.set_title("first round: learning-rate sweep, GSM8K, seed 0" + ("\n(y axis clipped: arrows mark runs off the "
+                 "scale, with their loss)" if clipped else ""), fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return [save(fig, Path(img_dir) / "repro_sweep.png")]
@@ -932,13 +933,13 @@ def plot_sweep2(sweep, st2, setting, img_dir):
             rs = sorted(by_arm[arm], key=lambda r: r["lr"])
             labels[arm] = f"{arm} ({rs[0]['trainable']:,} trainable)"
             ax.plot([r["lr"] for r in rs], [r["heldout_final"] for r in rs], "o-", color=colors[arm], ms=4)
-            points += [(r["lr"], r["heldout_final"]) for r in rs]
+            points += [(r["lr"], r["heldout_final"], colors[arm]) for r in rs]
         clipped = clip_axis(ax, points)
         ax.set_xscale("log")
         ax.set_xlabel("peak learning rate (log scale)")
         ax.set_ylabel(f"final held-out loss, {LOSS}", fontsize=8)
-        ax.set_title(f"{TASK_NAMES[task]}: {setting} sweep, seed 0" + ("\n(y clipped: red arrows mark runs off the "
-                     "scale)" if clipped else ""), fontsize=9)
+        ax.set_title(f"{TASK_NAMES[task]}: {setting} sweep, seed 0" + ("\n(y clipped: arrows mark runs off the "
+                     "scale, in their line's color)" if clipped else ""), fontsize=9)
         ax.grid(alpha=0.3, which="both")
     handles = [plt.Line2D([], [], color=colors[a], marker="o", ms=4, label=labels[a]) for a in colors if a in labels]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=7, frameon=False)
