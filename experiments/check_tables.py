@@ -14,7 +14,7 @@ It shares no code with experiments/plot_study.py or experiments/stats.py: the sa
 density (Simpson's rule), not from the incomplete beta function; the bootstrap indexes the resampled
 problems directly instead of counting them. The bootstrap's draws are fixed by stats.py's recipe
 (seed from sha256 of the number's label, then problems, seeds of A, seeds of B), so they are the same
-draws. The first-round records hold no per-problem results: their accuracies are checked from counts,
+draws. The qkvo records hold no per-problem results: their accuracies are checked from counts,
 as tables.md computes them.
 """
 import argparse
@@ -263,14 +263,14 @@ def groups(runs, key):
     return out
 
 
-# ----------------------------------------------------------------------------- the first round
+# ----------------------------------------------------------------------------- the qkvo study
 
 def variant_of(r):
     return ", ".join(f"{k} {r[k]}" for k in ("tau", "init", "factors") if r.get(k) is not None)
 
 
 def first_round(rec):
-    """{heading: expected rows} of the first round's tables."""
+    """{heading: expected rows} of the qkvo study's tables."""
     out = {}
     sweep = rec.done("sweep")
     if sweep:
@@ -280,7 +280,7 @@ def first_round(rec):
                 rs = sorted((r for r in sweep if r["setting"] == setting and r["method"] == m), key=lambda r: r["lr"])
                 if rs:
                     rows.append([setting, NAMES[m], *sweep_cells(rs, rank=True)])
-        out["First round: learning-rate sweep (GSM8K, seed 0): final held-out loss per rate"] = rows
+        out["qkvo study: learning-rate sweep (GSM8K, seed 0): final held-out loss per rate"] = rows
     best = {(s, m): argmin_lr([r for r in sweep if r["setting"] == s and r["method"] == m])
             for s in ("paper", "matched") for m in METHODS}
     shapes_sweep = rec.done("shapes_sweep")
@@ -293,9 +293,9 @@ def first_round(rec):
         if not runs:
             continue
         g = groups(runs, lambda r: (r["task"], NAMES[r["method"]]))
-        out[f"First round: final runs, {setting} setting (wq wk wv wo)"] = [runs_row(stage, k, g[k]) for k in by_order(g)]
-        out[f"First round: the paper's claims, {setting} setting"] = claims_rows(runs, stage)
-        out[f"First round: gradient norms after warmup, {setting} setting"] = [[*k, *gnorms(g[k])] for k in by_order(g)]
+        out[f"qkvo study: final runs, {setting} setting (wq wk wv wo)"] = [runs_row(stage, k, g[k]) for k in by_order(g)]
+        out[f"qkvo study: the paper's claims, {setting} setting"] = claims_rows(runs, stage)
+        out[f"qkvo study: gradient norms after warmup, {setting} setting"] = [[*k, *gnorms(g[k])] for k in by_order(g)]
     if shapes_sweep:
         rows = []
         for name in ("rule", "tall_U", "wide_U", "small_U", "large_U", "rule_r23", "rule_r37"):
@@ -304,19 +304,19 @@ def first_round(rec):
                 b = min(rs, key=lambda r: r["heldout_final"])
                 rows.append([name, FACTOR_NAMES[name], "rule" if b["rank"] is None else b["rank"], f"{b['trainable']:,}",
                              f"{b['gnorm_max']:.2f}", *sweep_cells(rs)])
-        out["First round: learning-rate sweep of the factor shapes (SoKA, GSM8K, seed 0)"] = rows
+        out["qkvo study: learning-rate sweep of the factor shapes (SoKA, GSM8K, seed 0)"] = rows
     ablate = [r for r in rec.done("ablate")
               if r["lr"] == (shape_rate(r["factors"]) if r.get("factors") else best["paper", "soka"])]
     if ablate:
         final = [r for r in rec.done("final") if r["lr"] == best["paper", "soka"]]
         ablate = [dict(r, tau=0.9) for r in final if r["task"] == "gsm8k" and r["method"] == "soka"] + ablate
         g = groups(ablate, lambda r: (variant_of(r),))
-        out["First round: ablation, SoKA on GSM8K (τ = 0.9 is the final runs'; each factor shape at its best rate)"] = \
+        out["qkvo study: ablation, SoKA on GSM8K (τ = 0.9 is the final runs'; each factor shape at its best rate)"] = \
             [runs_row("ablate", k, g[k]) for k in by_order(g)]
     shapes = [r for r in rec.done("shapes") if r["lr"] == shape_rate(r["factors"])]
     if shapes:
         g = groups(shapes, lambda r: (r["factors"], FACTOR_NAMES[r["factors"]]))
-        out["First round: factor shapes at one parameter count, SoKA on GSM8K, rank 3 in every layer"] = \
+        out["qkvo study: factor shapes at one parameter count, SoKA on GSM8K, rank 3 in every layer"] = \
             [runs_row("shapes", k, g[k]) for k in by_order(g)]
     return out
 
@@ -389,7 +389,7 @@ def claims_rows(runs, stage):
     return rows
 
 
-# ----------------------------------------------------------------------------- the second round
+# ----------------------------------------------------------------------------- the per-task study
 
 def grown(grid, lrs_tried, best, extend=3):
     """The study's grid growth (study.rates): the grid, every tried rate, and one rate past an edge
@@ -453,11 +453,11 @@ def arms_table(st2):
             rule = x["method"] == "soka" and x.get("rank") is None
             rows.append([setting, arm, NAMES[x["method"]], "rule" if rule else x["rank"], (x.get("rule") or "both") if rule else "–",
                          f"{x.get('tau', 0.9):g}" if rule else "–", f"{n:,}", role])
-    return {"Second round: the arms and their parameter counts": rows}
+    return {"Per-task study: the arms and their parameter counts": rows}
 
 
 def second_round(rec, st2):
-    """{heading: expected rows} of the second round's tables."""
+    """{heading: expected rows} of the per-task study's tables."""
     out = {}
     sweeps = {s: rec.done(f"{s}_sweep") for s in ("qv", "all7", "rule")}
 

@@ -7,8 +7,8 @@
 
 Reads <stage>.jsonl and <stage>-<tag>.jsonl from --results; records whose status is not "done" are
 ignored, and a run recorded twice counts once (its last "done" record). Final runs count only at the
-rate the study now picks for them (a run made before a sweep moved is listed as left out). The second
-round's accuracies come from the per-problem files (study.problems_file); the first round's, which
+rate the study now picks for them (a run made before a sweep moved is listed as left out). The per-task
+study's accuracies come from the per-problem files (study.problems_file); the qkvo study's, which
 kept only counts, from those (stats.count_interval, unpaired).
 
 Statistics (experiments/stats.py): held-out loss and other per-seed measures as the mean with a
@@ -61,7 +61,7 @@ SETTING_TITLES = dict(qv="Setting qv (the paper's: wq wv)", all7="Setting all7 (
 # ----------------------------------------------------------------------------- records
 
 def load(results_dir, stage, *, superseded=False):
-    """The finished runs of a first-round stage, one per id (the last "done" record), in file order. For
+    """The finished runs of a qkvo stage, one per id (the last "done" record), in file order. For
     the final, matched, ablate and shapes stages only the runs at the rate the study now picks count
     (study.planned_lr): a run made before a sweep moved past its rate is superseded (superseded=True
     returns those instead)."""
@@ -91,7 +91,7 @@ def swept_best(st2, sweeps, setting, arm, task):
 
 
 def load2(results_dir, stage, st2):
-    """The finished runs of a second-round stage (last record per id); final and wgrad runs only at their
+    """The finished runs of a per-task stage (last record per id); final and wgrad runs only at their
     arm's best swept rate (such a run starts once its sweep is finished, so that is the rate it ran at)."""
     runs = list({r["id"]: r for r in study.read(results_dir, stage) if r.get("status") == "done"}.values())
     if not (stage.endswith("_final") or stage == "wgrad") or st2 is None:
@@ -185,7 +185,7 @@ def fmt_p(p):
 
 
 def spread(xs):
-    """Half the range over seeds (the first round's descriptive ±)."""
+    """Half the range over seeds (the qkvo study's descriptive ±)."""
     return (max(xs) - min(xs)) / 2 if xs else float("nan")
 
 
@@ -242,7 +242,7 @@ def wgrad_table(results_dir, st2):
                           "own gradient norm p50"], rows) + ["", WGRAD_NOTE, ""]
 
 
-# ----------------------------------------------------------------------------- first round
+# ----------------------------------------------------------------------------- qkvo study
 
 def rate_cells(rs):
     """One swept group's cells: "lr: held-out loss" per rate (the best in bold), and its best rate,
@@ -260,7 +260,7 @@ EDGE_NOTE = "A best rate at the edge of the swept rates was not bracketed: a rat
 
 def sweep_table(sweep, planned=None):
     """planned: settings.json's {setting: {method: rank}}, to name what has no finished sweep run."""
-    lines = ["## First round: learning-rate sweep (GSM8K, seed 0): final held-out loss per rate", ""]
+    lines = ["## qkvo study: learning-rate sweep (GSM8K, seed 0): final held-out loss per rate", ""]
     rows = []
     for setting in sorted({r["setting"] for r in sweep}, key=lambda s: (s != "paper", s)):
         for method in METHODS:
@@ -283,7 +283,7 @@ def shape_name(name):
 
 
 def shapes_sweep_table(shapes_sweep):
-    lines = ["## First round: learning-rate sweep of the factor shapes (SoKA, GSM8K, seed 0)", ""]
+    lines = ["## qkvo study: learning-rate sweep of the factor shapes (SoKA, GSM8K, seed 0)", ""]
     rows = []
     for name in study.shape_variants():
         rs = [r for r in shapes_sweep if r["factors"] == name]
@@ -430,9 +430,9 @@ def first_round(results_dir):
         lines += sweep_table(stages["sweep"], planned)
     for stage, setting in (("final", "paper"), ("matched", "matched")):
         if stages[stage]:
-            lines += runs_table(stages[stage], f"First round: final runs, {setting} setting (wq wk wv wo)", stage)
-            lines += claims_table(stages[stage], f"First round: the paper's claims, {setting} setting", stage)
-            lines += gnorm_table(stages[stage], f"First round: gradient norms after warmup, {setting} setting",
+            lines += runs_table(stages[stage], f"qkvo study: final runs, {setting} setting (wq wk wv wo)", stage)
+            lines += claims_table(stages[stage], f"qkvo study: the paper's claims, {setting} setting", stage)
+            lines += gnorm_table(stages[stage], f"qkvo study: gradient norms after warmup, {setting} setting",
                                  lambda r: (r["task"], NAMES[r["method"]]), ("task", "method"))
         lines += left_out(results_dir, stage, f"the {setting} setting", lambda r: NAMES[r["method"]])
     if stages["shapes_sweep"]:
@@ -440,11 +440,11 @@ def first_round(results_dir):
     if stages["ablate"]:
         base = [r for r in stages["final"] if r["task"] == "gsm8k" and r["method"] == "soka"]
         rows = [dict(r, tau=0.9) for r in base] + stages["ablate"]     # the final runs use τ = 0.9
-        lines += runs_table(rows, "First round: ablation, SoKA on GSM8K (τ = 0.9 is the final runs'; each factor "
+        lines += runs_table(rows, "qkvo study: ablation, SoKA on GSM8K (τ = 0.9 is the final runs'; each factor "
                             "shape at its best rate)", "ablate", key=lambda r: (variant(r),), key_names=("variant",))
         lines += left_out(results_dir, "ablate", "the ablation", variant)
     if stages["shapes"]:
-        lines += runs_table(stages["shapes"], "First round: factor shapes at one parameter count, SoKA on GSM8K, "
+        lines += runs_table(stages["shapes"], "qkvo study: factor shapes at one parameter count, SoKA on GSM8K, "
                             f"rank {study.SHAPES_RANK} in every layer", "shapes",
                             key=lambda r: (r["factors"], shape_name(r["factors"])),
                             key_names=("factors", "(m, n, p, q): wq wo / wk wv"))
@@ -452,7 +452,7 @@ def first_round(results_dir):
     return lines
 
 
-# ----------------------------------------------------------------------------- second round
+# ----------------------------------------------------------------------------- per-task study
 
 def arm_label(st2, setting, arm):
     a = st2[setting]["arms"][arm]
@@ -462,7 +462,7 @@ def arm_label(st2, setting, arm):
 
 
 def finals2(results_dir, st2):
-    """{(setting, arm): runs} of the second round's final stages; setting "rule" also holds the rule's
+    """{(setting, arm): runs} of the per-task study's final stages; setting "rule" also holds the rule's
     own arm, "qv/soka", from qv_final."""
     out = {}
     for setting in ("qv", "all7", "rule"):
@@ -722,7 +722,7 @@ def settings_table2(st2):
              "–" if fixed(x) else x.get("rule") or "both", "–" if fixed(x) else f"{x.get('tau', 0.9):g}",
              f"{planned_count(st2, setting, arm):,}", x["role"] + (f"; the rule's rate ({x['same_as']})" if x.get("same_as") else "")]
             for setting in ("qv", "all7", "rule") for arm, x in st2[setting]["arms"].items()]
-    return ["## Second round: the arms and their parameter counts", ""] + table(
+    return ["## Per-task study: the arms and their parameter counts", ""] + table(
         ["setting", "arm", "method", "rank", "rank rule", "τ", "trainable (from the spectra)", "role"], rows) + [
         "", "Counts from the float32 spectra on the CPU (settings2.json); a run selects its ranks from the bfloat16 "
         "weights on the GPU and records its own count, which the final-run tables show.", ""]
@@ -767,7 +767,7 @@ def second_round(results_dir):
 def tables(results_dir):
     """The markdown of tables.md."""
     _COMPARED.clear()                       # the records may have changed since the last call
-    stages = [s for s in (*study.FIRST[1:], *study.ROUND2) if study.read(results_dir, s)]
+    stages = [s for s in (*study.QKVO[1:], *study.PER_TASK) if study.read(results_dir, s)]
     lines = ["# Reproduction study: tables", "",
              f"Generated by `python experiments/plot_study.py` from the records of {', '.join(stages) or 'no stage'}; "
              "checked by `python experiments/check_tables.py`.", ""]
@@ -906,7 +906,7 @@ def plot_sweep(sweep, img_dir):
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate (log scale)")
     ax.set_ylabel(f"final held-out loss, {LOSS}")
-    ax.set_title("first round: learning-rate sweep, GSM8K, seed 0" + ("\n(y axis clipped: arrows mark runs off the "
+    ax.set_title("qkvo study: learning-rate sweep, GSM8K, seed 0" + ("\n(y axis clipped: arrows mark runs off the "
                  "scale, with their loss)" if clipped else ""), fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
@@ -947,7 +947,7 @@ def plot_sweep2(sweep, st2, setting, img_dir):
 
 
 def plot_ablation(ablate, img_dir):
-    """repro_ablate.png: the first round's ablation on GSM8K, training loss and held-out loss per variant."""
+    """repro_ablate.png: the qkvo study's ablation on GSM8K, training loss and held-out loss per variant."""
     import matplotlib.pyplot as plt
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, (var, rs) in enumerate(group(ablate, lambda r: variant(r) or "default").items()):
@@ -956,7 +956,7 @@ def plot_ablation(ablate, img_dir):
     a1.set(xlabel="optimizer step", ylabel=f"training loss, {LOSS} ({SMOOTH}-step moving mean)")
     a2.set(xlabel="optimizer step", ylabel=f"held-out loss, {LOSS}")
     for ax, what in ((a1, "training loss"), (a2, "held-out loss")):
-        ax.set_title(f"first round ablation, SoKA on GSM8K: {what}", fontsize=9)
+        ax.set_title(f"qkvo study ablation, SoKA on GSM8K: {what}", fontsize=9)
         ax.grid(alpha=0.3)
     handles, _ = a2.get_legend_handles_labels()
     a2.legend(handles=handles + [band_handle(plt)], fontsize=6.5)
@@ -965,7 +965,7 @@ def plot_ablation(ablate, img_dir):
 
 def param_points(results_dir):
     """(task, short label, trainable, held-out mean, lo, hi, color, marker) of every final group of both
-    rounds (the first round's τ and random-init rows left out: the rule's count, or σ = 0)."""
+    studies (the qkvo study's τ and random-init rows left out: the rule's count, or σ = 0)."""
     pts = []
     for stage, name in (("final", "p"), ("matched", "m")):
         for (task, m), rs in ordered(group(load(results_dir, stage), lambda r: (r["task"], r["method"]))):
@@ -981,7 +981,7 @@ def param_points(results_dir):
 
 
 def final_groups2(results_dir):
-    """(setting, arm, task, runs) of the second round's final runs; the rule ablation's own rule,
+    """(setting, arm, task, runs) of the per-task study's final runs; the rule ablation's own rule,
     qv's SoKA, once (under qv)."""
     st2 = settings2(results_dir)
     for (setting, arm), rs in (finals2(results_dir, st2) if st2 else {}).items():
@@ -1033,8 +1033,8 @@ def plot_params(results_dir, img_dir):
         ax.set_title(f"{TASK_NAMES[task]}: held-out loss vs trainable parameters", fontsize=9)
         ax.grid(alpha=0.3, which="both")
     handles = [plt.Line2D([], [], ls="", marker=mk, color="gray", label=lab) for mk, lab in
-               (("o", "1st round (wq wk wv wo): p paper setting, m matched"), ("^", "1st round ablation: factor shapes"),
-                ("P", "1st round: three factor shapes at rank 3"), ("s", "qv (wq wv)"), ("D", "all7"), ("v", "rule ablation"))]
+               (("o", "qkvo study (wq wk wv wo): p paper setting, m matched"), ("^", "qkvo study ablation: factor shapes"),
+                ("P", "qkvo study: three factor shapes at rank 3"), ("s", "qv (wq wv)"), ("D", "all7"), ("v", "rule ablation"))]
     handles += [plt.Line2D([], [], color=COLORS[m], lw=3, label=NAMES[m]) for m in METHODS]
     handles += [plt.Line2D([], [], color="k", lw=0.8, label="bar: 95 % t interval over seeds")]
     fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=7, frameon=False)
@@ -1046,14 +1046,14 @@ def plot_params(results_dir, img_dir):
 
 
 def accuracy_points(results_dir):
-    """(task, label, mean, lo, hi, kind) in percent: the base model, the first round (count intervals),
-    the second round (per-problem intervals)."""
+    """(task, label, mean, lo, hi, kind) in percent: the base model, the qkvo study (count intervals),
+    the per-task study (per-problem intervals)."""
     pts = []
     for r in study.read(results_dir, "base"):
         if r.get("status") == "done" and r["arm"] == "eval":
             _, V, _ = matrix(results_dir, [r])
             pts.append((r["task"], "base model", *(100 * x for x in stats.acc_interval(V, acc_label(r))), "base"))
-    for stage, name in (("final", "1st paper"), ("matched", "1st matched")):
+    for stage, name in (("final", "qkvo paper"), ("matched", "qkvo matched")):
         for (task, m), rs in ordered(group(load(results_dir, stage), lambda r: (r["task"], NAMES[r["method"]]))):
             pts.append((task, f"{name}: {m}", *(100 * x for x in stats.count_interval(
                 [r["correct"] for r in rs], rs[0]["n_eval"], label1(stage, (task, m)))), "counts"))
@@ -1089,8 +1089,8 @@ def plot_accuracy(results_dir, img_dir):
     kinds = {p[-1] for p in pts}
     handles = [plt.Line2D([], [], ls="", marker=style[k][1], color=style[k][0], label=lab) for k, lab in
                (("base", "base model: 95 % bootstrap interval over problems (shaded)"),
-                ("counts", "1st round: 95 % interval over seeds and problems, from counts"),
-                ("problems", "2nd round: 95 % interval over seeds and problems")) if k in kinds]
+                ("counts", "qkvo study: 95 % interval over seeds and problems, from counts"),
+                ("problems", "per-task study: 95 % interval over seeds and problems")) if k in kinds]
     fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(Path(img_dir) / "repro_accuracy.png", dpi=90)
@@ -1106,9 +1106,9 @@ def plot_all(results_dir, img_dir):
     if sweep := load(results_dir, "sweep"):
         paths += plot_sweep(sweep, img_dir)
     if final := load(results_dir, "final"):
-        paths += plot_runs(final, img_dir, "", "1st round, paper setting")
+        paths += plot_runs(final, img_dir, "", "qkvo study, paper setting")
     if matched := load(results_dir, "matched"):
-        paths += plot_runs(matched, img_dir, "matched_", "1st round, matched setting")
+        paths += plot_runs(matched, img_dir, "matched_", "qkvo study, matched setting")
     if ablate := load(results_dir, "ablate"):
         paths += plot_ablation(ablate, img_dir)
     st2 = settings2(results_dir)

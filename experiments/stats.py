@@ -27,7 +27,7 @@ reverse, summed over the common seeds; p = min(1, 2·P(Bin(b + c, ½) ≤ min(b,
 seeds treats the seed pairs as independent draws of each problem, so this p reads optimistic; the
 verdict uses the bootstrap interval.
 
-Records without per-problem results (the first round's) give only counts: count_interval and
+Records without per-problem results (the qkvo study's) give only counts: count_interval and
 count_difference resample seeds (draw(S, (B, S))) and give each resampled run of n problems with c
 correct a count from Binomial(n, c/n), the problem bootstrap of that run alone, by inversion: the
 smallest k whose CDF exceeds u, u = (raw >> 11)·2⁻⁵³ from the next B·S raw outputs. First group,

@@ -1,12 +1,12 @@
 """The reproduction study: which of the SoKA paper's claims hold on SmolLM2-135M-Instruct.
 
-    python experiments/study.py                      # every stage in order; resumes where it stopped
-    python experiments/study.py --stage sweep        # one stage: spectra, sweep, final, shapes_sweep,
-                                                     #   ablate, matched, shapes
+    python experiments/study.py --stage per-task --plan   # list the runs and what is done, with an
+                                                     #   estimate of the GPU time left; train nothing
+    python experiments/study.py --stage per-task     # the per-task study, every stage in order; resumes
+    python experiments/study.py --stage qkvo         # the qkvo study, every stage in order
+    python experiments/study.py --stage sweep        # one stage (or a comma-separated list of them)
     python experiments/study.py --stage final --budget 540    # start no run after 540 s
-    python experiments/study.py --plan               # list the runs and what is done, with an estimate
-                                                     #   of the GPU time left; train nothing
-    python experiments/study.py --stage qv_sweep,qv_final,base --ckpt M.gguf --data-dir D   # second round
+    python experiments/study.py --stage qv_sweep,qv_final,base --ckpt M.gguf --data-dir D
     for i in 0 1 2; do OMP_NUM_THREADS=4 python experiments/study.py --stage matched --claims /tmp/c1 --tag w$i & done; wait
                                                      # three processes side by side on one GPU (a small
                                                      # model leaves most of it idle)
@@ -14,7 +14,9 @@
 
 The paper (Chong & Qu, arXiv 2506.15251) claims, on LLaMA-2-7B: ~25 % fewer trainable parameters
 than LoRA / PiSSA while matching or beating them on GSM8K, MATH and MBPP, faster convergence with a
-smoother loss, and gradient norms rarely above 1.5. Here, on the demo model (targets wq wk wv wo):
+smoother loss, and gradient norms rarely above 1.5. Two studies check them on the demo model.
+
+The qkvo study (targets wq wk wv wo, rates swept on GSM8K only; QKVO below):
 
   spectra   Kronecker spectra, ranks at τ ∈ {0.8, 0.9, 0.95, 0.99}, parameter counts (experiments/spectra.py)
   sweep     a learning-rate sweep on GSM8K for each method in each setting; the rate with the lowest
@@ -36,13 +38,13 @@ Settings (SETTINGS below; the ranks are computed from the model, printed by --pl
             rank whose count is closest to 4/3 of SoKA's (the paper's 0.99 M against 1.33 M)
   matched   SoKA at the one fixed rank whose count is closest to LoRA / PiSSA r = 8's, against r = 8
 
-Second round (the paper's targets, per-task sweeps, per-problem results; ROUND2 below):
+The per-task study (the paper's targets, rates swept per task and method, per-problem results; PER_TASK below):
   base        the base model on every task: its test-split evaluation (train.py --eval-only) and its
               held-out loss (one LoRA step at lr BASE_LR from B = 0: the model stays the base model)
   qv_sweep    setting "qv", the paper's: SoKA on wq wv with the rule's ranks, against LoRA / PiSSA at the
               rank whose count is nearest the paper's 1.33 M transferred to this model (PEFT LoKr r = 8
               on all seven types) and at the rank nearest SoKA's own count; a learning-rate sweep per task
-              (GRIDS, seed 0), grown at an edge as the first round's sweep is
+              (GRIDS, seed 0), grown at an edge as the qkvo study's sweep is
   qv_final    each arm at its task's best rate, SEEDS, with evaluation and per-problem results
   all7_sweep, all7_final   setting "all7": SoKA on all seven linear types against LoRA / PiSSA at the
               rank nearest its count
@@ -53,7 +55,7 @@ Second round (the paper's targets, per-task sweeps, per-problem results; ROUND2 
   wgrad       qv's arms at their final rates, seed 0, training only, with train.py --log-weight-grad:
               ‖∂L/∂W‖ of the adapted weights per step, the gradient measure that is the same for every
               method (the logged gradient norm is of each method's own factors)
-  The settings are computed once from the model's spectra (round2_settings) and kept in
+  The settings are computed once from the model's spectra (per_task_settings) and kept in
   experiments/results/settings2.json. Each evaluated run's per-problem results are kept compactly
   (id, extracted answer, verdict) in experiments/results/problems/<stage>/<run id>.jsonl.gz; the
   full completions stay in the run folder's eval.jsonl.
@@ -293,16 +295,16 @@ def plan(results, stage, st, setting=None):
 
 
 
-# ----------------------------------------------------------------------------- second round
+# ----------------------------------------------------------------------------- the per-task study
 
 QV = ("wq", "wv")                                             # the paper's targets
 ALL7 = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-ROUND2 = ("qv_sweep", "qv_final", "base", "rule_sweep", "rule_final", "all7_sweep", "all7_final",
+PER_TASK = ("qv_sweep", "qv_final", "base", "rule_sweep", "rule_final", "all7_sweep", "all7_final",
           "wgrad")                                             # in priority order
-# Per method and task, 3-4 rates around the first round's GSM8K best (sweep.jsonl: SoKA 3e-3 with
+# Per method and task, 3-4 rates around the qkvo study's GSM8K best (sweep.jsonl: SoKA 3e-3 with
 # 9e-3 within 0.0003, LoRA 9e-3, PiSSA 9e-3 at r = 3 and 3e-3 at r = 8). MBPP trains 5 epochs of 374
 # problems and overfits at those rates, so its grid reaches one step lower; `rates` grows any grid
-# whose best sits at an edge, as in the first round.
+# whose best sits at an edge, as in the qkvo study.
 GRIDS = {"soka": {"gsm8k": (1e-3, 3e-3, 9e-3), "math": (1e-3, 3e-3, 9e-3), "mbpp": (3e-4, 1e-3, 3e-3, 9e-3)},
          "lora": {"gsm8k": (3e-3, 9e-3, 3e-2), "math": (3e-3, 9e-3, 3e-2), "mbpp": (1e-3, 3e-3, 9e-3, 3e-2)},
          "pissa": {"gsm8k": (3e-3, 9e-3, 3e-2), "math": (3e-3, 9e-3, 3e-2), "mbpp": (1e-3, 3e-3, 9e-3, 3e-2)}}
@@ -332,8 +334,8 @@ def energy_tau(rows, target):
     return round(k * TAU_STEP, 6)
 
 
-def round2_settings(layers):
-    """The second round's settings from spectra.layer_spectra rows (exact float32 KPSVD of every
+def per_task_settings(layers):
+    """The per-task study's settings from spectra.layer_spectra rows (exact float32 KPSVD of every
     linear layer): {setting: {"targets", "arms": {arm: {method, rank, rule, tau, role, same_as}}},
     "arithmetic": the counts the ranks come from}. rank None: the rule's ranks (rule, tau)."""
     qv = [L for L in layers if L["type"] in QV]
@@ -380,7 +382,7 @@ def round2_settings(layers):
             lora_rank_lokr=r_lokr, lora_rank_count_qv=r_count, lora_rank_count_all7=r_all))
 
 
-def load_round2(results, ckpt):
+def load_per_task(results, ckpt):
     """settings2.json if it was computed from a file with these bytes (size and sha256), else computed
     now (the model on the CPU, float32, exact KPSVD of all 210 layers: half a minute on 16 cores)
     and saved."""
@@ -393,7 +395,7 @@ def load_round2(results, ckpt):
         if same and source["sha256"] is not None:
             return st
     base, _ = load_checkpoint(ckpt)
-    st = dict(round2_settings(spectra.layer_spectra(base, ALL7)), source=source)
+    st = dict(per_task_settings(spectra.layer_spectra(base, ALL7)), source=source)
     Path(results).mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.part-{os.getpid()}")     # processes side by side may all write it
     tmp.write_text(json.dumps(st, indent=1) + "\n")
@@ -427,7 +429,7 @@ def arm_best(st2, setting, arm, task, sweeps):
 
 
 def plan2(results, stage, st2, seeds=None):
-    """The runs of a second-round stage now known: a sweep's rates (grown at an edge), a final
+    """The runs of a per-task stage now known: a sweep's rates (grown at an edge), a final
     stage's runs whose arm's sweep has finished, the base model's six runs."""
     if stage == "base":
         return [dict(stage="base", task=t, setting="base", arm=kind, method="base" if kind == "eval" else "lora",
@@ -457,7 +459,7 @@ def plan2(results, stage, st2, seeds=None):
 
 
 def expected2(stage, st2, seeds=None):
-    """How many runs a second-round stage will have once its sweeps are done (extensions of a sweep
+    """How many runs a per-task stage will have once its sweeps are done (extensions of a sweep
     not counted)."""
     if stage == "base":
         return 2 * len(TASKS)
@@ -470,8 +472,8 @@ def expected2(stage, st2, seeds=None):
     return len(seeds or SEEDS) * len(TASKS) * len(arms)
 
 
-# Seconds per run on one H100 alone, from the first round's records (wall time: load, KPSVD, training,
-# held-out loss, evaluation), for 120 adapted layers; SCALE for the second round's targets. Side by
+# Seconds per run on one H100 alone, from the qkvo study's records (wall time: load, KPSVD, training,
+# held-out loss, evaluation), for 120 adapted layers; SCALE for the per-task study's targets. Side by
 # side, three processes took about twice as long each: 1.5 times the throughput (SIDE_BY_SIDE).
 SECONDS = {("sweep", "gsm8k"): dict(soka=42, lora=29, pissa=31), ("sweep", "math"): dict(soka=56, lora=38, pissa=41),
            ("sweep", "mbpp"): dict(soka=27, lora=22, pissa=25), ("final", "gsm8k"): dict(soka=60, lora=40, pissa=42),
@@ -483,7 +485,7 @@ EAGER = 2.0     # a wgrad run's steps run eagerly (--log-weight-grad): assumed t
 
 
 def seconds2(r):
-    """Estimated seconds of one second-round run alone on an H100."""
+    """Estimated seconds of one per-task run alone on an H100."""
     if r["stage"] == "base":
         return BASE_SECONDS[r["arm"]][r["task"]]
     kind = "final" if r["eval"] else "sweep"
@@ -619,12 +621,12 @@ def in_progress(claims, runs):
             and not (claims / (r["id"].replace("/", "__") + ".done")).exists()]
 
 
-FIRST = ("spectra", "sweep", "final", "shapes_sweep", "ablate", "matched", "shapes")
-KNOWN = FIRST + ROUND2
+QKVO = ("spectra", "sweep", "final", "shapes_sweep", "ablate", "matched", "shapes")
+KNOWN = QKVO + PER_TASK
 
 
 def print_plan(stages, results, st, st2, setting, seeds):
-    """Each stage's runs: done, to do now, and (second round) still to come; estimated GPU time."""
+    """Each stage's runs: done, to do now, and (per-task study) still to come; estimated GPU time."""
     total = 0.0
     for stage in stages:
         recs, runs = read(results, stage), planned(results, stage, st, st2, setting, seeds)
@@ -634,7 +636,7 @@ def print_plan(stages, results, st, st2, setting, seeds):
         dropped = [r["id"] for r in runs if r["id"] not in done and r["id"] not in left]
         fails = collections.Counter(r["id"] for r in recs if r["status"] != "done")
         line = f"stage {stage}: {len(done)} runs done, {len(todo)} to do"
-        if stage in ROUND2:
+        if stage in PER_TASK:
             later = max(0, expected2(stage, st2, seeds) - len(done) - len(todo))
             est = sum(map(seconds2, todo))
             if later:                                   # not planned yet: a final waits for its sweep
@@ -652,8 +654,8 @@ def print_plan(stages, results, st, st2, setting, seeds):
         for run_id in dropped:
             last = [r["status"] for r in recs if r["id"] == run_id][-1]
             print(f"  {run_id}  failed {fails[run_id]} times, not started again (last: {last}); delete its records to retry")
-    if any(s in ROUND2 for s in stages):
-        print(f"second round left: about {total / 60:.0f} min of runs alone on an H100, {total / 60 / SIDE_BY_SIDE:.0f} "
+    if any(s in PER_TASK for s in stages):
+        print(f"per-task study left: about {total / 60:.0f} min of runs alone on an H100, {total / 60 / SIDE_BY_SIDE:.0f} "
               f"min with three processes side by side; a sweep grown at an edge adds its runs")
 
 
@@ -668,8 +670,8 @@ def failure(rc, out):
 
 
 def planned(results, stage, st, st2, setting, seeds):
-    """The runs a stage has now: the first round's plan or the second round's plan2."""
-    return plan2(results, stage, st2, seeds) if stage in ROUND2 else plan(results, stage, st, setting)
+    """The runs a stage has now: the qkvo study's plan or the per-task study's plan2."""
+    return plan2(results, stage, st2, seeds) if stage in PER_TASK else plan(results, stage, st, setting)
 
 
 def runs_left(runs, recs):
@@ -712,8 +714,8 @@ def run_one(r, ckpt, data_dir, results, stage, tag, claims):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--stage", default="all",
-                    help=f"all (the first round's stages), round2, or a comma-separated list of: {', '.join(KNOWN)}")
+    ap.add_argument("--stage", default="per-task",
+                    help=f"per-task (the default) or qkvo: every stage of that study; or a comma-separated list of: {', '.join(KNOWN)}")
     ap.add_argument("--results", default=None, help="folder of the <stage>.jsonl records (default experiments/results)")
     ap.add_argument("--ckpt", default=os.environ.get("SOKA_CKPT"),
                     help="model (default: $SOKA_CKPT, else the demo model as train.py finds it)")
@@ -723,7 +725,7 @@ def main(argv=None):
     ap.add_argument("--plan", action="store_true", help="print the runs, what is done and the GPU time left; train nothing")
     ap.add_argument("--setting", choices=("paper", "matched"), default=None, help="sweep only this setting")
     ap.add_argument("--seeds", default=None,
-                    help="second-round final stages: comma-separated seeds (default 0,1,2; add seeds where a verdict "
+                    help="per-task final stages: comma-separated seeds (default 0,1,2; add seeds where a verdict "
                          "hangs on them)")
     ap.add_argument("--tag", default="", help="write to <stage>-<tag>.jsonl (for processes side by side)")
     ap.add_argument("--claims", default=None, metavar="DIR",
@@ -736,9 +738,9 @@ def main(argv=None):
     results = Path(args.results) if args.results else RESULTS
     claims = Path(args.claims) if args.claims else None
     seeds = tuple(int(x) for x in args.seeds.split(",")) if args.seeds else None
-    stages = FIRST if args.stage == "all" else ROUND2 if args.stage == "round2" else tuple(args.stage.split(","))
+    stages = QKVO if args.stage == "qkvo" else PER_TASK if args.stage == "per-task" else tuple(args.stage.split(","))
     if not set(stages) <= set(KNOWN):
-        ap.error(f"--stage {args.stage!r}: choose from all, round2, {', '.join(KNOWN)}")
+        ap.error(f"--stage {args.stage!r}: choose from qkvo, per-task, {', '.join(KNOWN)}")
     t_start = time.perf_counter()
     try:
         ckpt = str(Path(args.ckpt).expanduser() if args.ckpt else demo_checkpoint())
@@ -753,14 +755,14 @@ def main(argv=None):
 
     results.mkdir(parents=True, exist_ok=True)
     st = st2 = None
-    if any(s in FIRST for s in stages):
+    if any(s in QKVO for s in stages):
         base, _ = load_checkpoint(ckpt)             # float32 on the CPU, for the parameter counts
         st = settings(base)
         print(f"settings: {json.dumps({k: st[k] for k in ('paper', 'matched')})}; counts {json.dumps(st['counts'])}")
         (results / "settings.json").write_text(json.dumps(st, indent=1) + "\n")
-    if any(s in ROUND2 for s in stages):
-        st2 = load_round2(results, ckpt)
-        print("second round: " + "; ".join(f"{k}: {', '.join(v['arms'])}" for k, v in st2.items() if "arms" in v))
+    if any(s in PER_TASK for s in stages):
+        st2 = load_per_task(results, ckpt)
+        print("per-task study: " + "; ".join(f"{k}: {', '.join(v['arms'])}" for k, v in st2.items() if "arms" in v))
     if args.plan:
         print_plan(stages, results, st, st2, args.setting, seeds)
         return 0
@@ -791,7 +793,7 @@ def main(argv=None):
                         release(claims, r["id"])
                 started += here
                 if stage not in ("sweep", "shapes_sweep") or not here:
-                    break                       # the first round's sweeps grow before the next stage
+                    break                       # the qkvo study's sweeps grow before the next stage
             busy += in_progress(claims, todo_of(stage))
         if started:
             continue

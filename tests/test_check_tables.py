@@ -1,5 +1,5 @@
 """experiments/check_tables.py: it agrees with the committed tables and records, and it fails where a
-number, a record, a per-problem verdict or a quoted table is changed; on hand-made second-round records
+number, a record, a per-problem verdict or a quoted table is changed; on hand-made per-task records
 it agrees with experiments/plot_study.py's tables (intervals, paired tests, verdicts) and catches
 their changes. experiments/stats.py: its intervals and tests against independent references.
 
@@ -52,7 +52,7 @@ def test_a_changed_number_a_record_or_a_quote_fails(tmp_path):
     assert any("accuracy" in e or "cell 7" in e for e in C.check(res, res / "tables.md"))
     # a doc whose quote differs from tables.md
     doc = tmp_path / "doc.md"
-    heading = "First round: final runs, paper setting (wq wk wv wo)"
+    heading = "qkvo study: final runs, paper setting (wq wk wv wo)"
     quoted = P.section(md, heading)
     doc.write_text(f"<!-- tables.md: {heading} -->\n{quoted.replace('0,1,2', '0,1', 1)}<!-- end -->\n")
     assert any("differs from tables.md" in e for e in C.check(RESULTS, RESULTS / "tables.md", doc))
@@ -60,7 +60,7 @@ def test_a_changed_number_a_record_or_a_quote_fails(tmp_path):
     assert C.check(RESULTS, RESULTS / "tables.md", doc) == []
 
 
-# ----------------------------------------------------------------------------- hand-made second round
+# ----------------------------------------------------------------------------- hand-made per-task records
 
 N = 60                                             # problems per task (the real splits: 1,319 / 500 / 500)
 
@@ -106,7 +106,7 @@ def write(path, records):
         f.writelines(json.dumps(r) + "\n" for r in records)
 
 
-def round2(results):
+def per_task(results):
     """Sweeps (GSM8K and MBPP: the middle rate best, so no grid grows), finals on seeds 0-2, base rows."""
     st2 = settings2()
     results.mkdir(parents=True, exist_ok=True)
@@ -142,7 +142,7 @@ def round2(results):
 
 def test_second_round_tables_check_and_fail_where_changed(tmp_path):
     res = tmp_path / "results"
-    round2(res)
+    per_task(res)
     md = P.tables(res)
     (res / "tables.md").write_text(md)
     assert C.check(res, res / "tables.md") == []
@@ -212,7 +212,7 @@ def test_second_round_tables_check_and_fail_where_changed(tmp_path):
 
 def test_second_round_plots_and_the_doc_quotes(tmp_path):
     res, img = tmp_path / "results", tmp_path / "img"
-    round2(res)
+    per_task(res)
     for f in [*res.glob("all7_*.jsonl"), *res.glob("rule_*.jsonl")]:   # fewer plots: the qv setting alone
         f.unlink()
     doc = tmp_path / "doc.md"

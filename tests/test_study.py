@@ -387,7 +387,7 @@ def test_plot_study_tables_and_pngs(tmp_path):
     write(res / "ablate-a.jsonl", [record("ablate", "gsm8k", "soka", s, acc=0.3, held=0.95, tau=0.8,
                                           **({"side_by_side": True} if s == 1 else {})) for s in range(3)])
     md = tables_checked(res)
-    assert "## First round: ablation" in md
+    assert "## qkvo study: ablation" in md
     tau8 = next(l for l in md.splitlines() if l.startswith("| tau 0.8 | 0,1,2 | 75 |"))
     assert tau8.endswith(" ‡ |") and "their times are not comparable" in md      # a run that shared the GPU
     assert any(l.startswith("| tau 0.9 | 0,1,2 | 75 |") for l in md.splitlines())
@@ -400,7 +400,7 @@ def test_plot_study_tables_and_pngs(tmp_path):
     write(res / "shapes.jsonl", [record("shapes", "gsm8k", "soka", s, acc=0.3, held=0.9 + i / 100, factors=f)
                                  for s in range(3) for i, f in enumerate(study.SHAPES)])
     md = tables_checked(res)
-    assert f"## First round: factor shapes at one parameter count, SoKA on GSM8K, rank {study.SHAPES_RANK}" in md
+    assert f"## qkvo study: factor shapes at one parameter count, SoKA on GSM8K, rank {study.SHAPES_RANK}" in md
     assert any(l.startswith("| rule | default rule | 0,1,2 | 75 |") for l in md.splitlines())
     assert any(l.startswith("| tall_U | (48, 12, 12, 48) / (24, 12, 8, 48) | 0,1,2 |") for l in md.splitlines())
 
@@ -410,7 +410,7 @@ def test_plot_study_tables_and_pngs(tmp_path):
                                        for f in ("tall_U", "small_U") for lr, h in zip(study.SHAPES_LR_GRID, (1.2, 1.1, 1.3))])
     md = tables_checked(res)
     g = study.SHAPES_LR_GRID
-    assert "## First round: learning-rate sweep of the factor shapes" in md
+    assert "## qkvo study: learning-rate sweep of the factor shapes" in md
     assert f"| tall_U | (48, 12, 12, 48) / (24, 12, 8, 48) | 3 | 75 | 3.00 | {g[0]:g}: 1.2000 · **{g[1]:g}: 1.1000** · {g[2]:g}: 1.3000 | {g[1]:g} |" in md
     assert "| small_U | (8, 8, 72, 72) / (8, 8, 24, 72) | rule | 75 |" in md
     assert not any(l.startswith("| tall_U | (48, 12, 12, 48) / (24, 12, 8, 48) | 0,1,2 |") for l in md.splitlines())
@@ -425,7 +425,7 @@ def test_plot_study_tables_and_pngs(tmp_path):
     assert any(l.startswith(f"| factors small_U | 0,1,2 | 75 | {study.SHAPES_LR_GRID[1]:g} |") for l in md.splitlines())
 
 
-# ----------------------------------------------------------------------------- the second round
+# ----------------------------------------------------------------------------- the per-task study
 
 def fake_layers(blocks=2, seed=0):
     """spectra.layer_spectra-like rows for all seven types of a small model (dim 64, FFN 128): nearly
@@ -444,11 +444,11 @@ def fake_layers(blocks=2, seed=0):
     return rows
 
 
-def test_round2_settings_from_spectra():
+def test_per_task_settings_from_spectra():
     from experiments import spectra
     from rank_select import explain_rank
     layers = fake_layers()
-    st2 = study.round2_settings(layers)
+    st2 = study.per_task_settings(layers)
     a = st2["arithmetic"]
     qv = [L for L in layers if L["type"] in study.QV]
     rule = [explain_rank(L["sigma"]).r for L in qv]
@@ -475,8 +475,8 @@ def test_round2_settings_from_spectra():
     assert a["uniform_rank_qv"] == spectra.closest_rank(a["soka_qv"], a["soka_per_rank_qv"])
 
 
-def test_round2_plan_sweeps_per_task_then_finals_at_each_best_rate():
-    st2 = study.round2_settings(fake_layers())
+def test_per_task_plan_sweeps_per_task_then_finals_at_each_best_rate():
+    st2 = study.per_task_settings(fake_layers())
     arms = st2["qv"]["arms"]
     sweep = study.plan2("/nonexistent", "qv_sweep", st2)
     for task in study.TASKS:
@@ -520,11 +520,11 @@ def test_round2_plan_sweeps_per_task_then_finals_at_each_best_rate():
     assert all(study.seconds2(r) > 0 for r in base + sweep + final)
 
 
-def test_round2_runs_are_options_train_py_accepts():
-    """Each kind of second-round run becomes options train.py parses and accepts: the targets, the
+def test_per_task_runs_are_options_train_py_accepts():
+    """Each kind of per-task run becomes options train.py parses and accepts: the targets, the
     rank rule and its τ, a fixed rank, the base model's evaluation and held-out loss."""
     import train
-    st2 = study.round2_settings(fake_layers())
+    st2 = study.per_task_settings(fake_layers())
     specs = [study.spec2(st2, "rule_final", "math", "rule", "soka_energy", 1e-3, 1, eval=True),
              study.spec2(st2, "qv_sweep", "mbpp", "qv", f"pissa_r{st2['arithmetic']['lora_rank_lokr']}", 3e-3, 0, eval=False),
              study.spec2(st2, "all7_final", "gsm8k", "all7", "soka", 3e-3, 2, eval=True),
@@ -549,7 +549,7 @@ def test_round2_runs_are_options_train_py_accepts():
 def test_summarize_keeps_the_per_problem_results_compact(tmp_path):
     """An evaluated run's eval.jsonl becomes <results>/problems/<stage>/<id>.jsonl.gz: id, a short
     extracted answer (MBPP: a hash of the program), the verdict; its counts must match eval.json."""
-    st2 = study.round2_settings(fake_layers())
+    st2 = study.per_task_settings(fake_layers())
     out, results = tmp_path / "run", tmp_path / "results"
     out.mkdir()
     (out / "metrics.jsonl").write_text("".join(json.dumps(dict(step=i + 1, loss=1.0, grad_norm=0.5, tokens=10, time_s=0.1,
