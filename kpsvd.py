@@ -92,6 +92,7 @@ def _balanced_divisor(d):
 
 def factor_shape(d_out, d_in):
     """(m, n, p, q) with d_out = m·p, d_in = n·q, each split as close to square as the divisors allow.
+    The order is the factors' shapes, U (m, n) and V (p, q): each takes a part of d_out and a part of d_in.
 
     LLaMA-2-7B: 4096 → 64 × 64, 11008 → 86 × 128. SmolLM2-135M: 576 → 24 × 24, 192 → 12 × 16,
     1536 → 32 × 48. A prime dimension can only split as 1 × d, which makes U a vector: warned.

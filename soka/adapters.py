@@ -145,7 +145,8 @@ class AdapterLinear(nn.Module):
 
 
 class SoKALinear(AdapterLinear):
-    """The SoKA layer: y = x (W_res + Σ_k σ_k U_k ⊗ V_k)ᵀ. `weight` is the base weight W.
+    """The SoKA layer: y = x (W_res + Σ_k σ_k U_k ⊗ V_k)ᵀ. The `weight` argument is the base weight W;
+    the `self.weight` it leaves is W_res (frozen), the weight the factors are added to.
     subtract=True (the KPSVD init): W_res = W − Σ_k σ_k U_k ⊗ V_k in float32, and the initial factors
     stay as buffers sigma0, U0, V0 (not in the state dict; save_adapter writes them). subtract=False
     (random init, compress): W_res = W. `impl` picks how forward runs (IMPLS above); the paths compute
@@ -348,7 +349,7 @@ def _freeze(model):
         prm.requires_grad_(False)
 
 
-def _check_factors(factors, names):
+def _check_factor_shapes(factors, names):
     """factors as inject and compress take it: None, (m, n, p, q) of positive ints, or a dict of those
     whose keys are names of the layers this call adapts (a typo would fall back to the default split)."""
     if factors is None:
@@ -415,7 +416,7 @@ def inject(model, method="soka", targets=DEFAULT_TARGETS, *, rank=None, tau=TAU,
     options = dict(method=method, targets=list(targets), rank=rank, tau=tau, r_min=r_min, r_max=r_max,
                    init=init, alpha=alpha, factors=factors, randomized=randomized, seed=seed, rule=rule)
     found = _find(model, targets)
-    _check_factors(factors, [name.rsplit(".", 1)[-1] for name, _ in found])
+    _check_factor_shapes(factors, [name.rsplit(".", 1)[-1] for name, _ in found])
     if method != "soka":          # beyond min(d_out, d_in), B A gains parameters but no rank
         for name, lin in found:
             d_out, d_in = lin.weight.shape
@@ -477,7 +478,7 @@ def compress(model, updates, *, rank=None, tau=TAU, r_min=R_MIN, r_max=R_MAX, fa
             raise ValueError(f"adapters.py: compress: update for {name} is {tuple(dW.shape)}, "
                              f"the weight is {tuple(lin.weight.shape)}")
         jobs.append((name, lin, dW.to(lin.weight.device)))
-    _check_factors(factors, [name.rsplit(".", 1)[-1] for name, _, _ in jobs])
+    _check_factor_shapes(factors, [name.rsplit(".", 1)[-1] for name, _, _ in jobs])
     _freeze(model)
     rows = []
     for i, (name, lin, dW) in enumerate(jobs):

@@ -194,7 +194,7 @@ def _new_records(model, weights, method, targets, impl, options, device, dtype):
     its owner, from the whole weight."""
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     found = adapters._find(model, targets)
-    adapters._check_factors(options.get("factors"), [name.rsplit(".", 1)[-1] for name, _ in found])
+    adapters._check_factor_shapes(options.get("factors"), [name.rsplit(".", 1)[-1] for name, _ in found])
     rank, world = dist.get_rank(), dist.get_world_size()
     mine, error = {}, None
     try:
