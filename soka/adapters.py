@@ -24,8 +24,6 @@ from the original checkpoint. docs/method.md states the conventions and the file
 import hashlib
 import math
 import numbers
-import os
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -34,6 +32,7 @@ import torch.nn.functional as F
 from kpsvd import factor_shape, kpsvd, kron_apply, kron_sum, work_dtype
 from rank_select import R_MAX, R_MIN, RULES, TAU, check_rule, explain_rank
 from soka.checkpoints import check_stored, first_line
+from soka.files import replace_files
 
 try:
     from soka.kron_fused import INTERPRETED, KronFused   # the fast path: Triton kernels (CUDA torch ships triton)
@@ -563,7 +562,7 @@ def _plain(v):
 
 def save_adapter(model, path):
     """Write the adapter layers to `path`: a torch file of plain types (loads with weights_only=True),
-    atomically (a temporary file, then os.replace). Its size is the trainable parameters, twice
+    whole or not at all (soka/files.py). Its size is the trainable parameters, twice
     for a KPSVD or PiSSA init (the initial factors), plus a small header."""
     layers = adapter_layers(model)
     if not layers:
@@ -571,10 +570,7 @@ def save_adapter(model, path):
     blob = dict(format=FORMAT, version=VERSION, method=layers[0][1].method,
                 options=_plain(layers[0][1].info.get("options", {})),
                 layers={name: _record(layer) for name, layer in layers})
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    replace_files({path: lambda p: torch.save(blob, p)})
 
 
 # W_res = W − the initial update (subtract=True) or W: PiSSA always subtracts, LoRA never, SoKA for a

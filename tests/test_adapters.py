@@ -154,7 +154,7 @@ def test_save_load_into_fresh_base_is_exact(method, kw, tmp_path):
     assert blob["method"] == method and set(blob["layers"]) == {n for n, _ in adapter_layers(model)}
     n_trainable = sum(l.trainable() for _, l in adapter_layers(model))
     assert path.stat().st_size <= 2 * 4 * n_trainable + 6000 * len(blob["layers"])   # factors (+ init) and a header
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.part"))                  # no temporary file left (soka/files.py)
 
     fresh = tiny()
     report = load_adapter(fresh, path)

@@ -47,7 +47,7 @@ def test_export_meta_and_hf_load_back_to_the_same_logits(tied, tmp_path):
     export_meta(model, tmp_path / "meta")
     export_hf(model, tmp_path / "hf")
     assert not any(l.merged for _, l in adapter_layers(model))     # exporting leaves the model alone
-    assert not list(tmp_path.rglob("*.tmp"))
+    assert not list(tmp_path.rglob("*.part"))                  # no temporary file left (soka/files.py)
 
     for folder in ("meta", "hf"):
         ours, _ = load_checkpoint(tmp_path / folder)

@@ -102,7 +102,7 @@ def edges():
 def test_the_tree_is_read():
     assert {"kpsvd", "rank_select", "model", "train", "soka", "soka.adapters", "soka.kron_fused",
             "benchmarks.train_step", "experiments.study"} <= MODULES.keys()
-    assert {"kpsvd", "rank_select", "soka.kron_fused", "soka.checkpoints"} == {m for m, _, _ in imports("soka.adapters")}
+    assert {"kpsvd", "rank_select", "soka.kron_fused", "soka.checkpoints", "soka.files"} == {m for m, _, _ in imports("soka.adapters")}
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
