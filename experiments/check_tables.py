@@ -3,7 +3,7 @@
     python experiments/check_tables.py          # experiments/results/tables.md and docs/reproduction.md
     python experiments/check_tables.py --results DIR --tables FILE --doc FILE
 
-Reads the records (<stage>.jsonl, <stage>-<tag>.jsonl, settings2.json, the per-problem files under
+Reads the records (<stage>.jsonl, <stage>-<tag>.jsonl, per_task_settings.json, the per-problem files under
 problems/) and the markdown, and checks, table by table and cell by cell, that each printed number
 is what the records give, to the digits printed; that every table the records call for is there and
 no other; and that each table docs/reproduction.md quotes (between `<!-- tables.md: <heading> -->`
@@ -269,7 +269,7 @@ def variant_of(r):
     return ", ".join(f"{k} {r[k]}" for k in ("tau", "init", "factors") if r.get(k) is not None)
 
 
-def first_round(rec):
+def qkvo_study(rec):
     """{heading: expected rows} of the qkvo study's tables."""
     out = {}
     sweep = rec.done("sweep")
@@ -436,11 +436,11 @@ def quantization(folder):
     return {"Quantization noise (Q4_1) against the Kronecker spectra": rows}
 
 
-def arms_table(st2):
-    a = st2["arithmetic"]
+def arms_table(settings):
+    a = settings["arithmetic"]
     rows = []
     for setting in ("qv", "all7", "rule"):
-        for arm, x in st2[setting]["arms"].items():
+        for arm, x in settings[setting]["arms"].items():
             if x["method"] != "soka":
                 n = x["rank"] * (a["lora_per_rank_all7"] if setting == "all7" else a["lora_per_rank_qv"])
             elif x.get("rank"):
@@ -456,13 +456,13 @@ def arms_table(st2):
     return {"Per-task study: the arms and their parameter counts": rows}
 
 
-def second_round(rec, st2):
+def per_task_study(rec, settings):
     """{heading: expected rows} of the per-task study's tables."""
     out = {}
     sweeps = {s: rec.done(f"{s}_sweep") for s in ("qv", "all7", "rule")}
 
     def best(setting, arm, task):
-        a = st2[setting]["arms"][arm]
+        a = settings[setting]["arms"][arm]
         if a.get("same_as"):
             s2, a2 = a["same_as"].split("/")
             return best(s2, a2, task)
@@ -485,7 +485,7 @@ def second_round(rec, st2):
         return ids, np.array([[m[i] for i in ids] for m in maps], dtype=np.int8)
 
     def arms(setting):
-        return (["qv/soka"] if setting == "rule" else []) + list(st2[setting]["arms"])
+        return (["qv/soka"] if setting == "rule" else []) + list(settings[setting]["arms"])
 
     memo = {}
 
@@ -511,23 +511,23 @@ def second_round(rec, st2):
                     rough=welch_diff([rough(r["loss"]) for r in a], [rough(r["loss"]) for r in b]), step=a[0]["heldout"][0][0])
 
     # claims
-    ar = st2["arithmetic"]
+    ar = settings["arithmetic"]
     rows = []
-    big = next(k for k, x in st2["qv"]["arms"].items() if x["method"] == "lora" and x["role"].startswith("1.33"))
+    big = next(k for k, x in settings["qv"]["arms"].items() if x["method"] == "lora" and x["role"].startswith("1.33"))
     for setting, arm, s_plan, o_plan in (("qv", big, ar["soka_qv"], ar["lora_rank_lokr"] * ar["lora_per_rank_qv"]),
                                          ("all7", f"lora_r{ar['lora_rank_count_all7']}", ar["soka_all7"],
                                           ar["lora_rank_count_all7"] * ar["lora_per_rank_all7"])):
         s = finals[setting, "soka"][0]["trainable"] if (setting, "soka") in finals else s_plan
         o = finals[setting, arm][0]["trainable"] if (setting, arm) in finals else o_plan
         note = "" if (setting, "soka") in finals else " (from the spectra; not run)"
-        rows.append(["25 % fewer trainable parameters than LoRA / PiSSA", f"{setting}: SoKA vs r={st2[setting]['arms'][arm]['rank']}",
+        rows.append(["25 % fewer trainable parameters than LoRA / PiSSA", f"{setting}: SoKA vs r={settings[setting]['arms'][arm]['rank']}",
                      f"{s:,} vs {o:,}: {100 * abs(1 - s / o):.1f} % {'fewer' if s < o else 'more'}{note}",
                      "0.99 M vs 1.33 M: 25.6 % fewer", "fewer" if s < o else "more"])
 
     def per_task(parts):
         got = dict(parts)
         return " · ".join(f"{TASK_NAMES[t]} {got.get(t, 'not run')}" for t in TASKS) if got else "not run"
-    base = [(s, a) for s in ("qv", "all7") for a, x in st2[s]["arms"].items() if x["method"] != "soka"]
+    base = [(s, a) for s in ("qv", "all7") for a, x in settings[s]["arms"].items() if x["method"] != "soka"]
     base.sort(key=lambda x: (x[1].split("_")[0] != "lora", x[0] != "qv"))
     for what in ("acc", "loss"):
         for setting, arm in base:
@@ -538,12 +538,12 @@ def second_round(rec, st2):
                     d = c[what]
                     parts.append((task, iv(*d, 2, 100, True) if what == "acc" else iv(*d, 4, 1, True)))
                     vs.append((task, verdict(d[1], d[2], what == "loss")))
-            x = st2[setting]["arms"][arm]
+            x = settings[setting]["arms"][arm]
             rows.append([f"matches or beats {NAMES[x['method']]}: accuracy, Δ points" if what == "acc" else
                          f"(ours) held-out loss against {NAMES[x['method']]}, Δ {LOSS}",
                          f"{setting}: r={x['rank']}, {x['role']}", per_task(parts),
                          "matches or exceeds (abstract)" if what == "acc" else "–", per_task(vs)])
-    qv_big = [a for a, x in st2["qv"]["arms"].items() if x["method"] != "soka" and x["role"].startswith("1.33")]
+    qv_big = [a for a, x in settings["qv"]["arms"].items() if x["method"] != "soka" and x["role"].startswith("1.33")]
     for what, claim, paper in (("first", "faster convergence: held-out loss at the first evaluation, Δ", "faster convergence"),
                                ("rough", f"smoother loss: roughness (RMS − {WINDOW}-step mean), Δ",
                                 "smoother loss, more stable gradients")):
@@ -554,7 +554,7 @@ def second_round(rec, st2):
                 if c:
                     parts.append((task, iv(*c[what], 4, 1, True) + (f" (step {c['step']})" if what == "first" else "")))
                     vs.append((task, verdict(c[what][1], c[what][2], True)))
-            x = st2["qv"]["arms"][arm]
+            x = settings["qv"]["arms"][arm]
             rows.append([claim, f"qv: vs {NAMES[x['method']]} r={x['rank']}", per_task(parts), paper, per_task(vs)])
     parts, vs = [], []
     for task in TASKS:
@@ -571,7 +571,7 @@ def second_round(rec, st2):
         title = TITLES[setting]
         rows = []
         for task in TASKS:
-            for arm in st2[setting]["arms"]:
+            for arm in settings[setting]["arms"]:
                 rs = [r for r in sweeps[setting] if r["task"] == task and r["arm"] == arm]
                 if rs:
                     b = min(rs, key=lambda r: r["heldout_final"])
@@ -604,7 +604,7 @@ def second_round(rec, st2):
         out[f"{title}: gradient norms after warmup"] = rows or None
     rows = []
     for task in TASKS:
-        for arm in st2["qv"]["arms"]:
+        for arm in settings["qv"]["arms"]:
             rs = [r for r in rec.done("wgrad") if r["task"] == task and r["arm"] == arm
                   and r["lr"] == best("qv", arm, task)]
             if rs:
@@ -665,14 +665,14 @@ def parse(md):
 def check(results, tables_path, doc_path=None):
     """The differences between the tables and the records, as lines (none: all agree)."""
     rec = Records(results)
-    st2_path = Path(results) / "settings2.json"
+    settings_path = Path(results) / "per_task_settings.json"
     want = {"Claims": None, "Base model (SmolLM2-135M-Instruct as it is)": base_model(rec)}
-    if st2_path.is_file():
-        st2 = json.loads(st2_path.read_text())
-        want.update(second_round(rec, st2))
-        want.update(arms_table(st2))
+    if settings_path.is_file():
+        settings = json.loads(settings_path.read_text())
+        want.update(per_task_study(rec, settings))
+        want.update(arms_table(settings))
     want.update(quantization(results))
-    want.update(first_round(rec))
+    want.update(qkvo_study(rec))
     md = Path(tables_path).read_text()
     have = parse(md)
     errors = []

@@ -76,28 +76,28 @@ def load(results_dir, stage, *, superseded=False):
     return [r for r in runs if at_best(r) != superseded]
 
 
-def settings2(results_dir):
-    path = Path(results_dir) / "settings2.json"
+def read_settings(results_dir):
+    path = Path(results_dir) / "per_task_settings.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def swept_best(st2, sweeps, setting, arm, task):
+def swept_best(settings, sweeps, setting, arm, task):
     """The rate of an arm's finished sweep run with the lowest final held-out loss (an arm that is
     another's, same_as, takes that arm's); None before any finished."""
-    a = st2[setting]["arms"][arm]
+    a = settings[setting]["arms"][arm]
     if a.get("same_as"):
-        return swept_best(st2, sweeps, *a["same_as"].split("/"), task)
+        return swept_best(settings, sweeps, *a["same_as"].split("/"), task)
     return study.best_of([r for r in sweeps[setting] if r["arm"] == arm and r["task"] == task])
 
 
-def load2(results_dir, stage, st2):
+def load_per_task(results_dir, stage, settings):
     """The finished runs of a per-task stage (last record per id); final and wgrad runs only at their
     arm's best swept rate (such a run starts once its sweep is finished, so that is the rate it ran at)."""
     runs = list({r["id"]: r for r in study.read(results_dir, stage) if r.get("status") == "done"}.values())
-    if not (stage.endswith("_final") or stage == "wgrad") or st2 is None:
+    if not (stage.endswith("_final") or stage == "wgrad") or settings is None:
         return runs
     sweeps = {s: study.read(results_dir, f"{s}_sweep") for s in ("qv", "all7", "rule")}
-    return [r for r in runs if swept_best(st2, sweeps, r["setting"], r["arm"], r["task"]) == r["lr"]]
+    return [r for r in runs if swept_best(settings, sweeps, r["setting"], r["arm"], r["task"]) == r["lr"]]
 
 
 def group(runs, key):
@@ -223,11 +223,11 @@ WGRAD_NOTE = ("‖∂L/∂W‖: the global L2 norm of the loss's gradient with r
               "Own gradient norm: the same runs' logged norm of each method's factors, for contrast.")
 
 
-def wgrad_table(results_dir, st2):
-    runs = load2(results_dir, "wgrad", st2)
+def wgrad_table(results_dir, settings):
+    runs = load_per_task(results_dir, "wgrad", settings)
     rows = []
     for task in study.TASKS:
-        for arm in st2["qv"]["arms"]:
+        for arm in settings["qv"]["arms"]:
             r = next((r for r in runs if r["task"] == task and r["arm"] == arm), None)
             if r is None:
                 continue
@@ -259,7 +259,7 @@ EDGE_NOTE = "A best rate at the edge of the swept rates was not bracketed: a rat
 
 
 def sweep_table(sweep, planned=None):
-    """planned: settings.json's {setting: {method: rank}}, to name what has no finished sweep run."""
+    """planned: qkvo_settings.json's {setting: {method: rank}}, to name what has no finished sweep run."""
     lines = ["## qkvo study: learning-rate sweep (GSM8K, seed 0): final held-out loss per rate", ""]
     rows = []
     for setting in sorted({r["setting"] for r in sweep}, key=lambda s: (s != "paper", s)):
@@ -311,7 +311,7 @@ def missing_runs(runs):
     return miss
 
 
-def label1(stage, key):
+def qkvo_label(stage, key):
     return f"acc|{stage}|{'|'.join(map(str, key))}"
 
 
@@ -323,7 +323,7 @@ def runs_table(runs, title, stage, key=lambda r: (r["task"], NAMES[r["method"]])
         rs = sorted(rs, key=lambda r: r["seed"])
         ev = [r for r in rs if r.get("accuracy") is not None]
         n = sorted({r["n_eval"] for r in ev})
-        acc = (ci(*stats.count_interval([r["correct"] for r in ev], n[0], label1(stage, k)), 2, 100)
+        acc = (ci(*stats.count_interval([r["correct"] for r in ev], n[0], qkvo_label(stage, k)), 2, 100)
                + f" (n={n[0]})") if ev and len(n) == 1 else "–"
         rows.append([*k, ",".join(str(r["seed"]) for r in rs), f"{rs[0]['trainable']:,}", f"{rs[0]['lr']:g}",
                      ci(*heldout_ci(rs)), acc, f"{max(r['gnorm_max'] for r in rs):.2f}",
@@ -343,7 +343,7 @@ def runs_table(runs, title, stage, key=lambda r: (r["task"], NAMES[r["method"]])
                     "1.5: the mean share over seeds.", ""]
 
 
-def measures1():
+def qkvo_measures():
     """(claim, measure, value of a run, lower is better, digits): the per-seed measures compared."""
     return [("(2) matches or beats", "held-out loss (final)", lambda r: r["heldout_final"], True, 4),
             ("(3) faster convergence", "held-out loss, first eval", lambda r: first_heldout(r)[1], True, 4),
@@ -378,7 +378,7 @@ def claims(runs, stage):
                          f"{100 * np.mean([r['accuracy'] for r in s]):.2f}",
                          f"{NAMES[m]} {100 * np.mean([r['accuracy'] for r in o]):.2f}",
                          ci(d["diff"], d["lo"], d["hi"], 2, 100, sign=True), stats.verdict(d["lo"], d["hi"], lower_is_better=False)])
-        for claim, measure, f, lower, digits in measures1():
+        for claim, measure, f, lower, digits in qkvo_measures():
             if "first eval" in measure:
                 measure += f" (step {first_heldout(by[task, 'soka'][0])[0]})"
             for m in others:
@@ -421,10 +421,10 @@ def left_out(results_dir, stage, where, name):
             f"the sweep moved past it).", ""]
 
 
-def first_round(results_dir):
+def qkvo_study(results_dir):
     stages = {s: load(results_dir, s) for s in ("sweep", "final", "ablate", "matched", "shapes_sweep", "shapes")}
     lines = []
-    st = Path(results_dir) / "settings.json"
+    st = Path(results_dir) / "qkvo_settings.json"
     planned = {k: v for k, v in json.loads(st.read_text()).items() if k != "counts"} if st.is_file() else None
     if stages["sweep"]:
         lines += sweep_table(stages["sweep"], planned)
@@ -454,19 +454,19 @@ def first_round(results_dir):
 
 # ----------------------------------------------------------------------------- per-task study
 
-def arm_label(st2, setting, arm):
-    a = st2[setting]["arms"][arm]
+def arm_label(settings, setting, arm):
+    a = settings[setting]["arms"][arm]
     if a["method"] != "soka":
         return f"{NAMES[a['method']]} r={a['rank']} ({a['role']})"
     return f"SoKA, {a['role']}"
 
 
-def finals2(results_dir, st2):
+def finals_per_task(results_dir, settings):
     """{(setting, arm): runs} of the per-task study's final stages; setting "rule" also holds the rule's
     own arm, "qv/soka", from qv_final."""
     out = {}
     for setting in ("qv", "all7", "rule"):
-        for r in load2(results_dir, f"{setting}_final", st2):
+        for r in load_per_task(results_dir, f"{setting}_final", settings):
             out.setdefault((setting, r["arm"]), []).append(r)
     for (setting, arm), rs in list(out.items()):
         if (setting, arm) == ("qv", "soka"):
@@ -482,8 +482,8 @@ def diff_label(a, b, task):
     return f"diff|{task}|{a['stage']}/{a['arm']}|{b['stage']}/{b['arm']}"
 
 
-def arms_of(st2, setting):
-    arms = list(st2[setting]["arms"])
+def arms_of(settings, setting):
+    arms = list(settings[setting]["arms"])
     return (["qv/soka"] + arms) if setting == "rule" else arms
 
 
@@ -511,13 +511,13 @@ def base_table(results_dir):
         "B = 0 (an update of about 1e-13, below bfloat16's resolution of the weights: the base model).", ""]
 
 
-def sweep_table2(results_dir, st2, setting):
+def sweep_table_per_task(results_dir, settings, setting):
     lines = [f"## {SETTING_TITLES[setting]}: learning-rate sweeps (seed 0)", ""]
     sweep = [r for r in study.read(results_dir, f"{setting}_sweep") if r.get("status") == "done"]
     sweep = list({r["id"]: r for r in sweep}.values())
     rows = []
     for task in study.TASKS:
-        for arm in st2[setting]["arms"]:
+        for arm in settings[setting]["arms"]:
             rs = [r for r in sweep if r["task"] == task and r["arm"] == arm]
             if rs:
                 best, cells, best_lr = rate_cells(rs)
@@ -525,16 +525,16 @@ def sweep_table2(results_dir, st2, setting):
     if not rows:
         return lines + [NOT_RUN, ""]
     shared = [f"{arm} takes {a['same_as']}'s rates (the same ranks in every layer)"
-              for arm, a in st2[setting]["arms"].items() if a.get("same_as")]
+              for arm, a in settings[setting]["arms"].items() if a.get("same_as")]
     return lines + table(["task", "arm", "trainable", f"lr: final held-out loss, {LOSS} (best in bold)", "best lr"], rows) + \
         ["", EDGE_NOTE + (" " + "; ".join(shared) + "." if shared else ""), ""]
 
 
-def finals_table2(results_dir, st2, setting, finals):
+def finals_table_per_task(results_dir, settings, setting, finals):
     lines = [f"## {SETTING_TITLES[setting]}: final runs", ""]
     rows = []
     for task in study.TASKS:
-        for arm in arms_of(st2, setting):
+        for arm in arms_of(settings, setting):
             rs = sorted(finals.get((setting, arm), []), key=lambda r: r["seed"])
             rs = [r for r in rs if r["task"] == task]
             if not rs:
@@ -579,12 +579,12 @@ def _compare(results_dir, a_runs, b_runs, task):
                 step=first_heldout(a[0])[0])
 
 
-def compare_table2(results_dir, st2, setting, finals):
+def compare_table_per_task(results_dir, settings, setting, finals):
     ref = "qv/soka" if setting == "rule" else "soka"
     lines = [f"## {SETTING_TITLES[setting]}: {ref} against each arm (Δ = {ref} − arm)", ""]
     rows = []
     for task in study.TASKS:
-        for arm in arms_of(st2, setting):
+        for arm in arms_of(settings, setting):
             if arm == ref:
                 continue
             c = compare(results_dir, finals.get((setting, ref), []), finals.get((setting, arm), []), task)
@@ -605,10 +605,10 @@ def compare_table2(results_dir, st2, setting, finals):
         "right only for the arm). Verdict: \"better\" or \"worse\" only where the interval excludes 0, else \"tie\".", ""]
 
 
-def gnorm_table2(st2, setting, finals):
+def gnorm_table_per_task(settings, setting, finals):
     rows = []
     for task in study.TASKS:
-        for arm in arms_of(st2, setting):
+        for arm in arms_of(settings, setting):
             rs = [r for r in finals.get((setting, arm), []) if r["task"] == task]
             if rs:
                 rows.append([task, arm, *gnorm_cells(rs)])
@@ -624,25 +624,25 @@ def tasks_cell(parts):
     return " · ".join(f"{TASK_NAMES[t]} {got.get(t, 'not run')}" for t in study.TASKS) if got else "not run"
 
 
-def claims2(results_dir, st2, finals):
+def claims_per_task(results_dir, settings, finals):
     """The claims table's rows: claim, setting, ours [95 % CI], the paper's, verdict."""
-    if st2 is None:
+    if settings is None:
         return []
     rows = []
-    a = st2["arithmetic"]
+    a = settings["arithmetic"]
 
     def count(setting, arm, planned):
         rs = finals.get((setting, arm))
         return (rs[0]["trainable"], "") if rs else (planned, " (from the spectra; not run)")
-    big = next(arm for arm, x in st2["qv"]["arms"].items() if x["method"] == "lora" and x["role"].startswith("1.33"))
+    big = next(arm for arm, x in settings["qv"]["arms"].items() if x["method"] == "lora" and x["role"].startswith("1.33"))
     for setting, arm, planned_s, planned_o in (("qv", big, a["soka_qv"], a["lora_rank_lokr"] * a["lora_per_rank_qv"]),
                                                ("all7", f"lora_r{a['lora_rank_count_all7']}", a["soka_all7"],
                                                 a["lora_rank_count_all7"] * a["lora_per_rank_all7"])):
         (s, note), (o, _) = count(setting, "soka", planned_s), count(setting, arm, planned_o)
-        rows.append(["25 % fewer trainable parameters than LoRA / PiSSA", f"{setting}: SoKA vs r={st2[setting]['arms'][arm]['rank']}",
+        rows.append(["25 % fewer trainable parameters than LoRA / PiSSA", f"{setting}: SoKA vs r={settings[setting]['arms'][arm]['rank']}",
                      f"{s:,} vs {o:,}: {100 * abs(1 - s / o):.1f} % {'fewer' if s < o else 'more'}{note}",
                      PAPER["params"], "fewer" if s < o else "more"])
-    baselines = [(setting, arm) for setting in ("qv", "all7") for arm, x in st2[setting]["arms"].items() if x["method"] != "soka"]
+    baselines = [(setting, arm) for setting in ("qv", "all7") for arm, x in settings[setting]["arms"].items() if x["method"] != "soka"]
     for measure in ("acc", "loss"):
         for setting, arm in sorted(baselines, key=lambda x: (x[1].split("_")[0] != "lora", x[0] != "qv")):
             parts, verdicts = [], []
@@ -657,12 +657,12 @@ def claims2(results_dir, st2, finals):
                 else:
                     parts.append((task, ci(d["diff"], d["lo"], d["hi"], 4, sign=True)))
                     verdicts.append((task, stats.verdict(d["lo"], d["hi"], lower_is_better=True)))
-            x = st2[setting]["arms"][arm]
+            x = settings[setting]["arms"][arm]
             claim = (f"matches or beats {NAMES[x['method']]}: accuracy, Δ points" if measure == "acc"
                      else f"(ours) held-out loss against {NAMES[x['method']]}, Δ {LOSS}")
             rows.append([claim, f"{setting}: r={x['rank']}, {x['role']}", tasks_cell(parts),
                          PAPER["acc"] if measure == "acc" else PAPER["loss"], tasks_cell(verdicts)])
-    qv_base = [arm for arm, x in st2["qv"]["arms"].items() if x["method"] != "soka" and x["role"].startswith("1.33")]
+    qv_base = [arm for arm, x in settings["qv"]["arms"].items() if x["method"] != "soka" and x["role"].startswith("1.33")]
     for what, claim in (("first", "faster convergence: held-out loss at the first evaluation, Δ"),
                         ("rough", f"smoother loss: roughness (RMS − {SMOOTH}-step mean), Δ")):
         for arm in qv_base:
@@ -675,7 +675,7 @@ def claims2(results_dir, st2, finals):
                 parts.append((task, ci(d["diff"], d["lo"], d["hi"], 4, sign=True)
                               + (f" (step {c['step']})" if what == "first" else "")))
                 verdicts.append((task, stats.verdict(d["lo"], d["hi"], lower_is_better=True)))
-            x = st2["qv"]["arms"][arm]
+            x = settings["qv"]["arms"][arm]
             rows.append([claim, f"qv: vs {NAMES[x['method']]} r={x['rank']}", tasks_cell(parts),
                          PAPER["faster" if what == "first" else "smoother"], tasks_cell(verdicts)])
     parts, verdicts = [], []
@@ -691,9 +691,9 @@ def claims2(results_dir, st2, finals):
     return rows
 
 
-def claims_table2(results_dir, st2, finals):
+def claims_table_per_task(results_dir, settings, finals):
     lines = ["## Claims", ""]
-    rows = claims2(results_dir, st2, finals)
+    rows = claims_per_task(results_dir, settings, finals)
     if not rows:
         return lines + [NOT_RUN, ""]
     return lines + table(["claim", "setting", "ours [95 % CI], per task", "paper (LLaMA-2-7B)", "verdict"], rows) + [
@@ -704,9 +704,9 @@ def claims_table2(results_dir, st2, finals):
         "warmup are above 1.5, in each method's own parametrisation.", ""]
 
 
-def planned_count(st2, setting, arm):
-    """An arm's trainable parameters as the spectra (float32, CPU) give them: settings2's arithmetic."""
-    a, x = st2["arithmetic"], st2[setting]["arms"][arm]
+def planned_count(settings, setting, arm):
+    """An arm's trainable parameters as the spectra (float32, CPU) give them: read_settings's arithmetic."""
+    a, x = settings["arithmetic"], settings[setting]["arms"][arm]
     if x["method"] != "soka":
         return x["rank"] * a["lora_per_rank_qv" if setting != "all7" else "lora_per_rank_all7"]
     if x.get("rank"):
@@ -716,15 +716,15 @@ def planned_count(st2, setting, arm):
     return a["soka_all7"] if setting == "all7" else a["soka_qv"]
 
 
-def settings_table2(st2):
+def settings_table_per_task(settings):
     fixed = lambda x: x["method"] != "soka" or x.get("rank") is not None     # noqa: E731  (no rank rule)
     rows = [[setting, arm, NAMES[x["method"]], "rule" if x.get("rank") is None else x["rank"],
              "–" if fixed(x) else x.get("rule") or "both", "–" if fixed(x) else f"{x.get('tau', 0.9):g}",
-             f"{planned_count(st2, setting, arm):,}", x["role"] + (f"; the rule's rate ({x['same_as']})" if x.get("same_as") else "")]
-            for setting in ("qv", "all7", "rule") for arm, x in st2[setting]["arms"].items()]
+             f"{planned_count(settings, setting, arm):,}", x["role"] + (f"; the rule's rate ({x['same_as']})" if x.get("same_as") else "")]
+            for setting in ("qv", "all7", "rule") for arm, x in settings[setting]["arms"].items()]
     return ["## Per-task study: the arms and their parameter counts", ""] + table(
         ["setting", "arm", "method", "rank", "rank rule", "τ", "trainable (from the spectra)", "role"], rows) + [
-        "", "Counts from the float32 spectra on the CPU (settings2.json); a run selects its ranks from the bfloat16 "
+        "", "Counts from the float32 spectra on the CPU (per_task_settings.json); a run selects its ranks from the bfloat16 "
         "weights on the GPU and records its own count, which the final-run tables show.", ""]
 
 
@@ -749,19 +749,19 @@ def quant_table(results_dir):
         "--quant-noise, quant_noise.json).", ""]
 
 
-def second_round(results_dir):
-    st2 = settings2(results_dir)
-    finals = finals2(results_dir, st2) if st2 else {}
-    lines = claims_table2(results_dir, st2, finals) + quant_table(results_dir)
-    lines += (settings_table2(st2) if st2 else []) + base_table(results_dir)
-    if st2 is None:
+def per_task_study(results_dir):
+    settings = read_settings(results_dir)
+    finals = finals_per_task(results_dir, settings) if settings else {}
+    lines = claims_table_per_task(results_dir, settings, finals) + quant_table(results_dir)
+    lines += (settings_table_per_task(settings) if settings else []) + base_table(results_dir)
+    if settings is None:
         return lines
     for setting in ("qv", "all7", "rule"):
-        lines += sweep_table2(results_dir, st2, setting)
-        lines += finals_table2(results_dir, st2, setting, finals)
-        lines += compare_table2(results_dir, st2, setting, finals)
-        lines += gnorm_table2(st2, setting, finals)
-    return lines + wgrad_table(results_dir, st2)
+        lines += sweep_table_per_task(results_dir, settings, setting)
+        lines += finals_table_per_task(results_dir, settings, setting, finals)
+        lines += compare_table_per_task(results_dir, settings, setting, finals)
+        lines += gnorm_table_per_task(settings, setting, finals)
+    return lines + wgrad_table(results_dir, settings)
 
 
 def tables(results_dir):
@@ -771,7 +771,7 @@ def tables(results_dir):
     lines = ["# Reproduction study: tables", "",
              f"Generated by `python experiments/plot_study.py` from the records of {', '.join(stages) or 'no stage'}; "
              "checked by `python experiments/check_tables.py`.", ""]
-    return "\n".join(lines + second_round(results_dir) + first_round(results_dir)) + "\n"
+    return "\n".join(lines + per_task_study(results_dir) + qkvo_study(results_dir)) + "\n"
 
 
 # ----------------------------------------------------------------------------- the doc's quoted tables
@@ -913,16 +913,16 @@ def plot_sweep(sweep, img_dir):
     return [save(fig, Path(img_dir) / "repro_sweep.png")]
 
 
-def arm_colors(st2, setting):
+def arm_colors(settings, setting):
     """One color per arm of a setting, the same in its sweep and final-run plots (the rule ablation's own
     rule, qv's SoKA, is "qv/soka")."""
-    arms = [*(["qv/soka"] if setting == "rule" else []), *st2[setting]["arms"]]
+    arms = [*(["qv/soka"] if setting == "rule" else []), *settings[setting]["arms"]]
     return {arm: f"C{i}" for i, arm in enumerate(arms)}
 
 
-def plot_sweep2(sweep, st2, setting, img_dir):
+def plot_sweep_per_task(sweep, settings, setting, img_dir):
     import matplotlib.pyplot as plt
-    colors = arm_colors(st2, setting)
+    colors = arm_colors(settings, setting)
     tasks = [t for t in study.TASKS if any(r["task"] == t for r in sweep)]
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.8 * len(tasks), 4.0), squeeze=False)
     labels = {}
@@ -974,17 +974,17 @@ def param_points(results_dir):
         pts.append(("gsm8k", name.replace("rule_r", "r="), rs[0]["trainable"], *heldout_ci(rs), "C0", "^"))
     for name, rs in group(load(results_dir, "shapes"), lambda r: r["factors"]).items():
         pts.append(("gsm8k", f"{name} r=3" if name == "rule" else "", rs[0]["trainable"], *heldout_ci(rs), "C0", "P"))
-    for setting, arm, task, trs in final_groups2(results_dir):
+    for setting, arm, task, trs in final_groups_per_task(results_dir):
         pts.append((task, f"{setting} {arm}", trs[0]["trainable"], *heldout_ci(trs),
                     COLORS[trs[0]["method"]], {"qv": "s", "all7": "D", "rule": "v"}[setting]))
     return pts
 
 
-def final_groups2(results_dir):
+def final_groups_per_task(results_dir):
     """(setting, arm, task, runs) of the per-task study's final runs; the rule ablation's own rule,
     qv's SoKA, once (under qv)."""
-    st2 = settings2(results_dir)
-    for (setting, arm), rs in (finals2(results_dir, st2) if st2 else {}).items():
+    settings = read_settings(results_dir)
+    for (setting, arm), rs in (finals_per_task(results_dir, settings) if settings else {}).items():
         if not (setting == "rule" and arm == "qv/soka"):
             for task, trs in group(rs, lambda r: r["task"]).items():
                 yield setting, arm, task, trs
@@ -1056,8 +1056,8 @@ def accuracy_points(results_dir):
     for stage, name in (("final", "qkvo paper"), ("matched", "qkvo matched")):
         for (task, m), rs in ordered(group(load(results_dir, stage), lambda r: (r["task"], NAMES[r["method"]]))):
             pts.append((task, f"{name}: {m}", *(100 * x for x in stats.count_interval(
-                [r["correct"] for r in rs], rs[0]["n_eval"], label1(stage, (task, m)))), "counts"))
-    for setting, arm, task, trs in final_groups2(results_dir):
+                [r["correct"] for r in rs], rs[0]["n_eval"], qkvo_label(stage, (task, m)))), "counts"))
+    for setting, arm, task, trs in final_groups_per_task(results_dir):
         _, V, _ = matrix(results_dir, trs)
         pts.append((task, f"{setting}: {arm}", *(100 * x for x in stats.acc_interval(V, acc_label(trs[0]))),
                     "problems"))
@@ -1111,15 +1111,15 @@ def plot_all(results_dir, img_dir):
         paths += plot_runs(matched, img_dir, "matched_", "qkvo study, matched setting")
     if ablate := load(results_dir, "ablate"):
         paths += plot_ablation(ablate, img_dir)
-    st2 = settings2(results_dir)
-    if st2:
-        finals = finals2(results_dir, st2)
+    settings = read_settings(results_dir)
+    if settings:
+        finals = finals_per_task(results_dir, settings)
         for setting in ("qv", "all7", "rule"):
-            if sweep2 := load2(results_dir, f"{setting}_sweep", st2):
-                paths += plot_sweep2(sweep2, st2, setting, img_dir)
+            if sweep_runs := load_per_task(results_dir, f"{setting}_sweep", settings):
+                paths += plot_sweep_per_task(sweep_runs, settings, setting, img_dir)
             runs = [dict(r, arm_of_setting=arm) for (s, arm), rs in finals.items() if s == setting for r in rs]
             if {r["arm_of_setting"] for r in runs} - {"qv/soka"}:   # the rule ablation's own rule is qv's SoKA
-                colors = arm_colors(st2, setting)
+                colors = arm_colors(settings, setting)
                 paths += plot_runs(runs, img_dir, f"{setting}_", setting, key=lambda r: r["arm_of_setting"],
                                    label=lambda k: k, color=colors.get)
     paths += plot_params(results_dir, img_dir)

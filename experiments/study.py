@@ -56,7 +56,7 @@ The per-task study (the paper's targets, rates swept per task and method, per-pr
               ‖∂L/∂W‖ of the adapted weights per step, the gradient measure that is the same for every
               method (the logged gradient norm is of each method's own factors)
   The settings are computed once from the model's spectra (per_task_settings) and kept in
-  experiments/results/settings2.json. Each evaluated run's per-problem results are kept compactly
+  experiments/results/per_task_settings.json. Each evaluated run's per-problem results are kept compactly
   (id, extracted answer, verdict) in experiments/results/problems/<stage>/<run id>.jsonl.gz; the
   full completions stay in the run folder's eval.jsonl.
 
@@ -129,7 +129,7 @@ LORA_MATCHED = 8
 
 # ----------------------------------------------------------------------------- settings
 
-def settings(base):
+def qkvo_settings(base):
     """{"paper": {method: rank}, "matched": {...}, "counts": {...}} from the model's shapes and SoKA's
     selected ranks (rank None = SoKA's rule)."""
     soka = adapters.inject(copy.deepcopy(base), "soka", TARGETS, verbose=False)["totals"]["trainable"]
@@ -382,11 +382,11 @@ def per_task_settings(layers):
             lora_rank_lokr=r_lokr, lora_rank_count_qv=r_count, lora_rank_count_all7=r_all))
 
 
-def load_per_task(results, ckpt):
-    """settings2.json if it was computed from a file with these bytes (size and sha256), else computed
+def load_settings(results, ckpt):
+    """per_task_settings.json if it was computed from a file with these bytes (size and sha256), else computed
     now (the model on the CPU, float32, exact KPSVD of all 210 layers: half a minute on 16 cores)
     and saved."""
-    path, ckpt = Path(results) / "settings2.json", Path(ckpt)
+    path, ckpt = Path(results) / "per_task_settings.json", Path(ckpt)
     source = dict(checkpoint=ckpt.name, bytes=ckpt.stat().st_size if ckpt.is_file() else None,
                   sha256=file_sha256(ckpt) if ckpt.is_file() else None)
     if path.is_file():
@@ -403,32 +403,32 @@ def load_per_task(results, ckpt):
     return st
 
 
-def run_id2(r):
+def run_id_per_task(r):
     return f"{r['stage']}/{r['task']}/{r['setting']}/{r['arm']}/lr{r['lr']:g}/s{r['seed']}"
 
 
-def spec2(st2, stage, task, setting, arm, lr, seed, **extra):
-    a = st2[setting]["arms"][arm]
+def spec_per_task(settings, stage, task, setting, arm, lr, seed, **extra):
+    a = settings[setting]["arms"][arm]
     r = dict(stage=stage, task=task, setting=setting, arm=arm, method=a["method"], rank=a.get("rank"),
-             rule=a.get("rule"), tau=a.get("tau"), targets=st2[setting]["targets"], lr=lr, seed=seed, **extra)
-    r["id"] = run_id2(r)
+             rule=a.get("rule"), tau=a.get("tau"), targets=settings[setting]["targets"], lr=lr, seed=seed, **extra)
+    r["id"] = run_id_per_task(r)
     return r
 
 
-def arm_best(st2, setting, arm, task, sweeps):
+def arm_best(settings, setting, arm, task, sweeps):
     """(rates its sweep runs, best rate or None while that sweep is unfinished). An arm that is
     another's (same_as) takes that arm's best and runs no sweep (rates ())."""
-    a = st2[setting]["arms"][arm]
+    a = settings[setting]["arms"][arm]
     if a.get("same_as"):
         other_setting, other = a["same_as"].split("/")
-        return (), arm_best(st2, other_setting, other, task, sweeps)[1]
+        return (), arm_best(settings, other_setting, other, task, sweeps)[1]
     mine = [r for r in sweeps.get(setting, []) if r["arm"] == arm and r["task"] == task]
     lrs = rates(GRIDS[a["method"]][task], mine)
     done = {r["lr"] for r in mine if r["status"] == "done"}
     return lrs, (best_of(mine) if set(lrs) <= done else None)
 
 
-def plan2(results, stage, st2, seeds=None):
+def plan_per_task(results, stage, settings, seeds=None):
     """The runs of a per-task stage now known: a sweep's rates (grown at an edge), a final
     stage's runs whose arm's sweep has finished, the base model's six runs."""
     if stage == "base":
@@ -438,35 +438,35 @@ def plan2(results, stage, st2, seeds=None):
                 for kind in ("eval", "heldout")]
     sweeps = {s: read(results, f"{s}_sweep") for s in ("qv", "all7", "rule")}
     if stage == "wgrad":                # qv's arms at their final rates, seed 0, ‖∂L/∂W‖ logged
-        return [spec2(st2, "wgrad", task, "qv", arm, lr, 0, eval=False, weight_grad=True)
-                for task in TASKS for arm in st2["qv"]["arms"]
-                for lr in [arm_best(st2, "qv", arm, task, sweeps)[1]] if lr is not None]
+        return [spec_per_task(settings, "wgrad", task, "qv", arm, lr, 0, eval=False, weight_grad=True)
+                for task in TASKS for arm in settings["qv"]["arms"]
+                for lr in [arm_best(settings, "qv", arm, task, sweeps)[1]] if lr is not None]
     setting, kind = stage.split("_")
     runs = []
     if kind == "sweep":
         for task in TASKS:
-            for arm in st2[setting]["arms"]:
-                lrs, _ = arm_best(st2, setting, arm, task, sweeps)
-                runs += [spec2(st2, stage, task, setting, arm, lr, 0, eval=False) for lr in lrs]
+            for arm in settings[setting]["arms"]:
+                lrs, _ = arm_best(settings, setting, arm, task, sweeps)
+                runs += [spec_per_task(settings, stage, task, setting, arm, lr, 0, eval=False) for lr in lrs]
         return runs
     for seed in seeds or SEEDS:         # seed-major: a cut-short stage still has whole seeds
         for task in TASKS:
-            for arm in st2[setting]["arms"]:
-                _, lr = arm_best(st2, setting, arm, task, sweeps)
+            for arm in settings[setting]["arms"]:
+                _, lr = arm_best(settings, setting, arm, task, sweeps)
                 if lr is not None:
-                    runs.append(spec2(st2, stage, task, setting, arm, lr, seed, eval=True))
+                    runs.append(spec_per_task(settings, stage, task, setting, arm, lr, seed, eval=True))
     return runs
 
 
-def expected2(stage, st2, seeds=None):
+def expected_per_task(stage, settings, seeds=None):
     """How many runs a per-task stage will have once its sweeps are done (extensions of a sweep
     not counted)."""
     if stage == "base":
         return 2 * len(TASKS)
     if stage == "wgrad":
-        return len(TASKS) * len(st2["qv"]["arms"])
+        return len(TASKS) * len(settings["qv"]["arms"])
     setting, kind = stage.split("_")
-    arms = st2[setting]["arms"]
+    arms = settings[setting]["arms"]
     if kind == "sweep":
         return sum(len(GRIDS[a["method"]][t]) for t in TASKS for a in arms.values() if not a.get("same_as"))
     return len(seeds or SEEDS) * len(TASKS) * len(arms)
@@ -484,7 +484,7 @@ SIDE_BY_SIDE = 1.5
 EAGER = 2.0     # a wgrad run's steps run eagerly (--log-weight-grad): assumed twice as long (an estimate)
 
 
-def seconds2(r):
+def seconds_per_task(r):
     """Estimated seconds of one per-task run alone on an H100."""
     if r["stage"] == "base":
         return BASE_SECONDS[r["arm"]][r["task"]]
@@ -625,11 +625,11 @@ QKVO = ("spectra", "sweep", "final", "shapes_sweep", "ablate", "matched", "shape
 KNOWN = QKVO + PER_TASK
 
 
-def print_plan(stages, results, st, st2, setting, seeds):
+def print_plan(stages, results, st, settings, setting, seeds):
     """Each stage's runs: done, to do now, and (per-task study) still to come; estimated GPU time."""
     total = 0.0
     for stage in stages:
-        recs, runs = read(results, stage), planned(results, stage, st, st2, setting, seeds)
+        recs, runs = read(results, stage), planned(results, stage, st, settings, setting, seeds)
         done = {r["id"] for r in recs if r["status"] == "done"}
         todo = runs_left(runs, recs)
         left = {r["id"] for r in todo}
@@ -637,13 +637,13 @@ def print_plan(stages, results, st, st2, setting, seeds):
         fails = collections.Counter(r["id"] for r in recs if r["status"] != "done")
         line = f"stage {stage}: {len(done)} runs done, {len(todo)} to do"
         if stage in PER_TASK:
-            later = max(0, expected2(stage, st2, seeds) - len(done) - len(todo))
-            est = sum(map(seconds2, todo))
+            later = max(0, expected_per_task(stage, settings, seeds) - len(done) - len(todo))
+            est = sum(map(seconds_per_task, todo))
             if later:                                   # not planned yet: a final waits for its sweep
                 s2 = "qv" if stage == "wgrad" else stage.split("_")[0]
-                per = [seconds2(dict(stage=stage, task=t, setting=s2, method=a["method"], eval=stage.endswith("_final"),
+                per = [seconds_per_task(dict(stage=stage, task=t, setting=s2, method=a["method"], eval=stage.endswith("_final"),
                                      weight_grad=stage == "wgrad"))
-                       for t in TASKS for a in st2[s2]["arms"].values()]
+                       for t in TASKS for a in settings[s2]["arms"].values()]
                 est += later * sum(per) / len(per)
             total += est
             line += (f", {later} more once their sweeps are done" if later else "") + \
@@ -669,9 +669,9 @@ def failure(rc, out):
     return OOM if "out of memory" in log.lower() else f"exit {rc}"
 
 
-def planned(results, stage, st, st2, setting, seeds):
-    """The runs a stage has now: the qkvo study's plan or the per-task study's plan2."""
-    return plan2(results, stage, st2, seeds) if stage in PER_TASK else plan(results, stage, st, setting)
+def planned(results, stage, st, settings, setting, seeds):
+    """The runs a stage has now: the qkvo study's plan or the per-task study's plan_per_task."""
+    return plan_per_task(results, stage, settings, seeds) if stage in PER_TASK else plan(results, stage, st, setting)
 
 
 def runs_left(runs, recs):
@@ -754,21 +754,21 @@ def main(argv=None):
         return 0
 
     results.mkdir(parents=True, exist_ok=True)
-    st = st2 = None
+    st = settings = None
     if any(s in QKVO for s in stages):
         base, _ = load_checkpoint(ckpt)             # float32 on the CPU, for the parameter counts
-        st = settings(base)
+        st = qkvo_settings(base)
         print(f"settings: {json.dumps({k: st[k] for k in ('paper', 'matched')})}; counts {json.dumps(st['counts'])}")
-        (results / "settings.json").write_text(json.dumps(st, indent=1) + "\n")
+        (results / "qkvo_settings.json").write_text(json.dumps(st, indent=1) + "\n")
     if any(s in PER_TASK for s in stages):
-        st2 = load_per_task(results, ckpt)
-        print("per-task study: " + "; ".join(f"{k}: {', '.join(v['arms'])}" for k, v in st2.items() if "arms" in v))
+        settings = load_settings(results, ckpt)
+        print("per-task study: " + "; ".join(f"{k}: {', '.join(v['arms'])}" for k, v in settings.items() if "arms" in v))
     if args.plan:
-        print_plan(stages, results, st, st2, args.setting, seeds)
+        print_plan(stages, results, st, settings, args.setting, seeds)
         return 0
 
     def todo_of(stage):
-        runs = planned(results, stage, st, st2, args.setting, seeds)
+        runs = planned(results, stage, st, settings, args.setting, seeds)
         return [r for r in runs_left(runs, read(results, stage)) if r["id"] not in given_up]
 
     given_up = set()

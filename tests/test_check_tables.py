@@ -65,7 +65,7 @@ def test_a_changed_number_a_record_or_a_quote_fails(tmp_path):
 N = 60                                             # problems per task (the real splits: 1,319 / 500 / 500)
 
 
-def settings2():
+def hand_settings():
     return dict(
         qv=dict(targets=["wq", "wv"], arms={"soka": dict(method="soka", rank=None, role="the rule's ranks"),
                                             "lora_r4": dict(method="lora", rank=4, role="1.33 M-equivalent"),
@@ -79,9 +79,9 @@ def settings2():
                         lora_rank_count_all7=2, lora_per_rank_all7=305280, soka_per_rank_qv=54780))
 
 
-def run(st2, stage, task, setting, arm, lr, seed, *, held, acc=None, results=None, rng=None, steps=40):
+def run(settings, stage, task, setting, arm, lr, seed, *, held, acc=None, results=None, rng=None, steps=40):
     """A finished run as study.summarize writes it, with per-problem results when evaluated."""
-    r = study.spec2(st2, stage, task, setting, arm, lr, seed, eval=acc is not None)
+    r = study.spec_per_task(settings, stage, task, setting, arm, lr, seed, eval=acc is not None)
     g = np.random.default_rng(zlib.crc32(r["id"].encode()))
     loss = list(np.linspace(1.2, held, steps) + 0.02 * g.standard_normal(steps))
     gn = list(np.abs(0.5 + 0.2 * g.standard_normal(steps)))
@@ -108,39 +108,39 @@ def write(path, records):
 
 def per_task(results):
     """Sweeps (GSM8K and MBPP: the middle rate best, so no grid grows), finals on seeds 0-2, base rows."""
-    st2 = settings2()
+    settings = hand_settings()
     results.mkdir(parents=True, exist_ok=True)
-    (results / "settings2.json").write_text(json.dumps(st2))
+    (results / "per_task_settings.json").write_text(json.dumps(settings))
     rng = np.random.default_rng(0)
     acc = dict(soka=0.45, lora=0.3, pissa=0.44)
     for setting in ("qv", "all7", "rule"):
         sweep, final = [], []
         for task in ("gsm8k", "mbpp"):
-            for arm, a in st2[setting]["arms"].items():
+            for arm, a in settings[setting]["arms"].items():
                 if a.get("same_as"):
                     continue
                 grid = study.GRIDS[a["method"]][task]
-                sweep += [run(st2, f"{setting}_sweep", task, setting, arm, lr, 0, held=0.9 + abs(i - 1) / 10)
+                sweep += [run(settings, f"{setting}_sweep", task, setting, arm, lr, 0, held=0.9 + abs(i - 1) / 10)
                           for i, lr in enumerate(grid)]
             for seed in (0, 1, 2):
-                for arm, a in st2[setting]["arms"].items():
+                for arm, a in settings[setting]["arms"].items():
                     sweeps = {"qv": study.read(results, "qv_sweep"), setting: sweep}
-                    lr = study.arm_best(st2, setting, arm, task, sweeps)[1]
+                    lr = study.arm_best(settings, setting, arm, task, sweeps)[1]
                     held = {"soka": 0.85, "lora": 0.9, "pissa": 0.86}[a["method"]] + seed / 1000 + (arm == "soka_r3") / 50
-                    final.append(run(st2, f"{setting}_final", task, setting, arm, lr, seed, held=held,
+                    final.append(run(settings, f"{setting}_final", task, setting, arm, lr, seed, held=held,
                                      acc=acc[a["method"]], results=results, rng=rng))
         write(results / f"{setting}_sweep.jsonl", sweep)
         write(results / f"{setting}_final-w0.jsonl", final)
-    base = [run(st2, "qv_final", "gsm8k", "qv", "soka", 1e-3, 0, held=1.1, acc=0.05, results=results, rng=rng)]
+    base = [run(settings, "qv_final", "gsm8k", "qv", "soka", 1e-3, 0, held=1.1, acc=0.05, results=results, rng=rng)]
     base[0].update(stage="base", setting="base", arm="eval", id="base/gsm8k/eval", method="base")
     shutil.move(results / base[0]["problems"], results / "problems" / "base.jsonl.gz")
     base[0]["problems"] = "problems/base.jsonl.gz"
     base.append(dict(base[0], arm="heldout", id="base/gsm8k/heldout", eval=False, heldout_final=1.0123))
     write(results / "base.jsonl", base)
-    return st2
+    return settings
 
 
-def test_second_round_tables_check_and_fail_where_changed(tmp_path):
+def test_per_task_tables_check_and_fail_where_changed(tmp_path):
     res = tmp_path / "results"
     per_task(res)
     md = P.tables(res)
@@ -195,13 +195,13 @@ def test_second_round_tables_check_and_fail_where_changed(tmp_path):
     write(res / "wgrad-w0.jsonl", [dict(id="wgrad/gsm8k/qv/soka/lr0.003/s0", stage="wgrad", task="gsm8k", setting="qv",
                                         arm="soka", method="soka", lr=0.003, seed=0, status="done",
                                         grad_norm=[9.0] * 3 + [0.2] * 97, weight_grad_norm=[99.0] * 3 + list(w[3:]))])
-    md2 = P.tables(res)
-    (res / "tables.md").write_text(md2)
+    md_new = P.tables(res)
+    (res / "tables.md").write_text(md_new)
     assert C.check(res, res / "tables.md") == []
-    (row,) = C.parse(md2)["Setting qv: like-for-like gradient norms (seed 0)"]
+    (row,) = C.parse(md_new)["Setting qv: like-for-like gradient norms (seed 0)"]
     assert row == ["gsm8k", "soka", "0.003", "97", f"{np.percentile(w[3:], 50):.3f}", f"{np.percentile(w[3:], 90):.3f}",
                    f"{np.percentile(w[3:], 99):.3f}", "1.500", "0.200"]
-    (res / "tables.md").write_text(md2.replace("| 1.500 | 0.200 |", "| 1.500 | 0.201 |"))
+    (res / "tables.md").write_text(md_new.replace("| 1.500 | 0.200 |", "| 1.500 | 0.201 |"))
     assert len(C.check(res, res / "tables.md")) == 1
     (res / "wgrad-w0.jsonl").unlink()
     # a table removed
@@ -210,7 +210,7 @@ def test_second_round_tables_check_and_fail_where_changed(tmp_path):
     assert any(e.startswith("missing table: ## Setting all7") for e in errors) and any("unchecked table: ## x" in e for e in errors)
 
 
-def test_second_round_plots_and_the_doc_quotes(tmp_path):
+def test_per_task_plots_and_the_doc_quotes(tmp_path):
     res, img = tmp_path / "results", tmp_path / "img"
     per_task(res)
     for f in [*res.glob("all7_*.jsonl"), *res.glob("rule_*.jsonl")]:   # fewer plots: the qv setting alone

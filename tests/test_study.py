@@ -70,8 +70,8 @@ def test_study_sweeps_resumes_reruns_failures_and_finals_at_the_best_rate(tiny, 
     small_study(monkeypatch, runs, max_steps=3, eval_limit=2, max_new_tokens=4)
     monkeypatch.setattr(study, "LR_GRID", {m: (1e-3, 3e-3, 1e-2) for m in ("soka", "lora", "pissa")})
     monkeypatch.setattr(study, "SEEDS", (0,))
-    real_settings = study.settings                         # SoKA alone: one training run per stage
-    monkeypatch.setattr(study, "settings", lambda base: {**real_settings(base), "paper": {"soka": None}})
+    real_settings = study.qkvo_settings                         # SoKA alone: one training run per stage
+    monkeypatch.setattr(study, "qkvo_settings", lambda base: {**real_settings(base), "paper": {"soka": None}})
     argv = ["--setting", "paper", "--results", str(results), "--ckpt", str(tiny), "--data-dir", str(DATA)]
 
     # Two rates are finished by hand, the middle one with a held-out loss no random model reaches (so
@@ -122,7 +122,7 @@ def test_processes_side_by_side_run_only_what_they_claim(tiny, tmp_path, monkeyp
                                     | dict(status="done", heldout_final=1.0) for m in ("soka", "lora", "pissa")])
     argv = ["--stage", "final", "--results", str(results), "--ckpt", str(tiny), "--data-dir", str(DATA),
             "--claims", str(claims), "--tag", "w1"]
-    planned = [r["id"] for r in study.final_runs(study.settings(load_checkpoint(tiny)[0]), study.read(results, "sweep"),
+    planned = [r["id"] for r in study.final_runs(study.qkvo_settings(load_checkpoint(tiny)[0]), study.read(results, "sweep"),
                                                   "paper", "final")]
     assert len(planned) == 3 * 3                            # seeds × methods
     free = planned[4]
@@ -145,8 +145,8 @@ def test_a_failing_run_is_tried_twice_then_left(tiny, tmp_path, monkeypatch, cap
     results.mkdir()
     small_study(monkeypatch, tmp_path / "runs", max_steps=2, eval_limit=1, max_new_tokens=2)
     monkeypatch.setattr(study, "SEEDS", (0,))
-    real_settings = study.settings
-    monkeypatch.setattr(study, "settings", lambda base: {**real_settings(base), "paper": {"soka": None}})
+    real_settings = study.qkvo_settings
+    monkeypatch.setattr(study, "qkvo_settings", lambda base: {**real_settings(base), "paper": {"soka": None}})
     write(results / "sweep.jsonl", [study.spec("sweep", "gsm8k", "paper", "soka", None, 1e-3, 0, eval=False)
                                     | dict(status="done", heldout_final=1.0)])
     calls = []
@@ -448,8 +448,8 @@ def test_per_task_settings_from_spectra():
     from experiments import spectra
     from rank_select import explain_rank
     layers = fake_layers()
-    st2 = study.per_task_settings(layers)
-    a = st2["arithmetic"]
+    settings = study.per_task_settings(layers)
+    a = settings["arithmetic"]
     qv = [L for L in layers if L["type"] in study.QV]
     rule = [explain_rank(L["sigma"]).r for L in qv]
     assert a["rule_ranks_qv"] == rule and a["soka_qv"] == sum(r * spectra.soka_per_rank(L["d_out"], L["d_in"])
@@ -459,11 +459,11 @@ def test_per_task_settings_from_spectra():
     assert a["lora_rank_lokr"] == spectra.closest_rank(a["lokr_r8_all7"], unit)
     assert a["lora_rank_count_qv"] == spectra.closest_rank(a["soka_qv"], unit)
     r4, r3 = a["lora_rank_lokr"], a["lora_rank_count_qv"]
-    assert set(st2["qv"]["arms"]) == {"soka", f"lora_r{r4}", f"pissa_r{r4}", f"lora_r{r3}", f"pissa_r{r3}"}
-    assert st2["qv"]["targets"] == ["wq", "wv"] and st2["all7"]["targets"] == list(study.ALL7)
+    assert set(settings["qv"]["arms"]) == {"soka", f"lora_r{r4}", f"pissa_r{r4}", f"lora_r{r3}", f"pissa_r{r3}"}
+    assert settings["qv"]["targets"] == ["wq", "wv"] and settings["all7"]["targets"] == list(study.ALL7)
     # the rule ablation: elbow alone gives the rule's ranks here (r_energy far above the elbow), so it
     # shares the rule's rate; energy alone at the τ whose count is nearest the rule's
-    arms = st2["rule"]["arms"]
+    arms = settings["rule"]["arms"]
     assert arms["soka_elbow"].get("same_as") == "qv/soka" and a["elbow_equals_rule_qv"]
     assert "same_as" not in arms["soka_energy"] and arms["soka_energy"]["rule"] == "energy"
     tau = arms["soka_energy"]["tau"]
@@ -476,16 +476,16 @@ def test_per_task_settings_from_spectra():
 
 
 def test_per_task_plan_sweeps_per_task_then_finals_at_each_best_rate():
-    st2 = study.per_task_settings(fake_layers())
-    arms = st2["qv"]["arms"]
-    sweep = study.plan2("/nonexistent", "qv_sweep", st2)
+    settings = study.per_task_settings(fake_layers())
+    arms = settings["qv"]["arms"]
+    sweep = study.plan_per_task("/nonexistent", "qv_sweep", settings)
     for task in study.TASKS:
         for arm, a in arms.items():
             assert sorted(r["lr"] for r in sweep if r["task"] == task and r["arm"] == arm) == sorted(study.GRIDS[a["method"]][task])
-    assert all(r["seed"] == 0 and not r["eval"] and r["id"] == study.run_id2(r) and r["targets"] == ["wq", "wv"] for r in sweep)
-    assert study.expected2("qv_sweep", st2) == len(sweep)
-    assert study.plan2("/nonexistent", "qv_final", st2) == []          # no sweep finished: nothing to run yet
-    assert not any(r["arm"] == "soka_elbow" for r in study.plan2("/nonexistent", "rule_sweep", st2))  # shares qv's rate
+    assert all(r["seed"] == 0 and not r["eval"] and r["id"] == study.run_id_per_task(r) and r["targets"] == ["wq", "wv"] for r in sweep)
+    assert study.expected_per_task("qv_sweep", settings) == len(sweep)
+    assert study.plan_per_task("/nonexistent", "qv_final", settings) == []          # no sweep finished: nothing to run yet
+    assert not any(r["arm"] == "soka_elbow" for r in study.plan_per_task("/nonexistent", "rule_sweep", settings))  # shares qv's rate
 
     def done(stage, recs, best):
         return [dict(r, status="done", heldout_final=1.0 - (r["lr"] == best(r)) / 10) for r in recs if r["stage"] == stage]
@@ -493,43 +493,43 @@ def test_per_task_plan_sweeps_per_task_then_finals_at_each_best_rate():
     records = done("qv_sweep", sweep, middle)
     with TemporaryDirectory() as d:
         write(Path(d) / "qv_sweep-w0.jsonl", records[:-1])             # one sweep run still missing
-        final = study.plan2(d, "qv_final", st2)
+        final = study.plan_per_task(d, "qv_final", settings)
         last = records[-1]
         assert not any(r["task"] == last["task"] and r["arm"] == last["arm"] for r in final)
         assert len(final) == len(study.SEEDS) * (len(study.TASKS) * len(arms) - 1)
         write(Path(d) / "qv_sweep-w1.jsonl", [last])
-        final = study.plan2(d, "qv_final", st2, seeds=(0, 1, 2, 3))
-        assert len(final) == 4 * len(study.TASKS) * len(arms) == study.expected2("qv_final", st2, (0, 1, 2, 3))
+        final = study.plan_per_task(d, "qv_final", settings, seeds=(0, 1, 2, 3))
+        assert len(final) == 4 * len(study.TASKS) * len(arms) == study.expected_per_task("qv_final", settings, (0, 1, 2, 3))
         assert all(r["lr"] == middle(r) and r["eval"] for r in final)
-        wgrad = study.plan2(d, "wgrad", st2)                           # seed 0 at the same rates, training only
+        wgrad = study.plan_per_task(d, "wgrad", settings)                           # seed 0 at the same rates, training only
         assert [(r["task"], r["arm"], r["lr"]) for r in wgrad] == [(r["task"], r["arm"], r["lr"]) for r in final
                                                                    if r["seed"] == 0]
-        assert len(wgrad) == study.expected2("wgrad", st2) and all(r["weight_grad"] and not r["eval"] for r in wgrad)
-        rule = study.plan2(d, "rule_final", st2)                       # elbow: the rule's rate, without a sweep
+        assert len(wgrad) == study.expected_per_task("wgrad", settings) and all(r["weight_grad"] and not r["eval"] for r in wgrad)
+        rule = study.plan_per_task(d, "rule_final", settings)                       # elbow: the rule's rate, without a sweep
         assert {r["lr"] for r in rule if r["arm"] == "soka_elbow" and r["task"] == "mbpp"} == {study.GRIDS["soka"]["mbpp"][1]}
         assert not any(r["arm"] != "soka_elbow" for r in rule)         # the others wait for their sweeps
         # a best rate at the grid's edge grows the grid, and its finals wait
         edge = [dict(r, heldout_final=1.0 - r["lr"]) for r in records]   # the highest rate is best
         (Path(d) / "qv_sweep-w1.jsonl").unlink()
         (Path(d) / "qv_sweep-w0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in edge))
-        grown = study.plan2(d, "qv_sweep", st2)
+        grown = study.plan_per_task(d, "qv_sweep", settings)
         assert len(grown) == len(sweep) + len(study.TASKS) * len(arms)
-        assert study.plan2(d, "qv_final", st2) == []
-    base = study.plan2("/nonexistent", "base", st2)
+        assert study.plan_per_task(d, "qv_final", settings) == []
+    base = study.plan_per_task("/nonexistent", "base", settings)
     assert [r["id"] for r in base] == [f"base/{t}/{k}" for t in study.TASKS for k in ("eval", "heldout")]
-    assert all(study.seconds2(r) > 0 for r in base + sweep + final)
+    assert all(study.seconds_per_task(r) > 0 for r in base + sweep + final)
 
 
 def test_per_task_runs_are_options_train_py_accepts():
     """Each kind of per-task run becomes options train.py parses and accepts: the targets, the
     rank rule and its τ, a fixed rank, the base model's evaluation and held-out loss."""
     import train
-    st2 = study.per_task_settings(fake_layers())
-    specs = [study.spec2(st2, "rule_final", "math", "rule", "soka_energy", 1e-3, 1, eval=True),
-             study.spec2(st2, "qv_sweep", "mbpp", "qv", f"pissa_r{st2['arithmetic']['lora_rank_lokr']}", 3e-3, 0, eval=False),
-             study.spec2(st2, "all7_final", "gsm8k", "all7", "soka", 3e-3, 2, eval=True),
-             study.spec2(st2, "wgrad", "gsm8k", "qv", "soka", 9e-3, 0, eval=False, weight_grad=True),
-             *study.plan2("/nonexistent", "base", st2)[4:]]
+    settings = study.per_task_settings(fake_layers())
+    specs = [study.spec_per_task(settings, "rule_final", "math", "rule", "soka_energy", 1e-3, 1, eval=True),
+             study.spec_per_task(settings, "qv_sweep", "mbpp", "qv", f"pissa_r{settings['arithmetic']['lora_rank_lokr']}", 3e-3, 0, eval=False),
+             study.spec_per_task(settings, "all7_final", "gsm8k", "all7", "soka", 3e-3, 2, eval=True),
+             study.spec_per_task(settings, "wgrad", "gsm8k", "qv", "soka", 9e-3, 0, eval=False, weight_grad=True),
+             *study.plan_per_task("/nonexistent", "base", settings)[4:]]
     for r in specs:
         argv = study.argv_for(r, "m.gguf", "data", "out/x")
         cfg = train.parse_options(argv)
@@ -549,7 +549,7 @@ def test_per_task_runs_are_options_train_py_accepts():
 def test_summarize_keeps_the_per_problem_results_compact(tmp_path):
     """An evaluated run's eval.jsonl becomes <results>/problems/<stage>/<id>.jsonl.gz: id, a short
     extracted answer (MBPP: a hash of the program), the verdict; its counts must match eval.json."""
-    st2 = study.per_task_settings(fake_layers())
+    settings = study.per_task_settings(fake_layers())
     out, results = tmp_path / "run", tmp_path / "results"
     out.mkdir()
     (out / "metrics.jsonl").write_text("".join(json.dumps(dict(step=i + 1, loss=1.0, grad_norm=0.5, tokens=10, time_s=0.1,
@@ -560,7 +560,7 @@ def test_summarize_keeps_the_per_problem_results_compact(tmp_path):
                  error=None) for i in range(10)]
     (out / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / "eval.json").write_text(json.dumps(dict(accuracy=0.4, correct=4, n=10, seconds=dict(generate=1, score=1))))
-    r = study.spec2(st2, "qv_final", "mbpp", "qv", "soka", 1e-3, 0, eval=True)
+    r = study.spec_per_task(settings, "qv_final", "mbpp", "qv", "soka", 1e-3, 0, eval=True)
     rec = study.summarize(r, out, 1.0, results)
     assert rec["status"] == "done" and rec["problems"] == f"problems/qv_final/{r['id'].replace('/', '__')}.jsonl.gz"
     got = study.read_problems(results / rec["problems"])
