@@ -268,7 +268,7 @@ def format_table(res):
                          f"{sum(b == 1 for b in rb):>5}/{len(rb):<3}{max(rb):>10}  "
                          f"{sum(x['energy_kept'] for x in rk) / len(rk):>10.4f}{svd:>10.4f}")
         rk = [L["ranks"][k] for L in res["layers"]]
-        lines.append(f"  the elbow decides {sum(x['r_elbow'] < x['r_energy'] for x in rk)}/{len(rk)} layers; "
+        lines.append(f"  the elbow is the smaller candidate in {sum(x['r_elbow'] < x['r_energy'] for x in rk)}/{len(rk)} layers; "
                      f"clipped to r_max: {sum(min(x['r_elbow'], x['r_energy']) > x['r'] for x in rk)}. "
                      f"kept: Kronecker energy at r; SVD kept: the ordinary SVD's top-r energy (PiSSA's start)")
         for s, p in totals.items():
