@@ -60,12 +60,17 @@ SETTING_TITLES = dict(qv="Setting qv (the paper's: wq wv)", all7="Setting all7 (
 
 # ----------------------------------------------------------------------------- records
 
+def finished(results_dir, stage):
+    """A stage's finished runs, one per id (its last "done" record), in the order the ids first appear."""
+    return list({r["id"]: r for r in study.read(results_dir, stage) if r.get("status") == "done"}.values())
+
+
 def load(results_dir, stage, *, superseded=False):
     """The finished runs of a qkvo stage, one per id (the last "done" record), in file order. For
     the final, matched, ablate and shapes stages only the runs at the rate the study now picks count
     (study.planned_lr): a run made before a sweep moved past its rate is superseded (superseded=True
     returns those instead)."""
-    runs = list({r["id"]: r for r in study.read(results_dir, stage) if r.get("status") == "done"}.values())
+    runs = finished(results_dir, stage)
     if stage not in ("final", "matched", "ablate", "shapes"):
         return [] if superseded else runs
     sweep, shapes_sweep = study.read(results_dir, "sweep"), study.read(results_dir, "shapes_sweep")
@@ -93,7 +98,7 @@ def swept_best(settings, sweeps, setting, arm, task):
 def load_per_task(results_dir, stage, settings):
     """The finished runs of a per-task stage (last record per id); final and wgrad runs only at their
     arm's best swept rate (such a run starts once its sweep is finished, so that is the rate it ran at)."""
-    runs = list({r["id"]: r for r in study.read(results_dir, stage) if r.get("status") == "done"}.values())
+    runs = finished(results_dir, stage)
     if not (stage.endswith("_final") or stage == "wgrad") or settings is None:
         return runs
     sweeps = {s: study.read(results_dir, f"{s}_sweep") for s in ("qv", "all7", "rule")}

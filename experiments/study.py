@@ -382,7 +382,7 @@ def per_task_settings(layers):
             lora_rank_lokr=r_lokr, lora_rank_count_qv=r_count, lora_rank_count_all7=r_all))
 
 
-def load_settings(results, ckpt):
+def load_per_task_settings(results, ckpt):
     """per_task_settings.json if it was computed from a file with these bytes (size and sha256), else computed
     now (the model on the CPU, float32, exact KPSVD of all 210 layers: half a minute on 16 cores)
     and saved."""
@@ -625,11 +625,11 @@ QKVO = ("spectra", "sweep", "final", "shapes_sweep", "ablate", "matched", "shape
 KNOWN = QKVO + PER_TASK
 
 
-def print_plan(stages, results, st, settings, setting, seeds):
+def print_plan(stages, results, qkvo, per_task, setting, seeds):
     """Each stage's runs: done, to do now, and (per-task study) still to come; estimated GPU time."""
     total = 0.0
     for stage in stages:
-        recs, runs = read(results, stage), planned(results, stage, st, settings, setting, seeds)
+        recs, runs = read(results, stage), planned(results, stage, qkvo, per_task, setting, seeds)
         done = {r["id"] for r in recs if r["status"] == "done"}
         todo = runs_left(runs, recs)
         left = {r["id"] for r in todo}
@@ -637,13 +637,13 @@ def print_plan(stages, results, st, settings, setting, seeds):
         fails = collections.Counter(r["id"] for r in recs if r["status"] != "done")
         line = f"stage {stage}: {len(done)} runs done, {len(todo)} to do"
         if stage in PER_TASK:
-            later = max(0, expected_per_task(stage, settings, seeds) - len(done) - len(todo))
+            later = max(0, expected_per_task(stage, per_task, seeds) - len(done) - len(todo))
             est = sum(map(seconds_per_task, todo))
             if later:                                   # not planned yet: a final waits for its sweep
-                s2 = "qv" if stage == "wgrad" else stage.split("_")[0]
-                per = [seconds_per_task(dict(stage=stage, task=t, setting=s2, method=a["method"], eval=stage.endswith("_final"),
+                s = "qv" if stage == "wgrad" else stage.split("_")[0]
+                per = [seconds_per_task(dict(stage=stage, task=t, setting=s, method=a["method"], eval=stage.endswith("_final"),
                                      weight_grad=stage == "wgrad"))
-                       for t in TASKS for a in settings[s2]["arms"].values()]
+                       for t in TASKS for a in per_task[s]["arms"].values()]
                 est += later * sum(per) / len(per)
             total += est
             line += (f", {later} more once their sweeps are done" if later else "") + \
@@ -669,9 +669,9 @@ def failure(rc, out):
     return OOM if "out of memory" in log.lower() else f"exit {rc}"
 
 
-def planned(results, stage, st, settings, setting, seeds):
+def planned(results, stage, qkvo, per_task, setting, seeds):
     """The runs a stage has now: the qkvo study's plan or the per-task study's plan_per_task."""
-    return plan_per_task(results, stage, settings, seeds) if stage in PER_TASK else plan(results, stage, st, setting)
+    return plan_per_task(results, stage, per_task, seeds) if stage in PER_TASK else plan(results, stage, qkvo, setting)
 
 
 def runs_left(runs, recs):
@@ -754,21 +754,21 @@ def main(argv=None):
         return 0
 
     results.mkdir(parents=True, exist_ok=True)
-    st = settings = None
+    qkvo = per_task = None
     if any(s in QKVO for s in stages):
         base, _ = load_checkpoint(ckpt)             # float32 on the CPU, for the parameter counts
-        st = qkvo_settings(base)
-        print(f"settings: {json.dumps({k: st[k] for k in ('paper', 'matched')})}; counts {json.dumps(st['counts'])}")
-        (results / "qkvo_settings.json").write_text(json.dumps(st, indent=1) + "\n")
+        qkvo = qkvo_settings(base)
+        print(f"qkvo study: {json.dumps({k: qkvo[k] for k in ('paper', 'matched')})}; counts {json.dumps(qkvo['counts'])}")
+        (results / "qkvo_settings.json").write_text(json.dumps(qkvo, indent=1) + "\n")
     if any(s in PER_TASK for s in stages):
-        settings = load_settings(results, ckpt)
-        print("per-task study: " + "; ".join(f"{k}: {', '.join(v['arms'])}" for k, v in settings.items() if "arms" in v))
+        per_task = load_per_task_settings(results, ckpt)
+        print("per-task study: " + "; ".join(f"{k}: {', '.join(v['arms'])}" for k, v in per_task.items() if "arms" in v))
     if args.plan:
-        print_plan(stages, results, st, settings, args.setting, seeds)
+        print_plan(stages, results, qkvo, per_task, args.setting, seeds)
         return 0
 
     def todo_of(stage):
-        runs = planned(results, stage, st, settings, args.setting, seeds)
+        runs = planned(results, stage, qkvo, per_task, args.setting, seeds)
         return [r for r in runs_left(runs, read(results, stage)) if r["id"] not in given_up]
 
     given_up = set()
